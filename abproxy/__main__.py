@@ -1,0 +1,5 @@
+import sys
+
+from abproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The ASGI application: a pure-ASGI router over the proxy, feedback, admin and ops endpoints,
+and a lifespan that owns the Redis client, the upstream pool and the recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from abproxy.catalog import Catalog
+from abproxy.config import Config
+from abproxy.feedback import FeedbackService
+from abproxy.flusher import Flusher, FlushBusy
+from abproxy.http import ClientGone, HTTPError, bearer_token, read_body, send_bytes, send_error, send_json
+from abproxy.metrics import ProxyMetrics
+from abproxy.proxy import Proxy
+from abproxy.recorder import Recorder
+from abproxy.results import experiment_results
+from abproxy.upstream import Upstreams
+
+log = logging.getLogger("abproxy")
+
+EMBEDDED_REDIS_ENV = "ABPROXY_EMBEDDED_REDIS_URL"
+"""Set by ``abproxy serve`` for its workers when it started an embedded Redis."""
+
+_GENERATION_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+}
+_FEEDBACK_BODY_LIMIT = 64 * 1024
+
+
+def open_redis(url: str) -> Redis:
+    # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff:
+    # the recorder has its own, and feedback should answer 503 quickly rather than hang.
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+class ABProxyApp:
+    def __init__(self, config: Config, *, redis_url: str | None = None, registry: CollectorRegistry | None = None):
+        url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
+        if not url:
+            raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
+        self.config = config
+        self.catalog = Catalog(config)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = ProxyMetrics(self.registry)
+        self.redis = open_redis(url)
+        self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
+        self.recorder = Recorder(self.redis, config, self.catalog, self.metrics)
+        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder)
+        self.feedback = FeedbackService(self.redis, config, self.catalog, self.recorder, self.metrics)
+        self.flusher = Flusher(self.redis, config, self.catalog, self.metrics)
+        self._admin_key = config.server.admin_key.encode()
+        self._periodic_flush: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        await self.upstreams.start()
+        self.recorder.start()
+        if self.config.mlflow.flush_interval_s > 0 and self.catalog.plans:
+            self._periodic_flush = asyncio.get_running_loop().create_task(self.flusher.run_periodically())
+
+    async def shutdown(self) -> None:
+        if self._periodic_flush is not None:
+            self._periodic_flush.cancel()
+        await self.recorder.stop()
+        await self.upstreams.close()
+        await self.redis.aclose()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as error:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        endpoint = _GENERATION_PATHS.get(path)
+        if endpoint is not None and method == "POST":
+            await self.proxy.generation(endpoint, scope, receive, send)
+            return
+        try:
+            if path.startswith("/v1/"):
+                if path == "/v1/feedback":
+                    await self._feedback(scope, receive, send)
+                elif path == "/v1/models" and method == "GET":
+                    await self.proxy.models(scope, receive, send)
+                elif endpoint is not None:
+                    raise HTTPError(405, f"{method} is not allowed on {path}", "method_not_allowed")
+                else:
+                    await self.proxy.passthrough(scope, receive, send)
+            elif path.startswith("/abproxy/"):
+                await self._admin(scope, receive, send)
+            elif path == "/metrics" and method == "GET":
+                await send_bytes(
+                    send, 200, generate_latest(self.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+                )
+            elif path == "/healthz":
+                await send_json(send, 200, {"status": "ok"})
+            elif path == "/readyz":
+                await self._ready(send)
+            else:
+                raise HTTPError(404, f"no route for {method} {path}", "not_found")
+        except HTTPError as error:
+            await send_error(send, error)
+        except ClientGone:
+            return
+
+    async def _feedback(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            raise HTTPError(405, "use POST /v1/feedback", "method_not_allowed")
+        self.proxy.authorize(scope)
+        raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
+        await send_json(send, 200, await self.feedback.submit(raw))
+
+    def _authorize_admin(self, scope: dict[str, Any]) -> None:
+        if not self._admin_key:
+            return
+        token = bearer_token(scope)
+        if token is None or not hmac.compare_digest(token.encode(), self._admin_key):
+            raise HTTPError(401, "missing or invalid admin key", "invalid_admin_key")
+
+    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self._authorize_admin(scope)
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        if path == "/abproxy/experiments" and method == "GET":
+            try:
+                results = [await experiment_results(self.redis, self.config, plan) for plan in self.catalog.plans.values()]
+            except RedisError:
+                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
+            await send_json(send, 200, {"experiments": results})
+        elif path.startswith("/abproxy/experiments/") and method == "GET":
+            name = path.removeprefix("/abproxy/experiments/")
+            plan = self.catalog.plans.get(name)
+            if plan is None:
+                raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
+            try:
+                results = await experiment_results(self.redis, self.config, plan)
+            except RedisError:
+                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
+            await send_json(send, 200, results)
+        elif path == "/abproxy/flush" and method == "POST":
+            await self.recorder.flush()
+            try:
+                report = await self.flusher.flush()
+            except FlushBusy:
+                raise HTTPError(409, "another flush is running; try again shortly", "flush_in_progress") from None
+            except RedisError:
+                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
+            except Exception as error:
+                log.warning("flush failed: %s: %s", type(error).__name__, error)
+                raise HTTPError(502, f"flush to MLflow failed: {type(error).__name__}", "mlflow_unavailable", "server_error") from None
+            await send_json(send, 200, report.as_json())
+        else:
+            raise HTTPError(404, f"no route for {method} {path}", "not_found")
+
+    async def _ready(self, send: Any) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError):
+            await send_json(send, 503, {"status": "unavailable", "redis": False})
+            return
+        await send_json(send, 200, {"status": "ready", "redis": True, "experiments": list(self.catalog.plans)})
+
+
+def app_from_env() -> ABProxyApp:
+    """The factory each ``--workers`` process calls: config from ``$ABPROXY_CONFIG``."""
+    from abproxy.config import load_config
+
+    return ABProxyApp(load_config())

@@ -1,0 +1,36 @@
+"""Deterministic assignment of a unit to a variant: the same unit gets the same variant on
+every replica, with no lookup and no shared state."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Mapping
+
+
+def unit_position(experiment: str, unit_id: str) -> float:
+    """A uniform position in [0, 1) from the experiment name and unit id."""
+    digest = hashlib.sha256(f"{experiment}\x00{unit_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class Allocation:
+    """Variants of one experiment laid out over [0, 1) in proportion to their weights."""
+
+    def __init__(self, experiment: str, weights: Mapping[str, float]):
+        self.experiment = experiment
+        live = [(name, weight) for name, weight in weights.items() if weight > 0]
+        total = sum(weight for _, weight in live)
+        if total <= 0:
+            raise ValueError("at least one variant needs a positive weight")
+        self._names = [name for name, _ in live]
+        self._upper_bounds: list[float] = []
+        running = 0.0
+        for _, weight in live:
+            running += weight / total
+            self._upper_bounds.append(running)
+        self._upper_bounds[-1] = 1.0
+
+    def choose(self, unit_id: str) -> str:
+        position = unit_position(self.experiment, unit_id)
+        return self._names[bisect.bisect_right(self._upper_bounds, position)]

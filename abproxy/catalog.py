@@ -1,0 +1,69 @@
+"""The experiments of a config, prepared once for the request path: allocations, arm ids,
+and lookup by matched model or by name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from abproxy.assignment import Allocation
+from abproxy.config import Config, Experiment, Variant
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """A variant as defined now: editing its definition makes a new arm."""
+
+    experiment: str
+    variant: str
+    definition_hash: str
+    definition: Variant
+    upstream: str
+
+    @property
+    def arm_id(self) -> str:
+        return f"{self.variant}@{self.definition_hash}"
+
+    def metadata_json(self) -> str:
+        return json.dumps(
+            {"variant": self.variant, "hash": self.definition_hash, "definition": self.definition.model_dump()},
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    name: str
+    settings: Experiment
+    allocation: Allocation
+    arms: dict[str, Arm]
+
+    @property
+    def per_unit(self) -> bool:
+        """Whether per-unit sums are kept (users are randomised, not requests)."""
+        return self.settings.unit == "user"
+
+
+class Catalog:
+    def __init__(self, config: Config):
+        self.plans: dict[str, ExperimentPlan] = {}
+        self._by_model: dict[str, ExperimentPlan] = {}
+        for name, experiment in config.experiments.items():
+            arms = {
+                variant_name: Arm(
+                    experiment=name,
+                    variant=variant_name,
+                    definition_hash=variant.definition_hash(config.default_upstream),
+                    definition=variant,
+                    upstream=variant.upstream or config.default_upstream,
+                )
+                for variant_name, variant in experiment.variants.items()
+            }
+            weights = {variant_name: variant.weight for variant_name, variant in experiment.variants.items()}
+            plan = ExperimentPlan(name, experiment, Allocation(name, weights), arms)
+            self.plans[name] = plan
+            if experiment.match.model is not None:
+                self._by_model[experiment.match.model] = plan
+
+    def by_model(self, model: object) -> ExperimentPlan | None:
+        return self._by_model.get(model) if isinstance(model, str) else None

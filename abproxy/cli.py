@@ -1,0 +1,211 @@
+"""The command line: a thin layer mapping verbs and flags onto the config and the app."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from abproxy.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"abproxy: invalid config\n{error}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def open_relay_problem(config: Config, host: str) -> str | None:
+    """Why binding ``host`` would make this proxy an open relay for its upstream keys, if it would."""
+    if config.server.api_keys or config.server.allow_open_relay:
+        return None
+    keyed = [name for name, upstream in config.upstreams.items() if upstream.api_key]
+    if not keyed:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"refusing to listen on {host}: upstream(s) {', '.join(keyed)} hold an API key and server.api_keys is empty, "
+        "so anyone who can reach this port could spend it. Set server.api_keys, bind 127.0.0.1, "
+        "or set server.allow_open_relay: true."
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file or args.config)
+    print(f"ok: {len(config.experiments)} experiment(s): {', '.join(config.experiments) or '-'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
+    from abproxy.embedded_redis import EmbeddedRedis
+
+    config = _load(args.config)
+    problem = open_relay_problem(config, args.host)
+    if problem:
+        print(f"abproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    embedded = None
+    redis_url = config.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(config.data_dir / "redis")
+        redis_url = embedded.start()
+        logging.getLogger("abproxy").info("embedded Redis on 127.0.0.1:%d, data in %s", embedded.port, embedded.data_dir)
+    server_options = dict(
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=30,
+        log_level=args.log_level,
+    )
+    try:
+        if args.workers > 1:
+            os.environ[EMBEDDED_REDIS_ENV] = redis_url
+            if args.config:
+                os.environ["ABPROXY_CONFIG"] = os.path.abspath(args.config)
+            uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **server_options)
+        else:
+            uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **server_options)).run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _redis_for_command(config: Config) -> tuple[str, object | None]:
+    """The configured Redis, or the embedded one of a running `abproxy serve`, or a private
+    embedded Redis on the same data (stopped again when the command ends)."""
+    from abproxy.embedded_redis import EmbeddedRedis, running_url
+
+    if config.redis_url:
+        return config.redis_url, None
+    data_dir = config.data_dir / "redis"
+    url = running_url(data_dir)
+    if url:
+        return url, None
+    embedded = EmbeddedRedis(data_dir)
+    return embedded.start(), embedded
+
+
+def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
+    import asyncio
+
+    from abproxy.app import open_redis
+
+    url, embedded = _redis_for_command(config)
+
+    async def main() -> int:
+        redis = open_redis(url)
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from abproxy.catalog import Catalog
+    from abproxy.flusher import Flusher, FlushBusy
+
+    config = _load(args.config)
+
+    async def work(redis: Any) -> int:
+        try:
+            report = await Flusher(redis, config, Catalog(config)).flush()
+        except FlushBusy:
+            print("abproxy: another flush is running; try again shortly", file=sys.stderr)
+            return 1
+        for name, outcome in report.experiments.items():
+            print(f"{name}: status={outcome['status']} winner={outcome['winner'] or 'none'}")
+        print(f"flushed {len(report.experiments)} experiment(s) to {config.mlflow.tracking_uri} (step {report.step}, {report.duration_s:.2f}s)")
+        return 0
+
+    return _with_redis(config, work)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from abproxy.catalog import Catalog
+    from abproxy.report import terminal
+    from abproxy.results import experiment_results
+
+    config = _load(args.config)
+    catalog = Catalog(config)
+    if args.experiment and args.experiment not in catalog.plans:
+        print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(catalog.plans) or '-'}", file=sys.stderr)
+        return 1
+    names = [args.experiment] if args.experiment else list(catalog.plans)
+
+    async def work(redis: Any) -> int:
+        results = [await experiment_results(redis, config, catalog.plans[name]) for name in names]
+        if args.json:
+            print(json.dumps(results[0] if args.experiment else {"experiments": results}, indent=2, ensure_ascii=False))
+        else:
+            print("\n".join(terminal(result) for result in results), end="")
+        return 0
+
+    return _with_redis(config, work)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abproxy", description="A/B testing proxy for LLM prompts.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="config file (default: $ABPROXY_CONFIG or config/abproxy.yaml)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(handler=cmd_serve)
+
+    flush = verbs.add_parser("flush", help="flush the experiments to MLflow once, then exit")
+    flush.add_argument("--config")
+    flush.set_defaults(handler=cmd_flush)
+
+    report = verbs.add_parser("report", help="the live comparison table")
+    report.add_argument("experiment", nargs="?")
+    report.add_argument("--config")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.set_defaults(handler=cmd_report)
+
+    check = verbs.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", nargs="?")
+    check.add_argument("--config")
+    check.set_defaults(handler=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Settings: pydantic models, YAML loading with ``${VAR}`` expansion, and error paths.
+
+Every invalid value becomes a :class:`ConfigError` naming the dotted path of the bad key,
+e.g. ``experiments.translation.variants.pro.weight: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+"""Experiment and variant names end up in Redis keys, MLflow names and Prometheus labels."""
+
+BUILTIN_METRICS = (
+    "error_rate",
+    "latency_ms",
+    "ttft_ms",
+    "response_chars",
+    "response_words",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+)
+
+DEFAULT_CONFIG_PATHS = ("config/abproxy.yaml", "abproxy.yaml")
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``str()`` is ``path: message`` lines, one per problem."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {message}" if path else message for path, message in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    flush_interval_s: float = Field(30.0, ge=0)
+
+
+class ServerSettings(_Strict):
+    api_keys: list[str] = []
+    admin_key: str = ""
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    allow_open_relay: bool = False
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        if any(not key for key in keys):
+            raise ValueError("must not contain an empty key")
+        return keys
+
+
+class UpstreamSettings(_Strict):
+    base_url: str
+    api_key: str = ""
+    timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url.rstrip("/")
+
+
+class Price(_Strict):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class StatsSettings(_Strict):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    min_samples: int = Field(30, ge=2)
+    sequential: bool = True
+    mde: float = Field(0.05, gt=0)
+    """Minimal effect worth detecting, relative to the control's mean: drives ``no_difference``
+    and the samples-still-needed estimate."""
+
+
+class FeedbackMetric(_Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FeedbackMetric:
+        if self.max <= self.min:
+            raise ValueError("max must be greater than min")
+        return self
+
+
+class Match(_Strict):
+    model: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class Variant(_Strict):
+    control: bool = False
+    weight: float = Field(1.0, ge=0)
+    upstream: str | None = None
+    model: str | None = None
+    params: dict[str, Any] = {}
+    system_prompt: str | None = None
+    user_template: str | None = None
+    messages: list[ChatMessage] | str | None = None
+    """A chat template, or a Prompt Registry URI (``prompts:/name/3``) resolved at load."""
+    prompt_sources: dict[str, str] = Field(default_factory=dict, exclude=True)
+    """Filled when prompts load: prompt field → the Prompt Registry URI and version it came from."""
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_uri(cls, value: list[ChatMessage] | str | None) -> list[ChatMessage] | str | None:
+        if isinstance(value, str) and not value.startswith("prompts:/"):
+            raise ValueError("must be a list of {role, content} or a prompts:/ URI")
+        return value
+
+    def definition_hash(self, default_upstream: str) -> str:
+        """Hash of what changes the variant's behaviour (not its weight or control flag)."""
+        definition = {
+            "model": self.model,
+            "upstream": self.upstream or default_upstream,
+            "params": self.params,
+            "system_prompt": self.system_prompt,
+            "user_template": self.user_template,
+            "messages": [m.model_dump() for m in self.messages] if isinstance(self.messages, list) else self.messages,
+        }
+        canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class Experiment(_Strict):
+    match: Match = Match()
+    unit: Literal["user", "request"] = "user"
+    primary_metric: str | None = None
+    guardrails: list[str] = []
+    feedback: dict[str, FeedbackMetric] = {}
+    mlflow_experiment: str | None = None
+    variants: dict[str, Variant]
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, variants: dict[str, Variant]) -> dict[str, Variant]:
+        if len(variants) < 2:
+            raise ValueError("an experiment needs at least two variants")
+        for name in variants:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"variant name {name!r} must match {NAME_PATTERN}")
+        if sum(1 for v in variants.values() if v.control) > 1:
+            raise ValueError("exactly one variant may be the control")
+        if not any(v.weight > 0 for v in variants.values()):
+            raise ValueError("at least one variant needs a weight > 0")
+        return variants
+
+    @property
+    def control_name(self) -> str:
+        return next((name for name, v in self.variants.items() if v.control), next(iter(self.variants)))
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return BUILTIN_METRICS + tuple(f"feedback.{name}" for name in self.feedback)
+
+    @property
+    def primary(self) -> str:
+        if self.primary_metric:
+            return self.primary_metric
+        return f"feedback.{next(iter(self.feedback))}" if self.feedback else "latency_ms"
+
+    @model_validator(mode="after")
+    def _metrics_known(self) -> Experiment:
+        known = self.metric_names
+        if self.primary_metric is not None and self.primary_metric not in known:
+            raise _PathError(("primary_metric",), f"unknown metric {self.primary_metric!r}; one of {', '.join(known)}")
+        for index, metric in enumerate(self.guardrails):
+            if metric not in known:
+                raise _PathError(("guardrails", index), f"unknown metric {metric!r}; one of {', '.join(known)}")
+        return self
+
+
+class Config(_Strict):
+    redis_url: str = ""
+    data_dir: Path = Path(".abproxy")
+    feedback_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    mlflow: MlflowSettings = MlflowSettings()
+    server: ServerSettings = ServerSettings()
+    upstreams: dict[str, UpstreamSettings] = {"openai": UpstreamSettings(base_url="https://api.openai.com/v1")}
+    default_upstream: str = "openai"
+    prices: dict[str, Price] = {}
+    stats: StatsSettings = StatsSettings()
+    experiments: dict[str, Experiment] = {}
+
+    @field_validator("experiments")
+    @classmethod
+    def _experiment_names(cls, experiments: dict[str, Experiment]) -> dict[str, Experiment]:
+        for name in experiments:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"experiment name {name!r} must match {NAME_PATTERN}")
+        return experiments
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        if self.default_upstream not in self.upstreams:
+            raise _PathError(("default_upstream",), f"unknown upstream {self.default_upstream!r}")
+        matched: dict[str, str] = {}
+        for exp_name, experiment in self.experiments.items():
+            model = experiment.match.model
+            if model is not None:
+                if model in matched:
+                    raise _PathError(
+                        ("experiments", exp_name, "match", "model"),
+                        f"{model!r} is already matched by experiment {matched[model]!r}",
+                    )
+                matched[model] = exp_name
+            for var_name, variant in experiment.variants.items():
+                path = ("experiments", exp_name, "variants", var_name)
+                if variant.upstream is not None and variant.upstream not in self.upstreams:
+                    raise _PathError(path + ("upstream",), f"unknown upstream {variant.upstream!r}")
+                if variant.model is None and model is not None:
+                    raise _PathError(path + ("model",), "required when the experiment has match.model")
+        return self
+
+
+class _PathError(ValueError):
+    """Raised inside validators to point at a key deeper than the validated object."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str):
+        self.loc = loc
+        self.message = message
+        super().__init__(message)
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, environ: dict[str, str], path: tuple[str | int, ...] = ()) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {key: expand_env(item, environ, path + (key,)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_env(item, environ, path + (index,)) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ and (environ[name] != "" or default is None):
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError([(_dotted(path), f"environment variable {name} is not set (use ${{{name}:-default}})")])
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+}
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for detail in error.errors():
+        loc = tuple(detail["loc"])
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, _PathError):
+            problems.append((_dotted(loc + cause.loc), cause.message))
+            continue
+        template = _MESSAGES.get(detail["type"])
+        ctx = {key: f"{value:g}" if isinstance(value, float) else value for key, value in detail.get("ctx", {}).items()}
+        message = template.format(**ctx) if template else detail["msg"].removeprefix("Value error, ")
+        problems.append((_dotted(loc), message))
+    return problems
+
+
+def parse_config(data: Any, environ: dict[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the config file must be a YAML mapping")])
+    expanded = expand_env(data, dict(os.environ) if environ is None else environ)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as error:
+        raise ConfigError(_problems(error)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None, *, resolve_prompts: bool = True
+) -> Config:
+    """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``; no file at all means defaults."""
+    env = dict(os.environ) if environ is None else environ
+    chosen = path or env.get("ABPROXY_CONFIG")
+    if chosen is None:
+        chosen = next((p for p in DEFAULT_CONFIG_PATHS if Path(p).is_file()), None)
+        if chosen is None:
+            return parse_config({}, env)
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([("", f"cannot read config file {chosen}: {error.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([("", f"{chosen} is not valid YAML: {error}")]) from None
+    config = parse_config(data, env)
+    if resolve_prompts:
+        from abproxy.prompts import resolve_prompts as resolve
+
+        config = resolve(config)
+    return config

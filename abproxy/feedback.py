@@ -1,0 +1,144 @@
+"""``POST /v1/feedback``: join a score to an earlier response and update its arm's counters.
+
+The join uses the request record the recorder wrote; a score posted again under the same
+``(request_id, name)`` replaces the earlier one inside one Lua script, so the aggregates are
+corrected exactly, never counted twice."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+from redis.exceptions import NoScriptError, RedisError
+
+from abproxy import store
+from abproxy.catalog import Catalog
+from abproxy.config import Config
+from abproxy.http import HTTPError
+from abproxy.metrics import ProxyMetrics
+from abproxy.recorder import Recorder
+from abproxy.stats.histogram import bucket_of
+
+MAX_ID_LENGTH = 256
+
+
+def _unavailable() -> HTTPError:
+    return HTTPError(503, "feedback storage (Redis) is unavailable; retry later", "store_unavailable", "server_error")
+
+
+def parse_feedback(raw: bytes) -> tuple[str, str | None, Any]:
+    """(request id, metric name or None, raw score); 400 for a malformed body."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise HTTPError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "request body must be a JSON object", "invalid_json")
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
+        raise HTTPError(400, "'request_id' must be a non-empty string", "invalid_request")
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise HTTPError(400, "'name' must be a string", "invalid_request")
+    if "score" not in body:
+        raise HTTPError(400, "'score' is required", "invalid_request")
+    return request_id, name, body["score"]
+
+
+class FeedbackService:
+    def __init__(self, redis: Any, config: Config, catalog: Catalog, recorder: Recorder, metrics: ProxyMetrics):
+        self._redis = redis
+        self._config = config
+        self._catalog = catalog
+        self._recorder = recorder
+        self._metrics = metrics
+        self._sha: str | None = None
+
+    async def submit(self, raw: bytes) -> dict[str, Any]:
+        request_id, name, score = parse_feedback(raw)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise HTTPError(422, "'score' must be a number", "invalid_score", "invalid_request_error")
+        try:
+            found = await self._find(request_id)
+            if found is None and self._recorder.buffered:
+                # The response may be so recent that its record is still in this replica's batch.
+                await self._recorder.flush()
+                found = await self._find(request_id)
+        except RedisError:
+            raise _unavailable() from None
+        if found is None:
+            raise HTTPError(404, f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
+        canonical_id, record = found
+        plan = self._catalog.plans[record["e"]]
+        metrics = plan.settings.feedback
+        if not metrics:
+            raise HTTPError(422, f"experiment {plan.name!r} defines no feedback metrics", "unknown_feedback_name")
+        name = name if name is not None else next(iter(metrics))
+        bounds = metrics.get(name)
+        if bounds is None:
+            raise HTTPError(
+                422, f"unknown feedback name {name!r}; one of {', '.join(metrics)}", "unknown_feedback_name"
+            )
+        if not bounds.min <= score <= bounds.max:
+            raise HTTPError(
+                422, f"score {score} is outside [{bounds.min:g}, {bounds.max:g}] for {name!r}", "score_out_of_range"
+            )
+        try:
+            result = await self._apply(canonical_id, record, plan.per_unit, name, float(score))
+        except RedisError:
+            raise _unavailable() from None
+        self._metrics.feedback.labels(record["e"], record["v"], name).inc()
+        return {
+            "status": "updated" if result == 2 else "recorded",
+            "experiment": record["e"],
+            "variant": record["v"],
+            "request_id": canonical_id,
+            "name": name,
+        }
+
+    async def _find(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The request record for a request id or response id, looked up in every experiment."""
+        experiments = list(self._catalog.plans)
+        pipe = self._redis.pipeline(transaction=False)
+        for experiment in experiments:
+            pipe.get(store.request_key(experiment, request_id))
+            pipe.get(store.response_key(experiment, request_id))
+        replies = await pipe.execute()
+        for index, experiment in enumerate(experiments):
+            record, aliased = replies[2 * index], replies[2 * index + 1]
+            if record is None and aliased is not None:
+                request_id = aliased
+                record = await self._redis.get(store.request_key(experiment, request_id))
+            if record is not None:
+                return request_id, json.loads(record)
+        return None
+
+    async def _apply(self, request_id: str, record: dict[str, Any], per_unit: bool, name: str, score: float) -> int:
+        experiment, arm, unit = record["e"], record["a"], record.get("u")
+        keys = [
+            store.feedback_key(experiment, request_id),
+            store.stats_key(experiment, arm),
+            store.hist_key(experiment, arm),
+            store.unit_key(experiment, arm, unit) if unit else "",
+        ]
+        args = [
+            name,
+            repr(score),
+            bucket_of(score),
+            self._config.feedback_ttl_s,
+            "0" if record.get("f") else "1",
+            "1" if per_unit else "0",
+            store.UNIT_TTL_S,
+        ]
+        for attempt in range(2):
+            if self._sha is None:
+                self._sha = await self._redis.script_load(store.RECORD_FEEDBACK_LUA)
+            try:
+                return int(await self._redis.evalsha(self._sha, len(keys), *keys, *args))
+            except NoScriptError:
+                self._sha = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")

@@ -1,0 +1,290 @@
+"""Writing the experiments into MLflow (SPEC §4): counters from Redis → statistics → one run
+per variant arm plus a ``summary`` parent run, with the winner tagged.
+
+Exactly one replica flushes at a time: a Redis lock with a TTL, and a fencing token (a Redis
+counter) that is also the flush number, MLflow's ``step``. Every flush re-logs cumulative
+numbers, so a crash mid-flush, a retry or MLflow being away loses nothing and doubles nothing.
+MLflow's client is synchronous; its calls run in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from abproxy import store
+from abproxy.analysis import sequential_state_field
+from abproxy.catalog import Arm, Catalog, ExperimentPlan
+from abproxy.config import Config
+from abproxy.metrics import ProxyMetrics
+from abproxy.report import markdown
+from abproxy.results import Snapshot, snapshot_json, take_snapshot
+
+log = logging.getLogger("abproxy.flusher")
+
+LOCK_KEY = f"{store.PREFIX}:flush:lock"
+INTERVAL_KEY = f"{store.PREFIX}:flush:interval"
+FENCE_KEY = f"{store.PREFIX}:flush:fence"
+LOCK_TTL_MS = 5 * 60 * 1000
+MAX_PARAM_LENGTH = 6000
+
+_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+# Per-variant metrics logged every flush: (MLflow name, metric, statistic).
+_LOGGED = (
+    ("error_rate", "error_rate", "mean"),
+    ("latency_ms_mean", "latency_ms", "mean"),
+    ("latency_ms_p50", "latency_ms", "p50"),
+    ("latency_ms_p95", "latency_ms", "p95"),
+    ("ttft_ms_p50", "ttft_ms", "p50"),
+    ("response_chars_mean", "response_chars", "mean"),
+    ("total_tokens_mean", "total_tokens", "mean"),
+    ("cost_usd_mean", "cost_usd", "mean"),
+)
+
+
+class FlushBusy(Exception):
+    """Another flush holds the lock."""
+
+
+@dataclass
+class FlushReport:
+    step: int
+    experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"step": self.step, "duration_s": round(self.duration_s, 3), "experiments": self.experiments}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf"))
+
+
+def variant_metrics(variant: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one variant (from the live-results JSON) as MLflow metric name → value."""
+    metrics = variant["metrics"]
+    values: dict[str, Any] = {
+        "requests": variant["requests"],
+        "errors": variant["errors"],
+        "units": variant["units"],
+        "prob_best": variant.get("prob_best"),
+        "cost_usd_sum": (metrics["cost_usd"]["mean"] or 0.0) * metrics["cost_usd"]["n"],
+    }
+    for name, metric, statistic in _LOGGED:
+        values[name] = metrics[metric][statistic]
+    for metric, summary in metrics.items():
+        if metric.startswith("feedback."):
+            values[f"{metric}.n"] = summary["n"]
+            values[f"{metric}.mean"] = summary["mean"]
+        if not variant["control"]:
+            values[f"{metric}.lift"] = summary["lift"]
+            values[f"{metric}.p_value"] = summary["p_value"]
+    return {name: float(value) for name, value in values.items() if _finite(value)}
+
+
+def _variant_params(arm: Arm, weight: float) -> dict[str, str]:
+    definition = arm.definition
+    params = {"model": definition.model or "", "upstream": arm.upstream, "weight": f"{weight:g}"}
+    for name, value in definition.params.items():
+        params[f"params.{name}"] = json.dumps(value) if not isinstance(value, str) else value
+    if definition.system_prompt is not None:
+        params["system_prompt"] = definition.system_prompt
+    if definition.user_template is not None:
+        params["user_template"] = definition.user_template
+    if definition.messages is not None:
+        params["messages"] = json.dumps([m.model_dump() for m in definition.messages], ensure_ascii=False)
+    for field_name, reference in definition.prompt_sources.items():
+        params[f"prompt_registry.{field_name}"] = reference
+    return {name: value[:MAX_PARAM_LENGTH] for name, value in params.items()}
+
+
+def _prompt_artifacts(arm: Arm) -> dict[str, str]:
+    definition = arm.definition
+    artifacts = {}
+    if definition.system_prompt is not None:
+        artifacts["prompt/system_prompt.txt"] = definition.system_prompt
+    if definition.user_template is not None:
+        artifacts["prompt/user_template.txt"] = definition.user_template
+    if definition.messages is not None:
+        artifacts["prompt/messages.json"] = json.dumps(
+            [m.model_dump() for m in definition.messages], ensure_ascii=False, indent=2
+        )
+    return artifacts
+
+
+class MlflowWriter:
+    """The synchronous MLflow side of a flush (run in a worker thread)."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def _experiment_id(self, name: str) -> str:
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                self.client.restore_experiment(existing.experiment_id)
+            return existing.experiment_id
+        return self.client.create_experiment(name, tags={"abproxy.managed": "true"})
+
+    def _find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        """A run created by an earlier flush whose id never reached Redis (crash in between)."""
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def write(self, plan: ExperimentPlan, result: dict[str, Any], runs: dict[str, str], step: int) -> dict[str, str]:
+        """Log one experiment at ``step``; returns the run ids to keep (new ones included)."""
+        from mlflow.entities import Metric, RunTag
+
+        runs = dict(runs)
+        now = int(time.time() * 1000)
+        if "experiment_id" not in runs:
+            runs["experiment_id"] = self._experiment_id(plan.settings.mlflow_experiment or plan.name)
+        experiment_id = runs["experiment_id"]
+        winner = result["winner"]
+
+        summary_id = runs.get("summary") or self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+        if summary_id is None:
+            summary_id = self.client.create_run(
+                experiment_id,
+                run_name="summary",
+                tags={"abproxy.role": "summary", "abproxy.experiment": plan.name, "abproxy.summary_of": plan.name},
+            ).info.run_id
+        runs["summary"] = summary_id
+
+        current = set()
+        for variant in result["variants"]:
+            arm = plan.arms[variant["name"]]
+            current.add(arm.arm_id)
+            run_id = runs.get(arm.arm_id) or self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
+            if run_id is None:
+                run_id = self._create_variant_run(experiment_id, summary_id, plan, arm)
+            runs[arm.arm_id] = run_id
+            metrics = [Metric(name, value, now, step) for name, value in variant_metrics(variant).items()]
+            metrics.append(Metric("weight", variant["weight"], now, step))
+            tags = [
+                RunTag("abproxy.winner", "true" if winner == variant["name"] else "false"),
+                RunTag("abproxy.status", result["status"]),
+            ]
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+        for key, run_id in runs.items():
+            if key not in current and key not in ("experiment_id", "summary"):
+                # An arm edited away keeps its run and data, but can no longer be the winner.
+                self.client.log_batch(run_id, tags=[RunTag("abproxy.winner", "false"), RunTag("abproxy.current", "false")])
+
+        summary_metrics = []
+        if _finite(result["srm"]["p_value"]):
+            summary_metrics.append(Metric("srm_p_value", float(result["srm"]["p_value"]), now, step))
+        summary_tags = [RunTag("abproxy.status", result["status"]), RunTag("abproxy.winner", winner or "none")]
+        self.client.log_batch(summary_id, metrics=summary_metrics, tags=summary_tags)
+        self.client.log_text(summary_id, json.dumps(result, indent=2, ensure_ascii=False), "report.json")
+        self.client.log_text(summary_id, markdown(result), "report.md")
+        return runs
+
+    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+        from mlflow.entities import Param
+
+        tags = {
+            "abproxy.experiment": plan.name,
+            "abproxy.variant": arm.variant,
+            "abproxy.role": "variant",
+            "abproxy.control": "true" if arm.variant == plan.settings.control_name else "false",
+            "abproxy.variant_hash": arm.definition_hash,
+            "abproxy.arm": f"{plan.name}/{arm.arm_id}",
+            "abproxy.current": "true",
+            "mlflow.parentRunId": summary_id,
+        }
+        run_id = self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id
+        params = [Param(name, value) for name, value in _variant_params(arm, arm.definition.weight).items()]
+        self.client.log_batch(run_id, params=params)
+        for path, text in _prompt_artifacts(arm).items():
+            self.client.log_text(run_id, text, path)
+        return run_id
+
+
+class Flusher:
+    def __init__(self, redis: Any, config: Config, catalog: Catalog, metrics: ProxyMetrics | None = None):
+        self._redis = redis
+        self._config = config
+        self._catalog = catalog
+        self._metrics = metrics
+        self._writer: MlflowWriter | None = None
+
+    def _mlflow(self) -> MlflowWriter:
+        if self._writer is None:
+            self._writer = MlflowWriter(self._config.mlflow.tracking_uri)
+        return self._writer
+
+    async def flush(self, *, periodic: bool = False) -> FlushReport | None:
+        """One flush. Periodic flushes return None when another replica has this interval;
+        a manual flush raises :class:`FlushBusy` while another flush is running."""
+        token = secrets.token_hex(16)
+        if periodic:
+            interval_ms = max(1, int(self._config.mlflow.flush_interval_s * 1000 * 0.9))
+            if not await self._redis.set(INTERVAL_KEY, token, nx=True, px=interval_ms):
+                return None
+        if not await self._redis.set(LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
+            if periodic:
+                return None
+            raise FlushBusy("another flush is running")
+        started = time.perf_counter()
+        try:
+            step = int(await self._redis.incr(FENCE_KEY))
+            report = FlushReport(step)
+            for plan in self._catalog.plans.values():
+                report.experiments[plan.name] = await self._flush_experiment(plan, step, token)
+            report.duration_s = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.flush_duration.observe(report.duration_s)
+                self._metrics.flush_last_success.set(time.time())
+            return report
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.flush_errors.inc()
+            raise
+        finally:
+            await self._redis.eval(_RELEASE_LUA, 1, LOCK_KEY, token)
+
+    async def _flush_experiment(self, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
+        snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
+        result = snapshot_json(snapshot, self._config)
+        runs = await self._redis.hgetall(store.runs_key(plan.name))
+        updated = await asyncio.to_thread(self._mlflow().write, plan, result, runs, step)
+        if await self._redis.get(LOCK_KEY) != token:
+            log.warning("flush %d lost its lock mid-way; its state is not kept", step)
+            return {"status": result["status"], "winner": result["winner"], "kept": False}
+        state = {
+            sequential_state_field(plan, variant, metric): repr(p)
+            for (variant, metric), p in snapshot.analysis.verdict.running_p.items()
+        }
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(store.runs_key(plan.name), mapping=updated)
+        if state:
+            pipe.hset(store.sequential_key(plan.name), mapping=state)
+        await pipe.execute()
+        return {
+            "status": result["status"],
+            "winner": result["winner"],
+            "mlflow_experiment_id": updated["experiment_id"],
+            "summary_run_id": updated["summary"],
+            "runs": {name: updated[arm.arm_id] for name, arm in plan.arms.items()},
+        }
+
+    async def run_periodically(self) -> None:
+        interval = self._config.mlflow.flush_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                report = await self.flush(periodic=True)
+                if report is not None:
+                    log.info("flushed %d experiment(s) to MLflow in %.2fs (step %d)", len(report.experiments), report.duration_s, report.step)
+            except Exception as error:  # MLflow or Redis away: warn, count, retry next interval
+                log.warning("flush to MLflow failed (%s: %s); retrying next interval", type(error).__name__, error)

@@ -1,0 +1,105 @@
+"""Small pure-ASGI helpers: reading bodies, sending JSON, OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+
+Headers = list[tuple[bytes, bytes]]
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+class HTTPError(Exception):
+    """An error the proxy answers itself, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, code: str, error_type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
+
+
+def error_body(message: str, error_type: str, code: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+
+
+def header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    value = header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+async def send_bytes(send: Any, status: int, body: bytes, headers: Headers) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Any, status: int, payload: Any, headers: Headers = ()) -> None:  # type: ignore[assignment]
+    await send_bytes(send, status, orjson.dumps(payload), [JSON_CONTENT_TYPE, *headers])
+
+
+async def send_error(send: Any, error: HTTPError, headers: Headers = ()) -> None:  # type: ignore[assignment]
+    await send_bytes(send, error.status, error.body(), [JSON_CONTENT_TYPE, *headers])
+
+
+class RequestIds:
+    """Unguessable request ids (128 bits from the OS's CSPRNG), drawn in bulk: one
+    ``os.urandom`` call per 256 ids instead of a system call per request."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._offset = 0
+
+    def next(self) -> str:
+        if self._offset >= len(self._pool):
+            self._pool = os.urandom(16 * self._BATCH)
+            self._offset = 0
+        start = self._offset
+        self._offset += 16
+        return self._pool[start : start + 16].hex()

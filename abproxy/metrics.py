@@ -1,0 +1,91 @@
+"""Prometheus metric objects, defined once here (SPEC §5). Label values come only from the
+config (experiment, variant and upstream names) or from small fixed sets, so no request can
+create a new series."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+FLUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(
+            "abproxy_requests_total",
+            "Proxied requests by experiment, variant and HTTP status (499: client went away).",
+            ("experiment", "variant", "status"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "abproxy_request_duration_seconds",
+            "Proxy-observed time to the last byte of the response.",
+            ("experiment", "variant"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "abproxy_time_to_first_token_seconds",
+            "Time to the first content token of a streamed response.",
+            ("experiment", "variant"),
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "abproxy_tokens_total",
+            "Tokens reported by the upstream's usage, by kind (prompt, completion).",
+            ("experiment", "variant", "kind"),
+            registry=registry,
+        )
+        self.cost = Counter(
+            "abproxy_cost_usd_total",
+            "Cost in USD from the configured prices.",
+            ("experiment", "variant"),
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "abproxy_feedback_total",
+            "Feedback scores posted, by metric name.",
+            ("experiment", "variant", "name"),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "abproxy_upstream_errors_total",
+            "Failed upstream calls by reason (http_4xx, http_5xx, rate_limited, timeout, unreachable, broken_stream).",
+            ("upstream", "reason"),
+            registry=registry,
+        )
+        self.recorder_dropped = Counter(
+            "abproxy_recorder_dropped_total",
+            "Measurements dropped because the recorder's buffer was full while Redis was unreachable.",
+            registry=registry,
+        )
+        self.recorder_buffered = Gauge(
+            "abproxy_recorder_buffered",
+            "Measurements waiting to be written to Redis.",
+            registry=registry,
+        )
+        self.recorder_write_errors = Counter(
+            "abproxy_recorder_write_errors_total",
+            "Failed attempts to write a batch of measurements to Redis (retried).",
+            registry=registry,
+        )
+        self.flush_duration = Histogram(
+            "abproxy_flush_duration_seconds",
+            "Duration of flushes to MLflow.",
+            buckets=FLUSH_BUCKETS,
+            registry=registry,
+        )
+        self.flush_last_success = Gauge(
+            "abproxy_flush_last_success_timestamp_seconds",
+            "Unix time of the last successful flush to MLflow.",
+            registry=registry,
+        )
+        self.flush_errors = Counter(
+            "abproxy_flush_errors_total",
+            "Flushes to MLflow that failed (retried at the next interval).",
+            registry=registry,
+        )

@@ -1,0 +1,115 @@
+"""What happened to one proxied request: captured on the request path as cheaply as possible,
+interpreted later by the recorder, off the request path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+CANCELLED_STATUS = 499
+"""The status recorded when the client went away first (nginx's convention)."""
+
+
+@dataclass(slots=True)
+class ExperimentRoute:
+    """Where an experiment request went: resolved on the request path."""
+
+    experiment: str
+    variant: str
+    arm: str
+    unit: str | None
+    forced: bool
+
+
+@dataclass(slots=True)
+class Outcome:
+    request_id: str
+    endpoint: str
+    upstream: str
+    model: str
+    started_at: float
+    route: ExperimentRoute | None = None
+    status: int = 0
+    error_reason: str | None = None
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    streamed: bool = False
+    body: bytes | None = None
+    text_parts: list[str] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    response_id: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status == CANCELLED_STATUS
+
+    @property
+    def failed(self) -> bool:
+        return not self.cancelled and (self.status >= 400 or self.error_reason is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFacts:
+    """What the recorder derives from a finished response."""
+
+    chars: int | None
+    words: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    response_id: str | None
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
+    if not isinstance(usage, dict):
+        return None, None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    total = usage.get("total_tokens")
+    if total is None and isinstance(prompt, int) and isinstance(completion, int):
+        total = prompt + completion
+    return tuple(value if isinstance(value, int) else None for value in (prompt, completion, total))  # type: ignore[return-value]
+
+
+def _json_response_text(endpoint: str, payload: dict[str, Any]) -> str:
+    if endpoint == "responses":
+        parts = []
+        for item in payload.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "message":
+                for content in item.get("content") or ():
+                    if isinstance(content, dict) and isinstance(content.get("text"), str):
+                        parts.append(content["text"])
+        return "".join(parts)
+    texts = []
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if endpoint == "completions":
+            texts.append(choice.get("text") or "")
+        else:
+            message = choice.get("message") or {}
+            content = message.get("content") if isinstance(message, dict) else None
+            texts.append(content if isinstance(content, str) else "")
+    return "".join(texts)
+
+
+def response_facts(outcome: Outcome) -> ResponseFacts:
+    """Response length, tokens and id from a JSON body or from the parts a stream collected."""
+    usage = outcome.usage
+    response_id = outcome.response_id
+    if outcome.streamed:
+        text = "".join(outcome.text_parts)
+    else:
+        try:
+            payload = orjson.loads(outcome.body or b"")
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            return ResponseFacts(None, None, None, None, None, None)
+        text = _json_response_text(outcome.endpoint, payload)
+        usage = payload.get("usage")
+        response_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+    prompt, completion, total = _tokens(usage)
+    return ResponseFacts(len(text), len(text.split()), prompt, completion, total, response_id)

@@ -1,0 +1,97 @@
+"""The comparison table a prompt engineer reads: in the terminal (`abproxy report`) and as
+``report.md`` in MLflow. Built from the live-results JSON, so both show the same numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: float | None, digits: int = 2, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    if percent:
+        return f"{value * 100:+.{digits}f}%"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if 0 < abs(value) < 0.01:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    primary = result["primary_metric"]
+    headers = [
+        "variant",
+        "requests",
+        "errors",
+        f"{primary} mean",
+        "95% CI",
+        "lift",
+        "p",
+        "P(best)",
+        "latency p50 ms",
+        "latency p95 ms",
+        "TTFT p50 ms",
+        "tokens mean",
+        "cost/req USD",
+    ]
+    rows = []
+    for variant in result["variants"]:
+        metrics = variant["metrics"]
+        main = metrics.get(primary, {})
+        ci = main.get("ci")
+        name = variant["name"] + (" (control)" if variant["control"] else "")
+        if result.get("winner") == variant["name"]:
+            name += " *"
+        rows.append(
+            [
+                name,
+                str(variant["requests"]),
+                str(variant["errors"]),
+                _fmt(main.get("mean"), 3),
+                f"[{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]" if ci else "-",
+                _fmt(main.get("lift"), 1, percent=True),
+                _p(main["adjusted_p_value"] if main.get("adjusted_p_value") is not None else main.get("p_value")),
+                _fmt(variant.get("prob_best"), 2),
+                _fmt(metrics["latency_ms"]["p50"], 0),
+                _fmt(metrics["latency_ms"]["p95"], 0),
+                _fmt(metrics["ttft_ms"]["p50"], 0),
+                _fmt(metrics["total_tokens"]["mean"], 1),
+                _fmt(metrics["cost_usd"]["mean"], 6),
+            ]
+        )
+    return headers, rows
+
+
+def headline(result: dict[str, Any]) -> str:
+    status = result["status"]
+    srm = result["srm"]["p_value"]
+    srm_text = f"SRM p={_p(srm)}" if srm is not None else "SRM: not enough data"
+    winner = result.get("winner") or "none"
+    test = "always-valid (sequential)" if result.get("sequential") else "fixed-horizon Welch"
+    return (
+        f"{result['experiment']}: status={status}, winner={winner} "
+        f"(primary {result['primary_metric']}, {test} p-values, unit={result['unit']}, {srm_text})"
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    headers, rows = table_rows(result)
+    lines = [f"### {headline(result)}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "`*` marks the winner. p: versus the control on the primary metric, Holm-adjusted across variants."]
+    return "\n".join(lines) + "\n"
+
+
+def terminal(result: dict[str, Any]) -> str:
+    headers, rows = table_rows(result)
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join([headline(result), line, "-" * len(line), *body]) + "\n"

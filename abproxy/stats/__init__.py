@@ -1,0 +1,1 @@
+"""Pure statistics over sufficient statistics: no I/O, no web, Redis or MLflow imports."""

@@ -1,0 +1,257 @@
+"""The Redis layout: the one place that knows key names, and the Lua that updates them.
+
+Every key of an experiment carries the hash tag ``{experiment}``, so one experiment lives in
+one Redis Cluster slot and one script call per batch writes all of it atomically, request
+records included (feedback, which arrives with a request id alone, looks in each experiment).
+
+Per arm (``variant@hash``), hash ``a:<arm>`` holds integer counters (``requests``, ``errors``,
+``cancelled``, ``units``) and, per metric ``m``, ``m|n``, ``m|s``, ``m|q`` (count, sum, sum of
+squares) plus the per-unit sums the delta method needs for ``unit: user`` experiments:
+``m|uk`` (units with the metric), ``m|uyy`` (Σ Y_u²), ``m|unn`` (Σ N_u²), ``m|uyn`` (Σ Y_u·N_u).
+Hash ``h:<arm>`` holds the histogram, field ``m|<bucket>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from abproxy.stats.summary import Moments
+
+PREFIX = "abproxy"
+BATCH_DEDUPE_TTL_S = 7 * 24 * 3600
+UNIT_TTL_S = 90 * 24 * 3600
+
+
+def experiment_tag(experiment: str) -> str:
+    return f"{PREFIX}:{{{experiment}}}"
+
+
+def arms_key(experiment: str) -> str:
+    return f"{experiment_tag(experiment)}:arms"
+
+
+def stats_key(experiment: str, arm: str) -> str:
+    return f"{experiment_tag(experiment)}:a:{arm}"
+
+
+def hist_key(experiment: str, arm: str) -> str:
+    return f"{experiment_tag(experiment)}:h:{arm}"
+
+
+def unit_key(experiment: str, arm: str, unit_hash: str) -> str:
+    return f"{experiment_tag(experiment)}:u:{arm}:{unit_hash}"
+
+
+def feedback_key(experiment: str, request_id: str) -> str:
+    return f"{experiment_tag(experiment)}:fb:{request_id}"
+
+
+def sequential_key(experiment: str) -> str:
+    """Running always-valid p-values, kept between looks so they never go back up."""
+    return f"{experiment_tag(experiment)}:seq"
+
+
+def runs_key(experiment: str) -> str:
+    """MLflow ids: ``experiment_id``, ``summary`` and one run id per arm."""
+    return f"{experiment_tag(experiment)}:runs"
+
+
+def batch_key(experiment: str, batch_id: str) -> str:
+    return f"{experiment_tag(experiment)}:batch:{batch_id}"
+
+
+def request_key(experiment: str, request_id: str) -> str:
+    return f"{experiment_tag(experiment)}:req:{request_id}"
+
+
+def response_key(experiment: str, response_id: str) -> str:
+    """An alias: the upstream's own response id (``chatcmpl-...``) → the request id."""
+    return f"{experiment_tag(experiment)}:resp:{response_id}"
+
+
+def hash_unit(unit_id: str) -> str:
+    """Unit ids are the app's user ids: keep them out of key names."""
+    return hashlib.sha256(unit_id.encode()).hexdigest()[:32]
+
+
+_LUA_COMMON = r"""
+local function num(x) return string.format('%.17g', x) end
+
+local function add(acc, field, value) acc[field] = (acc[field] or 0) + value end
+
+-- Move one unit's (Y_u, N_u) for a metric from old to new values, into the arm's unit sums.
+local function move_unit(ints, floats, metric, y0, n0, y1, n1)
+  if n0 == 0 and n1 > 0 then add(ints, metric .. '|uk', 1) end
+  if n0 > 0 and n1 == 0 then add(ints, metric .. '|uk', -1) end
+  add(floats, metric .. '|uyy', y1 * y1 - y0 * y0)
+  add(floats, metric .. '|unn', n1 * n1 - n0 * n0)
+  add(floats, metric .. '|uyn', y1 * n1 - y0 * n0)
+end
+
+-- Add deltas (dy[i], dn[i]) for metrics names[i] to a named unit's running totals.
+local function add_to_unit(ints, floats, ukey, names, dy, dn, ttl)
+  local fields = {}
+  for i, metric in ipairs(names) do
+    fields[2 * i - 1] = metric .. '|y'
+    fields[2 * i] = metric .. '|n'
+  end
+  local old = redis.call('HMGET', ukey, unpack(fields))
+  local new = {}
+  for i, metric in ipairs(names) do
+    local y0, n0 = tonumber(old[2 * i - 1]) or 0, tonumber(old[2 * i]) or 0
+    local y1, n1 = y0 + dy[i], n0 + dn[i]
+    new[4 * i - 3], new[4 * i - 2], new[4 * i - 1], new[4 * i] = fields[2 * i - 1], num(y1), fields[2 * i], num(n1)
+    move_unit(ints, floats, metric, y0, n0, y1, n1)
+  end
+  redis.call('HSET', ukey, unpack(new))
+  redis.call('EXPIRE', ukey, ttl)
+end
+
+local function apply(stats, ints, floats)
+  for f, v in pairs(ints) do if v ~= 0 then redis.call('HINCRBY', stats, f, v) end end
+  for f, v in pairs(floats) do redis.call('HINCRBYFLOAT', stats, f, num(v)) end
+end
+"""
+
+RECORD_BATCH_LUA = (
+    _LUA_COMMON
+    + r"""
+-- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl, record ttl.
+-- A batch replayed after a lost reply finds its dedupe key and changes nothing.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+local payload = cjson.decode(ARGV[1])
+local unit_ttl, record_ttl = tonumber(ARGV[3]), ARGV[4]
+for _, record in ipairs(payload.records) do
+  redis.call('SET', record[1], record[2], 'EX', record_ttl)
+  if record[3] ~= '' then redis.call('SET', record[3], record[4], 'EX', record_ttl) end
+end
+for _, arm in ipairs(payload.arms) do
+  redis.call('HSETNX', arm.arms_key, arm.arm, arm.meta)
+  -- Sums arrive as exact decimal strings, so they are applied as they are.
+  for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', arm.stats, f, v) end
+  for f, v in pairs(arm.hist) do redis.call('HINCRBY', arm.hist_key, f, v) end
+  local ints, floats = {}, {}
+  for f, v in pairs(arm.ints) do ints[f] = v end
+  for _, unit in ipairs(arm.units) do
+    if redis.call('HSETNX', unit.key, '_', '1') == 1 then add(ints, 'units', 1) end
+    if #unit.names > 0 then add_to_unit(ints, floats, unit.key, unit.names, unit.dy, unit.dn, unit_ttl) end
+  end
+  apply(arm.stats, ints, floats)
+end
+return 1
+"""
+)
+
+RECORD_FEEDBACK_LUA = (
+    _LUA_COMMON
+    + r"""
+-- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or ''.
+-- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('1' or '0'), unit ttl.
+-- Returns 1 when recorded, 2 when it replaced an earlier score for the same name.
+local name, score, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local old = redis.call('HGET', KEYS[1], name)
+redis.call('HSET', KEYS[1], name, ARGV[2] .. '|' .. bucket)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '1' then return old and 2 or 1 end
+local metric = 'feedback.' .. name
+local stats, hist = KEYS[2], KEYS[3]
+local ints, floats = {}, {}
+local old_score = 0
+if old then
+  local sep = string.find(old, '|', 1, true)
+  old_score = tonumber(string.sub(old, 1, sep - 1))
+  redis.call('HINCRBY', hist, metric .. '|' .. string.sub(old, sep + 1), -1)
+else
+  add(ints, metric .. '|n', 1)
+end
+add(floats, metric .. '|s', score - old_score)
+add(floats, metric .. '|q', score * score - old_score * old_score)
+redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
+if ARGV[6] == '1' then
+  if KEYS[4] ~= '' then
+    add_to_unit(ints, floats, KEYS[4], {metric}, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7]))
+  else
+    -- A request without a unit id is a unit of its own.
+    move_unit(ints, floats, metric, old_score, old and 1 or 0, score, 1)
+  end
+end
+apply(stats, ints, floats)
+return old and 2 or 1
+"""
+)
+
+
+@dataclass(slots=True)
+class MetricCounters:
+    """One metric of one arm as read back from Redis."""
+
+    moments: Moments = Moments()
+    histogram: dict[str, int] = field(default_factory=dict)
+    units: int = 0
+    unit_yy: float = 0.0
+    unit_nn: float = 0.0
+    unit_yn: float = 0.0
+
+
+@dataclass(slots=True)
+class ArmCounters:
+    arm: str
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    units: int = 0
+    metrics: dict[str, MetricCounters] = field(default_factory=dict)
+
+
+def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCounters:
+    counters = ArmCounters(
+        arm=arm,
+        requests=int(stats.get("requests", 0)),
+        errors=int(stats.get("errors", 0)),
+        cancelled=int(stats.get("cancelled", 0)),
+        units=int(stats.get("units", 0)),
+    )
+    raw: dict[str, dict[str, Any]] = {}
+    for key, value in stats.items():
+        metric, sep, part = key.rpartition("|")
+        if sep:
+            raw.setdefault(metric, {})[part] = float(value)
+    for key, value in hist.items():
+        metric, sep, bucket = key.partition("|")
+        if sep and int(value) != 0:
+            raw.setdefault(metric, {}).setdefault("hist", {})[bucket] = int(value)
+    for metric, parts in raw.items():
+        counters.metrics[metric] = MetricCounters(
+            moments=Moments(parts.get("n", 0.0), parts.get("s", 0.0), parts.get("q", 0.0)),
+            histogram=parts.get("hist", {}),
+            units=int(parts.get("uk", 0)),
+            unit_yy=parts.get("uyy", 0.0),
+            unit_nn=parts.get("unn", 0.0),
+            unit_yn=parts.get("uyn", 0.0),
+        )
+    return counters
+
+
+async def read_arms(redis: Any, experiment: str, arms: list[str]) -> dict[str, ArmCounters]:
+    """The counters of the given arms, in one round trip."""
+    counters, _ = await read_experiment(redis, experiment, arms)
+    return counters
+
+
+async def read_experiment(redis: Any, experiment: str, arms: list[str]) -> tuple[dict[str, ArmCounters], dict[str, str]]:
+    """The counters of the given arms and the sequential state, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for arm in arms:
+        pipe.hgetall(stats_key(experiment, arm))
+        pipe.hgetall(hist_key(experiment, arm))
+    pipe.hgetall(sequential_key(experiment))
+    replies = await pipe.execute()
+    counters = {arm: parse_arm(arm, replies[2 * i], replies[2 * i + 1]) for i, arm in enumerate(arms)}
+    return counters, replies[-1]
+
+
+async def known_arms(redis: Any, experiment: str) -> dict[str, str]:
+    """Every arm ever recorded for an experiment, current or edited away: arm → metadata JSON."""
+    return await redis.hgetall(arms_key(experiment))

@@ -1,0 +1,149 @@
+"""Applying a variant to a request body: prompts, templates, model and params."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from abproxy.config import Variant
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+class TemplateError(ValueError):
+    """A request cannot be rendered for its variant (a 400 for the client)."""
+
+
+def render(template: str, input_text: str, variables: Mapping[str, Any]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "input":
+            return input_text
+        if name not in variables:
+            raise TemplateError(
+                f"the variant's template needs the variable {name!r}: send it in the request body's abproxy_variables"
+            )
+        return str(variables[name])
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+def text_of(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _with_text(content: Any, text: str, part_type: str) -> Any:
+    """Replace the text of a message content, keeping its non-text parts (images, files)."""
+    if not isinstance(content, list):
+        return text
+    others = [part for part in content if not (isinstance(part, dict) and isinstance(part.get("text"), str))]
+    return [{"type": part_type, "text": text}, *others]
+
+
+def _last_user_index(messages: list[Any]) -> int | None:
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if isinstance(message, dict) and message.get("role") == "user":
+            return index
+    return None
+
+
+def pop_variables(body: dict[str, Any]) -> Mapping[str, Any]:
+    variables = body.pop("abproxy_variables", None)
+    if variables is None:
+        return {}
+    if not isinstance(variables, dict):
+        raise TemplateError("abproxy_variables must be a JSON object")
+    return variables
+
+
+_RESPONSES_PARAM_NAMES = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"}
+
+
+def _apply_model_and_params(body: dict[str, Any], variant: Variant, renamed: dict[str, str] | None = None) -> None:
+    if variant.model is not None:
+        body["model"] = variant.model
+    if not renamed:
+        body.update(variant.params)
+        return
+    for name, value in variant.params.items():
+        target = renamed.get(name, name)
+        if target != name and target in variant.params:
+            continue  # the variant names the endpoint's own parameter too: that one wins
+        body[target] = value
+
+
+def _render_messages(
+    variant: Variant, messages: list[Any], variables: Mapping[str, Any], part_type: str
+) -> list[Any]:
+    last_user = _last_user_index(messages)
+    input_text = text_of(messages[last_user].get("content")) if last_user is not None else ""
+    if variant.messages is not None:
+        return [{"role": m.role, "content": render(m.content, input_text, variables)} for m in variant.messages]
+    rendered = list(messages)
+    if variant.user_template is not None and last_user is not None:
+        original = rendered[last_user]
+        text = render(variant.user_template, input_text, variables)
+        rendered[last_user] = {**original, "content": _with_text(original.get("content"), text, part_type)}
+    if variant.system_prompt is not None:
+        system = {"role": "system", "content": render(variant.system_prompt, input_text, variables)}
+        rendered = [m for m in rendered if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
+        rendered.insert(0, system)
+    return rendered
+
+
+def apply_to_chat(body: dict[str, Any], variant: Variant, variables: Mapping[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise TemplateError("'messages' must be a list")
+    body["messages"] = _render_messages(variant, messages, variables, "text")
+    _apply_model_and_params(body, variant)
+
+
+def apply_to_responses(body: dict[str, Any], variant: Variant, variables: Mapping[str, Any]) -> None:
+    """Responses API: ``instructions`` takes the system prompt, ``input`` the user template."""
+    raw_input = body.get("input", "")
+    messages = [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+    if not isinstance(messages, list):
+        raise TemplateError("'input' must be a string or a list")
+    last_user = _last_user_index(messages)
+    input_text = text_of(messages[last_user].get("content")) if last_user is not None else ""
+    if variant.system_prompt is not None:
+        body["instructions"] = render(variant.system_prompt, input_text, variables)
+    if variant.messages is not None:
+        body["input"] = [
+            {"role": m.role, "content": render(m.content, input_text, variables)} for m in variant.messages
+        ]
+    elif variant.user_template is not None and last_user is not None:
+        text = render(variant.user_template, input_text, variables)
+        if isinstance(raw_input, str):
+            body["input"] = text
+        else:
+            rendered = list(messages)
+            original = rendered[last_user]
+            rendered[last_user] = {**original, "content": _with_text(original.get("content"), text, "input_text")}
+            body["input"] = rendered
+    # A variant's chat parameters carry over: the Responses API calls max_tokens max_output_tokens.
+    _apply_model_and_params(body, variant, _RESPONSES_PARAM_NAMES)
+
+
+def apply_to_completions(body: dict[str, Any], variant: Variant, variables: Mapping[str, Any]) -> None:
+    """Legacy completions: the prompt is one string, so the system prompt is prepended to it."""
+    if variant.messages is not None:
+        raise TemplateError("this variant is a chat 'messages' template; use /v1/chat/completions")
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise TemplateError("experiments apply to a single string 'prompt' only")
+    text = render(variant.user_template, prompt, variables) if variant.user_template is not None else prompt
+    if variant.system_prompt is not None:
+        text = f"{render(variant.system_prompt, prompt, variables)}\n\n{text}"
+    body["prompt"] = text
+    _apply_model_and_params(body, variant)
