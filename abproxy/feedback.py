@@ -62,8 +62,9 @@ class FeedbackService:
             raise HTTPError(422, "'score' must be a number", "invalid_score", "invalid_request_error")
         try:
             found = await self._find(request_id)
-            if found is None and self._recorder.buffered:
-                # The response may be so recent that its record is still in this replica's batch.
+            if found is None:
+                # The response may be so recent that its record is still in this replica's batch
+                # (or was written while we looked): write what is pending, then look once more.
                 await self._recorder.flush()
                 found = await self._find(request_id)
         except RedisError:

@@ -4,6 +4,9 @@ create a new series."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -11,9 +14,22 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FLUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+@dataclass(frozen=True, slots=True)
+class VariantSeries:
+    """The labelled children of one (experiment, variant), looked up once and kept."""
+
+    duration: Any
+    ttft: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+    cost: Any
+
+
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
+        self._series: dict[tuple[str, str], VariantSeries] = {}
+        self._requests: dict[tuple[str, str, str], Any] = {}
         self.requests = Counter(
             "abproxy_requests_total",
             "Proxied requests by experiment, variant and HTTP status (499: client went away).",
@@ -89,3 +105,22 @@ class ProxyMetrics:
             "Flushes to MLflow that failed (retried at the next interval).",
             registry=registry,
         )
+
+    def series(self, experiment: str, variant: str) -> VariantSeries:
+        found = self._series.get((experiment, variant))
+        if found is None:
+            found = self._series[(experiment, variant)] = VariantSeries(
+                duration=self.duration.labels(experiment, variant),
+                ttft=self.ttft.labels(experiment, variant),
+                prompt_tokens=self.tokens.labels(experiment, variant, "prompt"),
+                completion_tokens=self.tokens.labels(experiment, variant, "completion"),
+                cost=self.cost.labels(experiment, variant),
+            )
+        return found
+
+    def count_request(self, experiment: str, variant: str, status: int) -> None:
+        key = (experiment, variant, str(status))
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key)
+        child.inc()

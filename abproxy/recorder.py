@@ -31,41 +31,61 @@ from abproxy.stats.histogram import bucket_of
 log = logging.getLogger("abproxy.recorder")
 
 
-def _field_names(metric: str) -> tuple[str, str, str, str]:
-    return f"{metric}|n", f"{metric}|s", f"{metric}|q", f"{metric}|"
-
-
-_FIELDS: dict[str, tuple[str, str, str, str]] = {}
-
-
 @dataclass(slots=True)
 class _ArmDelta:
+    """One arm's changes in one batch, accumulated in plain lists and turned into Redis hash
+    fields once per batch."""
+
     meta: str
-    ints: collections.Counter[str] = field(default_factory=collections.Counter)
-    floats: dict[str, float] = field(default_factory=dict)
-    hist: collections.Counter[str] = field(default_factory=collections.Counter)
+    counters: dict[str, int] = field(default_factory=dict)
+    moments: dict[str, list[float]] = field(default_factory=dict)
+    """metric → [n, Σy, Σy²]"""
+    anonymous_units: dict[str, list[float]] = field(default_factory=dict)
+    """metric → [units, Σy², Σ1, Σy] for units of one request each (N_u = 1)."""
+    hist: dict[tuple[str, str], int] = field(default_factory=dict)
     units: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
-    def add_float(self, name: str, value: float) -> None:
-        self.floats[name] = self.floats.get(name, 0.0) + value
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
 
     def add_value(self, metric: str, value: float) -> None:
-        fields = _FIELDS.get(metric)
-        if fields is None:
-            fields = _FIELDS[metric] = _field_names(metric)
-        count, total, squares, hist_prefix = fields
-        self.ints[count] += 1
-        floats = self.floats
-        floats[total] = floats.get(total, 0.0) + value
-        floats[squares] = floats.get(squares, 0.0) + value * value
-        self.hist[hist_prefix + bucket_of(value)] += 1
+        moments = self.moments.get(metric)
+        if moments is None:
+            moments = self.moments[metric] = [0, 0.0, 0.0]
+        moments[0] += 1
+        moments[1] += value
+        moments[2] += value * value
+        key = (metric, bucket_of(value))
+        self.hist[key] = self.hist.get(key, 0) + 1
 
     def add_anonymous_unit_value(self, metric: str, value: float) -> None:
-        """A unit with one request: Y_u = value, N_u = 1."""
-        self.ints[f"{metric}|uk"] += 1
-        self.add_float(f"{metric}|uyy", value * value)
-        self.add_float(f"{metric}|unn", 1.0)
-        self.add_float(f"{metric}|uyn", value)
+        sums = self.anonymous_units.get(metric)
+        if sums is None:
+            sums = self.anonymous_units[metric] = [0, 0.0, 0.0, 0.0]
+        sums[0] += 1
+        sums[1] += value * value
+        sums[2] += 1.0
+        sums[3] += value
+
+    def integer_fields(self) -> dict[str, int]:
+        fields = dict(self.counters)
+        for metric, (n, _, _) in self.moments.items():
+            fields[f"{metric}|n"] = int(n)
+        for metric, sums in self.anonymous_units.items():
+            fields[f"{metric}|uk"] = int(sums[0])
+        return fields
+
+    def sum_fields(self) -> dict[str, str]:
+        """Sums as exact decimal strings (``repr`` round-trips a float)."""
+        fields = {}
+        for metric, (_, total, squares) in self.moments.items():
+            fields[f"{metric}|s"] = repr(total)
+            fields[f"{metric}|q"] = repr(squares)
+        for metric, (_, yy, nn, yn) in self.anonymous_units.items():
+            fields[f"{metric}|uyy"] = repr(yy)
+            fields[f"{metric}|unn"] = repr(nn)
+            fields[f"{metric}|uyn"] = repr(yn)
+        return fields
 
 
 @dataclass(slots=True)
@@ -218,9 +238,9 @@ class Recorder:
                     "arms_key": store.arms_key(experiment),
                     "stats": store.stats_key(experiment, arm_id),
                     "hist_key": store.hist_key(experiment, arm_id),
-                    "ints": dict(delta.ints),
-                    "sums": {name: repr(value) for name, value in delta.floats.items()},
-                    "hist": dict(delta.hist),
+                    "ints": delta.integer_fields(),
+                    "sums": delta.sum_fields(),
+                    "hist": {f"{metric}|{bucket}": count for (metric, bucket), count in delta.hist.items()},
                     "units": [
                         {
                             "key": store.unit_key(experiment, arm_id, unit),
@@ -281,16 +301,16 @@ class Recorder:
         unit: str | None,
         per_unit: bool,
     ) -> None:
-        delta.ints["requests"] += 1
+        delta.count("requests")
         if outcome.cancelled:
-            delta.ints["cancelled"] += 1
+            delta.count("cancelled")
         elif outcome.failed:
-            delta.ints["errors"] += 1
+            delta.count("errors")
         values = self._values(outcome, facts, cost)
         for metric, value in values.items():
             delta.add_value(metric, value)
         if unit is None:
-            delta.ints["units"] += 1
+            delta.count("units")
             if per_unit:
                 for metric, value in values.items():
                     delta.add_anonymous_unit_value(metric, value)
@@ -304,21 +324,22 @@ class Recorder:
     def _observe_prometheus(self, outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> None:
         metrics = self._metrics
         experiment, variant = (outcome.route.experiment, outcome.route.variant) if outcome.route else ("", "")
-        metrics.requests.labels(experiment, variant, str(outcome.status)).inc()
+        metrics.count_request(experiment, variant, outcome.status)
         if outcome.error_reason is not None:
             metrics.upstream_errors.labels(outcome.upstream, outcome.error_reason).inc()
         if outcome.cancelled or outcome.failed:
             return
-        metrics.duration.labels(experiment, variant).observe(outcome.latency_s)
+        series = metrics.series(experiment, variant)
+        series.duration.observe(outcome.latency_s)
         if outcome.ttft_s is not None:
-            metrics.ttft.labels(experiment, variant).observe(outcome.ttft_s)
+            series.ttft.observe(outcome.ttft_s)
         if facts is not None:
             if facts.prompt_tokens:
-                metrics.tokens.labels(experiment, variant, "prompt").inc(facts.prompt_tokens)
+                series.prompt_tokens.inc(facts.prompt_tokens)
             if facts.completion_tokens:
-                metrics.tokens.labels(experiment, variant, "completion").inc(facts.completion_tokens)
+                series.completion_tokens.inc(facts.completion_tokens)
         if cost:
-            metrics.cost.labels(experiment, variant).inc(cost)
+            series.cost.inc(cost)
 
     # -- writing ---------------------------------------------------------------------------
 

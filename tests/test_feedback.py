@@ -91,10 +91,14 @@ def sample(text: str, metric: str, **labels: str) -> float:
     return 0.0
 
 
-def ask(client: openai.OpenAI, user: str, text: str = "hello world", model: str = "translation", **kwargs: Any) -> Any:
-    """One chat completion; returns (raw response, parsed completion)."""
+def ask(
+    client: openai.OpenAI, user: str | None, text: str = "hello world", model: str = "translation", **kwargs: Any
+) -> Any:
+    """One chat completion (``user=None``: no unit id); returns (raw response, parsed completion)."""
+    if user is not None:
+        kwargs["user"] = user
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": text}], user=user, **kwargs
+        model=model, messages=[{"role": "user", "content": text}], **kwargs
     )
     return raw, raw.parse()
 
@@ -284,13 +288,14 @@ def test_random_posts_and_replacements_match_brute_force(proxy: Any, redis_clien
     client = proxy.client()
     requests: list[dict[str, str]] = []
     for i in range(20):
-        user = f"brute-{i % 7}"
+        # users brute-0..5 (both arms), and every fifth request without a user: a unit of its own
+        user = f"brute-{i % 6}" if i % 5 else None
         raw, completion = ask(client, user, text=f"sentence number {i}")
         requests.append(
             {
                 "request_id": raw.headers["x-abproxy-request-id"],
                 "response_id": completion.id,
-                "user": user,
+                "user": user or f"anonymous-{i}",
                 "variant": raw.headers["x-abproxy-variant"],
             }
         )
@@ -329,6 +334,7 @@ def test_random_posts_and_replacements_match_brute_force(proxy: Any, redis_clien
             assert math.isclose(num(stats, f"{metric}|uyn"), sum(y[u] * n[u] for u in n), abs_tol=1e-9)
         # feedback never changes the request counters
         users = {r["user"] for r in requests if r["variant"] == variant}
+        assert len(users) > 1
         assert int(stats.get("requests", 0)) == sum(r["variant"] == variant for r in requests)
         assert int(stats.get("units", 0)) == len(users)
 
@@ -420,6 +426,8 @@ def test_feedback_while_redis_is_down_is_503_then_works_again(
 ) -> None:
     raw, _ = ask(proxy.client(), "outage-user")
     rid = raw.headers["x-abproxy-request-id"]
+    # one score before the outage: the restarted Redis no longer has the feedback script cached
+    assert post_feedback(proxy, {"request_id": rid, "name": "thumbs", "score": 1})[0] == 200
     proxy.settle()
     redis_server.stop()
     try:

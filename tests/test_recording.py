@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from abproxy import store
 from abproxy.catalog import Catalog
 from abproxy.embedded_redis import EmbeddedRedis, free_port
 
-from conftest import make_config
+from conftest import BASE_EXPERIMENTS, make_config
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -112,7 +114,6 @@ def get_json(url: str) -> Any:
 
 def test_300_concurrent_requests_are_counted_exactly(proxy: Any, redis_client: redis.Redis, redis_server: Any) -> None:
     arms = arm_ids(proxy)
-    by_arm = {arm: arm_id for arm, arm_id in arms.items()}
 
     async def one(client: openai.AsyncOpenAI, i: int) -> dict[str, Any]:
         text = " ".join(f"w{j}" for j in range(1 + i % 9))
@@ -152,7 +153,7 @@ def test_300_concurrent_requests_are_counted_exactly(proxy: Any, redis_client: r
     assert len(seen) == 300
     assert {r["variant"] for r in seen} == set(arms), "300 users should reach both variants"
     total_requests = 0
-    for variant, arm in by_arm.items():
+    for variant, arm in arms.items():
         mine = [r for r in seen if r["variant"] == variant]
         stats, hist = arm_stats(redis_client, arm), arm_hist(redis_client, arm)
         assert int(stats["requests"]) == len(mine), variant
@@ -173,7 +174,11 @@ def test_300_concurrent_requests_are_counted_exactly(proxy: Any, redis_client: r
 
     # The typed reader and the live results endpoint agree with the raw hashes.
     counters = read_arms(redis_server.url, list(arms.values()))
-    assert sum(c.requests for c in counters.values()) == 300
+    for variant, arm in arms.items():
+        mine = [r for r in seen if r["variant"] == variant]
+        assert counters[arm].requests == len(mine)
+        assert counters[arm].metrics["total_tokens"].moments.n == len(mine)
+        assert sum(counters[arm].metrics["latency_ms"].histogram.values()) == len(mine)
     live = get_json(f"{proxy.url}/abproxy/experiments/translation")
     assert sum(v["requests"] for v in live["variants"]) == 300
     for v in live["variants"]:
@@ -297,10 +302,10 @@ def test_forced_variants_are_served_and_in_prometheus_but_not_in_the_statistics(
     counted = {name: int(arm_stats(redis_client, arm).get("requests", 0)) for name, arm in arm_ids(proxy).items()}
     assert sum(counted.values()) == 3, f"only the unforced requests are counted: {counted}"
     text = metrics_text(proxy.url)
-    unforced_professional = sample(text, "abproxy_requests_total", experiment=EXP, variant="professional", status="200")
-    unforced_basic = sample(text, "abproxy_requests_total", experiment=EXP, variant="basic", status="200")
-    assert unforced_professional == 5 + counted["professional"]
-    assert unforced_basic == counted["basic"]
+    professional_total = sample(text, "abproxy_requests_total", experiment=EXP, variant="professional", status="200")
+    basic_total = sample(text, "abproxy_requests_total", experiment=EXP, variant="basic", status="200")
+    assert professional_total == 5 + counted["professional"]
+    assert basic_total == counted["basic"]
 
 
 # -- 5. client disconnect ------------------------------------------------------------------------
@@ -590,26 +595,29 @@ def _serve(tmp_path: Path, upstream_url: str, redis_url: str | None) -> tuple[su
         "upstreams": {"fake": {"base_url": upstream_url, "timeout_s": 10}},
         "default_upstream": "fake",
         "prices": {"gpt-4o-mini": {"input": PRICE_IN, "output": PRICE_OUT}},
-        "experiments": {"translation": make_config(upstream_url).experiments[EXP].model_dump(mode="json")},
+        "experiments": {EXP: copy.deepcopy(BASE_EXPERIMENTS[EXP])},
     }
     if redis_url:
         config["redis_url"] = redis_url
     path = tmp_path / "abproxy.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABPROXY_")}
+    log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "abproxy", "serve", "--config", str(path), "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "abproxy", "serve", "--config", str(path), "--port", str(port),
+         "--log-level", "warning"],  # fmt: skip
         cwd=str(tmp_path),
         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
+    log.close()
     base = f"http://127.0.0.1:{port}"
     if not wait_until(lambda: proc.poll() is not None or get_status_quiet(f"{base}/readyz") == 200, timeout=30):
         proc.kill()
         raise AssertionError("abproxy serve did not become ready")
     if proc.poll() is not None:
-        raise AssertionError(f"abproxy serve exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+        raise AssertionError(f"abproxy serve exited: {(tmp_path / 'serve.log').read_text()}")
     return proc, base, data_dir
 
 
@@ -620,7 +628,7 @@ def get_status_quiet(url: str) -> int:
         return 0
 
 
-def _drain_during_sigterm(proc: subprocess.Popen[bytes], base: str, upstream: Any) -> tuple[list[str], str, dict[str, str]]:
+def _drain_during_sigterm(proc: subprocess.Popen[bytes], base: str) -> dict[str, str]:
     """Two quick JSON requests, then four slow streams; SIGTERM while the streams are in flight."""
     reply = "one two three four five six seven eight"
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-client", max_retries=0, timeout=20)
@@ -670,8 +678,8 @@ def _drain_during_sigterm(proc: subprocess.Popen[bytes], base: str, upstream: An
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("abproxy serve did not exit after SIGTERM") from None
-    output = proc.stdout.read().decode() if proc.stdout else ""
-    return errors, output, variants
+    assert proc.returncode == 0, f"a graceful stop should exit 0, not {proc.returncode}"
+    return variants
 
 
 def _requests_in(client: redis.Redis, variants: dict[str, str], upstream_url: str) -> dict[str, int]:
@@ -686,13 +694,14 @@ def test_sigterm_drains_in_flight_streams_and_their_measurements(
 ) -> None:
     proc, base, _ = _serve(tmp_path, upstream_url, redis_server.url)
     try:
-        _, output, variants = _drain_during_sigterm(proc, base, upstream)
+        variants = _drain_during_sigterm(proc, base)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     counted = _requests_in(redis_client, variants, upstream_url)
     expected = collections.Counter(variants.values())
-    assert counted == {name: expected.get(name, 0) for name in counted}, output
+    assert counted == {name: expected.get(name, 0) for name in counted}, (tmp_path / "serve.log").read_text()
     for request_id in variants:
         assert has_request_record(redis_client, request_id), "feedback must be able to find every request"
 
@@ -703,18 +712,20 @@ def test_sigterm_with_embedded_redis_drains_and_stops_it(tmp_path: Path, upstrea
     stop that redis-server with the proxy."""
     proc, base, data_dir = _serve(tmp_path, upstream_url, None)
     redis_dir = data_dir / "redis"
+    embedded: set[int] = set()
+    orphans: set[int] = set()
     try:
         embedded = _redis_children(proc.pid)
         assert len(embedded) == 1, "serve without redis_url should start one redis-server"
-        _, output, variants = _drain_during_sigterm(proc, base, upstream)
+        variants = _drain_during_sigterm(proc, base)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    orphans = {pid for pid in embedded if not wait_until(lambda: not _alive(pid), timeout=3)}
-    for pid in orphans:  # clean up after a serve that left its redis-server behind (SIGTERM: it saves the AOF)
-        os.kill(pid, signal.SIGTERM)
-    assert wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=10)
+        orphans = {pid for pid in embedded if not wait_until(lambda: not _alive(pid), timeout=2)}
+        for pid in orphans:  # clean up after a serve that left its redis-server behind (SIGTERM: it saves the AOF)
+            os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=10)
 
     assert list(redis_dir.glob("appendonly*")), f"no append-only file in {redis_dir}: {os.listdir(redis_dir)}"
     # Restart a redis-server on the same data: the drained counters were persisted.
@@ -727,7 +738,7 @@ def test_sigterm_with_embedded_redis_drains_and_stops_it(tmp_path: Path, upstrea
     finally:
         reopened.stop()
     expected = collections.Counter(variants.values())
-    assert counted == {name: expected.get(name, 0) for name in counted}, output
+    assert counted == {name: expected.get(name, 0) for name in counted}, (tmp_path / "serve.log").read_text()
     assert not orphans, (
         f"abproxy serve exited (status {proc.returncode}) but left its embedded redis-server running (pids {orphans})"
     )
@@ -737,24 +748,27 @@ def test_sigterm_with_embedded_redis_drains_and_stops_it(tmp_path: Path, upstrea
 
 
 def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) -> None:
-    counts = {"alice": 1, "bob": 2, "carol": 3, "dave": 5, "erin": 7}
-    seen: list[tuple[str, str, int]] = []  # (user, variant, total tokens)
+    """unit: user keeps, per metric, the per-user sums the delta method needs. Requests without a
+    user id are units of their own."""
+    counts = {"alice": 1, "bob": 2, "carol": 3, "dave": 5, "erin": 7, None: 3}
+    seen: list[tuple[str, str, int]] = []  # (unit, variant, total tokens)
     client = proxy.client()
 
-    def send(user: str, k: int) -> None:
-        text = " ".join(["word"] * (1 + (k * 3 + len(user)) % 6))
+    def send(user: str | None, k: int) -> None:
+        text = " ".join(["word"] * (1 + (k * 3 + len(user or "")) % 6))
         if k % 2:
             raw = client.chat.completions.with_raw_response.create(
-                model="translation", messages=user_msg(text), user=user, stream=True,
-                stream_options={"include_usage": True},
+                model="translation", messages=user_msg(text), stream=True,
+                stream_options={"include_usage": True}, **({"user": user} if user else {}),
             )  # fmt: skip
             total = [c.usage.total_tokens for c in raw.parse() if c.usage is not None][0]
         else:
             raw = client.chat.completions.with_raw_response.create(
-                model="translation", messages=user_msg(text), extra_headers={"X-ABProxy-User": user}
+                model="translation", messages=user_msg(text), extra_headers={"X-ABProxy-User": user} if user else None
             )
             total = raw.parse().usage.total_tokens
-        seen.append((user, raw.headers["x-abproxy-variant"], total))
+        unit = user or f"anonymous-{raw.headers['x-abproxy-request-id']}"
+        seen.append((unit, raw.headers["x-abproxy-variant"], total))
 
     # two phases with a write in between: a user's sums grow across batches
     for phase in (0, 1):
@@ -765,22 +779,22 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
         proxy.settle()
 
     assert len(seen) == sum(counts.values())
-    arms = arm_ids(proxy)
-    for variant, arm in arms.items():
-        per_user: dict[str, list[int]] = collections.defaultdict(list)
-        for user, v, total in seen:
+    assert len({v for u, v, _ in seen if not u.startswith("anonymous-")}) == 2, "users in both arms"
+    for variant, arm in arm_ids(proxy).items():
+        per_unit: dict[str, list[int]] = collections.defaultdict(list)
+        for unit, v, total in seen:
             if v == variant:
-                per_user[user].append(total)
+                per_unit[unit].append(total)
         stats = arm_stats(redis_client, arm)
-        assert int(stats.get("units", 0)) == len(per_user), variant
-        assert int(stats.get("requests", 0)) == sum(len(t) for t in per_user.values())
-        if not per_user:
-            continue
-        ys = {u: sum(t) for u, t in per_user.items()}
-        ns = {u: len(t) for u, t in per_user.items()}
-        assert int(float(stats["total_tokens|uk"])) == len(per_user)
+        assert int(stats.get("units", 0)) == len(per_unit), variant
+        assert int(stats.get("requests", 0)) == sum(len(t) for t in per_unit.values())
+        ys = {u: sum(t) for u, t in per_unit.items()}
+        ns = {u: len(t) for u, t in per_unit.items()}
+        assert int(float(stats["total_tokens|uk"])) == len(per_unit)
         assert num(stats, "total_tokens|uyy") == sum(y * y for y in ys.values())
         assert num(stats, "total_tokens|unn") == sum(n * n for n in ns.values())
         assert num(stats, "total_tokens|uyn") == sum(ys[u] * ns[u] for u in ys)
         assert num(stats, "total_tokens|s") == sum(ys.values())
-    assert len({v for _, v, _ in seen}) >= 1
+        # error_rate: Y_u = 0 for everyone, N_u = u's requests
+        assert num(stats, "error_rate|uyy") == 0
+        assert num(stats, "error_rate|unn") == sum(n * n for n in ns.values())

@@ -1,0 +1,150 @@
+"""Helpers shared by the MLflow flush tests (test_flusher.py, test_cli_report.py): driving
+traffic and feedback through a running proxy, raw HTTP calls, and reading MLflow back the way a
+user would (``mlflow.search_runs`` / ``MlflowClient``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+
+EXP = "translation"
+
+# Scores that make `professional` clearly better than `basic` (means 4.6 vs 2.2), with some
+# spread so that variances (and therefore p-values) are finite.
+GOOD_SCORES = (5, 4, 5, 5, 4)
+BAD_SCORES = (2, 3, 2, 1, 3)
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
+    """One raw HTTP call; returns (status, parsed JSON or raw bytes)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        raw, status = error.read(), error.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def flush(proxy: Any, timeout: float = 60) -> tuple[int, Any]:
+    return http("POST", f"{proxy.url}/abproxy/flush", timeout=timeout)
+
+
+def live(proxy: Any, experiment: str = EXP) -> dict[str, Any]:
+    status, body = http("GET", f"{proxy.url}/abproxy/experiments/{experiment}")
+    assert status == 200, body
+    return body
+
+
+def metrics_text(proxy: Any) -> str:
+    with urllib.request.urlopen(f"{proxy.url}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, metric: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def users_for(plan: Any, variant: str, count: int, prefix: str) -> list[str]:
+    """``count`` user ids that the deterministic assignment puts into ``variant``."""
+    users: list[str] = []
+    i = 0
+    while len(users) < count:
+        uid = f"{prefix}-{i}"
+        if plan.allocation.choose(uid) == variant:
+            users.append(uid)
+        i += 1
+    return users
+
+
+def drive(
+    proxy: Any,
+    per_arm: dict[str, int],
+    prefix: str,
+    scores: dict[str, Iterable[int]] | None = None,
+    experiment: str = EXP,
+    model: str = "translation",
+) -> dict[str, int]:
+    """Send ``per_arm[variant]`` requests from fresh users assigned to each variant, post a
+    ``satisfaction`` score for each (cycling through ``scores[variant]``), and wait until the
+    recorder has written everything. Returns the number of feedbacks posted per variant."""
+    if scores is None:
+        scores = {"professional": GOOD_SCORES, "basic": BAD_SCORES}
+    plan = proxy.app.catalog.plans[experiment]
+    client = proxy.client()
+    posted: dict[str, int] = {}
+    for variant, count in per_arm.items():
+        cycle = list(scores.get(variant, ()))
+        for i, user in enumerate(users_for(plan, variant, count, f"{prefix}-{variant}")):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": f"sentence number {i}"}], user=user
+            )
+            assert raw.headers["x-abproxy-variant"] == variant
+            if cycle:
+                status, body = http(
+                    "POST",
+                    f"{proxy.url}/v1/feedback",
+                    {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": cycle[i % len(cycle)]},
+                )
+                assert status == 200, body
+                posted[variant] = posted.get(variant, 0) + 1
+    client.close()
+    proxy.settle()
+    return posted
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def search(uri: str, filter_string: str = "", experiment: str = EXP) -> list[Any]:
+    """``mlflow.search_runs`` exactly as a user would call it."""
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="list")
+
+
+def runs_by_name(uri: str, experiment: str = EXP) -> dict[str, Any]:
+    found = search(uri, experiment=experiment)
+    by_name: dict[str, Any] = {}
+    for run in found:
+        assert run.info.run_name not in by_name, f"two runs named {run.info.run_name!r}"
+        by_name[run.info.run_name] = run
+    return by_name
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def artifact_text(uri: str, run_id: str, path: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+
+
+def assert_openai_error(body: Any) -> None:
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"]
+    assert isinstance(error.get("type"), str) and error["type"]
+    assert "code" in error
