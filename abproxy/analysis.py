@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
+from abproxy.stats.sequential import RunningState
 from abproxy.stats.verdict import ArmInput, Policy, Verdict, decide
 from abproxy.store import ArmCounters, MetricCounters
 
@@ -77,8 +78,9 @@ def analyse(
     for name in plan.arms:
         for metric in settings.metric_names:
             stored = sequential_state.get(sequential_state_field(plan, name, metric))
-            if stored is not None:
-                previous[(name, metric)] = float(stored)
+            state = RunningState.decode(stored) if stored is not None else None
+            if state is not None:
+                previous[(name, metric)] = state
     policy = Policy(
         primary=settings.primary,
         guardrails=settings.guardrails,

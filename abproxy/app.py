@@ -181,7 +181,10 @@ class ABProxyApp:
                 raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
             except Exception as error:
                 log.warning("flush failed: %s: %s", type(error).__name__, error)
-                raise HTTPError(502, f"flush to MLflow failed: {type(error).__name__}", "mlflow_unavailable", "server_error") from None
+                detail = str(error).splitlines()[0][:200] if str(error) else ""
+                raise HTTPError(
+                    502, f"flush to MLflow failed: {type(error).__name__}: {detail}", "mlflow_unavailable", "server_error"
+                ) from None
             await send_json(send, 200, report.as_json())
         else:
             raise HTTPError(404, f"no route for {method} {path}", "not_found")

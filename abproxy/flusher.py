@@ -124,7 +124,49 @@ class MlflowWriter:
     def __init__(self, tracking_uri: str):
         from mlflow.tracking import MlflowClient
 
+        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def _live_experiment(self, experiment_id: str, name: str) -> bool:
+        """Whether a cached experiment id is ``name`` in this store (restored if deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = self.client.get_experiment(experiment_id)
+        except MlflowException:
+            return False
+        if experiment.name != name:
+            return False
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment_id)
+        return True
+
+    def _live_run(self, run_id: str, experiment_id: str) -> bool:
+        """Whether a cached run id is a run of this experiment in this store (restored if deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.experiment_id != experiment_id:
+            return False
+        if run.info.lifecycle_stage == "deleted":
+            self.client.restore_run(run_id)
+        return True
+
+    def _log_batch(self, run_id: str, experiment_id: str, **kwargs: Any) -> bool:
+        """log_batch; False when the run is gone (deleted for good, or of another store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_batch(run_id, **kwargs)
+            return True
+        except MlflowException:
+            if not self._live_run(run_id, experiment_id):
+                return False
+            self.client.log_batch(run_id, **kwargs)
+            return True
 
     def _experiment_id(self, name: str) -> str:
         existing = self.client.get_experiment_by_name(name)
@@ -145,12 +187,20 @@ class MlflowWriter:
 
         runs = dict(runs)
         now = int(time.time() * 1000)
+        mlflow_name = plan.settings.mlflow_experiment or plan.name
+        if runs.get("tracking_uri") != self.tracking_uri:
+            runs = {"tracking_uri": self.tracking_uri}  # ids of another store mean nothing here
+        if "experiment_id" in runs and not self._live_experiment(runs["experiment_id"], mlflow_name):
+            runs = {"tracking_uri": self.tracking_uri}
         if "experiment_id" not in runs:
-            runs["experiment_id"] = self._experiment_id(plan.settings.mlflow_experiment or plan.name)
+            runs["experiment_id"] = self._experiment_id(mlflow_name)
         experiment_id = runs["experiment_id"]
         winner = result["winner"]
 
-        summary_id = runs.get("summary") or self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+        summary_id = runs.get("summary")
+        if summary_id is not None and not self._live_run(summary_id, experiment_id):
+            summary_id = None
+        summary_id = summary_id or self._find_run(experiment_id, "abproxy.summary_of", plan.name)
         if summary_id is None:
             summary_id = self.client.create_run(
                 experiment_id,
@@ -166,19 +216,24 @@ class MlflowWriter:
             run_id = runs.get(arm.arm_id) or self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
             if run_id is None:
                 run_id = self._create_variant_run(experiment_id, summary_id, plan, arm)
-            runs[arm.arm_id] = run_id
             metrics = [Metric(name, value, now, step) for name, value in variant_metrics(variant).items()]
             metrics.append(Metric("weight", variant["weight"], now, step))
             tags = [
                 RunTag("abproxy.winner", "true" if winner == variant["name"] else "false"),
                 RunTag("abproxy.status", result["status"]),
             ]
-            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            if not self._log_batch(run_id, experiment_id, metrics=metrics, tags=tags):
+                run_id = self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
+                run_id = run_id or self._create_variant_run(experiment_id, summary_id, plan, arm)
+                self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            runs[arm.arm_id] = run_id
 
         for key, run_id in runs.items():
-            if key not in current and key not in ("experiment_id", "summary"):
+            if key not in current and key not in ("experiment_id", "summary", "tracking_uri"):
                 # An arm edited away keeps its run and data, but can no longer be the winner.
-                self.client.log_batch(run_id, tags=[RunTag("abproxy.winner", "false"), RunTag("abproxy.current", "false")])
+                self._log_batch(
+                    run_id, experiment_id, tags=[RunTag("abproxy.winner", "false"), RunTag("abproxy.current", "false")]
+                )
 
         summary_metrics = []
         if _finite(result["srm"]["p_value"]):
@@ -262,8 +317,8 @@ class Flusher:
             log.warning("flush %d lost its lock mid-way; its state is not kept", step)
             return {"status": result["status"], "winner": result["winner"], "kept": False}
         state = {
-            sequential_state_field(plan, variant, metric): repr(p)
-            for (variant, metric), p in snapshot.analysis.verdict.running_p.items()
+            sequential_state_field(plan, variant, metric): running.encode()
+            for (variant, metric), running in snapshot.analysis.verdict.running.items()
         }
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(store.runs_key(plan.name), mapping=updated)

@@ -21,11 +21,10 @@ def uses_registry(config: Config) -> bool:
 
 
 def _load(uri: str, tracking_uri: str) -> Any:
-    import mlflow
-    import mlflow.genai
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.genai.load_prompt(uri)
+    # A client of its own: no process-wide tracking URI is set as a side effect.
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).load_prompt(uri)
 
 
 def _messages(template: Any) -> list[ChatMessage]:

@@ -393,6 +393,64 @@ def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
     assert runs["professional"].data.tags["abproxy.winner"] == "true"
 
 
+# -- 4b. a crash mid-flush, a flush that lost its lock ------------------------------------------------
+
+
+def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
+    start_proxy: Any, redis_client: redis.Redis, uri: str
+) -> None:
+    """A crash between writing MLflow and saving the run ids in Redis: the next flush finds the
+    runs by their tags and goes on logging into them."""
+    proxy = start_proxy(mlflow=mlflow_settings(uri))
+    drive(proxy, {"basic": 30, "professional": 30}, "crash")
+    status, first = flush(proxy)
+    assert status == 200, first
+    redis_client.delete(store.runs_key(EXP))
+
+    drive(proxy, {"basic": 2, "professional": 2}, "crash-b")
+    status, second = flush(proxy)
+    assert status == 200, second
+    assert second["experiments"][EXP]["runs"] == first["experiments"][EXP]["runs"]
+    assert second["experiments"][EXP]["summary_run_id"] == first["experiments"][EXP]["summary_run_id"]
+    assert len(search(uri)) == 3
+    pro = first["experiments"][EXP]["runs"]["professional"]
+    assert history(uri, pro, "requests") == [(first["step"], 30), (second["step"], 32)]
+
+
+def test_a_flush_that_lost_its_lock_keeps_no_state(
+    redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from abproxy.flusher import MlflowWriter
+
+    config = make_config(upstream_url, mlflow=mlflow_settings(uri))
+    original = MlflowWriter.write
+
+    def write_then_lose_the_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
+        written = original(self, *args, **kwargs)
+        redis_client.set(LOCK_KEY, "a-later-flusher", px=60_000)  # our lock expired, another took it
+        return written
+
+    monkeypatch.setattr(MlflowWriter, "write", write_then_lose_the_lock)
+
+    async def flush_once() -> FlushReport:
+        client = open_redis(redis_server.url)
+        try:
+            return await Flusher(client, config, Catalog(config)).flush()
+        finally:
+            await client.aclose()
+
+    report = run(flush_once())
+    assert report.experiments[EXP]["kept"] is False
+    assert redis_client.hgetall(store.runs_key(EXP)) == {}
+    assert redis_client.get(LOCK_KEY) == "a-later-flusher"  # not released by the one that lost it
+
+    monkeypatch.setattr(MlflowWriter, "write", original)
+    redis_client.delete(LOCK_KEY)
+    again = run(flush_once())
+    assert "kept" not in again.experiments[EXP]
+    assert len(search(uri)) == 3  # the runs of the unkept flush are found again, not duplicated
+
+
 # -- 5b. the MLflow side changed under the flusher ----------------------------------------------------
 
 
@@ -584,7 +642,7 @@ def _registry_config(tmp_path: Path, uri: str, upstream_url: str, system_prompts
         "experiments": experiments,
     }
     path = tmp_path / "abproxy.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
 

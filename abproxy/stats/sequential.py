@@ -58,3 +58,50 @@ def msprt(control: Estimate, treatment: Estimate, alpha: float, rho: float = RHO
 def running_p_value(previous: float | None, current: float) -> float:
     """The always-valid p-value is the minimum over every look so far: it never goes back up."""
     return current if previous is None else min(previous, current)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningState:
+    """What one treatment-versus-control comparison keeps between looks: the running minimum
+    p-value and, with it, the running intersection of the always-valid intervals (Johari et al.
+    pair them this way: p ≤ α exactly when 0 lies outside the intersection)."""
+
+    p_value: float
+    lower: float
+    upper: float
+
+    def update(self, look: SequentialResult) -> RunningState:
+        return RunningState(
+            min(self.p_value, look.p_value),
+            max(self.lower, look.difference_ci[0]),
+            min(self.upper, look.difference_ci[1]),
+        )
+
+    @classmethod
+    def first(cls, look: SequentialResult) -> RunningState:
+        return cls(look.p_value, look.difference_ci[0], look.difference_ci[1])
+
+    @property
+    def direction(self) -> int:
+        """+1 or −1 when the interval excludes 0 on one side; 0 when it holds 0, or when the looks
+        contradict each other (an empty intersection: the effect drifted over time)."""
+        if self.lower > self.upper:
+            return 0
+        if self.lower > 0:
+            return 1
+        if self.upper < 0:
+            return -1
+        return 0
+
+    def encode(self) -> str:
+        return f"{self.p_value!r}|{self.lower!r}|{self.upper!r}"
+
+    @classmethod
+    def decode(cls, text: str) -> RunningState | None:
+        parts = text.split("|")
+        if len(parts) != 3:
+            return None
+        try:
+            return cls(float(parts[0]), float(parts[1]), float(parts[2]))
+        except ValueError:
+            return None

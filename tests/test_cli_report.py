@@ -1,0 +1,123 @@
+"""``abproxy flush`` and ``abproxy report`` (SPEC §6) as a user runs them: subprocesses on a
+YAML config that points at the suite's Redis, next to a running proxy on the same config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+
+from abproxy.config import load_config
+from conftest import BASE_EXPERIMENTS
+from flushkit import EXP, drive, live, runs_by_name, search
+
+
+@pytest.fixture(autouse=True)
+def _no_global_tracking_uri() -> Iterator[None]:
+    yield
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, redis_server: Any, upstream_url: str) -> Path:
+    data = {
+        "redis_url": redis_server.url,
+        "data_dir": str(tmp_path / "data"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "flush_interval_s": 0},
+        "upstreams": {"fake": {"base_url": upstream_url, "timeout_s": 5}},
+        "default_upstream": "fake",
+        "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o": {"input": 2.5, "output": 10.0}},
+        "experiments": copy.deepcopy(BASE_EXPERIMENTS),
+    }
+    path = tmp_path / "abproxy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def abproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ABPROXY_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "abproxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_flush_and_report_match_the_live_results(
+    start_proxy: Any, config_file: Path, tmp_path: Path, redis_client: Any
+) -> None:
+    proxy = start_proxy(load_config(config_file, environ={}))
+    drive(proxy, {"basic": 60, "professional": 60}, "cli")
+    expected = live(proxy)
+    assert expected["winner"] == "professional"
+
+    # report before and after the flush: the verdict must not depend on having flushed
+    report = abproxy("report", "--config", str(config_file), EXP, "--json", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout) == expected
+
+    flushed = abproxy("flush", "--config", str(config_file), cwd=tmp_path)
+    assert flushed.returncode == 0, flushed.stderr
+    lines = flushed.stdout.splitlines()
+    assert "translation: status=winner winner=professional" in lines
+    assert any(line.startswith("sentiment: status=") for line in lines)
+    assert any(line.startswith("flushed 2 experiment(s)") and "(step 1," in line for line in lines), lines
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = runs_by_name(uri)
+    assert set(runs) == {"summary", "basic", "professional"}
+    assert [r.info.run_name for r in search(uri, "tags.`abproxy.winner` = 'true'")] == ["professional"]
+    assert runs["professional"].data.metrics["requests"] == 60
+
+    report = abproxy("report", EXP, "--config", str(config_file), "--json", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    result = json.loads(report.stdout)
+    assert result == live(proxy)
+    assert result["status"] == "winner" and result["winner"] == "professional"
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert set(by_name) == {"basic", "professional"}
+    for name, variant in by_name.items():
+        satisfaction = variant["metrics"]["feedback.satisfaction"]
+        assert satisfaction["n"] == 60
+        assert satisfaction["mean"] == pytest.approx(runs[name].data.metrics["feedback.satisfaction.mean"])
+    assert by_name["professional"]["metrics"]["feedback.satisfaction"]["mean"] > by_name["basic"]["metrics"][
+        "feedback.satisfaction"
+    ]["mean"]
+
+    table = abproxy("report", "--config", str(config_file), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    text = table.stdout
+    for name in ("basic (control)", "professional *", "simple", "detailed"):
+        assert name in text, text
+    assert "translation: status=winner, winner=professional" in text
+    assert "sentiment:" in text
+    row = next(line for line in text.splitlines() if line.startswith("professional"))
+    assert " 60 " in row
+
+    everything = abproxy("report", "--json", "--config", str(config_file), cwd=tmp_path)
+    assert everything.returncode == 0, everything.stderr
+    assert [e["experiment"] for e in json.loads(everything.stdout)["experiments"]] == ["translation", "sentiment"]
+
+
+def test_cli_report_unknown_experiment_exits_1(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
+    result = abproxy("report", "nope", "--config", str(config_file), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "nope" in result.stderr and "translation" in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
+    from abproxy.flusher import LOCK_KEY
+
+    redis_client.set(LOCK_KEY, "a-replica", px=60_000)
+    result = abproxy("flush", "--config", str(config_file), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "another flush" in result.stderr
+    assert redis_client.get(LOCK_KEY) == "a-replica"
