@@ -4,8 +4,11 @@ every replica, with no lookup and no shared state."""
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections.abc import Mapping
+
+CACHED_UNITS = 65_536
 
 
 def unit_position(experiment: str, unit_id: str) -> float:
@@ -30,7 +33,15 @@ class Allocation:
             running += weight / total
             self._upper_bounds.append(running)
         self._upper_bounds[-1] = 1.0
+        # Users come back: remember recent ones rather than hash them again.
+        self._cached_choose = functools.lru_cache(maxsize=CACHED_UNITS)(self._choose)
+
+    def _choose(self, unit_id: str) -> str:
+        return self.choose_at(unit_position(self.experiment, unit_id))
 
     def choose(self, unit_id: str) -> str:
-        position = unit_position(self.experiment, unit_id)
+        return self._cached_choose(unit_id)
+
+    def choose_at(self, position: float) -> str:
+        """The variant at a position drawn by the caller (for units of one request)."""
         return self._names[bisect.bisect_right(self._upper_bounds, position)]

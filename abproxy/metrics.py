@@ -118,9 +118,9 @@ class ProxyMetrics:
             )
         return found
 
-    def count_request(self, experiment: str, variant: str, status: int) -> None:
+    def count_request(self, experiment: str, variant: str, status: int, count: int = 1) -> None:
         key = (experiment, variant, str(status))
         child = self._requests.get(key)
         if child is None:
             child = self._requests[key] = self.requests.labels(*key)
-        child.inc()
+        child.inc(count)

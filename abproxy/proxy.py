@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,7 @@ class Proxy:
         self._api_keys = [key.encode() for key in config.server.api_keys]
         self._max_body = config.server.max_body_bytes
         self._ids = RequestIds()
+        self._random = random.random
 
     # -- checks at the edge --------------------------------------------------------------
 
@@ -114,8 +116,11 @@ class Proxy:
                     400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found"
                 )
             variant = forced
+        elif unit is not None:
+            variant = plan.allocation.choose(unit)
         else:
-            variant = plan.allocation.choose(unit if unit is not None else request_id)
+            # A unit of one request: its random id's hash would be just another random draw.
+            variant = plan.allocation.choose_at(self._random())
         return ExperimentRoute(plan.name, variant, plan.arms[variant].arm_id, unit, bool(forced))
 
     # -- generation endpoints ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import secrets
 import time
@@ -22,70 +23,13 @@ import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from abproxy import store
+from abproxy.aggregate import ArmBatch, metric_values
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
 from abproxy.outcome import Outcome, ResponseFacts, response_facts
-from abproxy.stats.histogram import bucket_of
 
 log = logging.getLogger("abproxy.recorder")
-
-
-@dataclass(slots=True)
-class _ArmDelta:
-    """One arm's changes in one batch, accumulated in plain lists and turned into Redis hash
-    fields once per batch."""
-
-    meta: str
-    counters: dict[str, int] = field(default_factory=dict)
-    moments: dict[str, list[float]] = field(default_factory=dict)
-    """metric → [n, Σy, Σy²]"""
-    anonymous_units: dict[str, list[float]] = field(default_factory=dict)
-    """metric → [units, Σy², Σ1, Σy] for units of one request each (N_u = 1)."""
-    hist: dict[tuple[str, str], int] = field(default_factory=dict)
-    units: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
-    def add_value(self, metric: str, value: float) -> None:
-        moments = self.moments.get(metric)
-        if moments is None:
-            moments = self.moments[metric] = [0, 0.0, 0.0]
-        moments[0] += 1
-        moments[1] += value
-        moments[2] += value * value
-        key = (metric, bucket_of(value))
-        self.hist[key] = self.hist.get(key, 0) + 1
-
-    def add_anonymous_unit_value(self, metric: str, value: float) -> None:
-        sums = self.anonymous_units.get(metric)
-        if sums is None:
-            sums = self.anonymous_units[metric] = [0, 0.0, 0.0, 0.0]
-        sums[0] += 1
-        sums[1] += value * value
-        sums[2] += 1.0
-        sums[3] += value
-
-    def integer_fields(self) -> dict[str, int]:
-        fields = dict(self.counters)
-        for metric, (n, _, _) in self.moments.items():
-            fields[f"{metric}|n"] = int(n)
-        for metric, sums in self.anonymous_units.items():
-            fields[f"{metric}|uk"] = int(sums[0])
-        return fields
-
-    def sum_fields(self) -> dict[str, str]:
-        """Sums as exact decimal strings (``repr`` round-trips a float)."""
-        fields = {}
-        for metric, (_, total, squares) in self.moments.items():
-            fields[f"{metric}|s"] = repr(total)
-            fields[f"{metric}|q"] = repr(squares)
-        for metric, (_, yy, nn, yn) in self.anonymous_units.items():
-            fields[f"{metric}|uyy"] = repr(yy)
-            fields[f"{metric}|unn"] = repr(nn)
-            fields[f"{metric}|uyn"] = repr(yn)
-        return fields
 
 
 @dataclass(slots=True)
@@ -93,6 +37,69 @@ class _Batch:
     batch_id: str
     events: int
     payloads: dict[str, str]
+
+
+@functools.lru_cache(maxsize=65_536)
+def _unit_hash(unit: str) -> str:
+    return store.hash_unit(unit)
+
+
+@dataclass(slots=True)
+class _SeriesTally:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+
+
+class _PrometheusTally:
+    """A batch's Prometheus updates: counters summed and applied once per series per batch;
+    histograms observed per value, as they must be."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.series: dict[tuple[str, str], _SeriesTally] = {}
+
+    def add(self, outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> None:
+        experiment, variant = (outcome.route.experiment, outcome.route.variant) if outcome.route else ("", "")
+        key = (experiment, variant, outcome.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if outcome.error_reason is not None:
+            reason = (outcome.upstream, outcome.error_reason)
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+        if outcome.cancelled or outcome.failed:
+            return
+        tally = self.series.get((experiment, variant))
+        if tally is None:
+            tally = self.series[(experiment, variant)] = _SeriesTally()
+        tally.latencies.append(outcome.latency_s)
+        if outcome.ttft_s is not None:
+            tally.ttfts.append(outcome.ttft_s)
+        if facts is not None:
+            tally.prompt_tokens += facts.prompt_tokens or 0
+            tally.completion_tokens += facts.completion_tokens or 0
+        if cost:
+            tally.cost += cost
+
+    def apply(self, metrics: ProxyMetrics) -> None:
+        for (experiment, variant, status), count in self.requests.items():
+            metrics.count_request(experiment, variant, status, count)
+        for (upstream, reason), count in self.errors.items():
+            metrics.upstream_errors.labels(upstream, reason).inc(count)
+        for (experiment, variant), tally in self.series.items():
+            series = metrics.series(experiment, variant)
+            for latency in tally.latencies:
+                series.duration.observe(latency)
+            for ttft in tally.ttfts:
+                series.ttft.observe(ttft)
+            if tally.prompt_tokens:
+                series.prompt_tokens.inc(tally.prompt_tokens)
+            if tally.completion_tokens:
+                series.completion_tokens.inc(tally.completion_tokens)
+            if tally.cost:
+                series.cost.inc(tally.cost)
 
 
 class Recorder:
@@ -186,20 +193,21 @@ class Recorder:
     # -- interpretation (off the request path) ------------------------------------------------
 
     def _prepare_batch(self) -> None:
-        arms: dict[tuple[str, str], _ArmDelta] = {}
+        arms: dict[tuple[str, str], ArmBatch] = {}
         records: dict[str, list[list[str]]] = {}
+        tally = _PrometheusTally()
         count = 0
         while self._queue and count < self._max_batch:
             outcome = self._queue.popleft()
             count += 1
             facts = response_facts(outcome) if outcome.status < 400 and not outcome.error_reason else None
             cost = self._cost(outcome, facts)
-            self._observe_prometheus(outcome, facts, cost)
+            tally.add(outcome, facts, cost)
             route = outcome.route
             if route is None:
                 continue
             response_id = facts.response_id if facts else outcome.response_id
-            unit = store.hash_unit(route.unit) if route.unit is not None else None
+            unit = _unit_hash(route.unit) if route.unit is not None else None
             record = {
                 "e": route.experiment,
                 "v": route.variant,
@@ -219,39 +227,21 @@ class Recorder:
             )
             if route.forced:
                 continue
-            plan = self._catalog.plans[route.experiment]
-            arm = plan.arms[route.variant]
-            delta = arms.get((route.experiment, route.arm))
-            if delta is None:
-                delta = arms[(route.experiment, route.arm)] = _ArmDelta(meta=arm.metadata_json())
-            self._add_outcome(delta, outcome, facts, cost, unit if plan.per_unit else None, plan.per_unit)
+            arm_batch = arms.get((route.experiment, route.arm))
+            if arm_batch is None:
+                plan = self._catalog.plans[route.experiment]
+                arm_batch = arms[(route.experiment, route.arm)] = ArmBatch(
+                    plan.arms[route.variant].metadata_json(), plan.per_unit
+                )
+            arm_batch.add(outcome, metric_values(outcome, facts, cost), unit)
+        tally.apply(self._metrics)
         if count == 0:
             return
         payloads: dict[str, dict[str, Any]] = {
             experiment: {"records": experiment_records, "arms": []} for experiment, experiment_records in records.items()
         }
-        for (experiment, arm_id), delta in arms.items():
-            payloads[experiment]["arms"].append(
-                {
-                    "arm": arm_id,
-                    "meta": delta.meta,
-                    "arms_key": store.arms_key(experiment),
-                    "stats": store.stats_key(experiment, arm_id),
-                    "hist_key": store.hist_key(experiment, arm_id),
-                    "ints": delta.integer_fields(),
-                    "sums": delta.sum_fields(),
-                    "hist": {f"{metric}|{bucket}": count for (metric, bucket), count in delta.hist.items()},
-                    "units": [
-                        {
-                            "key": store.unit_key(experiment, arm_id, unit),
-                            "names": list(metrics),
-                            "dy": [running[0] for running in metrics.values()],
-                            "dn": [running[1] for running in metrics.values()],
-                        }
-                        for unit, metrics in delta.units.items()
-                    ],
-                }
-            )
+        for (experiment, arm_id), arm_batch in arms.items():
+            payloads[experiment]["arms"].append(arm_batch.payload(experiment, arm_id))
         batch = _Batch(
             batch_id=secrets.token_hex(12),
             events=count,
@@ -267,79 +257,6 @@ class Recorder:
         if price is None:
             return None
         return (facts.prompt_tokens * price.input + facts.completion_tokens * price.output) / 1_000_000
-
-    @staticmethod
-    def _values(outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> dict[str, float]:
-        """The per-request metric values of §3 (errors: 0/1; the rest only for successes)."""
-        if outcome.cancelled:
-            return {}
-        values: dict[str, float] = {"error_rate": 1.0 if outcome.failed else 0.0}
-        if outcome.failed:
-            return values
-        values["latency_ms"] = outcome.latency_s * 1000.0
-        if outcome.ttft_s is not None:
-            values["ttft_ms"] = outcome.ttft_s * 1000.0
-        if facts is not None:
-            for name in ("chars", "words"):
-                value = getattr(facts, name)
-                if value is not None:
-                    values[f"response_{name}"] = float(value)
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                value = getattr(facts, name)
-                if value is not None:
-                    values[name] = float(value)
-        if cost is not None:
-            values["cost_usd"] = cost
-        return values
-
-    def _add_outcome(
-        self,
-        delta: _ArmDelta,
-        outcome: Outcome,
-        facts: ResponseFacts | None,
-        cost: float | None,
-        unit: str | None,
-        per_unit: bool,
-    ) -> None:
-        delta.count("requests")
-        if outcome.cancelled:
-            delta.count("cancelled")
-        elif outcome.failed:
-            delta.count("errors")
-        values = self._values(outcome, facts, cost)
-        for metric, value in values.items():
-            delta.add_value(metric, value)
-        if unit is None:
-            delta.count("units")
-            if per_unit:
-                for metric, value in values.items():
-                    delta.add_anonymous_unit_value(metric, value)
-            return
-        unit_metrics = delta.units.setdefault(unit, {})
-        for metric, value in values.items():
-            running = unit_metrics.setdefault(metric, [0.0, 0])
-            running[0] += value
-            running[1] += 1
-
-    def _observe_prometheus(self, outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> None:
-        metrics = self._metrics
-        experiment, variant = (outcome.route.experiment, outcome.route.variant) if outcome.route else ("", "")
-        metrics.count_request(experiment, variant, outcome.status)
-        if outcome.error_reason is not None:
-            metrics.upstream_errors.labels(outcome.upstream, outcome.error_reason).inc()
-        if outcome.cancelled or outcome.failed:
-            return
-        series = metrics.series(experiment, variant)
-        series.duration.observe(outcome.latency_s)
-        if outcome.ttft_s is not None:
-            series.ttft.observe(outcome.ttft_s)
-        if facts is not None:
-            if facts.prompt_tokens:
-                series.prompt_tokens.inc(facts.prompt_tokens)
-            if facts.completion_tokens:
-                series.completion_tokens.inc(facts.completion_tokens)
-        if cost:
-            series.cost.inc(cost)
 
     # -- writing ---------------------------------------------------------------------------
 

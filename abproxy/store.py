@@ -22,6 +22,8 @@ from abproxy.stats.summary import Moments
 PREFIX = "abproxy"
 BATCH_DEDUPE_TTL_S = 7 * 24 * 3600
 UNIT_TTL_S = 90 * 24 * 3600
+"""Per-unit totals are kept this long after a unit is first seen; a unit returning later starts
+afresh (and counts as a new unit)."""
 
 
 def experiment_tag(experiment: str) -> str:
@@ -77,41 +79,63 @@ def hash_unit(unit_id: str) -> str:
 
 
 _LUA_COMMON = r"""
-local function num(x) return string.format('%.17g', x) end
+-- Numbers go to redis.call as they are: Redis formats them with %.17g, which round-trips.
 
-local function add(acc, field, value) acc[field] = (acc[field] or 0) + value end
+local field_cache = {}
+-- The hash fields of a metric, built once per script call.
+local function fields_of(metric)
+  local f = field_cache[metric]
+  if not f then
+    f = {y = metric .. '|y', n = metric .. '|n', uk = metric .. '|uk',
+         uyy = metric .. '|uyy', unn = metric .. '|unn', uyn = metric .. '|uyn'}
+    field_cache[metric] = f
+  end
+  return f
+end
 
--- Move one unit's (Y_u, N_u) for a metric from old to new values, into the arm's unit sums.
-local function move_unit(ints, floats, metric, y0, n0, y1, n1)
-  if n0 == 0 and n1 > 0 then add(ints, metric .. '|uk', 1) end
-  if n0 > 0 and n1 == 0 then add(ints, metric .. '|uk', -1) end
-  add(floats, metric .. '|uyy', y1 * y1 - y0 * y0)
-  add(floats, metric .. '|unn', n1 * n1 - n0 * n0)
-  add(floats, metric .. '|uyn', y1 * n1 - y0 * n0)
+-- Move one unit's (Y_u, N_u) for a metric from old to new values, into the running deltas
+-- of the arm's unit sums: acc[metric] = {units, Σ Y_u², Σ N_u², Σ Y_u·N_u}.
+local function move_unit(acc, metric, y0, n0, y1, n1)
+  local a = acc[metric]
+  if not a then a = {0, 0, 0, 0}; acc[metric] = a end
+  if n0 == 0 and n1 > 0 then a[1] = a[1] + 1 elseif n0 > 0 and n1 == 0 then a[1] = a[1] - 1 end
+  a[2] = a[2] + y1 * y1 - y0 * y0
+  a[3] = a[3] + n1 * n1 - n0 * n0
+  a[4] = a[4] + y1 * n1 - y0 * n0
 end
 
 -- Add deltas (dy[i], dn[i]) for metrics names[i] to a named unit's running totals.
-local function add_to_unit(ints, floats, ukey, names, dy, dn, ttl)
-  local fields = {}
+-- Returns true when the unit was new; its key expires ttl after it was first seen.
+local function add_to_unit(acc, ukey, names, dy, dn, ttl)
+  local fields = {'_'}
   for i, metric in ipairs(names) do
-    fields[2 * i - 1] = metric .. '|y'
-    fields[2 * i] = metric .. '|n'
+    local f = fields_of(metric)
+    fields[2 * i], fields[2 * i + 1] = f.y, f.n
   end
   local old = redis.call('HMGET', ukey, unpack(fields))
-  local new = {}
+  local new = {'_', 1}
   for i, metric in ipairs(names) do
-    local y0, n0 = tonumber(old[2 * i - 1]) or 0, tonumber(old[2 * i]) or 0
+    local y0, n0 = tonumber(old[2 * i]) or 0, tonumber(old[2 * i + 1]) or 0
     local y1, n1 = y0 + dy[i], n0 + dn[i]
-    new[4 * i - 3], new[4 * i - 2], new[4 * i - 1], new[4 * i] = fields[2 * i - 1], num(y1), fields[2 * i], num(n1)
-    move_unit(ints, floats, metric, y0, n0, y1, n1)
+    new[4 * i - 1], new[4 * i], new[4 * i + 1], new[4 * i + 2] = fields[2 * i], y1, fields[2 * i + 1], n1
+    move_unit(acc, metric, y0, n0, y1, n1)
   end
   redis.call('HSET', ukey, unpack(new))
-  redis.call('EXPIRE', ukey, ttl)
+  if not old[1] then
+    redis.call('EXPIRE', ukey, ttl)
+    return true
+  end
+  return false
 end
 
-local function apply(stats, ints, floats)
-  for f, v in pairs(ints) do if v ~= 0 then redis.call('HINCRBY', stats, f, v) end end
-  for f, v in pairs(floats) do redis.call('HINCRBYFLOAT', stats, f, num(v)) end
+local function apply_unit_sums(stats, acc)
+  for metric, a in pairs(acc) do
+    local f = fields_of(metric)
+    if a[1] ~= 0 then redis.call('HINCRBY', stats, f.uk, a[1]) end
+    redis.call('HINCRBYFLOAT', stats, f.uyy, a[2])
+    redis.call('HINCRBYFLOAT', stats, f.unn, a[3])
+    redis.call('HINCRBYFLOAT', stats, f.uyn, a[4])
+  end
 end
 """
 
@@ -132,13 +156,16 @@ for _, arm in ipairs(payload.arms) do
   -- Sums arrive as exact decimal strings, so they are applied as they are.
   for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', arm.stats, f, v) end
   for f, v in pairs(arm.hist) do redis.call('HINCRBY', arm.hist_key, f, v) end
-  local ints, floats = {}, {}
-  for f, v in pairs(arm.ints) do ints[f] = v end
+  local new_units, acc = 0, {}
   for _, unit in ipairs(arm.units) do
-    if redis.call('HSETNX', unit.key, '_', '1') == 1 then add(ints, 'units', 1) end
-    if #unit.names > 0 then add_to_unit(ints, floats, unit.key, unit.names, unit.dy, unit.dn, unit_ttl) end
+    if add_to_unit(acc, unit.key, unit.names, unit.dy, unit.dn, unit_ttl) then new_units = new_units + 1 end
   end
-  apply(arm.stats, ints, floats)
+  for f, v in pairs(arm.ints) do
+    if f == 'units' then v = v + new_units; new_units = 0 end
+    redis.call('HINCRBY', arm.stats, f, v)
+  end
+  if new_units > 0 then redis.call('HINCRBY', arm.stats, 'units', new_units) end
+  apply_unit_sums(arm.stats, acc)
 end
 return 1
 """
@@ -157,27 +184,29 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '1' then return old and 2 or 1 end
 local metric = 'feedback.' .. name
 local stats, hist = KEYS[2], KEYS[3]
-local ints, floats = {}, {}
 local old_score = 0
 if old then
   local sep = string.find(old, '|', 1, true)
   old_score = tonumber(string.sub(old, 1, sep - 1))
   redis.call('HINCRBY', hist, metric .. '|' .. string.sub(old, sep + 1), -1)
 else
-  add(ints, metric .. '|n', 1)
+  redis.call('HINCRBY', stats, metric .. '|n', 1)
 end
-add(floats, metric .. '|s', score - old_score)
-add(floats, metric .. '|q', score * score - old_score * old_score)
+redis.call('HINCRBYFLOAT', stats, metric .. '|s', score - old_score)
+redis.call('HINCRBYFLOAT', stats, metric .. '|q', score * score - old_score * old_score)
 redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
 if ARGV[6] == '1' then
+  local acc = {}
   if KEYS[4] ~= '' then
-    add_to_unit(ints, floats, KEYS[4], {metric}, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7]))
+    if add_to_unit(acc, KEYS[4], {metric}, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7])) then
+      redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
+    end
   else
     -- A request without a unit id is a unit of its own.
-    move_unit(ints, floats, metric, old_score, old and 1 or 0, score, 1)
+    move_unit(acc, metric, old_score, old and 1 or 0, score, 1)
   end
+  apply_unit_sums(stats, acc)
 end
-apply(stats, ints, floats)
 return old and 2 or 1
 """
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -15,18 +16,35 @@ class TemplateError(ValueError):
     """A request cannot be rendered for its variant (a 400 for the client)."""
 
 
-def render(template: str, input_text: str, variables: Mapping[str, Any]) -> str:
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name == "input":
-            return input_text
-        if name not in variables:
-            raise TemplateError(
-                f"the variant's template needs the variable {name!r}: send it in the request body's abproxy_variables"
-            )
-        return str(variables[name])
+@functools.lru_cache(maxsize=1024)
+def _parts(template: str) -> tuple[tuple[str, bool], ...]:
+    """A template split once into (literal text, False) and (variable name, True) parts."""
+    parts: list[tuple[str, bool]] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(template):
+        if match.start() > position:
+            parts.append((template[position : match.start()], False))
+        parts.append((match.group(1), True))
+        position = match.end()
+    if position < len(template):
+        parts.append((template[position:], False))
+    return tuple(parts)
 
-    return _PLACEHOLDER.sub(substitute, template)
+
+def render(template: str, input_text: str, variables: Mapping[str, Any]) -> str:
+    pieces = []
+    for text, is_variable in _parts(template):
+        if not is_variable:
+            pieces.append(text)
+        elif text == "input":
+            pieces.append(input_text)
+        elif text in variables:
+            pieces.append(str(variables[text]))
+        else:
+            raise TemplateError(
+                f"the variant's template needs the variable {text!r}: send it in the request body's abproxy_variables"
+            )
+    return "".join(pieces)
 
 
 def text_of(content: Any) -> str:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RELATIVE_ACCURACY = 0.01
 GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
@@ -49,3 +53,23 @@ def quantiles(counts: Mapping[str, int], qs: Iterable[float]) -> list[float | No
                 results.append(value)
                 break
     return results
+
+
+def bucket_counts(values: np.ndarray) -> dict[str, int]:
+    """``{bucket key: count}`` for many values at once (the vectorised :func:`bucket_of`)."""
+    import numpy as np
+
+    counts: dict[str, int] = {}
+    finite = np.isfinite(values)
+    zero = (values == 0) | ~finite
+    if zero.any():
+        counts[ZERO_BUCKET] = int(zero.sum())
+    for sign, selected in ((1, values > 0), (-1, values < 0)):
+        chosen = values[selected & finite]
+        if chosen.size == 0:
+            continue
+        indexes, how_many = np.unique(np.ceil(np.log(np.abs(chosen)) / _LOG_GAMMA).astype(np.int64), return_counts=True)
+        prefix = "" if sign > 0 else "n"
+        for index, count in zip(indexes.tolist(), how_many.tolist(), strict=True):
+            counts[f"{prefix}{index}"] = count
+    return counts
