@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.feedback import FeedbackService
-from abproxy.flusher import Flusher, FlushBusy
+from abproxy.flusher import FlushBusy, Flusher
 from abproxy.http import ClientGone, HTTPError, bearer_token, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics
 from abproxy.proxy import Proxy

@@ -147,7 +147,7 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
-    from abproxy.flusher import Flusher, FlushBusy
+    from abproxy.flusher import FlushBusy, Flusher
 
     config = _load(args.config)
 

@@ -10,13 +10,12 @@ import json
 import math
 from typing import Any
 
-import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from abproxy import store
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.http import HTTPError
+from abproxy.http import HTTPError, parse_json_object
 from abproxy.metrics import ProxyMetrics
 from abproxy.recorder import Recorder
 from abproxy.stats.histogram import bucket_of
@@ -30,12 +29,7 @@ def _unavailable() -> HTTPError:
 
 def parse_feedback(raw: bytes) -> tuple[str, str | None, Any]:
     """(request id, metric name or None, raw score); 400 for a malformed body."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise HTTPError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "request body must be a JSON object", "invalid_json")
+    body = parse_json_object(raw)
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise HTTPError(400, "'request_id' must be a non-empty string", "invalid_request")

@@ -29,6 +29,17 @@ def error_body(message: str, error_type: str, code: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
 
 
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; 400 in OpenAI's shape otherwise."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise HTTPError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "request body must be a JSON object", "invalid_json")
+    return body
+
+
 def header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:

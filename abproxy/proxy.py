@@ -26,6 +26,7 @@ from abproxy.http import (
     bearer_token,
     error_body,
     header,
+    parse_json_object,
     read_body,
     send_error,
 )
@@ -132,12 +133,7 @@ class Proxy:
         try:
             self.authorize(scope)
             raw = await read_body(scope, receive, self._max_body)
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as error:
-                raise HTTPError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
-            if not isinstance(body, dict):
-                raise HTTPError(400, "request body must be a JSON object", "invalid_json")
+            body = parse_json_object(raw)
             plan = self._plan_for(scope, body)
             route = None
             upstream = self._config.default_upstream
@@ -245,7 +241,7 @@ class Proxy:
             if current is not None:
                 current.uncancel()
             outcome.status = CANCELLED_STATUS
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             watch.stop()
             http_error, reason = translate_failure(error, upstream)
             outcome.error_reason = reason
@@ -317,7 +313,7 @@ class Proxy:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             if response_started:
                 raise
             http_error, _ = translate_failure(error, upstream)
@@ -339,7 +335,7 @@ class Proxy:
         except HTTPError as error:
             await send_error(send, error, [id_header])
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             await send_error(send, translate_failure(error, upstream)[0], [id_header])
             return
         if status < 400:

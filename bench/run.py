@@ -47,6 +47,12 @@ experiments:
     variants:
       a: {{model: gpt-4o-mini, system_prompt: "You are terse.", user_template: "Answer: {{{{input}}}}"}}
       b: {{model: gpt-4o-mini, system_prompt: "You are an expert with ten years of experience.", params: {{temperature: 0.2}}}}
+  bench_per_request:
+    match: {{model: bench-per-request}}
+    unit: request
+    variants:
+      a: {{model: gpt-4o-mini, system_prompt: "You are terse.", user_template: "Answer: {{{{input}}}}"}}
+      b: {{model: gpt-4o-mini, system_prompt: "You are an expert with ten years of experience.", params: {{temperature: 0.2}}}}
 """
 
 LUA_TEMPLATE = """\
@@ -225,7 +231,7 @@ def main() -> int:
     try:
         up_port, pt_port, ab_port = free_port(), free_port(), free_port()
         scripts = {}
-        for model in ("gpt-4o-mini", "bench"):
+        for model in ("gpt-4o-mini", "bench", "bench-per-request"):
             for mode in ("json", "stream"):
                 path = tmp / f"{model}-{mode}.lua"
                 path.write_text(LUA_TEMPLATE.format(model=model, tail=',"stream":true' if mode == "stream" else ""))
@@ -243,6 +249,8 @@ def main() -> int:
             ("direct", upstream, f"http://127.0.0.1:{up_port}/v1/chat/completions", "gpt-4o-mini"),
             ("passthrough", None, f"http://127.0.0.1:{pt_port}/v1/chat/completions", "gpt-4o-mini"),
             ("abproxy", None, f"http://127.0.0.1:{ab_port}/v1/chat/completions", "bench"),
+            # the same proxy, an experiment randomised per request: no per-user sums to keep
+            ("abproxy-unit-request", None, f"http://127.0.0.1:{ab_port}/v1/chat/completions", "bench-per-request"),
         ]
 
         for i, (name, proc, url, model) in enumerate(targets):
@@ -255,8 +263,8 @@ def main() -> int:
                     wait_tcp(pt_port, proc, 20)
                 except RuntimeError as e:
                     failed = str(e)
-            elif name == "abproxy":
-                proc = Proc("abproxy", [py, "-m", "abproxy", "serve", "--config", str(tmp / "config.yaml"),
+            elif name.startswith("abproxy"):
+                proc = Proc(name, [py, "-m", "abproxy", "serve", "--config", str(tmp / "config.yaml"),
                                         "--host", "127.0.0.1", "--port", str(ab_port)], tmp)
                 procs.append(proc)
                 try:

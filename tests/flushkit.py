@@ -13,7 +13,6 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from prometheus_client.parser import text_string_to_metric_families
 
 EXP = "translation"
 
@@ -51,17 +50,8 @@ def live(proxy: Any, experiment: str = EXP) -> dict[str, Any]:
     return body
 
 
-def metrics_text(proxy: Any) -> str:
-    with urllib.request.urlopen(f"{proxy.url}/metrics", timeout=5) as response:
-        return response.read().decode()
 
 
-def sample(text: str, metric: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
 
 
 def users_for(plan: Any, variant: str, count: int, prefix: str) -> list[str]:

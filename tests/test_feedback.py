@@ -17,10 +17,10 @@ from typing import Any
 import openai
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy import store
 from abproxy.stats.histogram import bucket_of
+from prometheus_text import metrics_text, sample
 
 EXP = "translation"
 
@@ -78,17 +78,8 @@ def aggregates(client: redis.Redis, proxy: Any, experiment: str = EXP) -> dict[s
     }
 
 
-def metrics_text(proxy: Any) -> str:
-    with urllib.request.urlopen(f"{proxy.url}/metrics", timeout=5) as response:
-        return response.read().decode()
 
 
-def sample(text: str, metric: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def ask(
@@ -374,7 +365,7 @@ def test_invalid_feedback_is_rejected_in_openai_shape_and_changes_nothing(
     status, _ = post_feedback(proxy, {"request_id": rid, "name": "satisfaction", "score": 3})
     assert status == 200
     before = aggregates(redis_client, proxy)
-    prometheus_before = metrics_text(proxy)
+    prometheus_before = metrics_text(proxy.url)
 
     cases: list[tuple[Any, int]] = [
         ({"request_id": "f" * 32, "name": "satisfaction", "score": 3}, 404),
@@ -412,7 +403,7 @@ def test_invalid_feedback_is_rejected_in_openai_shape_and_changes_nothing(
             problems.append(f"{body!r}: not an OpenAI error: {answer!r}")
     assert problems == [], "\n".join(problems)
     assert aggregates(redis_client, proxy) == before
-    after = metrics_text(proxy)
+    after = metrics_text(proxy.url)
     for variant in arm_ids(proxy):
         for name in ("satisfaction", "thumbs"):
             labels = dict(experiment=EXP, variant=variant, name=name)
@@ -481,13 +472,13 @@ def test_prometheus_counts_feedback_by_experiment_variant_and_name(proxy: Any, r
     raw, _ = ask(client, "prom-user")
     rid, variant = raw.headers["x-abproxy-request-id"], raw.headers["x-abproxy-variant"]
     labels = dict(experiment=EXP, variant=variant)
-    assert sample(metrics_text(proxy), "abproxy_feedback_total", name="satisfaction", **labels) == 0
+    assert sample(metrics_text(proxy.url), "abproxy_feedback_total", name="satisfaction", **labels) == 0
     assert post_feedback(proxy, {"request_id": rid, "name": "satisfaction", "score": 4})[0] == 200
-    text = metrics_text(proxy)
+    text = metrics_text(proxy.url)
     assert sample(text, "abproxy_feedback_total", name="satisfaction", **labels) == 1
     assert sample(text, "abproxy_feedback_total", name="thumbs", **labels) == 0
     assert post_feedback(proxy, {"request_id": rid, "name": "thumbs", "score": 0})[0] == 200
-    text = metrics_text(proxy)
+    text = metrics_text(proxy.url)
     assert sample(text, "abproxy_feedback_total", name="thumbs", **labels) == 1
     assert sample(text, "abproxy_feedback_total", name="satisfaction", **labels) == 1
 

@@ -30,6 +30,7 @@ from abproxy.metrics import ProxyMetrics
 from abproxy.outcome import ExperimentRoute, Outcome
 from abproxy.recorder import Recorder
 from conftest import BASE_EXPERIMENTS, make_config
+from prometheus_text import metrics_text, sample
 from flushkit import (
     EXP,
     artifact_text,
@@ -40,9 +41,7 @@ from flushkit import (
     history,
     http,
     live,
-    metrics_text,
     runs_by_name,
-    sample,
     search,
 )
 
@@ -182,7 +181,7 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
     children = search(uri, f"tags.`mlflow.parentRunId` = '{summary.info.run_id}'")
     assert {r.info.run_name for r in children} == {"basic", "professional"}
 
-    text = metrics_text(proxy)
+    text = metrics_text(proxy.url)
     assert (sample(text, "abproxy_flush_last_success_timestamp_seconds") or 0) > 0
     assert (sample(text, "abproxy_flush_duration_seconds_count") or 0) == 1
 
@@ -371,14 +370,14 @@ def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
     assert 500 <= status < 600, body
     assert_openai_error(body)
     assert time.monotonic() - started < 20
-    assert sample(metrics_text(proxy), "abproxy_flush_errors_total") == 1
-    assert not sample(metrics_text(proxy), "abproxy_flush_last_success_timestamp_seconds")
+    assert sample(metrics_text(proxy.url), "abproxy_flush_errors_total") == 1
+    assert not sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds")
 
     # the proxy keeps serving, and keeps counting
     drive(proxy, {"basic": 3, "professional": 2}, "down-more")
     status, body = flush(proxy)  # the lock was released: a retry fails the same way, not 409
     assert 500 <= status < 600 and status != 409, body
-    assert sample(metrics_text(proxy), "abproxy_flush_errors_total") == 2
+    assert sample(metrics_text(proxy.url), "abproxy_flush_errors_total") == 2
     proxy.stop()
 
     healed = start_proxy(mlflow=mlflow_settings(uri))
@@ -612,7 +611,7 @@ def test_periodic_flush_writes_runs_without_a_manual_call(start_proxy: Any, uri:
     found: list[Any] = []
     last_success = 0.0
     while time.monotonic() - started < 8:
-        last_success = sample(metrics_text(proxy), "abproxy_flush_last_success_timestamp_seconds") or 0.0
+        last_success = sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds") or 0.0
         if last_success > 0:  # set once the whole flush (both experiments) is done
             found = search(uri)
             break

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from abproxy.cli import open_relay_problem
 from abproxy.config import parse_config
 from abproxy.fake_upstream import error_body as fake_error_body
+from prometheus_text import metrics_text, sample
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 MESSAGES = [
@@ -89,17 +90,8 @@ def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     ]
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of the sample ``name`` whose labels include ``labels`` (0 when there is none)."""
-    values = [v for n, ls, v in metric_samples(text) if n == name and all(ls.get(k) == x for k, x in labels.items())]
-    assert len(values) <= 1, (name, labels, values)
-    return values[0] if values else 0.0
 
 
-def metrics_text(proxy: Any) -> str:
-    raw = http("GET", f"{proxy.url}/metrics")
-    assert raw.status == 200
-    return raw.body.decode()
 
 
 def live_results(proxy: Any, name: str = "translation", headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -541,7 +533,7 @@ def test_upstream_429_reaches_client_as_rate_limit_error_and_is_counted(proxy):
     assert error.response.content == fake_error_body(429), "the upstream's error body, byte for byte"
     assert error.message and "fake error 429" in error.message
     assert translation_errors(proxy) == 1
-    assert metric_value(metrics_text(proxy), "abproxy_upstream_errors_total", upstream="fake", reason="rate_limited") == 1
+    assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="fake", reason="rate_limited") == 1
 
 
 def test_upstream_error_on_streaming_request_reaches_client_with_upstream_status(proxy):
@@ -562,7 +554,7 @@ def test_upstream_500_reaches_client_as_internal_server_error_and_is_counted(pro
     assert caught.value.status_code == 500
     assert caught.value.response.content == fake_error_body(500)
     assert translation_errors(proxy) == 1
-    assert metric_value(metrics_text(proxy), "abproxy_upstream_errors_total", upstream="fake", reason="http_5xx") == 1
+    assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="fake", reason="http_5xx") == 1
 
 
 def test_unreachable_upstream_is_502_upstream_unreachable_and_is_counted(start_proxy):
@@ -575,7 +567,7 @@ def test_unreachable_upstream_is_502_upstream_unreachable_and_is_counted(start_p
         proxy.client().chat.completions.create(model="translation", messages=USER_ONLY)
     assert caught.value.status_code == 502
     assert translation_errors(proxy) == 2
-    assert metric_value(metrics_text(proxy), "abproxy_upstream_errors_total", upstream="dead", reason="unreachable") == 2
+    assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="dead", reason="unreachable") == 2
 
 
 def test_upstream_timeout_is_504_upstream_timeout_and_is_counted(start_proxy, upstream_url):
@@ -584,7 +576,7 @@ def test_upstream_timeout_is_504_upstream_timeout_and_is_counted(start_proxy, up
     assert_openai_error(raw, 504, "upstream_timeout")
     assert raw.headers.get("x-abproxy-experiment") == "translation"
     assert translation_errors(proxy) == 1
-    assert metric_value(metrics_text(proxy), "abproxy_upstream_errors_total", upstream="fake", reason="timeout") == 1
+    assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="fake", reason="timeout") == 1
 
 
 def test_broken_upstream_stream_raises_api_error_in_sdk_and_is_counted(proxy):
@@ -598,7 +590,7 @@ def test_broken_upstream_stream_raises_api_error_in_sdk_and_is_counted(proxy):
     assert not isinstance(caught.value, openai.APIConnectionError), "the proxy should end the stream with an error event"
     assert len(received) == 2, received
     assert translation_errors(proxy) == 1
-    assert metric_value(metrics_text(proxy), "abproxy_upstream_errors_total", upstream="fake", reason="broken_stream") == 1
+    assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="fake", reason="broken_stream") == 1
 
 
 # -- 10. bad input ---------------------------------------------------------------------------
@@ -686,7 +678,7 @@ def test_upstream_api_key_replaces_client_key_and_never_leaks(start_proxy, upstr
     for received in upstream.received:
         assert received.headers["authorization"] == f"Bearer {secret}"
     proxy.settle()
-    texts.append(metrics_text(proxy))
+    texts.append(metrics_text(proxy.url))
     texts.append(http("GET", f"{proxy.url}/abproxy/experiments").body.decode())
     for text in texts:
         assert secret not in text
@@ -756,18 +748,18 @@ def test_prometheus_counts_requests_by_experiment_variant_and_status(proxy):
     client.chat.completions.create(model="gpt-4o-mini", messages=USER_ONLY)
     client.chat.completions.create(model="totally-unknown-model-xyz", messages=USER_ONLY)
     proxy.settle()
-    text = metrics_text(proxy)
+    text = metrics_text(proxy.url)
     for variant, count in seen.items():
-        assert metric_value(
+        assert sample(
             text, "abproxy_requests_total", experiment="translation", variant=variant, status="200"
         ) == count
-    assert metric_value(text, "abproxy_requests_total", experiment="", variant="", status="200") == 3
-    assert metric_value(text, "abproxy_request_duration_seconds_count", experiment="", variant="") == 3
+    assert sample(text, "abproxy_requests_total", experiment="", variant="", status="200") == 3
+    assert sample(text, "abproxy_request_duration_seconds_count", experiment="", variant="") == 3
     assert sum(
-        metric_value(text, "abproxy_request_duration_seconds_count", experiment="translation", variant=v) for v in seen
+        sample(text, "abproxy_request_duration_seconds_count", experiment="translation", variant=v) for v in seen
     ) == 6
     for variant in seen:
-        assert metric_value(text, "abproxy_tokens_total", experiment="translation", variant=variant, kind="completion") > 0
+        assert sample(text, "abproxy_tokens_total", experiment="translation", variant=variant, kind="completion") > 0
     assert "totally-unknown-model-xyz" not in text
     for name in ("abproxy_upstream_errors_total", "abproxy_recorder_dropped_total", "abproxy_flush_duration_seconds",
                  "abproxy_flush_last_success_timestamp_seconds", "abproxy_feedback_total",
@@ -783,7 +775,7 @@ def test_prometheus_exposition_passes_promtool(proxy):
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="translation", messages=USER_ONLY, extra_headers={"x-fake-status": "429"})
     proxy.settle()
-    text = metrics_text(proxy)
+    text = metrics_text(proxy.url)
     promtool = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
     if promtool is None:
         pytest.skip("promtool is not installed")

@@ -23,7 +23,6 @@ import openai
 import pytest
 import redis
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -32,6 +31,7 @@ from abproxy.catalog import Catalog
 from abproxy.embedded_redis import EmbeddedRedis, free_port
 
 from conftest import BASE_EXPERIMENTS, make_config
+from prometheus_text import metrics_text, sample
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -72,18 +72,8 @@ def read_arms(url: str, arms: list[str], experiment: str = EXP) -> dict[str, sto
     return asyncio.run(main())
 
 
-def metrics_text(base: str) -> str:
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
-        return response.read().decode()
 
 
-def sample(text: str, metric: str, **labels: str) -> float:
-    """The value of one Prometheus sample (0.0 when the series does not exist)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def user_msg(text: str) -> list[dict[str, str]]:
