@@ -85,7 +85,12 @@ class ABProxyApp:
 
     async def shutdown(self) -> None:
         if self._periodic_flush is not None:
+            # Let a flush in progress release its lock before Redis is closed.
             self._periodic_flush.cancel()
+            try:
+                await self._periodic_flush
+            except asyncio.CancelledError:
+                pass
         await self.recorder.stop()
         await self.upstreams.close()
         await self.redis.aclose()
@@ -155,6 +160,8 @@ class ABProxyApp:
 
     def _authorize_admin(self, scope: dict[str, Any]) -> None:
         if not self._admin_key:
+            # No admin key, but client keys: results and flushes are for clients, not for anyone.
+            self.proxy.authorize(scope)
             return
         token = bearer_token(scope)
         if token is None or not hmac.compare_digest(token.encode(), self._admin_key):

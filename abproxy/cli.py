@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from abproxy.config import Config, ConfigError, load_config
@@ -188,6 +189,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _with_redis(config, work)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from abproxy.demo import run_demo
+
+    logging.getLogger().setLevel(logging.WARNING)
+    return run_demo(args.requests, args.seed, args.keep, Path(args.dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abproxy", description="A/B testing proxy for LLM prompts.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -209,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--config")
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(handler=cmd_report)
+
+    demo = verbs.add_parser("demo", help="the whole loop on embedded defaults, with simulated users")
+    demo.add_argument("--requests", type=int, default=2400, help="simulated requests (default 2400)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--keep", action="store_true", help="leave the proxy running afterwards")
+    demo.add_argument("--dir", default=".abproxy/demo", help="where the demo keeps Redis data and the MLflow store")
+    demo.set_defaults(handler=cmd_demo)
 
     check = verbs.add_parser("check-config", help="validate a config file")
     check.add_argument("file", nargs="?")

@@ -183,6 +183,14 @@ class Experiment(_Strict):
             return self.primary_metric
         return f"feedback.{next(iter(self.feedback))}" if self.feedback else "latency_ms"
 
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_names(cls, feedback: dict[str, FeedbackMetric]) -> dict[str, FeedbackMetric]:
+        for name in feedback:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"feedback name {name!r} must match {NAME_PATTERN}")
+        return feedback
+
     @model_validator(mode="after")
     def _metrics_known(self) -> Experiment:
         known = self.metric_names

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from abproxy import store
 from abproxy.catalog import Catalog
@@ -48,7 +48,7 @@ class FeedbackService:
         self._catalog = catalog
         self._recorder = recorder
         self._metrics = metrics
-        self._sha: str | None = None
+        self._script = store.Script(store.RECORD_FEEDBACK_LUA)
 
     async def submit(self, raw: bytes) -> dict[str, Any]:
         request_id, name, score = parse_feedback(raw)
@@ -103,6 +103,13 @@ class FeedbackService:
         replies = await pipe.execute()
         for index, experiment in enumerate(experiments):
             record, aliased = replies[2 * index], replies[2 * index + 1]
+            if record is None and aliased == "":
+                raise HTTPError(
+                    409,
+                    f"response id {request_id!r} was returned for more than one request; "
+                    "post feedback with the X-ABProxy-Request-Id header's value instead",
+                    "ambiguous_response_id",
+                )
             if record is None and aliased is not None:
                 request_id = aliased
                 record = await self._redis.get(store.request_key(experiment, request_id))
@@ -127,13 +134,4 @@ class FeedbackService:
             "1" if per_unit else "0",
             store.UNIT_TTL_S,
         ]
-        for attempt in range(2):
-            if self._sha is None:
-                self._sha = await self._redis.script_load(store.RECORD_FEEDBACK_LUA)
-            try:
-                return int(await self._redis.evalsha(self._sha, len(keys), *keys, *args))
-            except NoScriptError:
-                self._sha = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class FlushReport:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf"))
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def variant_metrics(variant: dict[str, Any]) -> dict[str, float]:
@@ -74,7 +75,7 @@ def variant_metrics(variant: dict[str, Any]) -> dict[str, float]:
         "errors": variant["errors"],
         "units": variant["units"],
         "prob_best": variant.get("prob_best"),
-        "cost_usd_sum": (metrics["cost_usd"]["mean"] or 0.0) * metrics["cost_usd"]["n"],
+        "cost_usd_sum": metrics["cost_usd"]["sum"],
     }
     for name, metric, statistic in _LOGGED:
         values[name] = metrics[metric][statistic]
@@ -293,13 +294,26 @@ class Flusher:
         started = time.perf_counter()
         try:
             step = int(await self._redis.incr(FENCE_KEY))
+            # Building the client opens the store (sqlite runs its migrations): not on the loop.
+            writer = await asyncio.to_thread(self._mlflow)
             report = FlushReport(step)
+            failures = []
             for plan in self._catalog.plans.values():
-                report.experiments[plan.name] = await self._flush_experiment(plan, step, token)
+                try:
+                    report.experiments[plan.name] = await self._flush_experiment(writer, plan, step, token)
+                except Exception as error:  # one experiment MLflow refuses must not block the others
+                    log.warning("flush of experiment %s failed: %s: %s", plan.name, type(error).__name__, error)
+                    report.experiments[plan.name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+                    failures.append(error)
             report.duration_s = time.perf_counter() - started
+            if failures and len(failures) == len(self._catalog.plans):
+                raise failures[0]
             if self._metrics is not None:
                 self._metrics.flush_duration.observe(report.duration_s)
-                self._metrics.flush_last_success.set(time.time())
+                if not failures:
+                    self._metrics.flush_last_success.set(time.time())
+                else:
+                    self._metrics.flush_errors.inc()
             return report
         except Exception:
             if self._metrics is not None:
@@ -308,11 +322,11 @@ class Flusher:
         finally:
             await self._redis.eval(_RELEASE_LUA, 1, LOCK_KEY, token)
 
-    async def _flush_experiment(self, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
+    async def _flush_experiment(self, writer: MlflowWriter, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
         result = snapshot_json(snapshot, self._config)
         runs = await self._redis.hgetall(store.runs_key(plan.name))
-        updated = await asyncio.to_thread(self._mlflow().write, plan, result, runs, step)
+        updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its state is not kept", step)
             return {"status": result["status"], "winner": result["winner"], "kept": False}

@@ -70,28 +70,38 @@ def _tokens(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int |
     total = usage.get("total_tokens")
     if total is None and isinstance(prompt, int) and isinstance(completion, int):
         total = prompt + completion
-    return tuple(value if isinstance(value, int) else None for value in (prompt, completion, total))  # type: ignore[return-value]
+    return tuple(_count(value) for value in (prompt, completion, total))  # type: ignore[return-value]
+
+
+def _count(value: Any) -> int | None:
+    """A token count as the upstream reported it, if it is one (not a bool, not negative)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _json_response_text(endpoint: str, payload: dict[str, Any]) -> str:
+    """The generated text of a JSON response, whatever odd shape the upstream gave it."""
+    texts: list[str] = []
     if endpoint == "responses":
-        parts = []
-        for item in payload.get("output") or ():
+        for item in _list(payload.get("output")):
             if isinstance(item, dict) and item.get("type") == "message":
-                for content in item.get("content") or ():
+                for content in _list(item.get("content")):
                     if isinstance(content, dict) and isinstance(content.get("text"), str):
-                        parts.append(content["text"])
-        return "".join(parts)
-    texts = []
-    for choice in payload.get("choices") or ():
+                        texts.append(content["text"])
+        return "".join(texts)
+    for choice in _list(payload.get("choices")):
         if not isinstance(choice, dict):
             continue
         if endpoint == "completions":
-            texts.append(choice.get("text") or "")
+            text = choice.get("text")
         else:
-            message = choice.get("message") or {}
-            content = message.get("content") if isinstance(message, dict) else None
-            texts.append(content if isinstance(content, str) else "")
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        if isinstance(text, str):
+            texts.append(text)
     return "".join(texts)
 
 
@@ -110,6 +120,6 @@ def response_facts(outcome: Outcome) -> ResponseFacts:
             return ResponseFacts(None, None, None, None, None, None)
         text = _json_response_text(outcome.endpoint, payload)
         usage = payload.get("usage")
-        response_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+        response_id = payload.get("id") if isinstance(payload.get("id"), str) and payload["id"] else None
     prompt, completion, total = _tokens(usage)
     return ResponseFacts(len(text), len(text.split()), prompt, completion, total, response_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from abproxy import variants
 from abproxy.catalog import Catalog, ExperimentPlan
@@ -34,6 +36,8 @@ from abproxy.outcome import CANCELLED_STATUS, ExperimentRoute, Outcome
 from abproxy.recorder import Recorder
 from abproxy.sse import StreamObserver
 from abproxy.upstream import Upstreams, error_reason, response_headers, translate_failure
+
+log = logging.getLogger("abproxy.proxy")
 
 _APPLY = {
     "chat": variants.apply_to_chat,
@@ -64,6 +68,17 @@ class _DisconnectWatch:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+def upstream_path(scope: dict[str, Any]) -> str:
+    """The path after ``/v1``, still percent-encoded as the client sent it, so that nothing it
+    encoded (``%2F``, ``%3F``) changes meaning; dot segments could climb out of the upstream's
+    base path with the proxy's key, so they are refused."""
+    decoded_segments = scope["path"].split("/")
+    if "." in decoded_segments or ".." in decoded_segments:
+        raise HTTPError(400, "path segments '.' and '..' are not allowed", "invalid_path")
+    raw = scope.get("raw_path") or scope["path"].encode()
+    return raw.decode("latin-1").split("?", 1)[0][len("/v1") :]
 
 
 class Proxy:
@@ -105,7 +120,7 @@ class Proxy:
             return plan
         return self._catalog.by_model(body.get("model"))
 
-    def _route(self, scope: dict[str, Any], body: dict[str, Any], plan: ExperimentPlan, request_id: str) -> ExperimentRoute:
+    def _route(self, scope: dict[str, Any], body: dict[str, Any], plan: ExperimentPlan) -> ExperimentRoute:
         forced = header(scope, b"x-abproxy-variant")
         unit: str | None = None
         if plan.settings.unit == "user":
@@ -140,7 +155,7 @@ class Proxy:
             strip_usage = False
             extra_headers: Headers = [id_header]
             if plan is not None:
-                route = self._route(scope, body, plan, request_id)
+                route = self._route(scope, body, plan)
                 arm = plan.arms[route.variant]
                 upstream = arm.upstream
                 try:
@@ -280,44 +295,58 @@ class Proxy:
             outcome.response_id = observer.response_id
             if observer.first_content_at is not None:
                 outcome.ttft_s = observer.first_content_at - started
+        if not observer.ended_well:
+            # Closed without its end marker, or with an error event: not a success to count.
+            outcome.error_reason = "broken_stream"
         watch.stop()
         await send({"type": "http.response.body", "body": observer.remainder()})
 
     # -- everything else under /v1 ----------------------------------------------------------
 
     async def passthrough(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Any other ``/v1/*`` call, forwarded unchanged to ``default_upstream``, streamed back."""
+        """Any other ``/v1/*`` call, forwarded unchanged to ``default_upstream``, streamed back.
+        Counted in Prometheus (``experiment=""``), not recorded in Redis."""
+        started = self._clock()
         request_id = self._ids.next()
         id_header = (b"x-abproxy-request-id", request_id.encode())
         upstream = self._config.default_upstream
         try:
             self.authorize(scope)
+            path = upstream_path(scope)
             body = await read_body(scope, receive, self._max_body)
         except HTTPError as error:
             await send_error(send, error, [id_header])
             return
         except ClientGone:
             return
-        response_started = False
+        outcome = Outcome(request_id, "passthrough", upstream, "", time.time(), streamed=True)
         try:
             async with self._upstreams.session.request(
                 scope["method"],
-                self._upstreams.url(upstream, scope["path"][3:], scope.get("query_string", b"")),
+                URL(self._upstreams.url(upstream, path, scope.get("query_string", b"")), encoded=True),
                 data=body or None,
                 headers=self._upstreams.request_headers(upstream, scope["headers"]),
-                timeout=self._upstreams.timeout(upstream),
+                timeout=self._upstreams.timeout(upstream, streaming=True),
             ) as response:
+                outcome.status = response.status
+                if response.status >= 400:
+                    outcome.error_reason = error_reason(response.status)
                 headers = response_headers(response.raw_headers) + [id_header]
                 await send({"type": "http.response.start", "status": response.status, "headers": headers})
-                response_started = True
-                async for chunk in response.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    async for chunk in response.content.iter_any():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                    # Headers are sent: all that is left is to end the body early.
+                    outcome.error_reason = translate_failure(error, upstream)[1]
+                    log.warning("upstream %s broke off %s %s: %s", upstream, scope["method"], path, type(error).__name__)
                 await send({"type": "http.response.body", "body": b""})
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            if response_started:
-                raise
-            http_error, _ = translate_failure(error, upstream)
+            http_error, outcome.error_reason = translate_failure(error, upstream)
+            outcome.status = http_error.status
             await send_error(send, http_error, [id_header])
+        outcome.latency_s = self._clock() - started
+        self._recorder.record(outcome)
 
     async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The upstream's model list plus one entry per experiment name."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from abproxy import store
 from abproxy.aggregate import ArmBatch, metric_values
@@ -127,7 +127,7 @@ class Recorder:
         self._wakeup = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._script_sha: str | None = None
+        self._script = store.Script(store.RECORD_BATCH_LUA)
         self._backoff_s = 0.0
 
     # -- request path ------------------------------------------------------------------
@@ -200,7 +200,11 @@ class Recorder:
         while self._queue and count < self._max_batch:
             outcome = self._queue.popleft()
             count += 1
-            facts = response_facts(outcome) if outcome.status < 400 and not outcome.error_reason else None
+            try:
+                facts = response_facts(outcome) if outcome.status < 400 and not outcome.error_reason else None
+            except Exception:  # an upstream body nobody foresaw must not cost the batch
+                log.exception("could not read the response of request %s; recorded without its facts", outcome.request_id)
+                facts = None
             cost = self._cost(outcome, facts)
             tally.add(outcome, facts, cost)
             route = outcome.route
@@ -274,23 +278,14 @@ class Recorder:
         return True
 
     async def _write(self, batch: _Batch) -> None:
-        for attempt in range(2):
-            if self._script_sha is None:
-                self._script_sha = await self._redis.script_load(store.RECORD_BATCH_LUA)
-            try:
-                await self._pipeline(batch).execute()
-                return
-            except NoScriptError:
-                # Redis restarted without its script cache; batches are idempotent, so replay.
-                self._script_sha = None
-                if attempt:
-                    raise
+        # A batch is idempotent, so replaying it after the script cache was emptied is safe.
+        await self._script.run(self._redis, lambda sha: self._pipeline(batch, sha).execute())
 
-    def _pipeline(self, batch: _Batch) -> Any:
+    def _pipeline(self, batch: _Batch, sha: str) -> Any:
         pipe = self._redis.pipeline(transaction=False)
         for experiment, payload in batch.payloads.items():
             pipe.evalsha(
-                self._script_sha,
+                sha,
                 1,
                 store.batch_key(experiment, batch.batch_id),
                 payload,

@@ -58,7 +58,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"[{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]" if ci else "-",
                 _fmt(main.get("lift"), 1, percent=True),
                 _p(main["adjusted_p_value"] if main.get("adjusted_p_value") is not None else main.get("p_value")),
-                _fmt(variant.get("prob_best"), 2),
+                "-" if variant.get("prob_best") is None else f"{variant['prob_best']:.2f}",
                 _fmt(metrics["latency_ms"]["p50"], 0),
                 _fmt(metrics["latency_ms"]["p95"], 0),
                 _fmt(metrics["ttft_ms"]["p50"], 0),

@@ -12,6 +12,7 @@ from abproxy.analysis import Analysis, analyse
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.stats.decisions import SRM_THRESHOLD
+from abproxy.stats.estimates import interval as estimate_interval
 from abproxy.stats.histogram import quantiles
 from abproxy.stats.verdict import MetricResult
 from abproxy.store import ArmCounters, MetricCounters
@@ -19,10 +20,11 @@ from abproxy.store import ArmCounters, MetricCounters
 PERCENTILES = (0.5, 0.95, 0.99)
 
 
-def _number(value: float | None, digits: int = 6) -> float | None:
+def _number(value: float | None, significant: int = 7) -> float | None:
+    """A JSON-friendly number: finite, to ``significant`` digits (costs per request are ~1e-6)."""
     if value is None or not math.isfinite(value):
         return None
-    return round(float(value), digits)
+    return float(f"{float(value):.{significant}g}")
 
 
 def _pair(values: tuple[float, float] | None) -> list[float | None] | None:
@@ -53,6 +55,7 @@ def metric_summary(
     comparison = result.comparison if result else None
     return {
         "n": int(moments.n),
+        "sum": _number(moments.total),
         "mean": _number(moments.mean),
         "std": _number(moments.variance**0.5 if moments.variance is not None else None),
         "p50": _number(p50),
@@ -69,8 +72,6 @@ def metric_summary(
 
 
 def snapshot_json(snapshot: Snapshot, config: Config) -> dict[str, Any]:
-    from scipy import stats as scipy_stats
-
     plan, verdict = snapshot.plan, snapshot.analysis.verdict
     settings = plan.settings
     total_weight = sum(v.weight for v in settings.variants.values())
@@ -81,10 +82,7 @@ def snapshot_json(snapshot: Snapshot, config: Config) -> dict[str, Any]:
         metrics = {}
         for metric in settings.metric_names:
             estimate = snapshot.analysis.estimates[name].get(metric)
-            interval = None
-            if estimate is not None:
-                critical = float(scipy_stats.norm.ppf(1 - config.stats.alpha / 2))
-                interval = (estimate.mean - critical * estimate.std_error, estimate.mean + critical * estimate.std_error)
+            interval = estimate_interval(estimate, config.stats.alpha) if estimate is not None else None
             metrics[metric] = metric_summary(
                 counters.metrics.get(metric, MetricCounters()), arm_verdict.metrics.get(metric), interval
             )

@@ -42,6 +42,9 @@ class StreamObserver:
         self.usage: dict[str, Any] | None = None
         self.response_id: str | None = None
         self.done = False
+        """The stream said it was complete (``[DONE]``, or ``response.completed`` and kin)."""
+        self.failed = False
+        """The upstream reported an error inside the stream."""
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from upstream; return the complete events to forward now."""
@@ -78,6 +81,9 @@ class StreamObserver:
         except orjson.JSONDecodeError:
             return True
         if not isinstance(payload, dict):
+            return True
+        if "error" in payload and payload["error"]:
+            self.failed = True
             return True
         if self._endpoint == "responses":
             self._observe_responses_event(payload)
@@ -116,8 +122,15 @@ class StreamObserver:
             text = delta.get("content") if isinstance(delta, dict) else None
         return text if isinstance(text, str) else None
 
+    @property
+    def ended_well(self) -> bool:
+        return self.done and not self.failed
+
     def _observe_responses_event(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
+        if kind == "error":
+            self.failed = True
+            return
         if kind == "response.output_text.delta":
             delta = payload.get("delta")
             if isinstance(delta, str) and delta:
@@ -133,3 +146,5 @@ class StreamObserver:
                 self.usage = response["usage"]
             if kind in ("response.completed", "response.failed", "response.incomplete"):
                 self.done = True
+            if kind == "response.failed":
+                self.failed = True

@@ -14,8 +14,11 @@ Hash ``h:<arm>`` holds the histogram, field ``m|<bucket>``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from redis.exceptions import NoScriptError
 
 from abproxy.stats.summary import Moments
 
@@ -149,7 +152,16 @@ local payload = cjson.decode(ARGV[1])
 local unit_ttl, record_ttl = tonumber(ARGV[3]), ARGV[4]
 for _, record in ipairs(payload.records) do
   redis.call('SET', record[1], record[2], 'EX', record_ttl)
-  if record[3] ~= '' then redis.call('SET', record[3], record[4], 'EX', record_ttl) end
+  if record[3] ~= '' then
+    -- Some servers reuse response ids (Ollama draws them from 1,000): a second request under
+    -- the same id makes the alias ambiguous ('') rather than silently pointing elsewhere.
+    local owner = redis.call('GET', record[3])
+    if not owner then
+      redis.call('SET', record[3], record[4], 'EX', record_ttl)
+    elseif owner ~= record[4] then
+      redis.call('SET', record[3], '', 'EX', record_ttl)
+    end
+  end
 end
 for _, arm in ipairs(payload.arms) do
   redis.call('HSETNX', arm.arms_key, arm.arm, arm.meta)
@@ -281,6 +293,27 @@ async def read_experiment(redis: Any, experiment: str, arms: list[str]) -> tuple
     return counters, replies[-1]
 
 
-async def known_arms(redis: Any, experiment: str) -> dict[str, str]:
-    """Every arm ever recorded for an experiment, current or edited away: arm → metadata JSON."""
-    return await redis.hgetall(arms_key(experiment))
+
+T = TypeVar("T")
+
+
+class Script:
+    """A Lua script called by its SHA, loaded on first use and again after a Redis restart
+    emptied the script cache."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self._sha: str | None = None
+
+    async def run(self, redis: Any, call: Callable[[str], Awaitable[T]]) -> T:
+        """``call(sha)`` once, or twice if Redis had forgotten the script."""
+        for attempt in range(2):
+            if self._sha is None:
+                self._sha = await redis.script_load(self.source)
+            try:
+                return await call(self._sha)
+            except NoScriptError:
+                self._sha = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")

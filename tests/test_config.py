@@ -92,6 +92,10 @@ def test_unset_variable_without_default_names_the_key():
             "experiments.e2.match.model: 'm' is already matched by experiment 'e1'",
         ),
         ({"experiments": {"bad{name}": {"variants": {"a": {}, "b": {}}}}}, "experiments: experiment name 'bad{name}'"),
+        (
+            {"experiments": {"e": {"feedback": {"a|b": {"min": 0, "max": 1}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.feedback: feedback name 'a|b' must match",
+        ),
     ],
 )
 def test_invalid_values_name_the_dotted_path(data, expected):

@@ -505,3 +505,47 @@ def test_feedback_needs_the_proxy_api_key(start_proxy: Any, redis_client: redis.
     status, answer = post_feedback(proxy, body, {"Authorization": "Bearer k1"})
     assert status == 200, answer
     assert int(arm_stats(redis_client, arm)["feedback.satisfaction|n"]) == 1
+
+
+def test_a_response_id_reused_by_the_upstream_is_ambiguous_not_misattributed(proxy: Any, redis_client: redis.Redis) -> None:
+    """Some servers (Ollama) reuse response ids. Feedback by such an id must not land on whichever
+    request wrote it last: the proxy answers 409 and the request id still works."""
+    from abproxy.outcome import ExperimentRoute, Outcome
+
+    plan = proxy.app.catalog.plans[EXP]
+    recorder = proxy.app.recorder
+    request_ids = []
+    for index, variant in enumerate(("basic", "professional")):
+        arm = plan.arms[variant]
+        outcome = Outcome(
+            request_id=f"{'ab' * 15}{index:02d}",
+            endpoint="chat",
+            upstream="fake",
+            model="gpt-4o-mini",
+            started_at=time.time(),
+            route=ExperimentRoute(EXP, variant, arm.arm_id, f"user-{index}", False),
+            status=200,
+            latency_s=0.1,
+            body=b'{"id": "chatcmpl-7", "choices": [{"message": {"content": "hi"}}]}',
+        )
+        recorder.record(outcome)
+        request_ids.append(outcome.request_id)
+    proxy.settle()
+    status, body = post_feedback(proxy, {"request_id": "chatcmpl-7", "name": "satisfaction", "score": 5})
+    assert status == 409 and body["error"]["code"] == "ambiguous_response_id", body
+    for arm in arm_ids(proxy).values():
+        assert "feedback.satisfaction|n" not in arm_stats(redis_client, arm)
+    status, body = post_feedback(proxy, {"request_id": request_ids[1], "name": "satisfaction", "score": 5})
+    assert status == 200 and body["variant"] == "professional"
+
+
+def test_admin_endpoints_need_a_client_key_when_there_is_no_admin_key(start_proxy: Any) -> None:
+    proxy = start_proxy(server={"api_keys": ["k1"]})
+    for headers, expected in (({}, 401), ({"Authorization": "Bearer nope"}, 401), ({"Authorization": "Bearer k1"}, 200)):
+        request = urllib.request.Request(f"{proxy.url}/abproxy/experiments", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as error:
+            status = error.code
+        assert status == expected, headers

@@ -513,6 +513,22 @@ def test_embeddings_pass_through_to_default_upstream(proxy, upstream):
     received = upstream.received[-1]
     assert received.path == "/v1/embeddings"
     assert received.json["model"] == "text-embedding-3-small" and received.json["input"] == "x"
+    proxy.settle()
+    text = metrics_text(proxy.url)
+    assert sample(text, "abproxy_requests_total", experiment="", variant="", status="200") == 1
+
+
+def test_passthrough_refuses_dot_segments_and_keeps_encoded_characters(proxy, upstream):
+    for path in ("/v1/%2e%2e/admin", "/v1/files/../../admin", "/v1/./models"):
+        raw = http("GET", f"{proxy.url}{path}", headers={"Authorization": "Bearer sk-client"})
+        assert_openai_error(raw, 400, "invalid_path")
+    assert upstream.received == [], "a dot-segment path reached the upstream"
+    # An encoded slash or question mark stays encoded: it cannot change the path or add a query.
+    raw = http("GET", f"{proxy.url}/v1/files/a%2Fb%3Fx=1", headers={"Authorization": "Bearer sk-client"})
+    assert raw.status == 404
+    # The upstream decodes what it received: had the proxy forwarded it decoded, the upstream
+    # would have seen the path /v1/files/a/b and a query string x=1 instead.
+    assert upstream.received[-1].path == "/v1/files/a/b?x=1"
 
 
 # -- 9. upstream errors ----------------------------------------------------------------------

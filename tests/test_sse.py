@@ -60,3 +60,22 @@ def test_responses_api_events_give_text_usage_and_id():
     assert "".join(observer.text_parts) == "Hi there"
     assert observer.response_id == "resp_1" and observer.usage == {"input_tokens": 2, "output_tokens": 2}
     assert observer.done
+
+
+def test_a_stream_without_its_end_marker_or_with_an_error_event_did_not_end_well():
+    cut = StreamObserver("chat", strip_usage_chunk=False)
+    cut.feed(_chunk("Hello") + _chunk(" world"))
+    assert not cut.done and not cut.ended_well
+
+    errored = StreamObserver("chat", strip_usage_chunk=False)
+    errored.feed(_chunk("Hello") + b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+    errored.feed(b"data: [DONE]\n\n")
+    assert errored.done and errored.failed and not errored.ended_well
+
+    failed = StreamObserver("responses", strip_usage_chunk=False)
+    failed.feed(b'event: response.failed\ndata: {"type": "response.failed", "response": {"id": "resp_1"}}\n\n')
+    assert failed.done and not failed.ended_well
+
+    whole = StreamObserver("chat", strip_usage_chunk=False)
+    whole.feed(_stream())
+    assert whole.ended_well

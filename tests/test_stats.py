@@ -17,9 +17,16 @@ from abproxy.analysis import estimate, higher_is_better
 from abproxy.catalog import Catalog
 from abproxy.stats.compare import compare, relative_lift, welch_dof
 from abproxy.stats.decisions import holm, probability_to_be_best, samples_per_arm, srm_p_value
-from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
+from abproxy.stats.estimates import (
+    Estimate,
+    UnitSums,
+    from_moments,
+    from_unit_sums,
+    interval,
+    proportion_from_moments,
+)
 from abproxy.stats.sequential import RHO, mixing_variance, msprt, running_p_value
-from abproxy.stats.summary import Moments, mean_interval
+from abproxy.stats.summary import Moments
 from abproxy.stats.verdict import COLLECTING, NO_DIFFERENCE, SRM, WINNER, ArmInput, Policy, decide
 from abproxy.store import MetricCounters
 from conftest import make_config
@@ -48,7 +55,7 @@ def test_moments_mean_variance_and_interval_match_numpy_and_scipy():
     assert m.mean == pytest.approx(x.mean(), rel=1e-12)
     assert m.variance == pytest.approx(x.var(ddof=1), rel=1e-10)
     assert m.std_error == pytest.approx(stats.sem(x), rel=1e-10)
-    low, high = mean_interval(m, 0.05)
+    low, high = interval(from_moments(m), 0.05)
     ref = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
     assert low == pytest.approx(ref.low, rel=1e-10)
     assert high == pytest.approx(ref.high, rel=1e-10)

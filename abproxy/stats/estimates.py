@@ -40,6 +40,19 @@ class UnitSums:
     sum_yn: float
 
 
+def interval(estimate: Estimate, alpha: float) -> tuple[float, float]:
+    """Two-sided (1 − alpha) interval for the mean: Student's t on its degrees of freedom, or
+    the normal when the estimate is a normal approximation."""
+    from scipy import stats as scipy_stats
+
+    if math.isinf(estimate.dof):
+        critical = float(scipy_stats.norm.ppf(1 - alpha / 2))
+    else:
+        critical = float(scipy_stats.t.ppf(1 - alpha / 2, estimate.dof))
+    half_width = critical * estimate.std_error
+    return (estimate.mean - half_width, estimate.mean + half_width)
+
+
 def from_moments(moments: Moments) -> Estimate | None:
     """Per-request analysis: the sample mean and s²/n, with n - 1 degrees of freedom."""
     if moments.n < 2 or moments.variance is None:

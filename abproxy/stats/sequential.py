@@ -72,7 +72,7 @@ class RunningState:
 
     def update(self, look: SequentialResult) -> RunningState:
         return RunningState(
-            min(self.p_value, look.p_value),
+            running_p_value(self.p_value, look.p_value),
             max(self.lower, look.difference_ci[0]),
             min(self.upper, look.difference_ci[1]),
         )

@@ -33,13 +33,3 @@ class Moments:
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.n + other.n, self.total + other.total, self.total_squares + other.total_squares)
 
-
-def mean_interval(moments: Moments, alpha: float) -> tuple[float, float] | None:
-    """Two-sided (1 - alpha) t interval for the mean."""
-    from scipy import stats as scipy_stats
-
-    mean, std_error = moments.mean, moments.std_error
-    if mean is None or std_error is None:
-        return None
-    half_width = float(scipy_stats.t.ppf(1 - alpha / 2, moments.n - 1)) * std_error
-    return (mean - half_width, mean + half_width)
