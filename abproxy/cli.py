@@ -141,6 +141,12 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
     try:
         return asyncio.run(main())
+    except Exception as error:  # Redis or MLflow away: say so, without a traceback
+        from redis.exceptions import RedisError
+
+        where = "Redis" if isinstance(error, (RedisError, OSError)) else "MLflow"
+        print(f"abproxy: {where} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()  # type: ignore[attr-defined]
@@ -177,6 +183,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(catalog.plans) or '-'}", file=sys.stderr)
         return 1
     names = [args.experiment] if args.experiment else list(catalog.plans)
+    if not names:
+        print("abproxy: the config has no experiments", file=sys.stderr)
+        return 1
 
     async def work(redis: Any) -> int:
         results = [await experiment_results(redis, config, catalog.plans[name]) for name in names]

@@ -57,7 +57,12 @@ def resolve_prompts(config: Config, loader: Any = None) -> Config:
                     continue
                 template = prompt.template
                 if field_name == "messages":
-                    updates[field_name] = _messages(template)
+                    try:
+                        updates[field_name] = _messages(template)
+                    except (KeyError, TypeError, ValueError) as error:
+                        path = f"experiments.{exp_name}.variants.{var_name}.{field_name}"
+                        problems.append((path, f"{value} is not a chat template abproxy can use: {error}"))
+                        continue
                 elif isinstance(template, str):
                     updates[field_name] = template
                 else:

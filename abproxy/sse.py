@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
+MAX_EVENT_BYTES = 1 << 20
+"""An "event" longer than this is not SSE as we know it: pass it on rather than hold it."""
 
 
 def _next_event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
@@ -60,6 +62,9 @@ class StreamObserver:
             if self._observe(event):
                 out += self.forwardable(event)
         del self._buffer[:start]
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            out += self._buffer
+            self._buffer.clear()
         return bytes(out)
 
     def remainder(self) -> bytes:

@@ -121,3 +121,26 @@ def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp
     assert result.returncode == 1
     assert "another flush" in result.stderr
     assert redis_client.get(LOCK_KEY) == "a-replica"
+
+
+def test_cli_report_and_flush_say_when_redis_is_unreachable(tmp_path):
+    import subprocess
+    import sys
+
+    from abproxy.embedded_redis import free_port
+
+    config = tmp_path / "abproxy.yaml"
+    config.write_text(
+        f"redis_url: redis://127.0.0.1:{free_port()}/0\n"
+        "upstreams: {fake: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "default_upstream: fake\n"
+        "experiments:\n"
+        "  e: {variants: {a: {}, b: {}}}\n"
+    )
+    for verb in ("report", "flush"):
+        result = subprocess.run(
+            [sys.executable, "-m", "abproxy", verb, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+        assert result.returncode == 1, (verb, result.stderr)
+        assert "Redis failed" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -79,3 +79,12 @@ def test_a_stream_without_its_end_marker_or_with_an_error_event_did_not_end_well
     whole = StreamObserver("chat", strip_usage_chunk=False)
     whole.feed(_stream())
     assert whole.ended_well
+
+
+def test_a_body_without_event_separators_is_passed_on_not_hoarded():
+    from abproxy.sse import MAX_EVENT_BYTES
+
+    observer = StreamObserver("chat", strip_usage_chunk=False)
+    blob = b"x" * (MAX_EVENT_BYTES + 10)
+    assert observer.feed(blob) == blob
+    assert observer.remainder() == b""
