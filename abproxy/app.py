@@ -200,6 +200,7 @@ class ABProxyApp:
                 raise HTTPError(
                     502, f"flush to MLflow failed: {type(error).__name__}: {detail}", "mlflow_unavailable", "server_error"
                 ) from None
+            await self.flusher.publish_gauges()
             await send_json(send, 200, report.as_json())
         else:
             raise HTTPError(404, f"no route for {method} {path}", "not_found")

@@ -347,6 +347,15 @@ class Flusher:
             "runs": {name: updated[arm.arm_id] for name, arm in plan.arms.items()},
         }
 
+    async def publish_gauges(self) -> None:
+        """Every replica, every interval: the statistics as Prometheus gauges, so that any
+        replica scraped shows the same numbers (they all read the same Redis)."""
+        if self._metrics is None:
+            return
+        for plan in self._catalog.plans.values():
+            snapshot = await take_snapshot(self._redis, self._config, plan)
+            self._metrics.publish_results(snapshot_json(snapshot, self._config))
+
     async def run_periodically(self) -> None:
         interval = self._config.mlflow.flush_interval_s
         while True:
@@ -357,3 +366,7 @@ class Flusher:
                     log.info("flushed %d experiment(s) to MLflow in %.2fs (step %d)", len(report.experiments), report.duration_s, report.step)
             except Exception as error:  # MLflow or Redis away: warn, count, retry next interval
                 log.warning("flush to MLflow failed (%s: %s); retrying next interval", type(error).__name__, error)
+            try:
+                await self.publish_gauges()
+            except Exception as error:
+                log.warning("could not refresh the statistics gauges (%s: %s)", type(error).__name__, error)

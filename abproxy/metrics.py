@@ -100,6 +100,24 @@ class ProxyMetrics:
             "Unix time of the last successful flush to MLflow.",
             registry=registry,
         )
+        self.p_value = Gauge(
+            "abproxy_experiment_p_value",
+            "Latest p-value of each variant against the control, per metric (always-valid when sequential).",
+            ("experiment", "variant", "metric"),
+            registry=registry,
+        )
+        self.feedback_mean = Gauge(
+            "abproxy_feedback_mean",
+            "Latest mean feedback score per variant.",
+            ("experiment", "variant", "name"),
+            registry=registry,
+        )
+        self.winner = Gauge(
+            "abproxy_experiment_winner",
+            "1 for the variant the statistics declare the winner, else 0.",
+            ("experiment", "variant"),
+            registry=registry,
+        )
         self.flush_errors = Counter(
             "abproxy_flush_errors_total",
             "Flushes to MLflow that failed (retried at the next interval).",
@@ -124,3 +142,15 @@ class ProxyMetrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(*key)
         child.inc(count)
+
+    def publish_results(self, result: dict[str, Any]) -> None:
+        """The statistics of one experiment's live results, as gauges for dashboards."""
+        experiment = result["experiment"]
+        for variant in result["variants"]:
+            name = variant["name"]
+            self.winner.labels(experiment, name).set(1 if result.get("winner") == name else 0)
+            for metric, summary in variant["metrics"].items():
+                if metric.startswith("feedback.") and summary.get("mean") is not None:
+                    self.feedback_mean.labels(experiment, name, metric.removeprefix("feedback.")).set(summary["mean"])
+                if not variant["control"] and summary.get("p_value") is not None:
+                    self.p_value.labels(experiment, name, metric).set(summary["p_value"])
