@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -21,7 +21,7 @@ from abproxy.config import Config
 from abproxy.feedback import FeedbackService
 from abproxy.flusher import FlushBusy, Flusher
 from abproxy.http import ClientGone, HTTPError, bearer_token, read_body, send_bytes, send_error, send_json
-from abproxy.metrics import ProxyMetrics
+from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy import Proxy
 from abproxy.recorder import Recorder
 from abproxy.results import experiment_results
@@ -137,11 +137,9 @@ class ABProxyApp:
             elif path.startswith("/abproxy/"):
                 await self._admin(scope, receive, send)
             elif path == "/metrics" and method == "GET":
-                await send_bytes(
-                    send, 200, generate_latest(self.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())]
-                )
+                await send_bytes(send, 200, exposition(self.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
             elif path == "/healthz":
-                await send_json(send, 200, {"status": "ok"})
+                await send_json(send, 200, {"status": "ok", "pid": os.getpid()})
             elif path == "/readyz":
                 await self._ready(send)
             else:

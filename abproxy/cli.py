@@ -7,8 +7,10 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
     from abproxy.embedded_redis import EmbeddedRedis
+    from abproxy.metrics import MULTIPROCESS_ENV
 
     config = _load(args.config)
     problem = open_relay_problem(config, args.host)
@@ -84,8 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found: make that handler end this function normally, so the embedded Redis is stopped.
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    metrics_dir: str | None = None
     try:
         if args.workers > 1:
+            # Workers count into shared files so /metrics adds them up, whichever one answers.
+            metrics_dir = tempfile.mkdtemp(prefix="abproxy-metrics-")
+            os.environ[MULTIPROCESS_ENV] = metrics_dir
             os.environ[EMBEDDED_REDIS_ENV] = redis_url
             if args.config:
                 os.environ["ABPROXY_CONFIG"] = os.path.abspath(args.config)
@@ -95,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except _Stopped:
         pass
     finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if embedded is not None:

@@ -4,10 +4,11 @@ create a new series."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -23,6 +24,21 @@ class VariantSeries:
     prompt_tokens: Any
     completion_tokens: Any
     cost: Any
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The /metrics text: this process's registry, or every worker's when ``--workers`` runs
+    several (prometheus_client's multiprocess mode, values shared through files)."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        from prometheus_client import multiprocess
+
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
+    return generate_latest(registry)
 
 
 class ProxyMetrics:
@@ -83,6 +99,7 @@ class ProxyMetrics:
             "abproxy_recorder_buffered",
             "Measurements waiting to be written to Redis.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.recorder_write_errors = Counter(
             "abproxy_recorder_write_errors_total",
@@ -99,24 +116,28 @@ class ProxyMetrics:
             "abproxy_flush_last_success_timestamp_seconds",
             "Unix time of the last successful flush to MLflow.",
             registry=registry,
+            multiprocess_mode="max",
         )
         self.p_value = Gauge(
             "abproxy_experiment_p_value",
             "Latest p-value of each variant against the control, per metric (always-valid when sequential).",
             ("experiment", "variant", "metric"),
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.feedback_mean = Gauge(
             "abproxy_feedback_mean",
             "Latest mean feedback score per variant.",
             ("experiment", "variant", "name"),
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.winner = Gauge(
             "abproxy_experiment_winner",
             "1 for the variant the statistics declare the winner, else 0.",
             ("experiment", "variant"),
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.flush_errors = Counter(
             "abproxy_flush_errors_total",
