@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # client addresses are not used: skip parsing X-Forwarded-For
         server_header=False,
         date_header=False,
         timeout_graceful_shutdown=30,

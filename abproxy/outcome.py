@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from abproxy.sse import interpret_stream
+
 CANCELLED_STATUS = 499
 """The status recorded when the client went away first (nginx's convention)."""
 
@@ -37,9 +39,8 @@ class Outcome:
     ttft_s: float | None = None
     streamed: bool = False
     body: bytes | None = None
-    text_parts: list[str] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
-    response_id: str | None = None
+    stream_payloads: list[bytes] = field(default_factory=list)
+    """A stream's events' data, interpreted by the recorder."""
 
     @property
     def cancelled(self) -> bool:
@@ -106,11 +107,10 @@ def _json_response_text(endpoint: str, payload: dict[str, Any]) -> str:
 
 
 def response_facts(outcome: Outcome) -> ResponseFacts:
-    """Response length, tokens and id from a JSON body or from the parts a stream collected."""
-    usage = outcome.usage
-    response_id = outcome.response_id
+    """Response length, tokens and id from a JSON body or from a stream's events."""
     if outcome.streamed:
-        text = "".join(outcome.text_parts)
+        stream = interpret_stream(outcome.endpoint, outcome.stream_payloads)
+        text, usage, response_id = "".join(stream.text_parts), stream.usage, stream.response_id
     else:
         try:
             payload = orjson.loads(outcome.body or b"")

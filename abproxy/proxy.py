@@ -290,9 +290,7 @@ class Proxy:
                 if forward:
                     await send({"type": "http.response.body", "body": forward, "more_body": True})
         finally:
-            outcome.text_parts = observer.text_parts
-            outcome.usage = observer.usage
-            outcome.response_id = observer.response_id
+            outcome.stream_payloads = observer.payloads
             if observer.first_content_at is not None:
                 outcome.ttft_s = observer.first_content_at - started
         if not observer.ended_well:

@@ -110,7 +110,7 @@ class Recorder:
         catalog: Catalog,
         metrics: ProxyMetrics,
         *,
-        interval_s: float = 0.05,
+        interval_s: float = 0.2,
         max_batch: int = 5000,
         max_buffered: int = 100_000,
     ):
@@ -127,6 +127,7 @@ class Recorder:
         self._wakeup = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._script = store.Script(store.RECORD_BATCH_LUA)
         self._backoff_s = 0.0
 
@@ -149,11 +150,10 @@ class Recorder:
     async def stop(self, timeout_s: float = 10.0) -> bool:
         """Stop the loop and drain everything to Redis; False if some of it could not be written."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Asked to stop rather than cancelled: the loop ends between batches, never mid-write.
+            self._stopping = True
+            self._wakeup.set()
+            await asyncio.wait({self._task}, timeout=timeout_s)
             self._task = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -177,12 +177,16 @@ class Recorder:
         return ok
 
     async def _run(self) -> None:
-        while True:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            timer = loop.call_later(self._interval_s + self._backoff_s, self._wakeup.set)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._interval_s + self._backoff_s)
-            except TimeoutError:
-                pass
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
             self._wakeup.clear()
+            if self._stopping:
+                return
             try:
                 ok = await self.flush()
             except Exception:  # a bug here must not stop recording for good
@@ -210,7 +214,7 @@ class Recorder:
             route = outcome.route
             if route is None:
                 continue
-            response_id = facts.response_id if facts else outcome.response_id
+            response_id = facts.response_id if facts else None
             unit = _unit_hash(route.unit) if route.unit is not None else None
             record = {
                 "e": route.experiment,

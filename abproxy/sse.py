@@ -1,11 +1,17 @@
 """Watching a server-sent-events stream as it passes: split it into events, note the time of
-the first content token, collect the text and usage, and drop the usage chunk the proxy asked
-for on its own account. Events are forwarded as soon as they are complete, never held back."""
+the first content token, and drop the usage chunk the proxy asked for on its own account.
+Events are forwarded as soon as they are complete, never held back.
+
+On the request path each event costs a few byte searches; the events' JSON is parsed once, in
+one call, when the recorder interprets the stream (:func:`interpret_stream`), off that path.
+"""
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -13,6 +19,16 @@ import orjson
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 MAX_EVENT_BYTES = 1 << 20
 """An "event" longer than this is not SSE as we know it: pass it on rather than hold it."""
+
+# Non-empty generated text in a chunk (an empty string, as in the first role chunk, does not count).
+_FIRST_CONTENT = {
+    "chat": re.compile(rb'"content"\s*:\s*"(?!")'),
+    "completions": re.compile(rb'"text"\s*:\s*"(?!")'),
+    "responses": re.compile(rb'"delta"\s*:\s*"(?!")'),
+}
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_TEXT_DELTA_PREFIX = b'{"type":"response.output_text.delta"'
+_RESPONSE_ENDS = ("response.completed", "response.failed", "response.incomplete")
 
 
 def _next_event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
@@ -27,10 +43,19 @@ def _next_event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
 
 def _data_of(event: bytes) -> bytes | None:
     """The joined ``data:`` field of one event, or None when it has none."""
+    if event.startswith(b"data: ") and event.count(b"\n") == 2 and event.endswith(b"\n\n"):
+        return event[6:-2]  # the usual one-line event, without the general parse
     lines = [line for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
     return b"\n".join(line[5:].lstrip(b" ") if line[5:6] == b" " else line[5:] for line in lines)
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class StreamObserver:
@@ -38,15 +63,16 @@ class StreamObserver:
         self._endpoint = endpoint
         self._strip_usage_chunk = strip_usage_chunk
         self._clock = clock
+        self._first_content = _FIRST_CONTENT[endpoint]
         self._buffer = bytearray()
+        self.payloads: list[bytes] = []
+        """Every event's data, for :func:`interpret_stream`."""
         self.first_content_at: float | None = None
-        self.text_parts: list[str] = []
-        self.usage: dict[str, Any] | None = None
-        self.response_id: str | None = None
         self.done = False
         """The stream said it was complete (``[DONE]``, or ``response.completed`` and kin)."""
         self.failed = False
         """The upstream reported an error inside the stream."""
+        self._interpreted: StreamFacts | None = None
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from upstream; return the complete events to forward now."""
@@ -73,43 +99,6 @@ class StreamObserver:
         self._buffer.clear()
         return rest
 
-    def _observe(self, event: bytes) -> bool:
-        """Record what the event says; False when the event must not reach the client."""
-        data = _data_of(event)
-        if data is None:
-            return True
-        if data == b"[DONE]":
-            self.done = True
-            return True
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(payload, dict):
-            return True
-        if "error" in payload and payload["error"]:
-            self.failed = True
-            return True
-        if self._endpoint == "responses":
-            self._observe_responses_event(payload)
-            return True
-        if self.response_id is None and isinstance(payload.get("id"), str):
-            self.response_id = payload["id"]
-        choices = payload.get("choices")
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        if isinstance(choices, list):
-            for choice in choices:
-                text = self._choice_text(choice)
-                if text:
-                    if self.first_content_at is None:
-                        self.first_content_at = self._clock()
-                    self.text_parts.append(text)
-        if self._strip_usage_chunk and usage is not None and not choices:
-            return False
-        return True
-
     def forwardable(self, event: bytes) -> bytes:
         """The event as the client should see it: without the ``"usage": null`` the upstream
         adds to every chunk once the proxy asked for usage on the client's behalf."""
@@ -117,39 +106,120 @@ class StreamObserver:
             return event.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
         return event
 
-    def _choice_text(self, choice: Any) -> str | None:
-        if not isinstance(choice, dict):
-            return None
-        if self._endpoint == "completions":
-            text = choice.get("text")
-        else:
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else None
-        return text if isinstance(text, str) else None
-
     @property
     def ended_well(self) -> bool:
         return self.done and not self.failed
 
-    def _observe_responses_event(self, payload: dict[str, Any]) -> None:
+    def _observe(self, event: bytes) -> bool:
+        """Note what the event says; False when the event must not reach the client."""
+        data = _data_of(event)
+        if data is None:
+            return True
+        if data == b"[DONE]":
+            self.done = True
+            return True
+        self.payloads.append(data)
+        self._interpreted = None
+        if self.first_content_at is None and self._first_content.search(data):
+            self.first_content_at = self._clock()
+        if self._endpoint == "responses":
+            if not data.startswith(_TEXT_DELTA_PREFIX):  # the few events that are not text
+                self._observe_responses_event(_loads(data))
+            return True
+        if b'"error"' in data:
+            payload = _loads(data)
+            if isinstance(payload, dict) and payload.get("error"):
+                self.failed = True
+        if self._strip_usage_chunk and _USAGE_OBJECT.search(data):
+            payload = _loads(data)
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and not payload.get("choices"):
+                return False
+        return True
+
+    def _observe_responses_event(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
         kind = payload.get("type")
         if kind == "error":
             self.failed = True
-            return
-        if kind == "response.output_text.delta":
-            delta = payload.get("delta")
-            if isinstance(delta, str) and delta:
-                if self.first_content_at is None:
-                    self.first_content_at = self._clock()
-                self.text_parts.append(delta)
-            return
-        response = payload.get("response")
-        if isinstance(response, dict):
-            if self.response_id is None and isinstance(response.get("id"), str):
-                self.response_id = response["id"]
-            if isinstance(response.get("usage"), dict):
-                self.usage = response["usage"]
-            if kind in ("response.completed", "response.failed", "response.incomplete"):
-                self.done = True
-            if kind == "response.failed":
-                self.failed = True
+        elif kind in _RESPONSE_ENDS:
+            self.done = True
+            self.failed = self.failed or kind == "response.failed"
+
+    # What the stream said, for tests and callers that want it now rather than from the recorder.
+
+    def _facts(self) -> StreamFacts:
+        if self._interpreted is None:
+            self._interpreted = interpret_stream(self._endpoint, self.payloads)
+        return self._interpreted
+
+    @property
+    def text_parts(self) -> list[str]:
+        return self._facts().text_parts
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._facts().usage
+
+    @property
+    def response_id(self) -> str | None:
+        return self._facts().response_id
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFacts:
+    text_parts: list[str]
+    usage: dict[str, Any] | None
+    response_id: str | None
+
+
+def interpret_stream(endpoint: str, payloads: Sequence[bytes]) -> StreamFacts:
+    """The generated text, usage and response id of a stream, from its events' data — parsed in
+    one ``orjson`` call when every event is JSON, one by one when some are not."""
+    if not payloads:
+        return StreamFacts([], None, None)
+    try:
+        events = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        events = [_loads(data) for data in payloads]
+    texts: list[str] = []
+    usage: dict[str, Any] | None = None
+    response_id: str | None = None
+    for payload in events:
+        if not isinstance(payload, dict):
+            continue
+        if endpoint == "responses":
+            if payload.get("type") == "response.output_text.delta":
+                delta = payload.get("delta")
+                if isinstance(delta, str) and delta:
+                    texts.append(delta)
+                continue
+            response = payload.get("response")
+            if isinstance(response, dict):
+                if response_id is None and isinstance(response.get("id"), str):
+                    response_id = response["id"]
+                if isinstance(response.get("usage"), dict):
+                    usage = response["usage"]
+            continue
+        if response_id is None and isinstance(payload.get("id"), str) and payload["id"]:
+            response_id = payload["id"]
+        if isinstance(payload.get("usage"), dict):
+            usage = payload["usage"]
+        choices = payload.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                text = _choice_text(endpoint, choice)
+                if text:
+                    texts.append(text)
+    return StreamFacts(texts, usage, response_id)
+
+
+def _choice_text(endpoint: str, choice: Any) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    if endpoint == "completions":
+        text = choice.get("text")
+    else:
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else None
+    return text if isinstance(text, str) else None

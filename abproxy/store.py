@@ -85,12 +85,11 @@ _LUA_COMMON = r"""
 -- Numbers go to redis.call as they are: Redis formats them with %.17g, which round-trips.
 
 local field_cache = {}
--- The hash fields of a metric, built once per script call.
+-- The arm-hash fields of a metric's unit sums, built once per script call.
 local function fields_of(metric)
   local f = field_cache[metric]
   if not f then
-    f = {y = metric .. '|y', n = metric .. '|n', uk = metric .. '|uk',
-         uyy = metric .. '|uyy', unn = metric .. '|unn', uyn = metric .. '|uyn'}
+    f = {uk = metric .. '|uk', uyy = metric .. '|uyy', unn = metric .. '|unn', uyn = metric .. '|uyn'}
     field_cache[metric] = f
   end
   return f
@@ -107,28 +106,26 @@ local function move_unit(acc, metric, y0, n0, y1, n1)
   a[4] = a[4] + y1 * n1 - y0 * n0
 end
 
--- Add deltas (dy[i], dn[i]) for metrics names[i] to a named unit's running totals.
+-- Add deltas (dy[i], dn[i]) for metrics names[i] to a named unit's running totals, kept as one
+-- MessagePack string {metric = {Y_u, N_u}} (one GET and one SET per unit, however many metrics).
 -- Returns true when the unit was new; its key expires ttl after it was first seen.
 local function add_to_unit(acc, ukey, names, dy, dn, ttl)
-  local fields = {'_'}
+  local packed = redis.call('GET', ukey)
+  local totals = packed and cmsgpack.unpack(packed) or {}
   for i, metric in ipairs(names) do
-    local f = fields_of(metric)
-    fields[2 * i], fields[2 * i + 1] = f.y, f.n
-  end
-  local old = redis.call('HMGET', ukey, unpack(fields))
-  local new = {'_', 1}
-  for i, metric in ipairs(names) do
-    local y0, n0 = tonumber(old[2 * i]) or 0, tonumber(old[2 * i + 1]) or 0
+    local old = totals[metric]
+    local y0, n0 = 0, 0
+    if old then y0, n0 = old[1], old[2] end
     local y1, n1 = y0 + dy[i], n0 + dn[i]
-    new[4 * i - 1], new[4 * i], new[4 * i + 1], new[4 * i + 2] = fields[2 * i], y1, fields[2 * i + 1], n1
+    totals[metric] = {y1, n1}
     move_unit(acc, metric, y0, n0, y1, n1)
   end
-  redis.call('HSET', ukey, unpack(new))
-  if not old[1] then
-    redis.call('EXPIRE', ukey, ttl)
-    return true
+  if packed then
+    redis.call('SET', ukey, cmsgpack.pack(totals), 'KEEPTTL')
+    return false
   end
-  return false
+  redis.call('SET', ukey, cmsgpack.pack(totals), 'EX', ttl)
+  return true
 end
 
 local function apply_unit_sums(stats, acc)
