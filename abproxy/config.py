@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,12 @@ BUILTIN_METRICS = (
 )
 
 DEFAULT_CONFIG_PATHS = ("config/abproxy.yaml", "abproxy.yaml")
+
+
+def _check_names(names: Iterable[str], kind: str) -> None:
+    for name in names:
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"{kind} name {name!r} must match {NAME_PATTERN}")
 
 
 class ConfigError(Exception):
@@ -160,9 +167,7 @@ class Experiment(_Strict):
     def _variants(cls, variants: dict[str, Variant]) -> dict[str, Variant]:
         if len(variants) < 2:
             raise ValueError("an experiment needs at least two variants")
-        for name in variants:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"variant name {name!r} must match {NAME_PATTERN}")
+        _check_names(variants, "variant")
         if sum(1 for v in variants.values() if v.control) > 1:
             raise ValueError("exactly one variant may be the control")
         if not any(v.weight > 0 for v in variants.values()):
@@ -186,9 +191,7 @@ class Experiment(_Strict):
     @field_validator("feedback")
     @classmethod
     def _feedback_names(cls, feedback: dict[str, FeedbackMetric]) -> dict[str, FeedbackMetric]:
-        for name in feedback:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"feedback name {name!r} must match {NAME_PATTERN}")
+        _check_names(feedback, "feedback")
         return feedback
 
     @model_validator(mode="after")
@@ -217,9 +220,7 @@ class Config(_Strict):
     @field_validator("experiments")
     @classmethod
     def _experiment_names(cls, experiments: dict[str, Experiment]) -> dict[str, Experiment]:
-        for name in experiments:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"experiment name {name!r} must match {NAME_PATTERN}")
+        _check_names(experiments, "experiment")
         return experiments
 
     @model_validator(mode="after")

@@ -132,9 +132,3 @@ def artifact_text(uri: str, run_id: str, path: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
 
 
-def assert_openai_error(body: Any) -> None:
-    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
-    error = body["error"]
-    assert isinstance(error.get("message"), str) and error["message"]
-    assert isinstance(error.get("type"), str) and error["type"]
-    assert "code" in error

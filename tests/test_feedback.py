@@ -17,10 +17,11 @@ from typing import Any
 import openai
 import pytest
 import redis
+from openai_shape import assert_openai_error
+from prometheus_text import metrics_text, sample
 
 from abproxy import store
 from abproxy.stats.histogram import bucket_of
-from prometheus_text import metrics_text, sample
 
 EXP = "translation"
 
@@ -94,12 +95,6 @@ def ask(
     return raw, raw.parse()
 
 
-def assert_openai_error(body: Any) -> None:
-    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
-    error = body["error"]
-    assert isinstance(error.get("message"), str) and error["message"]
-    assert isinstance(error.get("type"), str) and error["type"]
-    assert "code" in error
 
 
 # -- 1. joining by either id, right after the response -------------------------------------------

@@ -19,22 +19,10 @@ import mlflow
 import pytest
 import redis
 import yaml
-from mlflow.tracking import MlflowClient
-
-from abproxy import store
-from abproxy.app import open_redis
-from abproxy.catalog import Catalog
-from abproxy.config import ConfigError, load_config, parse_config
-from abproxy.flusher import FENCE_KEY, INTERVAL_KEY, LOCK_KEY, Flusher, FlushBusy, FlushReport
-from abproxy.metrics import ProxyMetrics
-from abproxy.outcome import ExperimentRoute, Outcome
-from abproxy.recorder import Recorder
 from conftest import BASE_EXPERIMENTS, make_config
-from prometheus_text import metrics_text, sample
 from flushkit import (
     EXP,
     artifact_text,
-    assert_openai_error,
     drive,
     flush,
     free_port,
@@ -44,6 +32,18 @@ from flushkit import (
     runs_by_name,
     search,
 )
+from mlflow.tracking import MlflowClient
+from openai_shape import assert_openai_error
+from prometheus_text import metrics_text, sample
+
+from abproxy import store
+from abproxy.app import open_redis
+from abproxy.catalog import Catalog
+from abproxy.config import ConfigError, load_config, parse_config
+from abproxy.flusher import FENCE_KEY, INTERVAL_KEY, LOCK_KEY, FlushBusy, Flusher, FlushReport
+from abproxy.metrics import ProxyMetrics
+from abproxy.outcome import ExperimentRoute, Outcome
+from abproxy.recorder import Recorder
 
 VARIANT_METRICS = (
     "requests",
@@ -86,6 +86,20 @@ def run(coro: Any) -> Any:
 
 
 # -- 1. end to end -------------------------------------------------------------------------------
+
+
+
+def flush_once(redis_url: str, config: Any) -> FlushReport:
+    """One flush by a fresh flusher with a Redis client of its own."""
+
+    async def flush() -> FlushReport:
+        client = open_redis(redis_url)
+        try:
+            return await Flusher(client, config, Catalog(config)).flush()
+        finally:
+            await client.aclose()
+
+    return run(flush())
 
 
 def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, uri: str) -> None:
@@ -431,21 +445,14 @@ def test_a_flush_that_lost_its_lock_keeps_no_state(
 
     monkeypatch.setattr(MlflowWriter, "write", write_then_lose_the_lock)
 
-    async def flush_once() -> FlushReport:
-        client = open_redis(redis_server.url)
-        try:
-            return await Flusher(client, config, Catalog(config)).flush()
-        finally:
-            await client.aclose()
-
-    report = run(flush_once())
+    report = flush_once(redis_server.url, config)
     assert report.experiments[EXP]["kept"] is False
     assert redis_client.hgetall(store.runs_key(EXP)) == {}
     assert redis_client.get(LOCK_KEY) == "a-later-flusher"  # not released by the one that lost it
 
     monkeypatch.setattr(MlflowWriter, "write", original)
     redis_client.delete(LOCK_KEY)
-    again = run(flush_once())
+    again = flush_once(redis_server.url, config)
     assert "kept" not in again.experiments[EXP]
     assert len(search(uri)) == 3  # the runs of the unkept flush are found again, not duplicated
 
@@ -667,14 +674,7 @@ def test_prompt_registry_uris_resolve_at_load_and_reach_the_run(
     assert "prompts:/translator@production" in pro.prompt_sources["system_prompt"]
     assert f"version={v2.version}" in pro.prompt_sources["system_prompt"]
 
-    async def flush_once() -> FlushReport:
-        client = open_redis(redis_server.url)
-        try:
-            return await Flusher(client, config, Catalog(config)).flush()
-        finally:
-            await client.aclose()
-
-    report = run(flush_once())
+    report = flush_once(redis_server.url, config)
     runs = report.experiments[EXP]["runs"]
     client = MlflowClient(uri)
     basic_run, pro_run = client.get_run(runs["basic"]), client.get_run(runs["professional"])
