@@ -1,46 +1,55 @@
 """One batch of outcomes, reduced per arm to the deltas the Redis batch script applies.
 
-Values are collected in plain lists as outcomes arrive (an append each) and reduced once per
-batch with numpy: sums, sums of squares, histogram buckets, and per-unit totals by ``bincount``.
-This keeps the recorder's cost per request small; it shares the CPU with the request path."""
+Each outcome becomes one row of metric values (one append), and a batch is reduced once with
+numpy: sums, sums of squares, histogram buckets, and per-unit totals by ``bincount``. This keeps
+the recorder's cost per request small: it shares the CPU with the request path."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from abproxy import store
+from abproxy.config import BUILTIN_METRICS
 from abproxy.outcome import Outcome, ResponseFacts
 from abproxy.stats.histogram import bucket_counts
 
+MetricRow = tuple[float, ...]
+"""One request's value of each of ``BUILTIN_METRICS``, in that order; NaN where it has none."""
 
-def metric_values(outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> dict[str, float]:
-    """The per-request metric values of SPEC §3: ``error_rate`` 0/1 for every request that was
-    not cancelled; latency, TTFT, length, tokens and cost for successful ones."""
+_NONE = math.nan
+_FAILED_ROW: MetricRow = (1.0,) + (_NONE,) * (len(BUILTIN_METRICS) - 1)
+
+
+def _value(count: int | None) -> float:
+    return _NONE if count is None else float(count)
+
+
+def metric_row(outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> MetricRow | None:
+    """The per-request metric values of SPEC §3, None for a cancelled request: ``error_rate``
+    0/1 for every other request; latency, TTFT, length, tokens and cost for successful ones."""
     if outcome.cancelled:
-        return {}
-    values: dict[str, float] = {"error_rate": 1.0 if outcome.failed else 0.0}
+        return None
     if outcome.failed:
-        return values
-    values["latency_ms"] = outcome.latency_s * 1000.0
-    if outcome.ttft_s is not None:
-        values["ttft_ms"] = outcome.ttft_s * 1000.0
-    if facts is not None:
-        if facts.chars is not None:
-            values["response_chars"] = float(facts.chars)
-        if facts.words is not None:
-            values["response_words"] = float(facts.words)
-        if facts.prompt_tokens is not None:
-            values["prompt_tokens"] = float(facts.prompt_tokens)
-        if facts.completion_tokens is not None:
-            values["completion_tokens"] = float(facts.completion_tokens)
-        if facts.total_tokens is not None:
-            values["total_tokens"] = float(facts.total_tokens)
-    if cost is not None:
-        values["cost_usd"] = cost
-    return values
+        return _FAILED_ROW
+    ttft = _NONE if outcome.ttft_s is None else outcome.ttft_s * 1000.0
+    cost_value = _NONE if cost is None else cost
+    if facts is None:
+        return (0.0, outcome.latency_s * 1000.0, ttft, _NONE, _NONE, _NONE, _NONE, _NONE, cost_value)
+    return (
+        0.0,
+        outcome.latency_s * 1000.0,
+        ttft,
+        _value(facts.chars),
+        _value(facts.words),
+        _value(facts.prompt_tokens),
+        _value(facts.completion_tokens),
+        _value(facts.total_tokens),
+        cost_value,
+    )
 
 
 ANONYMOUS = -1
@@ -53,77 +62,80 @@ class ArmBatch:
 
     meta: str
     per_unit: bool
-    counters: dict[str, int] = field(default_factory=dict)
-    values: dict[str, list[float]] = field(default_factory=dict)
-    value_units: dict[str, list[int]] = field(default_factory=dict)
+    requests: int = 0
+    cancelled: int = 0
+    anonymous_units: int = 0
+    rows: list[MetricRow] = field(default_factory=list)
+    row_units: list[int] = field(default_factory=list)
     unit_index: dict[str, int] = field(default_factory=dict)
 
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
-
-    def add(self, outcome: Outcome, values: dict[str, float], unit: str | None) -> None:
-        self.count("requests")
-        if outcome.cancelled:
-            self.count("cancelled")
-        elif outcome.failed:
-            self.count("errors")
+    def add(self, row: MetricRow | None, unit: str | None) -> None:
+        self.requests += 1
         if unit is None or not self.per_unit:
-            self.count("units")
+            self.anonymous_units += 1
             index = ANONYMOUS
         else:
+            # a cancelled request still makes its user a unit of the arm
             index = self.unit_index.setdefault(unit, len(self.unit_index))
-        for metric, value in values.items():
-            column = self.values.get(metric)
-            if column is None:
-                column = self.values[metric] = []
-                self.value_units[metric] = []
-            column.append(value)
-            self.value_units[metric].append(index)
+        if row is None:
+            self.cancelled += 1
+            return
+        self.rows.append(row)
+        self.row_units.append(index)
 
     def payload(self, experiment: str, arm_id: str) -> dict[str, Any]:
         """The arm's part of the batch script's argument."""
-        ints = dict(self.counters)
+        ints: dict[str, int] = {"requests": self.requests}
+        if self.cancelled:
+            ints["cancelled"] = self.cancelled
+        if self.anonymous_units:
+            ints["units"] = self.anonymous_units
         sums: dict[str, str] = {}
         hist: dict[str, int] = {}
         units = list(self.unit_index)
-        unit_dy = np.zeros((len(units), len(self.values)))
-        unit_dn = np.zeros((len(units), len(self.values)), dtype=np.int64)
-        for column, (metric, raw) in enumerate(self.values.items()):
-            values = np.asarray(raw, dtype=np.float64)
-            ints[f"{metric}|n"] = len(raw)
-            # repr of a float round-trips exactly: Redis adds the very number computed here
-            sums[f"{metric}|s"] = repr(float(values.sum()))
-            sums[f"{metric}|q"] = repr(float(np.dot(values, values)))
-            for bucket, count in bucket_counts(values).items():
-                hist[f"{metric}|{bucket}"] = count
-            if not self.per_unit:
-                continue
-            owners = np.asarray(self.value_units[metric], dtype=np.int64)
-            anonymous = owners == ANONYMOUS
-            if anonymous.any():
-                # units of one request each: Y_u = value, N_u = 1
-                alone = values[anonymous]
-                ints[f"{metric}|uk"] = int(alone.size)
-                sums[f"{metric}|uyy"] = repr(float(np.dot(alone, alone)))
-                sums[f"{metric}|unn"] = repr(float(alone.size))
-                sums[f"{metric}|uyn"] = repr(float(alone.sum()))
-            if units:
-                named = ~anonymous
-                unit_dy[:, column] = np.bincount(owners[named], weights=values[named], minlength=len(units))
-                unit_dn[:, column] = np.bincount(owners[named], minlength=len(units))
-        metric_names = list(self.values)
-        unit_payloads = []
-        for unit, dy, dn in zip(units, unit_dy.tolist(), unit_dn.tolist(), strict=True):
-            if all(dn):
-                names = metric_names
-            else:  # this unit's requests did not produce every metric (errors, no stream)
-                present = [column for column, count in enumerate(dn) if count]
-                names = [metric_names[column] for column in present]
-                dy = [dy[column] for column in present]
-                dn = [dn[column] for column in present]
-            unit_payloads.append(
-                {"key": store.unit_key(experiment, arm_id, unit), "names": names, "dy": dy, "dn": dn}
-            )
+        unit_metrics: list[str] = []
+        unit_dy: list[np.ndarray] = []
+        unit_dn: list[np.ndarray] = []
+        if self.rows:
+            matrix = np.array(self.rows, dtype=np.float64)
+            owners = np.array(self.row_units, dtype=np.int64)
+            errors = int(matrix[:, 0].sum())
+            if errors:
+                ints["errors"] = errors
+            named = owners != ANONYMOUS
+            for column, metric in enumerate(BUILTIN_METRICS):
+                present = ~np.isnan(matrix[:, column])
+                values = matrix[present, column]
+                if values.size == 0:
+                    continue
+                ints[f"{metric}|n"] = int(values.size)
+                # repr of a float round-trips exactly: Redis adds the very number computed here
+                sums[f"{metric}|s"] = repr(float(values.sum()))
+                sums[f"{metric}|q"] = repr(float(np.dot(values, values)))
+                for bucket, count in bucket_counts(values).items():
+                    hist[f"{metric}|{bucket}"] = count
+                if not self.per_unit:
+                    continue
+                alone = values[~named[present]]
+                if alone.size:
+                    # units of one request each: Y_u = value, N_u = 1
+                    ints[f"{metric}|uk"] = int(alone.size)
+                    sums[f"{metric}|uyy"] = repr(float(np.dot(alone, alone)))
+                    sums[f"{metric}|unn"] = repr(float(alone.size))
+                    sums[f"{metric}|uyn"] = repr(float(alone.sum()))
+                if units:
+                    mine = present & named
+                    unit_metrics.append(metric)
+                    unit_dy.append(np.bincount(owners[mine], weights=matrix[mine, column], minlength=len(units)))
+                    unit_dn.append(np.bincount(owners[mine], minlength=len(units)))
+        unit_payloads: list[list[Any]] = []
+        if units:
+            dy_rows = np.column_stack(unit_dy).tolist() if unit_dy else [[] for _ in units]
+            dn_rows = np.column_stack(unit_dn).tolist() if unit_dn else [[] for _ in units]
+            unit_payloads = [
+                [store.unit_key(experiment, arm_id, unit), dy, dn]
+                for unit, dy, dn in zip(units, dy_rows, dn_rows, strict=True)
+            ]
         return {
             "arm": arm_id,
             "meta": self.meta,
@@ -133,5 +145,6 @@ class ArmBatch:
             "ints": ints,
             "sums": sums,
             "hist": hist,
+            "unit_metrics": unit_metrics,
             "units": unit_payloads,
         }

@@ -4,7 +4,7 @@ interpreted later by the recorder, off the request path."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -51,9 +51,8 @@ class Outcome:
         return not self.cancelled and (self.status >= 400 or self.error_reason is not None)
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseFacts:
-    """What the recorder derives from a finished response."""
+class ResponseFacts(NamedTuple):
+    """What the recorder derives from a finished response (a tuple: made once per request)."""
 
     chars: int | None
     words: int | None
@@ -63,20 +62,20 @@ class ResponseFacts:
     response_id: str | None
 
 
-def _tokens(usage: dict[str, Any] | None) -> tuple[int | None, int | None, int | None]:
-    if not isinstance(usage, dict):
-        return None, None, None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    total = usage.get("total_tokens")
-    if total is None and isinstance(prompt, int) and isinstance(completion, int):
-        total = prompt + completion
-    return tuple(_count(value) for value in (prompt, completion, total))  # type: ignore[return-value]
-
-
 def _count(value: Any) -> int | None:
     """A token count as the upstream reported it, if it is one (not a bool, not negative)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if type(value) is int and value >= 0 else None
+
+
+def _tokens(usage: Any) -> tuple[int | None, int | None, int | None]:
+    if not isinstance(usage, dict):
+        return None, None, None
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+    reported_total = usage.get("total_tokens")
+    if reported_total is None and prompt is not None and completion is not None:
+        return prompt, completion, prompt + completion
+    return prompt, completion, _count(reported_total)
 
 
 def _list(value: Any) -> list[Any]:

@@ -23,7 +23,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from abproxy import store
-from abproxy.aggregate import ArmBatch, metric_values
+from abproxy.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
@@ -241,7 +241,7 @@ class Recorder:
                 arm_batch = arms[(route.experiment, route.arm)] = ArmBatch(
                     plan.arms[route.variant].metadata_json(), plan.per_unit
                 )
-            arm_batch.add(outcome, metric_values(outcome, facts, cost), unit)
+            arm_batch.add(metric_row(outcome, facts, cost), unit)
         tally.apply(self._metrics)
         if count == 0:
             return
@@ -275,7 +275,9 @@ class Recorder:
                 await self._write(batch)
             except (RedisError, OSError) as error:
                 self._metrics.recorder_write_errors.inc()
-                log.warning("Redis write failed (%s); %d measurements buffered", type(error).__name__, self.buffered)
+                log.warning(
+                    "Redis write failed (%s: %.200s); %d measurements buffered", type(error).__name__, error, self.buffered
+                )
                 return False
             self._pending.popleft()
             self._pending_events -= batch.events

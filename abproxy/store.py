@@ -83,58 +83,101 @@ def hash_unit(unit_id: str) -> str:
 
 _LUA_COMMON = r"""
 -- Numbers go to redis.call as they are: Redis formats them with %.17g, which round-trips.
+-- This runs for every unit of every batch: plain arrays and inlined arithmetic, because Redis's
+-- Lua 5.1 interpreter makes a function call or a table per metric cost more than the maths.
 
-local field_cache = {}
--- The arm-hash fields of a metric's unit sums, built once per script call.
-local function fields_of(metric)
-  local f = field_cache[metric]
-  if not f then
-    f = {uk = metric .. '|uk', uyy = metric .. '|uyy', unn = metric .. '|unn', uyn = metric .. '|uyn'}
-    field_cache[metric] = f
+-- The running deltas of an arm's unit sums, one slot per metric of `names`: units with the
+-- metric, Σ Y_u², Σ N_u², Σ Y_u·N_u.
+local function new_sums(count)
+  local uk, uyy, unn, uyn = {}, {}, {}, {}
+  for i = 1, count do uk[i], uyy[i], unn[i], uyn[i] = 0, 0, 0, 0 end
+  return {uk, uyy, unn, uyn}
+end
+
+-- Move slot i of the sums from a unit's old (Y_u, N_u) to its new one.
+local function move_unit(sums, i, y0, n0, y1, n1)
+  if n0 == 0 then
+    if n1 > 0 then sums[1][i] = sums[1][i] + 1 end
+  elseif n1 == 0 then
+    sums[1][i] = sums[1][i] - 1
   end
-  return f
+  sums[2][i] = sums[2][i] + y1 * y1 - y0 * y0
+  sums[3][i] = sums[3][i] + n1 * n1 - n0 * n0
+  sums[4][i] = sums[4][i] + y1 * n1 - y0 * n0
 end
 
--- Move one unit's (Y_u, N_u) for a metric from old to new values, into the running deltas
--- of the arm's unit sums: acc[metric] = {units, Σ Y_u², Σ N_u², Σ Y_u·N_u}.
-local function move_unit(acc, metric, y0, n0, y1, n1)
-  local a = acc[metric]
-  if not a then a = {0, 0, 0, 0}; acc[metric] = a end
-  if n0 == 0 and n1 > 0 then a[1] = a[1] + 1 elseif n0 > 0 and n1 == 0 then a[1] = a[1] - 1 end
-  a[2] = a[2] + y1 * y1 - y0 * y0
-  a[3] = a[3] + n1 * n1 - n0 * n0
-  a[4] = a[4] + y1 * n1 - y0 * n0
-end
-
--- Add deltas (dy[i], dn[i]) for metrics names[i] to a named unit's running totals, kept as one
--- MessagePack string {metric = {Y_u, N_u}} (one GET and one SET per unit, however many metrics).
+-- Add deltas (dy[i], dn[i]) for metrics names[i] to a unit's running totals. They are kept as
+-- one MessagePack string of three parallel arrays (metric names, Y_u, N_u): one GET and one SET
+-- per unit however many metrics. Batches send every unit of an arm with the same names in the
+-- same order, so the stored order usually matches and no lookup is needed.
 -- Returns true when the unit was new; its key expires ttl after it was first seen.
-local function add_to_unit(acc, ukey, names, dy, dn, ttl)
+local function add_to_unit(sums, ukey, names, dy, dn, ttl)
+  local count = #names
   local packed = redis.call('GET', ukey)
-  local totals = packed and cmsgpack.unpack(packed) or {}
-  for i, metric in ipairs(names) do
-    local old = totals[metric]
-    local y0, n0 = 0, 0
-    if old then y0, n0 = old[1], old[2] end
-    local y1, n1 = y0 + dy[i], n0 + dn[i]
-    totals[metric] = {y1, n1}
-    move_unit(acc, metric, y0, n0, y1, n1)
+  local stored, ys, ns
+  if packed then
+    stored, ys, ns = cmsgpack.unpack(packed)
+  else
+    stored, ys, ns = names, {}, {}
+    for i = 1, count do ys[i], ns[i] = 0, 0 end
+  end
+  local same = #stored == count
+  if same and stored ~= names then
+    for i = 1, count do
+      if stored[i] ~= names[i] then same = false; break end
+    end
+  end
+  if same then
+    local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
+    for i = 1, count do
+      local d_y, d_n = dy[i], dn[i]
+      if d_y ~= 0 or d_n ~= 0 then
+        local y0, n0 = ys[i], ns[i]
+        local y1, n1 = y0 + d_y, n0 + d_n
+        ys[i], ns[i] = y1, n1
+        if n0 == 0 then
+          if n1 > 0 then uk[i] = uk[i] + 1 end
+        elseif n1 == 0 then
+          uk[i] = uk[i] - 1
+        end
+        uyy[i] = uyy[i] + y1 * y1 - y0 * y0
+        unn[i] = unn[i] + n1 * n1 - n0 * n0
+        uyn[i] = uyn[i] + y1 * n1 - y0 * n0
+      end
+    end
+  else
+    local position = {}
+    for j, metric in ipairs(stored) do position[metric] = j end
+    for i, metric in ipairs(names) do
+      if dy[i] ~= 0 or dn[i] ~= 0 then
+        local j = position[metric]
+        if not j then
+          j = #stored + 1
+          stored[j], ys[j], ns[j], position[metric] = metric, 0, 0, j
+        end
+        local y0, n0 = ys[j], ns[j]
+        ys[j], ns[j] = y0 + dy[i], n0 + dn[i]
+        move_unit(sums, i, y0, n0, ys[j], ns[j])
+      end
+    end
   end
   if packed then
-    redis.call('SET', ukey, cmsgpack.pack(totals), 'KEEPTTL')
+    redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'KEEPTTL')
     return false
   end
-  redis.call('SET', ukey, cmsgpack.pack(totals), 'EX', ttl)
+  redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'EX', ttl)
   return true
 end
 
-local function apply_unit_sums(stats, acc)
-  for metric, a in pairs(acc) do
-    local f = fields_of(metric)
-    if a[1] ~= 0 then redis.call('HINCRBY', stats, f.uk, a[1]) end
-    redis.call('HINCRBYFLOAT', stats, f.uyy, a[2])
-    redis.call('HINCRBYFLOAT', stats, f.unn, a[3])
-    redis.call('HINCRBYFLOAT', stats, f.uyn, a[4])
+local function apply_unit_sums(stats, names, sums)
+  local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
+  for i, metric in ipairs(names) do
+    if uk[i] ~= 0 then redis.call('HINCRBY', stats, metric .. '|uk', uk[i]) end
+    if uyy[i] ~= 0 or unn[i] ~= 0 or uyn[i] ~= 0 then
+      redis.call('HINCRBYFLOAT', stats, metric .. '|uyy', uyy[i])
+      redis.call('HINCRBYFLOAT', stats, metric .. '|unn', unn[i])
+      redis.call('HINCRBYFLOAT', stats, metric .. '|uyn', uyn[i])
+    end
   end
 end
 """
@@ -165,16 +208,18 @@ for _, arm in ipairs(payload.arms) do
   -- Sums arrive as exact decimal strings, so they are applied as they are.
   for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', arm.stats, f, v) end
   for f, v in pairs(arm.hist) do redis.call('HINCRBY', arm.hist_key, f, v) end
-  local new_units, acc = 0, {}
+  -- arm.units: {unit key, Y deltas, N deltas}, each aligned with arm.unit_metrics
+  local names = arm.unit_metrics
+  local new_units, sums = 0, new_sums(#names)
   for _, unit in ipairs(arm.units) do
-    if add_to_unit(acc, unit.key, unit.names, unit.dy, unit.dn, unit_ttl) then new_units = new_units + 1 end
+    if add_to_unit(sums, unit[1], names, unit[2], unit[3], unit_ttl) then new_units = new_units + 1 end
   end
   for f, v in pairs(arm.ints) do
     if f == 'units' then v = v + new_units; new_units = 0 end
     redis.call('HINCRBY', arm.stats, f, v)
   end
   if new_units > 0 then redis.call('HINCRBY', arm.stats, 'units', new_units) end
-  apply_unit_sums(arm.stats, acc)
+  if #arm.units > 0 then apply_unit_sums(arm.stats, names, sums) end
 end
 return 1
 """
@@ -205,16 +250,16 @@ redis.call('HINCRBYFLOAT', stats, metric .. '|s', score - old_score)
 redis.call('HINCRBYFLOAT', stats, metric .. '|q', score * score - old_score * old_score)
 redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
 if ARGV[6] == '1' then
-  local acc = {}
+  local names, sums = {metric}, new_sums(1)
   if KEYS[4] ~= '' then
-    if add_to_unit(acc, KEYS[4], {metric}, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7])) then
+    if add_to_unit(sums, KEYS[4], names, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7])) then
       redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
     end
   else
     -- A request without a unit id is a unit of its own.
-    move_unit(acc, metric, old_score, old and 1 or 0, score, 1)
+    move_unit(sums, 1, old_score, old and 1 or 0, score, 1)
   end
-  apply_unit_sums(stats, acc)
+  apply_unit_sums(stats, names, sums)
 end
 return old and 2 or 1
 """

@@ -741,7 +741,7 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
     """unit: user keeps, per metric, the per-user sums the delta method needs. Requests without a
     user id are units of their own."""
     counts = {"alice": 1, "bob": 2, "carol": 3, "dave": 5, "erin": 7, None: 3}
-    seen: list[tuple[str, str, int]] = []  # (unit, variant, total tokens)
+    seen: list[tuple[str, str, int, bool]] = []  # (unit, variant, total tokens, streamed)
     client = proxy.client()
 
     def send(user: str | None, k: int) -> None:
@@ -758,7 +758,7 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
             )
             total = raw.parse().usage.total_tokens
         unit = user or f"anonymous-{raw.headers['x-abproxy-request-id']}"
-        seen.append((unit, raw.headers["x-abproxy-variant"], total))
+        seen.append((unit, raw.headers["x-abproxy-variant"], total, bool(k % 2)))
 
     # two phases with a write in between: a user's sums grow across batches
     for phase in (0, 1):
@@ -769,12 +769,14 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
         proxy.settle()
 
     assert len(seen) == sum(counts.values())
-    assert len({v for u, v, _ in seen if not u.startswith("anonymous-")}) == 2, "users in both arms"
+    assert len({v for u, v, _, _ in seen if not u.startswith("anonymous-")}) == 2, "users in both arms"
     for variant, arm in arm_ids(proxy).items():
         per_unit: dict[str, list[int]] = collections.defaultdict(list)
-        for unit, v, total in seen:
+        streams: collections.Counter[str] = collections.Counter()
+        for unit, v, total, streamed in seen:
             if v == variant:
                 per_unit[unit].append(total)
+                streams[unit] += streamed
         stats = arm_stats(redis_client, arm)
         assert int(stats.get("units", 0)) == len(per_unit), variant
         assert int(stats.get("requests", 0)) == sum(len(t) for t in per_unit.values())
@@ -788,3 +790,6 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
         # error_rate: Y_u = 0 for everyone, N_u = u's requests
         assert num(stats, "error_rate|uyy") == 0
         assert num(stats, "error_rate|unn") == sum(n * n for n in ns.values())
+        # TTFT only from streams: users whose first batch had none gain it in the second
+        assert int(float(stats["ttft_ms|uk"])) == sum(1 for c in streams.values() if c)
+        assert num(stats, "ttft_ms|unn") == sum(c * c for c in streams.values())
