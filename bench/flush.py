@@ -2,6 +2,8 @@
 
     python bench/flush.py [--experiments 20] [--variants 5] [--requests 200]
 
+(``bench/run.py`` also calls :func:`measure` for a growing number of experiments.)
+
 Counters are filled through the real recorder (its Lua batch script) with synthetic outcomes,
 then the flusher runs three times: the first creates every MLflow experiment and run, the later
 ones are the steady state every interval pays. Prints the timings.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -73,8 +76,11 @@ def synthetic_outcomes(catalog: Catalog, per_variant: int, rng: random.Random) -
     return outcomes
 
 
-async def main(experiments: int, variants: int, per_variant: int) -> None:
-    with tempfile.TemporaryDirectory() as directory:
+async def measure(experiments: int, variants: int, per_variant: int, *, quiet: bool = False) -> dict[str, float]:
+    """Seconds taken by the first flush (which creates every run) and the steady-state flush."""
+    timings: dict[str, float] = {}
+    # MLflow's default artifact root is ./mlruns: keep it in the temporary directory
+    with tempfile.TemporaryDirectory() as directory, contextlib.chdir(directory):
         tmp = Path(directory)
         redis_server = EmbeddedRedis(tmp / "redis")
         url = redis_server.start()
@@ -88,14 +94,17 @@ async def main(experiments: int, variants: int, per_variant: int) -> None:
                 recorder.record(outcome)
             assert await recorder.flush(), "recorder could not write to Redis"
             flusher = Flusher(redis, config, catalog, metrics)
-            for label in ("first flush (creates runs)", "steady-state flush", "steady-state flush"):
+            for label in ("first", "steady", "steady"):
                 started = time.perf_counter()
                 report = await flusher.flush()
                 elapsed = time.perf_counter() - started
-                print(f"{label}: {elapsed:.2f} s for {experiments} experiments × {variants} variants (step {report.step})")
+                timings[label] = elapsed  # the last steady-state flush is kept
+                if not quiet:
+                    print(f"{label} flush: {elapsed:.2f} s for {experiments} experiments × {variants} variants (step {report.step})")
             await redis.aclose()
         finally:
             redis_server.stop()
+    return timings
 
 
 if __name__ == "__main__":
@@ -104,4 +113,4 @@ if __name__ == "__main__":
     parser.add_argument("--variants", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200, help="synthetic requests per variant")
     args = parser.parse_args()
-    asyncio.run(main(args.experiments, args.variants, args.requests))
+    asyncio.run(measure(args.experiments, args.variants, args.requests))

@@ -1,4 +1,5 @@
-"""`abproxy serve --workers N`: worker processes share one Redis and add up in /metrics."""
+"""Several processes on one Redis: `abproxy serve --workers N` adds up in /metrics, and two
+replicas (separate `abproxy serve` processes) count exactly and flush once per interval."""
 
 from __future__ import annotations
 
@@ -15,10 +16,37 @@ from pathlib import Path
 import openai
 import orjson
 import yaml
+from mlflow.tracking import MlflowClient
 
 from abproxy.embedded_redis import free_port
 from conftest import BASE_EXPERIMENTS
+from flushkit import history, http, search
 from prometheus_text import sample
+
+
+def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> subprocess.Popen:
+    """`abproxy serve` as its own process group; returns once it answers /healthz."""
+    config_path = tmp_path / f"abproxy-{port}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "abproxy", "serve", "--config", str(config_path), "--port", str(port), *extra_args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            return server
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise AssertionError(server.stdout.read().decode()[-2000:]) from None
+            time.sleep(0.2)
+
+
+def stop_serve(server: subprocess.Popen) -> int:
+    os.killpg(server.pid, signal.SIGTERM)
+    return server.wait(30)
 
 
 def raw_get_many(port: int, path: str, connections: int) -> list[str]:
@@ -41,29 +69,16 @@ def worker_pids(port: int, connections: int = 32) -> set[int]:
 
 def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path, redis_client, redis_server, upstream_url):
     port = free_port()
-    config = tmp_path / "abproxy.yaml"
-    config.write_text(yaml.safe_dump({
+    config = {
         "redis_url": redis_server.url,
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "flush_interval_s": 0},
         "upstreams": {"fake": {"base_url": upstream_url}},
         "default_upstream": "fake",
         "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
-    }))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "abproxy", "serve", "--config", str(config), "--port", str(port), "--workers", "2",
-         "--log-level", "warning"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    }
+    server = start_serve(tmp_path, config, port, "--workers", "2", "--log-level", "warning")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, server.stdout.read().decode()[-2000:]
-                time.sleep(0.2)
         # Idle workers race to accept; bursts of connections, repeated, reach both of them.
         pids: set[int] = set()
         for _ in range(40):
@@ -98,6 +113,67 @@ def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path,
         )
         assert requests == 40
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-    assert server.returncode == 0
+        returncode = stop_serve(server)
+    assert returncode == 0
+
+
+def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_interval(
+    tmp_path: Path, redis_client, redis_server, upstream_url
+):
+    """Two `abproxy serve` processes behind one load balancer share one Redis and one MLflow
+    store: a response served by one replica takes feedback through the other, totals are exact,
+    and in each flush interval exactly one of them writes to MLflow."""
+    interval_s = 1.5
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {
+        "redis_url": redis_server.url,
+        "mlflow": {"tracking_uri": uri, "flush_interval_s": interval_s},
+        "upstreams": {"fake": {"base_url": upstream_url}},
+        "default_upstream": "fake",
+        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
+    }
+    ports = [free_port(), free_port()]
+    replicas = [start_serve(tmp_path, config, port, "--log-level", "warning") for port in ports]
+    started = time.monotonic()
+    try:
+        served = {port: 0 for port in ports}
+        for i in range(40):
+            port, other = ports[i % 2], ports[(i + 1) % 2]
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-client", max_retries=0) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="translation", messages=[{"role": "user", "content": f"sentence {i}"}], user=f"user-{i}"
+                )
+            served[port] += 1
+            time.sleep(0.25)  # the request record must reach Redis before the other replica is asked
+            status, body = http(
+                "POST", f"http://127.0.0.1:{other}/v1/feedback",
+                {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 1 + i % 5},
+            )  # fmt: skip
+            assert status == 200, body
+        assert served == {ports[0]: 20, ports[1]: 20}
+
+        arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
+        assert sum(int(redis_client.hget(key, "requests") or 0) for key in arms) == 40
+        assert sum(int(redis_client.hget(key, "feedback.satisfaction|n") or 0) for key in arms) == 40
+
+        # Wait for a periodic flush that saw everything: MLflow then holds the exact totals.
+        deadline = time.monotonic() + 20
+        while True:
+            runs = [r for r in search(uri) if r.data.tags.get("abproxy.role") == "variant"]
+            if len(runs) == 2 and sum(r.data.metrics.get("requests", 0) for r in runs) == 40:
+                break
+            assert time.monotonic() < deadline, [(r.info.run_name, r.data.metrics.get("requests")) for r in runs]
+            time.sleep(0.3)
+        assert sum(r.data.metrics["feedback.satisfaction.n"] for r in runs) == 40
+        elapsed = time.monotonic() - started
+    finally:
+        codes = [stop_serve(replica) for replica in replicas]
+    assert codes == [0, 0]
+
+    # Each flush is one step (the fencing token): two replicas flushing on their own would make
+    # about twice as many steps as intervals went by.
+    steps = [step for step, _ in history(uri, runs[0].info.run_id, "requests")]
+    assert steps == sorted(set(steps)), steps
+    assert 1 <= len(steps) <= elapsed / interval_s + 2, (steps, elapsed)
+    experiment = MlflowClient(uri).get_experiment_by_name("translation")
+    assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3  # two variants and the summary
