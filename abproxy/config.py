@@ -320,6 +320,16 @@ def parse_config(data: Any, environ: dict[str, str] | None = None) -> Config:
         raise ConfigError(_problems(error)) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's complaint and where, without the excerpt of the file that ``str(error)``
+    quotes: the offending line may hold an API key, and this message ends up in logs."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error)
+    problem = "; ".join(part for part in (error.context, error.problem) if part) or "syntax error"
+    mark = error.problem_mark or error.context_mark
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None, *, resolve_prompts: bool = True
 ) -> Config:
@@ -337,7 +347,7 @@ def load_config(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError([("", f"{chosen} is not valid YAML: {error}")]) from None
+        raise ConfigError([("", f"{chosen} is not valid YAML: {_yaml_problem(error)}")]) from None
     config = parse_config(data, env)
     if resolve_prompts:
         from abproxy.prompts import resolve_prompts as resolve

@@ -16,7 +16,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abproxy import store
 from abproxy.analysis import sequential_state_field
@@ -25,6 +25,9 @@ from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
 from abproxy.report import markdown
 from abproxy.results import Snapshot, snapshot_json, take_snapshot
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger("abproxy.flusher")
 
@@ -177,10 +180,10 @@ class MlflowWriter:
             return existing.experiment_id
         return self.client.create_experiment(name, tags={"abproxy.managed": "true"})
 
-    def _find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+    def _find_run(self, experiment_id: str, tag: str, value: str) -> Run | None:
         """A run created by an earlier flush whose id never reached Redis (crash in between)."""
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
-        return found[0].info.run_id if found else None
+        return found[0] if found else None
 
     def write(self, plan: ExperimentPlan, result: dict[str, Any], runs: dict[str, str], step: int) -> dict[str, str]:
         """Log one experiment at ``step``; returns the run ids to keep (new ones included)."""
@@ -201,7 +204,9 @@ class MlflowWriter:
         summary_id = runs.get("summary")
         if summary_id is not None and not self._live_run(summary_id, experiment_id):
             summary_id = None
-        summary_id = summary_id or self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+        if summary_id is None:
+            found = self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+            summary_id = found.info.run_id if found is not None else None
         if summary_id is None:
             summary_id = self.client.create_run(
                 experiment_id,
@@ -214,9 +219,7 @@ class MlflowWriter:
         for variant in result["variants"]:
             arm = plan.arms[variant["name"]]
             current.add(arm.arm_id)
-            run_id = runs.get(arm.arm_id) or self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
-            if run_id is None:
-                run_id = self._create_variant_run(experiment_id, summary_id, plan, arm)
+            run_id = runs.get(arm.arm_id) or self._variant_run(experiment_id, summary_id, plan, arm)
             metrics = [Metric(name, value, now, step) for name, value in variant_metrics(variant).items()]
             metrics.append(Metric("weight", variant["weight"], now, step))
             tags = [
@@ -224,8 +227,7 @@ class MlflowWriter:
                 RunTag("abproxy.status", result["status"]),
             ]
             if not self._log_batch(run_id, experiment_id, metrics=metrics, tags=tags):
-                run_id = self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
-                run_id = run_id or self._create_variant_run(experiment_id, summary_id, plan, arm)
+                run_id = self._variant_run(experiment_id, summary_id, plan, arm)
                 self.client.log_batch(run_id, metrics=metrics, tags=tags)
             runs[arm.arm_id] = run_id
 
@@ -245,9 +247,27 @@ class MlflowWriter:
         self.client.log_text(summary_id, markdown(result), "report.md")
         return runs
 
-    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+    def _variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+        """The arm's run when Redis holds no id for it: the one an earlier flush created, else a
+        new one. An earlier flush may have died between creating the run and logging its params
+        and prompts, so whatever of those is missing is logged now."""
         from mlflow.entities import Param
 
+        found = self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
+        if found is not None:
+            run_id, logged = found.info.run_id, found.data.params
+        else:
+            run_id, logged = self._create_variant_run(experiment_id, summary_id, plan, arm), {}
+        # Only the missing ones: MLflow refuses to change a param, and the weight may have changed.
+        wanted = _variant_params(arm, arm.definition.weight)
+        params = [Param(name, value) for name, value in wanted.items() if name not in logged]
+        if params:
+            self.client.log_batch(run_id, params=params)
+        for path, text in _prompt_artifacts(arm).items():
+            self.client.log_text(run_id, text, path)
+        return run_id
+
+    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
         tags = {
             "abproxy.experiment": plan.name,
             "abproxy.variant": arm.variant,
@@ -258,12 +278,7 @@ class MlflowWriter:
             "abproxy.current": "true",
             "mlflow.parentRunId": summary_id,
         }
-        run_id = self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id
-        params = [Param(name, value) for name, value in _variant_params(arm, arm.definition.weight).items()]
-        self.client.log_batch(run_id, params=params)
-        for path, text in _prompt_artifacts(arm).items():
-            self.client.log_text(run_id, text, path)
-        return run_id
+        return self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id
 
 
 class Flusher:

@@ -26,6 +26,7 @@ from abproxy.http import (
     HTTPError,
     RequestIds,
     bearer_token,
+    dump_json_object,
     error_body,
     header,
     parse_json_object,
@@ -163,7 +164,7 @@ class Proxy:
                 except variants.TemplateError as error:
                     raise HTTPError(400, str(error), "template_error") from None
                 strip_usage = self._ask_for_stream_usage(endpoint, body)
-                raw = orjson.dumps(body)
+                raw = dump_json_object(body)
                 extra_headers += [
                     (b"x-abproxy-experiment", plan.name.encode()),
                     (b"x-abproxy-variant", route.variant.encode()),

@@ -7,6 +7,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from abproxy.config import Variant
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -31,6 +33,17 @@ def _parts(template: str) -> tuple[tuple[str, bool], ...]:
     return tuple(parts)
 
 
+def _variable_text(name: str, value: Any) -> str:
+    """A variable as the prompt shows it: a string as it is, any other JSON value as JSON (not as
+    a Python repr, which also recurses too deep for a value nested a thousand levels)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        raise TemplateError(f"the variable {name!r} in abproxy_variables is nested too deeply") from None
+
+
 def render(template: str, input_text: str, variables: Mapping[str, Any]) -> str:
     pieces = []
     for text, is_variable in _parts(template):
@@ -39,7 +52,7 @@ def render(template: str, input_text: str, variables: Mapping[str, Any]) -> str:
         elif text == "input":
             pieces.append(input_text)
         elif text in variables:
-            pieces.append(str(variables[text]))
+            pieces.append(_variable_text(text, variables[text]))
         else:
             raise TemplateError(
                 f"the variant's template needs the variable {text!r}: send it in the request body's abproxy_variables"

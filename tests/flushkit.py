@@ -1,14 +1,21 @@
-"""Helpers shared by the MLflow flush tests (test_flusher.py, test_cli_report.py): driving
-traffic and feedback through a running proxy, raw HTTP calls, and reading MLflow back the way a
-user would (``mlflow.search_runs`` / ``MlflowClient``)."""
+"""Helpers shared by the MLflow flush tests (test_flusher.py, test_cli_report.py,
+test_mlflow_faults.py): driving traffic and feedback through a running proxy, raw HTTP calls, a
+real ``mlflow server`` process, and reading MLflow back the way a user would
+(``mlflow.search_runs`` / ``MlflowClient``)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -106,6 +113,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, local artifacts under ``root``) that a test may
+    kill and start again on the same port and the same store."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = root / "srv.db"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def log_tail(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def start(self, timeout_s: float = 30) -> float:
+        """Start it and wait until ``/health`` answers; returns the seconds that took."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers
+        with open(self.root / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "mlflow", "server",
+                    "--backend-store-uri", f"sqlite:///{self.db}",
+                    "--default-artifact-root", str(self.root / "art"),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                ],
+                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        started = time.monotonic()
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                self.kill()
+                raise RuntimeError(f"mlflow server not healthy after {timeout_s:g} s: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    def _signal_group(self, sig: int) -> None:
+        # The server runs its workers in its own session: signal that whole group, ours alone.
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no clean shut-down of anything."""
+        if self.process is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.process.wait(timeout=5)
+        self.process = None
 
 
 def search(uri: str, filter_string: str = "", experiment: str = EXP) -> list[Any]:

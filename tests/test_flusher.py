@@ -22,6 +22,7 @@ import yaml
 from conftest import BASE_EXPERIMENTS, make_config
 from flushkit import (
     EXP,
+    MlflowServer,
     artifact_text,
     drive,
     flush,
@@ -535,52 +536,13 @@ def test_mlflow_experiment_override_and_admin_key(start_proxy: Any, upstream_url
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` on a free port (sqlite backend, local artifacts), killed at teardown."""
-    import signal
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root}/srv.db",
-            "--default-artifact-root", str(root / "art"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
+    """``mlflow server`` on a free port (sqlite backend, local artifacts), stopped at teardown."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            if time.monotonic() - started > 30:
-                raise RuntimeError(f"mlflow server not healthy after 30 s: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        print(f"\nmlflow server healthy after {time.monotonic() - started:.1f}s")
-        yield url
+        print(f"\nmlflow server healthy after {server.start():.1f}s")
+        yield server.url
     finally:
-        # the server runs its workers in its own session: end that whole group, ours alone
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-        log.close()
+        server.stop()
 
 
 def test_flush_through_a_real_mlflow_server(start_proxy: Any, mlflow_server: str) -> None:
