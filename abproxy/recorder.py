@@ -176,9 +176,12 @@ class Recorder:
     async def flush(self) -> bool:
         """Interpret what is queued and write every pending batch; True when nothing is left."""
         async with self._write_lock:
-            while self._queue:
+            # Only what is queued now: outcomes arriving while a batch is prepared (it yields to
+            # the loop) wait for the next interval instead of becoming many tiny batches.
+            remaining = len(self._queue)
+            while remaining > 0 and self._queue:
                 try:
-                    await self._prepare_batch()
+                    remaining -= await self._prepare_batch(remaining)
                 finally:
                     self._in_preparation = 0  # a batch that raised is gone: it must not look pending
             ok = await self._write_pending()
@@ -205,12 +208,14 @@ class Recorder:
 
     # -- interpretation (off the request path) ------------------------------------------------
 
-    async def _prepare_batch(self) -> None:
+    async def _prepare_batch(self, limit: int) -> int:
+        """Interpret up to ``limit`` queued outcomes into one pending batch; returns how many."""
         arms: dict[tuple[str, str], ArmBatch] = {}
         records: dict[str, list[list[str]]] = {}
         tally = _PrometheusTally()
         count = 0
-        while self._queue and count < self._max_batch:
+        limit = min(limit, self._max_batch)
+        while self._queue and count < limit:
             if count % _OUTCOMES_PER_SLICE == 0 and count:
                 await asyncio.sleep(0)
             outcome = self._queue.popleft()
@@ -255,8 +260,8 @@ class Recorder:
                 )
             arm_batch.add(metric_row(outcome, facts, cost), unit)
         tally.apply(self._metrics)
-        if count == 0:
-            return
+        if count == 0 or not records:
+            return count
         payloads: dict[str, dict[str, Any]] = {
             experiment: {"records": experiment_records, "arms": []} for experiment, experiment_records in records.items()
         }
@@ -270,6 +275,7 @@ class Recorder:
         )
         self._pending.append(batch)
         self._pending_events += count
+        return count
 
     def _cost(self, outcome: Outcome, facts: ResponseFacts | None) -> float | None:
         if facts is None or facts.prompt_tokens is None or facts.completion_tokens is None:
