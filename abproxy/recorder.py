@@ -163,7 +163,7 @@ class Recorder:
             self._task = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if await self.flush():
+            if await self.flush() and not self.buffered:
                 return True
             await asyncio.sleep(0.1)
         log.error("recorder stopped with %d measurements not written to Redis", self.buffered)
@@ -174,7 +174,8 @@ class Recorder:
         return len(self._queue) + self._in_preparation + self._pending_events
 
     async def flush(self) -> bool:
-        """Interpret what is queued and write every pending batch; True when nothing is left."""
+        """Interpret what is queued now and write every pending batch; True when all of it
+        reached Redis (outcomes queued meanwhile wait for the next call)."""
         async with self._write_lock:
             # Only what is queued now: outcomes arriving while a batch is prepared (it yields to
             # the loop) wait for the next interval instead of becoming many tiny batches.
