@@ -13,6 +13,8 @@ import random
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,20 @@ ACCURACY = {"sentiment": {"simple": 0.68, "detailed": 0.80, "chain_of_thought": 
 MODEL_LATENCY_MS = {"gpt-4o-mini": 18.0, "gpt-4o": 35.0}
 PER_PROMPT_CHAR_MS = 0.04
 ERROR_RATE = 0.01
+
+
+def _final_flush(proxy_url: str, patience_s: float = 120.0) -> dict:
+    """POST /abproxy/flush, waiting out a periodic flush that holds the lock just then (409)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        request = urllib.request.Request(f"{proxy_url}/abproxy/flush", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=patience_s) as response:
+                return orjson.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code != 409 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def demo_config(data_dir: Path, upstream_url: str, flush_interval_s: float) -> Config:
@@ -333,9 +349,7 @@ def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: 
               f"{', '.join(config.experiments)})")
         progress = asyncio.run(simulate_users(proxy.url, requests, users=max(60, requests // 8), seed=seed))
 
-        request = urllib.request.Request(f"{proxy.url}/abproxy/flush", method="POST")
-        with urllib.request.urlopen(request, timeout=120) as response:
-            flushed = orjson.loads(response.read())
+        flushed = _final_flush(proxy.url)
         print()
         for name in config.experiments:
             with urllib.request.urlopen(f"{proxy.url}/abproxy/experiments/{name}", timeout=30) as response:

@@ -37,6 +37,7 @@ from abproxy.outcome import CANCELLED_STATUS, ExperimentRoute, Outcome
 from abproxy.recorder import Recorder
 from abproxy.sse import StreamObserver
 from abproxy.upstream import Upstreams, error_reason, response_headers, translate_failure
+from abproxy.upstream_http import UpstreamResponse
 
 log = logging.getLogger("abproxy.proxy")
 
@@ -226,11 +227,8 @@ class Proxy:
         watch = _DisconnectWatch(receive, active=streaming)
         response_started = False
         try:
-            async with self._upstreams.session.post(
-                self._upstreams.url(upstream, path, scope.get("query_string", b"")),
-                data=body,
-                headers=self._upstreams.request_headers(upstream, scope["headers"]),
-                timeout=self._upstreams.timeout(upstream, streaming),
+            async with self._upstreams.post_json(
+                upstream, path, scope.get("query_string", b""), scope["headers"], body, streaming
             ) as response:
                 status = response.status
                 headers = response_headers(response.raw_headers) + extra_headers
@@ -277,7 +275,7 @@ class Proxy:
         self,
         outcome: Outcome,
         started: float,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         send: Any,
         endpoint: str,
         strip_usage: bool,
@@ -286,7 +284,7 @@ class Proxy:
         outcome.streamed = True
         observer = StreamObserver(endpoint, strip_usage, self._clock)
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response:
                 forward = observer.feed(chunk)
                 if forward:
                     await send({"type": "http.response.body", "body": forward, "more_body": True})

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 import aiohttp
 
 from abproxy.config import Config, UpstreamSettings
-from abproxy.http import Headers, HTTPError
+from abproxy.http import JSON_CONTENT_TYPE, Headers, HTTPError
+from abproxy.upstream_http import UpstreamClient, Exchange
 
 # Never forwarded upstream: hop-by-hop headers, what aiohttp sets itself, the proxy's own.
 _REQUEST_HEADERS_DROPPED = frozenset(
@@ -44,8 +45,12 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 )
 
 
+_JSON_POST_HEADERS_DROPPED = _REQUEST_HEADERS_DROPPED | {b"content-type"}
+
+
 class Upstreams:
-    """One aiohttp session (one connection pool) shared by every upstream."""
+    """The clients every upstream is called with: the lean keep-alive client for the
+    generation POSTs on the hot path, one aiohttp session for everything else."""
 
     def __init__(self, config: Config, *, forward_client_authorization: bool):
         self._settings: dict[str, UpstreamSettings] = dict(config.upstreams)
@@ -61,8 +66,12 @@ class Upstreams:
             for name, s in self._settings.items()
         }
         self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     async def start(self) -> None:
+        self._client = UpstreamClient(
+            {name: (s.base_url, s.api_key, min(10.0, s.timeout_s)) for name, s in self._settings.items()}
+        )
         connector = aiohttp.TCPConnector(
             limit=0, ttl_dns_cache=300, keepalive_timeout=30, family=socket.AF_UNSPEC, enable_cleanup_closed=True
         )
@@ -71,6 +80,9 @@ class Upstreams:
         )
 
     async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -79,6 +91,23 @@ class Upstreams:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "Upstreams.start() was not awaited"
         return self._session
+
+    def post_json(
+        self, upstream: str, path: str, query: bytes, client_headers: Iterable[tuple[bytes, bytes]], body: bytes, streaming: bool
+    ) -> Exchange:
+        """POST a JSON body to ``path`` under the upstream's base URL: ``async with`` it for the
+        response. A whole response must arrive within ``timeout_s``; a stream may run longer,
+        as long as it never goes silent for ``timeout_s``."""
+        assert self._client is not None, "Upstreams.start() was not awaited"
+        headers: Headers = [
+            (key, value)
+            for key, value in client_headers
+            if key not in _JSON_POST_HEADERS_DROPPED and not key.startswith(b"x-abproxy-")
+        ]
+        headers.append(JSON_CONTENT_TYPE)
+        if self._forward_client_authorization and not self._settings[upstream].api_key:
+            headers += [(key, value) for key, value in client_headers if key == b"authorization"]
+        return self._client.post(upstream, path, query, headers, body, self._settings[upstream].timeout_s, streaming)
 
     def url(self, upstream: str, path_after_v1: str, query: bytes = b"") -> str:
         url = f"{self._settings[upstream].base_url}{path_after_v1}"
