@@ -324,8 +324,6 @@ def _prepare_mlflow(config: Config, artifacts: Path) -> None:
 
 
 def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: float = 1.0) -> int:
-    import urllib.request
-
     from abproxy.app import ABProxyApp
     from abproxy.embedded_redis import EmbeddedRedis
     from abproxy.report import terminal

@@ -10,7 +10,7 @@ import aiohttp
 
 from abproxy.config import Config, UpstreamSettings
 from abproxy.http import JSON_CONTENT_TYPE, Headers, HTTPError
-from abproxy.upstream_http import UpstreamClient, Exchange
+from abproxy.upstream_http import Exchange, UpstreamClient
 
 # Never forwarded upstream: hop-by-hop headers, what aiohttp sets itself, the proxy's own.
 _REQUEST_HEADERS_DROPPED = frozenset(

@@ -1,0 +1,331 @@
+"""The lean upstream client on real sockets: a scripted HTTP server (a raw asyncio server that
+answers with exactly the bytes a test gives it) for the wire-level cases, and the fake upstream
+behind TLS with the real openai SDK going through the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from abproxy.fake_upstream import FakeUpstream, serve_in_thread
+from abproxy.upstream_http import UpstreamClient, UpstreamDisconnected
+from conftest import make_config, run
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+BODY = b'{"model":"gpt-4o-mini","messages":[]}'
+
+
+class ScriptedServer:
+    """Counts connections and the requests it read; ``handler(reader, writer, n)`` answers
+    request n (0-based, over all connections) however the test wants."""
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                await self.handler(reader, writer, len(self.requests) - 1)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def json_response(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        len(body),
+        b"".join(h + b"\r\n" for h in extra),
+        body,
+    )
+
+
+def client_for(url: str, api_key: str = "", connect_timeout_s: float = 2.0) -> UpstreamClient:
+    return UpstreamClient({"up": (url, api_key, connect_timeout_s)})
+
+
+async def post(client: UpstreamClient, *, timeout_s: float = 2.0, streaming: bool = False) -> tuple[int, bytes]:
+    async with client.post("up", "/chat/completions", b"", [(b"content-type", b"application/json")], BODY, timeout_s, streaming) as response:
+        return response.status, await response.read()
+
+
+def test_keeps_one_connection_alive_and_writes_a_complete_request() -> None:
+    async def answer(reader, writer, n):
+        writer.write(json_response(b'{"n":%d}' % n))
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url, api_key="sk-upstream")
+            bodies = [await post(client) for _ in range(5)]
+            client.close()
+        assert bodies == [(200, b'{"n":%d}' % n) for n in range(5)]
+        assert server.connections == 1
+        head, _, body = server.requests[0].partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+        assert f"host: {url.split('/')[2]}".encode() in lines
+        assert b"authorization: Bearer sk-upstream" in lines
+        assert b"content-length: %d" % len(BODY) in lines
+        assert body == BODY
+
+    run(main())
+
+
+def test_reads_chunked_gzip_and_connection_delimited_bodies() -> None:
+    payload = b'{"choices":[{"message":{"content":"' + b"word " * 2000 + b'"}}]}'
+    compressed = gzip.compress(payload)
+
+    async def answer(reader, writer, n):
+        if n == 0:  # chunked, in three pieces with pauses between them
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+            for piece in (payload[:10], payload[10:5000], payload[5000:]):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+        elif n == 1:
+            writer.write(json_response(compressed, b"content-encoding: gzip"))
+        else:  # no length at all: the body ends with the connection
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + payload)
+            await writer.drain()
+            writer.close()
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            results = [await post(client) for _ in range(3)]
+            again = await post(client)  # after `connection: close`, a new connection
+            client.close()
+        assert results == [(200, payload)] * 3
+        assert again == (200, payload)
+        assert server.connections == 2
+
+    run(main())
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
+    async def answer(reader, writer, n):
+        writer.write(json_response(b"{}"))
+        await writer.drain()
+        writer.close()  # keep-alive promised, then dropped (a server's idle timeout)
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            first = await post(client)
+            await asyncio.sleep(0.05)
+            second = await post(client)
+            client.close()
+        assert first == second == (200, b"{}")
+        assert server.connections == 2
+        assert len(server.requests) == 2  # nothing was sent twice
+
+    run(main())
+
+
+def test_the_keep_alive_race_resends_only_a_request_the_server_never_answered() -> None:
+    """A reused connection the server closes just as the request goes out (no byte of answer)
+    is retried once on a new connection; one it answered badly is not."""
+
+    async def answer(reader, writer, n):
+        if n == 1:
+            writer.close()  # read the request, said nothing: the race as the client sees it
+        elif n == 3:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+            await writer.drain()
+            writer.close()
+        else:
+            writer.write(json_response(b"{}"))
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            assert await post(client) == (200, b"{}")
+            assert await post(client) == (200, b"{}")  # request 1 dropped, resent as request 2
+            with pytest.raises(UpstreamDisconnected):
+                await post(client)  # request 3: headers came, the body broke off
+            client.close()
+        assert len(server.requests) == 4
+
+    run(main())
+
+
+def test_timeouts_a_whole_response_and_a_silent_stream() -> None:
+    async def answer(reader, writer, n):
+        if n == 0:
+            await asyncio.sleep(5)  # never answers in time
+        else:  # a stream that trickles for 0.6 s, each gap shorter than the 0.3 s limit, then stops
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(6):
+                writer.write(b"6\r\ndata: \r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(5)
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await post(client, timeout_s=0.3)
+            assert 0.25 < time.monotonic() - started < 1.5
+            received = b""
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with client.post("up", "/chat/completions", b"", [], BODY, 0.3, True) as response:
+                    async for chunk in response:
+                        received += chunk
+            assert received == b"data: " * 6  # the slow stream was not cut while it kept talking
+            assert 0.75 < time.monotonic() - started < 2.5
+            client.close()
+
+    run(main())
+
+
+def test_unreachable_and_malformed_upstreams_raise_connection_errors() -> None:
+    async def answer(reader, writer, n):
+        writer.write(b"this is not HTTP\r\n\r\n")
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            with pytest.raises(UpstreamDisconnected, match="malformed"):
+                await post(client)
+            client.close()
+        with pytest.raises(OSError):
+            await post(client_for(url))  # the server is gone: connection refused
+
+    run(main())
+
+
+def test_a_client_that_stops_reading_a_stream_leaves_the_rest_on_the_upstream() -> None:
+    """Flow control: a consumer that stops reading makes the client stop reading the socket, so
+    the proxy's memory stays bounded and the upstream feels the back-pressure."""
+    chunk = b"data: " + b"x" * 65530 + b"\n\n"
+    written = 0
+
+    async def answer(reader, writer, n):
+        nonlocal written
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(1000):  # 64 MB unless someone stops it
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            written += len(chunk)
+            await writer.drain()
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            async with client.post("up", "/chat/completions", b"", [], BODY, 5.0, True) as response:
+                first = await response.__anext__()
+                await asyncio.sleep(0.5)  # the consumer is busy elsewhere
+                stalled_at = written
+                await asyncio.sleep(0.3)
+                assert written == stalled_at  # the upstream is held back...
+                assert written < 32 * 2**20  # ...well before it wrote everything
+                deadline = time.monotonic() + 5
+                while written == stalled_at and time.monotonic() < deadline:
+                    await response.__anext__()
+                assert written > stalled_at  # reading again lets it go on
+            client.close()
+        assert first.startswith(b"data: ")
+
+    run(main())
+
+
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_an_https_upstream_through_the_proxy_with_the_sdk(tmp_path, monkeypatch, start_proxy) -> None:
+    cert, key = _self_signed_certificate(tmp_path)
+    upstream = FakeUpstream(api_key="sk-upstream")
+    running = serve_in_thread(upstream, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    try:
+        https_url = running.url.replace("http://", "https://").replace("127.0.0.1", "localhost") + "/v1"
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test's own CA, as an operator would
+        proxy = start_proxy(make_config(https_url, upstreams={"fake": {"base_url": https_url, "api_key": "sk-upstream"}}))
+        client = proxy.client()
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "over TLS"}], user="u1"
+        )
+        streamed = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "streamed over TLS"}], stream=True
+            )
+            if chunk.choices
+        )
+        assert "over TLS" in reply.choices[0].message.content
+        assert "streamed over TLS" in streamed
+        assert upstream.received[0].headers["host"] == https_url.split("/")[2]
+
+        monkeypatch.delenv("SSL_CERT_FILE")  # an upstream whose certificate nobody vouches for
+        untrusting = start_proxy(make_config(https_url, upstreams={"fake": {"base_url": https_url, "api_key": "sk-upstream"}}))
+        with pytest.raises(openai.APIStatusError) as refused:
+            untrusting.client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 502
+        assert "sk-upstream" not in refused.value.response.text
+    finally:
+        running.stop()
