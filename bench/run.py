@@ -4,7 +4,8 @@
 
 Starts (as subprocesses, each on a free port):
   * the fake upstream       python -m abproxy.fake_upstream --no-record
-  * the bare pass-through   python bench/passthrough.py
+  * the bare pass-through   python bench/passthrough.py                 (Starlette + aiohttp)
+  * the lean pass-through   python bench/passthrough.py --client lean   (pure ASGI + abproxy's client)
   * abproxy                 python -m abproxy serve --config <tmp yaml>   (embedded Redis)
 then measures each target *sequentially* (2 cores: never concurrently):
   * wrk at 1, 16 and 64 connections, JSON, and at 16 and 64 connections, SSE streams;
@@ -80,6 +81,7 @@ FULL_RUNS = [(1, "json"), (16, "json"), (64, "json"), (16, "stream"), (64, "stre
 RUNS = {
     "direct": FULL_RUNS,
     "passthrough": FULL_RUNS,
+    "passthrough-lean": FULL_RUNS,
     "abproxy": FULL_RUNS,
     # the same proxy, an experiment randomised per request: no per-user sums to keep
     "abproxy-unit-request": [(16, "json"), (64, "json")],
@@ -286,8 +288,8 @@ class Bench:
         wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", proc, 20)
         return proc
 
-    def start_passthrough(self) -> Proc:
-        proc = self.spawn("passthrough", [sys.executable, str(BENCH / "passthrough.py"), "--upstream",
+    def start_passthrough(self, client: str = "aiohttp") -> Proc:
+        proc = self.spawn(f"passthrough-{client}", [sys.executable, str(BENCH / "passthrough.py"), "--client", client, "--upstream",
                                           f"http://127.0.0.1:{self.up_port}/v1", "--port", str(self.pt_port)])
         wait_tcp(self.pt_port, proc, 20)
         return proc
@@ -342,7 +344,7 @@ def measure_target(bench: Bench, name: str, url: str, model: str, proc: Proc | N
                 "commands_incl_script_per_request": sum(calls.values()) / row["requests"],
                 "calls": calls,
             }
-    if name in ("direct", "passthrough", "abproxy"):
+    if name in ("direct", "passthrough", "passthrough-lean", "abproxy"):
         from ttft import measure as measure_ttft
 
         extra["ttft"] = {}
@@ -389,21 +391,24 @@ def throughput_table(rows: list[dict]) -> list[str]:
 
     for r in rows:
         pt = find("passthrough", r["conns"], r["mode"])
+        lean = find("passthrough-lean", r["conns"], r["mode"])
+        r["vs_passthrough_lean"] = (r["rps"] / lean["rps"]) if (r.get("rps") and lean and lean.get("rps")) else None
         d = find("direct", r["conns"], r["mode"])
         r["vs_passthrough"] = (r["rps"] / pt["rps"]) if (r.get("rps") and pt and pt.get("rps")) else None
         r["added_p50_ms"] = (r["p50_ms"] - d["p50_ms"]) if (r.get("p50_ms") is not None and d
                                                              and d.get("p50_ms") is not None) else None
     lines = [
-        "| target | conns | mode | req/s | p50 ms | req/s vs passthrough | added p50 vs direct (ms) | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| target | conns | mode | req/s | p50 ms | req/s vs passthrough | req/s vs passthrough-lean | added p50 vs direct (ms) | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["mode"], r["conns"])):
         if r.get("failed"):
-            lines.append(f"| {r['target']} | {r['conns']} | {r['mode']} | FAILED | – | – | – | – |")
+            lines.append(f"| {r['target']} | {r['conns']} | {r['mode']} | FAILED | – | – | – | – | – |")
             continue
         lines.append(
             f"| {r['target']} | {r['conns']} | {r['mode']} | {fmt(r['rps'], ',.0f')} | {fmt(r['p50_ms'], '.3f')} | "
-            f"{fmt(r['vs_passthrough'], '.2f')}× | {fmt(r['added_p50_ms'], '+.3f')} | {r.get('errors')} |"
+            f"{fmt(r['vs_passthrough'], '.2f')}× | {fmt(r['vs_passthrough_lean'], '.2f')}× | "
+            f"{fmt(r['added_p50_ms'], '+.3f')} | {r.get('errors')} |"
         )
     return lines
 
@@ -411,7 +416,7 @@ def throughput_table(rows: list[dict]) -> list[str]:
 def ttft_table(extras: dict[str, dict]) -> list[str]:
     lines = ["| target | conns | TTFT p50 ms | TTFT p99 ms | added p50 vs direct (ms) |", "|---|---:|---:|---:|---:|"]
     direct = extras.get("direct", {}).get("ttft", {})
-    for target in ("direct", "passthrough", "abproxy"):
+    for target in ("direct", "passthrough", "passthrough-lean", "abproxy"):
         for conns, result in extras.get(target, {}).get("ttft", {}).items():
             base = direct.get(conns)
             added = result["p50_ms"] - base["p50_ms"] if base else None
@@ -449,6 +454,7 @@ def main() -> int:
         targets = [
             ("direct", f"http://127.0.0.1:{bench.up_port}/v1/chat/completions", "gpt-4o-mini"),
             ("passthrough", f"http://127.0.0.1:{bench.pt_port}/v1/chat/completions", "gpt-4o-mini"),
+            ("passthrough-lean", f"http://127.0.0.1:{bench.pt_port}/v1/chat/completions", "gpt-4o-mini"),
             ("abproxy", f"http://127.0.0.1:{bench.ab_port}/v1/chat/completions", "bench"),
             ("abproxy-unit-request", f"http://127.0.0.1:{bench.ab_port}/v1/chat/completions", "bench-per-request"),
         ]
@@ -456,8 +462,8 @@ def main() -> int:
             try:
                 if name == "direct":
                     proc = upstream
-                elif name == "passthrough":
-                    proc = bench.start_passthrough()
+                elif name.startswith("passthrough"):
+                    proc = bench.start_passthrough("lean" if name == "passthrough-lean" else "aiohttp")
                 else:
                     proc = bench.start_abproxy(name)
             except RuntimeError as e:
