@@ -42,9 +42,13 @@ def _next_event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
 
 
 def _data_of(event: bytes) -> bytes | None:
-    """The joined ``data:`` field of one event, or None when it has none."""
-    if event.startswith(b"data: ") and event.count(b"\n") == 2 and event.endswith(b"\n\n"):
-        return event[6:-2]  # the usual one-line event, without the general parse
+    """The joined ``data:`` field of one event (with or without its separator), or None when it
+    has none."""
+    if event.startswith(b"data: "):  # the usual one-line event, without the general parse
+        if b"\n" not in event:
+            return event[6:]
+        if event.count(b"\n") == 2 and event.endswith(b"\n\n"):
+            return event[6:-2]
     lines = [line for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
@@ -76,6 +80,8 @@ class StreamObserver:
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from upstream; return the complete events to forward now."""
+        if b"\r" not in data and b"\r" not in self._buffer:
+            return self._feed_lf(data)
         self._buffer += data
         out = bytearray()
         start = 0
@@ -92,6 +98,28 @@ class StreamObserver:
             out += self._buffer
             self._buffer.clear()
         return bytes(out)
+
+    def _feed_lf(self, data: bytes) -> bytes:
+        """The usual case, a chunk without CR: its complete events are found by one split and,
+        unless one of them must be dropped, forwarded as the one piece they arrived in."""
+        if self._buffer:
+            data = bytes(self._buffer) + data
+            self._buffer.clear()
+        cut = data.rfind(b"\n\n")
+        if cut == -1:
+            self._buffer += data
+            if len(self._buffer) > MAX_EVENT_BYTES:
+                return self.remainder()
+            return b""
+        complete = data[: cut + 2]
+        if cut + 2 < len(data):
+            self._buffer += data[cut + 2 :]
+        events = complete.split(b"\n\n")
+        del events[-1]  # what follows the last separator: nothing
+        kept = [event for event in events if self._observe(event)]
+        if len(kept) != len(events):
+            complete = b"".join(event + b"\n\n" for event in kept)
+        return self.forwardable(complete)
 
     def remainder(self) -> bytes:
         """Whatever trailing bytes never formed a complete event (forwarded as they are)."""

@@ -1,4 +1,6 @@
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from abproxy.sse import StreamObserver
 
@@ -88,3 +90,33 @@ def test_a_body_without_event_separators_is_passed_on_not_hoarded():
     blob = b"x" * (MAX_EVENT_BYTES + 10)
     assert observer.feed(blob) == blob
     assert observer.remainder() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(st.text(alphabet="ab \n\"é", max_size=4), min_size=1, max_size=6),
+    crlf=st.lists(st.booleans(), min_size=8, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_however_the_stream_is_cut_and_separated_the_client_gets_the_same_events(words, crlf, cuts):
+    """Reads split anywhere, LF and CRLF separators mixed: the forwarded bytes are the upstream's
+    with the usage chunk and the `"usage":null` fields removed, and the text is all there."""
+    usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+    events = [b": keep-alive"] + [_chunk(w, usage=None)[:-2].replace(b',"usage"', b"") for w in words]
+    events = [e.replace(b'"choices"', b'"usage":null,"choices"') if e.startswith(b"data") else e for e in events]
+    usage_event = _chunk(usage=usage, choices=False)[:-2]
+    separators = [b"\r\n\r\n" if flag else b"\n\n" for flag in crlf]
+    stream = events + [usage_event, b"data: [DONE]"]
+    raw = b"".join(event + separators[i % len(separators)] for i, event in enumerate(stream))
+    expected = b"".join(
+        event.replace(b'"usage":null,', b"") + separators[i % len(separators)]
+        for i, event in enumerate(stream)
+        if event is not usage_event
+    )
+    observer = StreamObserver("chat", strip_usage_chunk=True)
+    points = sorted({c for c in cuts if c < len(raw)} | {0, len(raw)})
+    forwarded = b"".join(observer.feed(raw[a:b]) for a, b in zip(points, points[1:])) + observer.remainder()
+    assert forwarded == expected.replace(b',"usage":null', b"")
+    assert "".join(observer.text_parts) == "".join(words)
+    assert observer.usage == usage
+    assert observer.ended_well
