@@ -176,7 +176,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
             return 1
         for name, outcome in report.experiments.items():
             print(f"{name}: status={outcome['status']} winner={outcome['winner'] or 'none'}")
-        print(f"flushed {len(report.experiments)} experiment(s) to {config.mlflow.tracking_uri} (step {report.step}, {report.duration_s:.2f}s)")
+        print(f"flushed {len(report.experiments)} experiment(s) to {config.mlflow.shown_tracking_uri} (step {report.step}, {report.duration_s:.2f}s)")
         return 0
 
     return _with_redis(config, work)

@@ -57,6 +57,22 @@ class MlflowSettings(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     flush_interval_s: float = Field(30.0, ge=0)
 
+    @property
+    def shown_tracking_uri(self) -> str:
+        """The tracking URI as it may be printed or stored: credentials in it (``user:password@``,
+        or a token as the user name) replaced by ``***``."""
+        return redact_credentials(self.tracking_uri)
+
+
+def redact_credentials(uri: str) -> str:
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return uri
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
 
 class ServerSettings(_Strict):
     api_keys: list[str] = []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from abproxy import store
 from abproxy.analysis import sequential_state_field
 from abproxy.catalog import Arm, Catalog, ExperimentPlan
-from abproxy.config import Config
+from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
 from abproxy.report import markdown
 from abproxy.results import Snapshot, snapshot_json, take_snapshot
@@ -128,7 +128,7 @@ class MlflowWriter:
     def __init__(self, tracking_uri: str):
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = tracking_uri
+        self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
         self.client = MlflowClient(tracking_uri=tracking_uri)
 
     def _live_experiment(self, experiment_id: str, name: str) -> bool:
@@ -192,10 +192,10 @@ class MlflowWriter:
         runs = dict(runs)
         now = int(time.time() * 1000)
         mlflow_name = plan.settings.mlflow_experiment or plan.name
-        if runs.get("tracking_uri") != self.tracking_uri:
-            runs = {"tracking_uri": self.tracking_uri}  # ids of another store mean nothing here
+        if runs.get("tracking_uri") != self.shown_uri:
+            runs = {"tracking_uri": self.shown_uri}  # ids of another store mean nothing here
         if "experiment_id" in runs and not self._live_experiment(runs["experiment_id"], mlflow_name):
-            runs = {"tracking_uri": self.tracking_uri}
+            runs = {"tracking_uri": self.shown_uri}
         if "experiment_id" not in runs:
             runs["experiment_id"] = self._experiment_id(mlflow_name)
         experiment_id = runs["experiment_id"]

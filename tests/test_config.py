@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from abproxy.config import ConfigError, load_config, parse_config
+from abproxy.config import ConfigError, load_config, parse_config, redact_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "abproxy.yaml"
@@ -145,3 +145,17 @@ def test_variant_hash_changes_with_prompt_model_and_params_but_not_weight():
     assert arm_hash(system_prompt="You are kind.") != base
     assert arm_hash(params={"temperature": 0.2}) != base
     assert arm_hash(model="other") != base
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("postgresql://abproxy:pa55@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("https://dapi-token@example.cloud.databricks.com/x", "https://***@example.cloud.databricks.com/x"),
+        ("databricks", "databricks"),
+    ],
+)
+def test_tracking_uri_credentials_are_masked_wherever_it_is_shown(uri: str, shown: str) -> None:
+    assert redact_credentials(uri) == shown

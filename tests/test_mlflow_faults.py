@@ -178,3 +178,24 @@ def test_an_mlflow_server_that_comes_up_later_gets_the_whole_layout_from_the_sam
     assert status == 200, report
     assert report["experiments"][EXP]["winner"] == "professional"
     assert_complete(mlflow_server.url, proxy, redis_client, report)
+
+
+def test_credentials_in_the_tracking_uri_are_used_but_never_stored_or_shown(
+    start_proxy: Any, redis_client: redis.Redis, mlflow_server: MlflowServer
+) -> None:
+    mlflow_server.start()
+    with_credentials = mlflow_server.url.replace("http://", "http://flusher:s3cret-token@")
+    proxy = start_proxy(mlflow={"tracking_uri": with_credentials, "flush_interval_s": 0})
+    drive(proxy, {"basic": 20, "professional": 20}, "creds")
+    status, report = flush(proxy)
+    assert status == 200, report
+    assert_complete(mlflow_server.url, proxy, redis_client, report)
+    assert "s3cret" not in str(report)
+    address = redis_client.connection_pool.connection_kwargs
+    raw = redis.Redis(host=address["host"], port=address["port"])  # bytes: per-unit totals are MessagePack
+    for key in raw.scan_iter(b"abproxy:*"):
+        kind = raw.type(key)
+        stored = raw.hgetall(key) if kind == b"hash" else raw.get(key) if kind == b"string" else b""
+        assert b"s3cret" not in repr(stored).encode(), key
+    runs = redis_client.hgetall(store.runs_key(EXP))
+    assert runs["tracking_uri"] == mlflow_server.url.replace("http://", "http://***@")
