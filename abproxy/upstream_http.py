@@ -16,6 +16,7 @@ import asyncio
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,7 +54,10 @@ class _Origin:
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.authorization = authorization
         self.connect_timeout_s = connect_timeout_s
-        self.idle: list[_Connection] = []
+        self.idle: deque[_Connection] = deque()
+        """Most recently used on the right, where connections are taken from; the left end holds
+        the longest idle, closed once they pass ``IDLE_KEEPALIVE_S``, so a burst's connections
+        do not stay open for good once traffic falls again."""
 
     def take_idle(self, now: float) -> _Connection | None:
         while self.idle:
@@ -62,6 +66,12 @@ class _Origin:
                 return connection
             connection.close()
         return None
+
+    def put_idle(self, connection: _Connection, now: float) -> None:
+        connection.idle_since = now
+        self.idle.append(connection)
+        while now - self.idle[0].idle_since >= IDLE_KEEPALIVE_S:
+            self.idle.popleft().close()
 
 
 class _Connection(asyncio.Protocol):
@@ -120,8 +130,7 @@ class _Connection(asyncio.Protocol):
         if response is not None:
             response.message_complete()
         if response is not None and response.keep_alive and not self.closed:
-            self.idle_since = time.monotonic()
-            self.origin.idle.append(self)
+            self.origin.put_idle(self, time.monotonic())
         else:
             self.close()
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from abproxy import upstream_http
 from abproxy.fake_upstream import FakeUpstream, serve_in_thread
 from abproxy.upstream_http import UpstreamClient, UpstreamDisconnected
 from conftest import make_config, run
@@ -34,6 +35,7 @@ class ScriptedServer:
     def __init__(self, handler: Handler):
         self.handler = handler
         self.connections = 0
+        self.closed = 0
         self.requests: list[bytes] = []
         self._server: asyncio.Server | None = None
 
@@ -61,6 +63,7 @@ class ScriptedServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.closed += 1
             writer.close()
 
 
@@ -154,6 +157,33 @@ def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
         assert first == second == (200, b"{}")
         assert server.connections == 2
         assert len(server.requests) == 2  # nothing was sent twice
+
+    run(main())
+
+
+def test_connections_of_a_burst_are_closed_once_idle_too_long(monkeypatch) -> None:
+    monkeypatch.setattr(upstream_http, "IDLE_KEEPALIVE_S", 0.3)
+
+    async def answer(reader, writer, n):
+        await asyncio.sleep(0.05)  # long enough for the burst to need five connections
+        writer.write(json_response(b"{}"))
+
+    async def main():
+        server = ScriptedServer(answer)
+        async with server as url:
+            client = client_for(url)
+            await asyncio.gather(*(post(client) for _ in range(5)))
+            assert (server.connections, server.closed) == (5, 0)
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:  # traffic goes on, one request at a time
+                assert await post(client) == (200, b"{}")
+            await asyncio.sleep(0.05)
+            assert (server.connections, server.closed) == (5, 4)  # one kept busy, four let go
+            await asyncio.sleep(0.4)
+            assert await post(client) == (200, b"{}")  # after a lull, on a fresh connection
+            await asyncio.sleep(0.05)
+            assert (server.connections, server.closed) == (6, 5)
+            client.close()
 
     run(main())
 
