@@ -195,11 +195,8 @@ for _, record in ipairs(payload.records) do
   if record[3] ~= '' then
     -- Some servers reuse response ids (Ollama draws them from 1,000): a second request under
     -- the same id makes the alias ambiguous ('') rather than silently pointing elsewhere.
-    local owner = redis.call('GET', record[3])
-    if not owner then
-      redis.call('SET', record[3], record[4], 'EX', record_ttl)
-    elseif owner ~= record[4] then
-      redis.call('SET', record[3], '', 'EX', record_ttl)
+    if not redis.call('SET', record[3], record[4], 'NX', 'EX', record_ttl) then
+      if redis.call('GET', record[3]) ~= record[4] then redis.call('SET', record[3], '', 'EX', record_ttl) end
     end
   end
 end
