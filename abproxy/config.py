@@ -93,6 +93,16 @@ class UpstreamSettings(_Strict):
     api_key: str = ""
     timeout_s: float = Field(120.0, gt=0)
 
+    @field_validator("api_key")
+    @classmethod
+    def _one_line_key(cls, key: str) -> str:
+        # A key read from a file or a Kubernetes secret often ends in a newline: harmless once
+        # stripped, but inside a header it would end the header block.
+        key = key.strip()
+        if any(character in key for character in "\r\n\0"):
+            raise ValueError("must be one line")
+        return key
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, url: str) -> str:

@@ -25,7 +25,7 @@ import httptools
 
 IDLE_KEEPALIVE_S = 30.0
 """An idle connection older than this is closed rather than reused: servers drop idle
-connections after their own keep-alive timeout, and reusing one just then loses the request."""
+connections after their own keep-alive timeout, and reusing one just then fails the request."""
 
 _PAUSE_READING_AT = 256 * 1024
 """A client that reads a stream slower than the upstream writes it: stop reading the upstream
@@ -101,9 +101,11 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection (a server's 408 before it hangs up): never reuse it.
             self.close()
             return
-        response.bytes_received = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.close()
+            response.fail(UpstreamDisconnected("upstream switched protocols (101), which a POST to it never asks for"))
         except httptools.HttpParserError as error:
             self.close()
             response.fail(UpstreamDisconnected(f"malformed HTTP response from upstream: {error}"))
@@ -126,10 +128,13 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response = self.response
+        if response is not None and response.interim:
+            response.interim = False  # the end of a 1xx: the final response follows
+            return
         self.response = None
         if response is not None:
             response.message_complete()
-        if response is not None and response.keep_alive and not self.closed:
+        if response is not None and response.ended_cleanly and response.keep_alive and not self.closed:
             self.origin.put_idle(self, time.monotonic())
         else:
             self.close()
@@ -146,11 +151,13 @@ class UpstreamResponse:
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_type = ""
         self.keep_alive = False
-        self.bytes_received = False
+        self.interim = False
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
-        self._pausable = idle_timeout
+        # uvloop's TLS transport drops decrypted bytes it still holds when the peer closes while
+        # reading is paused, so only plain-TCP streams are paused; a TLS stream is buffered whole.
+        self._pausable = idle_timeout and connection.origin.ssl is None
         self._headers_done = False
         self._done = False
         self._error: BaseException | None = None
@@ -174,14 +181,22 @@ class UpstreamResponse:
             self._length_known = True
         elif name == b"content-encoding":
             encoding = value.strip().lower()
-            if encoding in (b"gzip", b"x-gzip", b"deflate"):
-                # wbits 47: a gzip or zlib header, whichever the body starts with.
-                self._decoder = zlib.decompressobj(wbits=47)
+            if encoding in (b"gzip", b"x-gzip"):
+                self._decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             elif encoding != b"identity":
                 self.fail(UpstreamDisconnected(f"upstream sent an unsupported content-encoding: {encoding.decode('latin-1')}"))
                 self._connection.close()
 
     def headers_complete(self, status: int, keep_alive: bool) -> None:
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints) that RFC 9110 says a client
+            # must accept unasked: forget its headers and wait for the final one.
+            self.interim = True
+            self.raw_headers = []
+            self.content_type = ""
+            self._decoder = None
+            self._length_known = False
+            return
         self.status = status
         self.keep_alive = keep_alive
         self._length_known = self._length_known or status in _BODYLESS_STATUSES or status < 200
@@ -206,11 +221,21 @@ class UpstreamResponse:
         self._touch()
         self._wake()
 
+    @property
+    def ended_cleanly(self) -> bool:
+        return self._done and self._error is None
+
     def message_complete(self) -> None:
+        if self._error is not None:
+            return  # the body is already known to be bad; its end changes nothing
         if self._decoder is not None:
             tail = self._decoder.flush()
             if tail:
                 self._chunks.append(tail)
+            if not self._decoder.eof:
+                self._connection.close()
+                self.fail(UpstreamDisconnected("upstream's compressed body ended before its compressed stream did"))
+                return
         self._done = True
         self._stop_timer()
         self._resume()  # the connection may go back to the pool: it must be reading again
@@ -241,6 +266,9 @@ class UpstreamResponse:
         self._timer = None
         if self._done or self._error is not None:
             return
+        if self._paused:
+            # Not silence from the upstream: the proxy stopped reading for a slow client.
+            self._deadline = self._loop.time() + self._timeout_s
         if self._moving_deadline and self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
@@ -275,9 +303,11 @@ class UpstreamResponse:
         """The whole body."""
         self._pausable = False
         self._resume()
-        while not self._done:
+        while True:
             if self._error is not None:
                 raise self._error
+            if self._done:
+                break
             await self._wait()
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks = []
@@ -289,10 +319,10 @@ class UpstreamResponse:
     async def __anext__(self) -> bytes:
         """Whatever arrived since the last call, as one piece."""
         while not self._chunks:
-            if self._done:
-                raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
+            if self._done:
+                raise StopAsyncIteration
             await self._wait()
         chunks = self._chunks
         self._chunks = []
@@ -373,33 +403,26 @@ class UpstreamClient:
             parts += (name, b": ", value, b"\r\n")
         if origin.authorization is not None:
             parts += (b"authorization: ", origin.authorization, b"\r\n")
-        parts += (b"accept-encoding: gzip, deflate\r\ncontent-length: ", b"%d" % len(body), b"\r\n\r\n", body)
+        parts += (b"accept-encoding: gzip\r\ncontent-length: ", b"%d" % len(body), b"\r\n\r\n", body)
         return Exchange(self, origin, b"".join(parts), timeout_s, streaming)
 
     async def send(self, origin: _Origin, request: bytes, timeout_s: float, streaming: bool) -> UpstreamResponse:
-        for attempt in range(2):
-            connection = origin.take_idle(time.monotonic())
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect(origin, min(origin.connect_timeout_s, timeout_s))
-            response = UpstreamResponse(connection, timeout_s, idle_timeout=streaming)
-            connection.response = response
-            assert connection.transport is not None
-            connection.transport.write(request)
-            try:
-                await response.wait_headers()
-            except UpstreamDisconnected:
-                response.release()
-                # The keep-alive race: the server closed an idle connection as the request went
-                # out, so it never read it. Only then is sending it again safe.
-                if reused and not response.bytes_received and attempt == 0:
-                    continue
-                raise
-            except BaseException:
-                response.release()
-                raise
-            return response
-        raise AssertionError("unreachable")
+        # Never sent twice, not even when a reused connection closes before a byte of answer (the
+        # keep-alive race): the upstream may have read and run the request, and a generation is
+        # billed. The client gets a 502 and decides (the OpenAI SDK retries it).
+        connection = origin.take_idle(time.monotonic())
+        if connection is None:
+            connection = await self._connect(origin, min(origin.connect_timeout_s, timeout_s))
+        response = UpstreamResponse(connection, timeout_s, idle_timeout=streaming)
+        connection.response = response
+        assert connection.transport is not None
+        connection.transport.write(request)
+        try:
+            await response.wait_headers()
+        except BaseException:
+            response.release()
+            raise
+        return response
 
     async def _connect(self, origin: _Origin, timeout_s: float) -> _Connection:
         loop = asyncio.get_running_loop()

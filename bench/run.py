@@ -288,10 +288,11 @@ class Bench:
         wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", proc, 20)
         return proc
 
-    def start_passthrough(self, client: str = "aiohttp") -> Proc:
+    def start_passthrough(self, client: str = "aiohttp", port: int | None = None) -> Proc:
+        port = port or self.pt_port
         proc = self.spawn(f"passthrough-{client}", [sys.executable, str(BENCH / "passthrough.py"), "--client", client, "--upstream",
-                                          f"http://127.0.0.1:{self.up_port}/v1", "--port", str(self.pt_port)])
-        wait_tcp(self.pt_port, proc, 20)
+                                          f"http://127.0.0.1:{self.up_port}/v1", "--port", str(port)])
+        wait_tcp(port, proc, 20)
         return proc
 
     def start_abproxy(self, name: str) -> Proc:

@@ -159,3 +159,12 @@ def test_variant_hash_changes_with_prompt_model_and_params_but_not_weight():
 )
 def test_tracking_uri_credentials_are_masked_wherever_it_is_shown(uri: str, shown: str) -> None:
     assert redact_credentials(uri) == shown
+
+
+def test_an_upstream_key_with_a_trailing_newline_is_stripped_and_one_with_a_line_break_refused():
+    upstream = {"base_url": "https://api.example.com/v1", "api_key": "${KEY}"}
+    config = parse_config({"upstreams": {"up": upstream}, "default_upstream": "up"}, {"KEY": "sk-from-a-secret\n"})
+    assert config.upstreams["up"].api_key == "sk-from-a-secret"
+    problem = _problem({"upstreams": {"up": upstream}, "default_upstream": "up"}, {"KEY": "sk-a\r\nX-Injected: 1"})
+    assert "upstreams.up.api_key" in problem and "one line" in problem
+    assert "sk-a" not in problem  # the key itself is never echoed
