@@ -19,6 +19,16 @@ from abproxy.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's own defaults (7 retries with exponential backoff, 120 s per try) keep a flush against a
+server that is down busy for minutes; a failed flush loses nothing and is tried again at the next
+interval, so ``serve`` and ``flush`` fail within seconds unless the environment says otherwise."""
+
+
+def _mlflow_fails_fast() -> None:
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def _load(path: str | None) -> Config:
     try:
@@ -62,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from abproxy.metrics import MULTIPROCESS_ENV
 
     config = _load(args.config)
+    _mlflow_fails_fast()
     problem = open_relay_problem(config, args.host)
     if problem:
         print(f"abproxy: {problem}", file=sys.stderr)
@@ -167,6 +178,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     from abproxy.flusher import FlushBusy, Flusher
 
     config = _load(args.config)
+    _mlflow_fails_fast()
 
     async def work(redis: Any) -> int:
         try:

@@ -199,7 +199,7 @@ class UpstreamResponse:
             return
         self.status = status
         self.keep_alive = keep_alive
-        self._length_known = self._length_known or status in _BODYLESS_STATUSES or status < 200
+        self._length_known = self._length_known or status in _BODYLESS_STATUSES
         self._headers_done = True
         self._touch()
         self._wake()

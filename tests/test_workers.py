@@ -10,10 +10,12 @@ import subprocess
 import threading
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import openai
+import pytest
 import orjson
 import yaml
 from mlflow.tracking import MlflowClient
@@ -160,11 +162,14 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
         deadline = time.monotonic() + 20
         while True:
             runs = [r for r in search(uri) if r.data.tags.get("abproxy.role") == "variant"]
-            if len(runs) == 2 and sum(r.data.metrics.get("requests", 0) for r in runs) == 40:
-                break
+            if (
+                len(runs) == 2
+                and sum(r.data.metrics.get("requests", 0) for r in runs) == 40
+                and sum(r.data.metrics.get("feedback.satisfaction.n", 0) for r in runs) == 40
+            ):
+                break  # a flush that began after the last feedback
             assert time.monotonic() < deadline, [(r.info.run_name, r.data.metrics.get("requests")) for r in runs]
             time.sleep(0.3)
-        assert sum(r.data.metrics["feedback.satisfaction.n"] for r in runs) == 40
         elapsed = time.monotonic() - started
     finally:
         codes = [stop_serve(replica) for replica in replicas]
@@ -177,3 +182,31 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
     assert 1 <= len(steps) <= elapsed / interval_s + 2, (steps, elapsed)
     experiment = MlflowClient(uri).get_experiment_by_name("translation")
     assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3  # two variants and the summary
+
+
+def test_a_flush_to_an_mlflow_server_that_is_down_fails_in_seconds_not_minutes(
+    tmp_path: Path, redis_server, upstream_url, monkeypatch
+) -> None:
+    """MLflow's client would retry a refused connection for minutes; `serve` tells it not to,
+    so the flush answers 502 promptly (and the next interval tries again)."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    config = {
+        "redis_url": redis_server.url,
+        "mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0},
+        "upstreams": {"fake": {"base_url": upstream_url}},
+        "default_upstream": "fake",
+        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
+    }
+    server = start_serve(tmp_path, config, port, "--log-level", "warning")
+    try:
+        started = time.monotonic()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/abproxy/flush", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=60)
+        assert failed.value.code == 502
+        assert orjson.loads(failed.value.read())["error"]["code"] == "mlflow_unavailable"
+        assert time.monotonic() - started < 30
+    finally:
+        stop_serve(server)
