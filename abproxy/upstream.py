@@ -48,6 +48,10 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 _JSON_POST_HEADERS_DROPPED = _REQUEST_HEADERS_DROPPED | {b"content-type"}
 
 
+def _connect_timeout_s(settings: UpstreamSettings) -> float:
+    return min(10.0, settings.timeout_s)
+
+
 class Upstreams:
     """The clients every upstream is called with: the lean keep-alive client for the
     generation POSTs on the hot path, one aiohttp session for everything else."""
@@ -58,11 +62,11 @@ class Upstreams:
         # A whole JSON response must arrive within timeout_s; a stream may run longer,
         # as long as it never goes silent for timeout_s.
         self._timeouts = {
-            name: aiohttp.ClientTimeout(total=s.timeout_s, connect=min(10.0, s.timeout_s))
+            name: aiohttp.ClientTimeout(total=s.timeout_s, connect=_connect_timeout_s(s))
             for name, s in self._settings.items()
         }
         self._stream_timeouts = {
-            name: aiohttp.ClientTimeout(total=None, connect=min(10.0, s.timeout_s), sock_read=s.timeout_s)
+            name: aiohttp.ClientTimeout(total=None, connect=_connect_timeout_s(s), sock_read=s.timeout_s)
             for name, s in self._settings.items()
         }
         self._session: aiohttp.ClientSession | None = None
@@ -70,7 +74,7 @@ class Upstreams:
 
     async def start(self) -> None:
         self._client = UpstreamClient(
-            {name: (s.base_url, s.api_key, min(10.0, s.timeout_s)) for name, s in self._settings.items()}
+            {name: (s.base_url, s.api_key, _connect_timeout_s(s)) for name, s in self._settings.items()}
         )
         connector = aiohttp.TCPConnector(
             limit=0, ttl_dns_cache=300, keepalive_timeout=30, family=socket.AF_UNSPEC, enable_cleanup_closed=True
@@ -99,14 +103,8 @@ class Upstreams:
         response. A whole response must arrive within ``timeout_s``; a stream may run longer,
         as long as it never goes silent for ``timeout_s``."""
         assert self._client is not None, "Upstreams.start() was not awaited"
-        headers: Headers = [
-            (key, value)
-            for key, value in client_headers
-            if key not in _JSON_POST_HEADERS_DROPPED and not key.startswith(b"x-abproxy-")
-        ]
+        headers = self._forwarded(upstream, client_headers, _JSON_POST_HEADERS_DROPPED)
         headers.append(JSON_CONTENT_TYPE)
-        if self._forward_client_authorization and not self._settings[upstream].api_key:
-            headers += [(key, value) for key, value in client_headers if key == b"authorization"]
         return self._client.post(upstream, path, query, headers, body, self._settings[upstream].timeout_s, streaming)
 
     def url(self, upstream: str, path_after_v1: str, query: bytes = b"") -> str:
@@ -117,18 +115,22 @@ class Upstreams:
         return (self._stream_timeouts if streaming else self._timeouts)[upstream]
 
     def request_headers(self, upstream: str, client_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+        """The headers of an aiohttp call, the upstream's own API key included."""
         headers = {
             key.decode("latin-1"): value.decode("latin-1")
-            for key, value in client_headers
-            if key not in _REQUEST_HEADERS_DROPPED and not key.startswith(b"x-abproxy-")
+            for key, value in self._forwarded(upstream, client_headers, _REQUEST_HEADERS_DROPPED)
         }
         api_key = self._settings[upstream].api_key
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        elif self._forward_client_authorization:
-            for key, value in client_headers:
-                if key == b"authorization":
-                    headers["authorization"] = value.decode("latin-1")
+        return headers
+
+    def _forwarded(self, upstream: str, client_headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> Headers:
+        """The client's headers the upstream may see. The client's own ``authorization`` only
+        when the proxy forwards it and the upstream has no key of its own (which the caller adds)."""
+        headers = [(key, value) for key, value in client_headers if key not in dropped and not key.startswith(b"x-abproxy-")]
+        if self._forward_client_authorization and not self._settings[upstream].api_key:
+            headers += [(key, value) for key, value in client_headers if key == b"authorization"]
         return headers
 
 
