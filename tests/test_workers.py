@@ -46,6 +46,17 @@ def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> su
             time.sleep(0.2)
 
 
+def serve_config(redis_url: str, upstream_url: str, tracking_uri: str, flush_interval_s: float = 0) -> dict:
+    """The `translation` experiment against the fake upstream, for `abproxy serve`."""
+    return {
+        "redis_url": redis_url,
+        "mlflow": {"tracking_uri": tracking_uri, "flush_interval_s": flush_interval_s},
+        "upstreams": {"fake": {"base_url": upstream_url}},
+        "default_upstream": "fake",
+        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
+    }
+
+
 def stop_serve(server: subprocess.Popen) -> int:
     os.killpg(server.pid, signal.SIGTERM)
     return server.wait(30)
@@ -71,13 +82,7 @@ def worker_pids(port: int, connections: int = 32) -> set[int]:
 
 def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path, redis_client, redis_server, upstream_url):
     port = free_port()
-    config = {
-        "redis_url": redis_server.url,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "flush_interval_s": 0},
-        "upstreams": {"fake": {"base_url": upstream_url}},
-        "default_upstream": "fake",
-        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
-    }
+    config = serve_config(redis_server.url, upstream_url, f"sqlite:///{tmp_path / 'mlflow.db'}")
     server = start_serve(tmp_path, config, port, "--workers", "2", "--log-level", "warning")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -127,13 +132,7 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
     and in each flush interval exactly one of them writes to MLflow."""
     interval_s = 1.5
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = {
-        "redis_url": redis_server.url,
-        "mlflow": {"tracking_uri": uri, "flush_interval_s": interval_s},
-        "upstreams": {"fake": {"base_url": upstream_url}},
-        "default_upstream": "fake",
-        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
-    }
+    config = serve_config(redis_server.url, upstream_url, uri, interval_s)
     ports = [free_port(), free_port()]
     replicas = [start_serve(tmp_path, config, port, "--log-level", "warning") for port in ports]
     started = time.monotonic()
@@ -192,13 +191,7 @@ def test_a_flush_to_an_mlflow_server_that_is_down_fails_in_seconds_not_minutes(
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     port = free_port()
-    config = {
-        "redis_url": redis_server.url,
-        "mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0},
-        "upstreams": {"fake": {"base_url": upstream_url}},
-        "default_upstream": "fake",
-        "experiments": {"translation": BASE_EXPERIMENTS["translation"]},
-    }
+    config = serve_config(redis_server.url, upstream_url, f"http://127.0.0.1:{free_port()}")  # nothing listens
     server = start_serve(tmp_path, config, port, "--log-level", "warning")
     try:
         started = time.monotonic()
