@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import logging
 import os
 from typing import Any
@@ -16,11 +15,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from abproxy.auth import Authorizer
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.feedback import FeedbackService
 from abproxy.flusher import FlushBusy, Flusher
-from abproxy.http import ClientGone, HTTPError, bearer_token, read_body, send_bytes, send_error, send_json
+from abproxy.http import ClientGone, HTTPError, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy import Proxy
 from abproxy.recorder import Recorder
@@ -65,10 +65,10 @@ class ABProxyApp:
         self.redis = open_redis(url)
         self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
         self.recorder = Recorder(self.redis, config, self.catalog, self.metrics)
-        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder)
+        self.auth = Authorizer(config.server)
+        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
         self.feedback = FeedbackService(self.redis, config, self.catalog, self.recorder, self.metrics)
         self.flusher = Flusher(self.redis, config, self.catalog, self.metrics)
-        self._admin_key = config.server.admin_key.encode()
         self._periodic_flush: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -137,6 +137,7 @@ class ABProxyApp:
             elif path.startswith("/abproxy/"):
                 await self._admin(scope, receive, send)
             elif path == "/metrics" and method == "GET":
+                self.auth.metrics(scope)
                 await send_bytes(send, 200, exposition(self.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
             elif path == "/healthz":
                 await send_json(send, 200, {"status": "ok", "pid": os.getpid()})
@@ -152,21 +153,12 @@ class ABProxyApp:
     async def _feedback(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "POST":
             raise HTTPError(405, "use POST /v1/feedback", "method_not_allowed")
-        self.proxy.authorize(scope)
+        self.auth.client(scope)
         raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
         await send_json(send, 200, await self.feedback.submit(raw))
 
-    def _authorize_admin(self, scope: dict[str, Any]) -> None:
-        if not self._admin_key:
-            # No admin key, but client keys: results and flushes are for clients, not for anyone.
-            self.proxy.authorize(scope)
-            return
-        token = bearer_token(scope)
-        if token is None or not hmac.compare_digest(token.encode(), self._admin_key):
-            raise HTTPError(401, "missing or invalid admin key", "invalid_admin_key")
-
     async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self._authorize_admin(scope)
+        self.auth.admin(scope)
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/abproxy/experiments" and method == "GET":
             try:

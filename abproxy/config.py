@@ -77,7 +77,14 @@ def redact_credentials(uri: str) -> str:
 class ServerSettings(_Strict):
     api_keys: list[str] = []
     admin_key: str = ""
+    metrics_key: str = ""
+    """``/metrics`` needs this or the admin key when either is set (else a client key, when
+    ``api_keys`` is set): it publishes what ``/abproxy/*`` protects."""
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    shutdown_grace_s: float = Field(120.0, ge=0)
     allow_open_relay: bool = False
 
     @field_validator("api_keys")

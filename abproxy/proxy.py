@@ -5,7 +5,6 @@ statistics; response bodies are interpreted later, off this path."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
 import time
@@ -17,6 +16,7 @@ import orjson
 from yarl import URL
 
 from abproxy import variants
+from abproxy.auth import Authorizer
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.http import (
@@ -25,7 +25,6 @@ from abproxy.http import (
     Headers,
     HTTPError,
     RequestIds,
-    bearer_token,
     dump_json_object,
     error_body,
     header,
@@ -90,28 +89,18 @@ class Proxy:
         catalog: Catalog,
         upstreams: Upstreams,
         recorder: Recorder,
+        authorizer: Authorizer,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self._config = config
         self._catalog = catalog
         self._upstreams = upstreams
         self._recorder = recorder
+        self._authorize = authorizer.client
         self._clock = clock
-        self._api_keys = [key.encode() for key in config.server.api_keys]
         self._max_body = config.server.max_body_bytes
         self._ids = RequestIds()
         self._random = random.random
-
-    # -- checks at the edge --------------------------------------------------------------
-
-    def authorize(self, scope: dict[str, Any]) -> None:
-        if not self._api_keys:
-            return
-        token = bearer_token(scope)
-        presented = token.encode() if token else b""
-        # Compare against every key so timing does not tell which prefix matched.
-        if not any([hmac.compare_digest(presented, key) for key in self._api_keys]):
-            raise HTTPError(401, "missing or invalid API key for this proxy", "invalid_api_key")
 
     def _plan_for(self, scope: dict[str, Any], body: dict[str, Any]) -> ExperimentPlan | None:
         named = header(scope, b"x-abproxy-experiment")
@@ -148,7 +137,7 @@ class Proxy:
         request_id = self._ids.next()
         id_header = (b"x-abproxy-request-id", request_id.encode())
         try:
-            self.authorize(scope)
+            self._authorize(scope)
             raw = await read_body(scope, receive, self._max_body)
             body = parse_json_object(raw)
             plan = self._plan_for(scope, body)
@@ -308,7 +297,7 @@ class Proxy:
         id_header = (b"x-abproxy-request-id", request_id.encode())
         upstream = self._config.default_upstream
         try:
-            self.authorize(scope)
+            self._authorize(scope)
             path = upstream_path(scope)
             body = await read_body(scope, receive, self._max_body)
         except HTTPError as error:
@@ -350,7 +339,7 @@ class Proxy:
         id_header = (b"x-abproxy-request-id", self._ids.next().encode())
         upstream = self._config.default_upstream
         try:
-            self.authorize(scope)
+            self._authorize(scope)
             async with self._upstreams.session.get(
                 self._upstreams.url(upstream, "/models"),
                 headers=self._upstreams.request_headers(upstream, scope["headers"]),

@@ -731,6 +731,27 @@ def test_admin_key_protects_admin_endpoints(start_proxy):
                 headers={"Authorization": "Bearer adm"}).json()["experiment"] == "translation"
 
 
+def test_metrics_need_the_metrics_or_admin_key_once_the_proxy_has_keys(start_proxy):
+    """/metrics publishes p-values, feedback means and the winner, which /abproxy/* protects."""
+    open_proxy = start_proxy()
+    assert http("GET", open_proxy.url + "/metrics").status == 200  # no keys anywhere: open, as Prometheus expects
+
+    proxy = start_proxy(server={"api_keys": ["sk-client"], "admin_key": "adm", "metrics_key": "scrape"})
+    assert_openai_error(http("GET", proxy.url + "/metrics"), 401)
+    for token in ("sk-client", "wrong-metrics-token"):
+        refused = http("GET", proxy.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert_openai_error(refused, 401)
+        assert token.encode() not in refused.body
+    for token in ("scrape", "adm"):
+        scraped = http("GET", proxy.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status == 200 and b"abproxy_requests_total" in scraped.body
+
+    # Client keys alone: /metrics is for the clients, like /abproxy/*, not for anyone who can reach the port.
+    clients_only = start_proxy(server={"api_keys": ["sk-client"]})
+    assert_openai_error(http("GET", clients_only.url + "/metrics"), 401)
+    assert http("GET", clients_only.url + "/metrics", headers={"Authorization": "Bearer sk-client"}).status == 200
+
+
 def relay_config(**server: Any) -> Any:
     return parse_config(
         {

@@ -364,7 +364,7 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
     while "flushed" not in log_path.read_text():  # the periodic flush has logged too
         assert time.monotonic() < deadline, log_path.read_text()
         time.sleep(0.1)
-    got.http("metrics", "GET", f"{base}/metrics")
+    assert got.http("metrics", "GET", f"{base}/metrics", keys.admin)[0] == 200
     for path in ("/abproxy/experiments", "/abproxy/experiments/translation", "/abproxy/experiments/routes"):
         assert got.http(f"live {path}", "GET", f"{base}{path}", keys.admin)[0] == 200
     got.http("healthz", "GET", f"{base}/healthz")
