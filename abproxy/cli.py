@@ -70,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
     from abproxy.embedded_redis import EmbeddedRedis
     from abproxy.metrics import MULTIPROCESS_ENV
+    from abproxy.serving import server_options
 
     config = _load(args.config)
     _mlflow_fails_fast()
@@ -83,19 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedded = EmbeddedRedis(config.data_dir / "redis")
         redis_url = embedded.start()
         logging.getLogger("abproxy").info("embedded Redis on 127.0.0.1:%d, data in %s", embedded.port, embedded.data_dir)
-    server_options = dict(
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # client addresses are not used: skip parsing X-Forwarded-For
-        server_header=False,
-        date_header=False,
-        timeout_graceful_shutdown=30,
-        log_level=args.log_level,
-    )
+    options = server_options(config, host=args.host, port=args.port, log_level=args.log_level)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found: make that handler end this function normally, so the embedded Redis is stopped.
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -108,9 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[EMBEDDED_REDIS_ENV] = redis_url
             if args.config:
                 os.environ["ABPROXY_CONFIG"] = os.path.abspath(args.config)
-            uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **server_options)
+            uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **options)
         else:
-            uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **server_options)).run()
+            uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **options)).run()
     except _Stopped:
         pass
     finally:

@@ -18,6 +18,7 @@ from abproxy.app import ABProxyApp
 from abproxy.config import Config, parse_config
 from abproxy.embedded_redis import EmbeddedRedis
 from abproxy.fake_upstream import FakeUpstream, RunningServer, serve_in_thread
+from abproxy.serving import server_options
 
 BASE_EXPERIMENTS: dict[str, Any] = {
     "translation": {
@@ -161,8 +162,14 @@ def start_proxy(redis_client: redis.Redis, redis_server: RedisServer, upstream_u
     started: list[Proxy] = []
 
     def start(config: Config | None = None, **overrides: Any) -> Proxy:
-        app = ABProxyApp(config or make_config(upstream_url, **overrides), redis_url=redis_server.url)
-        proxy = Proxy(app, serve_in_thread(app, timeout_graceful_shutdown=10))
+        config = config or make_config(upstream_url, **overrides)
+        app = ABProxyApp(config, redis_url=redis_server.url)
+        # As `abproxy serve` runs it (its HTTP protocol and limits), on a port of the test's.
+        options = server_options(config, host="127.0.0.1", port=0, log_level="warning")
+        options.update(timeout_graceful_shutdown=10)
+        for chosen_by_the_runner in ("host", "port"):
+            del options[chosen_by_the_runner]
+        proxy = Proxy(app, serve_in_thread(app, **options))
         started.append(proxy)
         return proxy
 

@@ -1,0 +1,127 @@
+"""How abproxy runs under uvicorn: the server options, and the HTTP protocol with the limits
+uvicorn's httptools protocol lacks — a bound on the size of a request's headers and on the time
+a client may take to send them (``server.max_header_bytes``, ``server.header_timeout_s``).
+
+Without them, httptools keeps an unfinished header in memory however long it grows (five
+connections each sending 100 MB of one header took the proxy from 329 to 804 MB) and a
+connection that trickles its headers (slowloris) is held for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from abproxy.config import Config
+from abproxy.http import error_body
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    max_bytes: int
+    timeout_s: float
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing oversized headers (431) and dropping a client that
+    has not finished its headers within the time limit."""
+
+    def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        counting = self._awaiting_head
+        if counting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._awaiting_head and counting and self._head_bytes > self._limits.max_bytes:
+            self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._limits.max_bytes:
+            self._refuse_head()  # the parser goes on through this read; the callbacks below ignore it
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._awaiting_head = True
+        self._head_bytes = 0
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self._limits.timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        # Armed on a new connection and at the first byte of each later request, so an idle
+        # keep-alive connection between requests stays uvicorn's keep-alive timeout's business.
+        if self._awaiting_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse_head(self) -> None:
+        self._refused = True
+        self._cancel_head_timer()
+        body = error_body(
+            f"request headers exceed {self._limits.max_bytes} bytes", "invalid_request_error", "request_headers_too_large"
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+
+def server_options(config: Config, *, host: str, port: int, log_level: str = "info") -> dict[str, Any]:
+    """The options of ``uvicorn.Config`` that every abproxy server runs with."""
+    limits = HeadLimits(config.server.max_header_bytes, config.server.header_timeout_s)
+    return dict(
+        host=host,
+        port=port,
+        loop="uvloop",
+        http=functools.partial(GuardedHttpToolsProtocol, limits=limits),
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,  # client addresses are not used: skip parsing X-Forwarded-For
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=config.server.shutdown_grace_s,
+        log_level=log_level,
+    )
