@@ -25,7 +25,7 @@ from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy import Proxy
 from abproxy.recorder import Recorder
 from abproxy.results import experiment_results
-from abproxy.upstream import Upstreams
+from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")
 
@@ -41,14 +41,19 @@ _FEEDBACK_BODY_LIMIT = 64 * 1024
 GC_YOUNG_THRESHOLD = 20_000
 
 
-def open_redis(url: str) -> Redis:
+REQUEST_FACING_REDIS_TIMEOUT_S = 0.4
+"""Feedback, readiness and live results answer 503 within about a second (two tries) when
+Redis hangs; the recorder and the flusher, which nobody waits on, keep longer timeouts."""
+
+
+def open_redis(url: str, timeout_s: float = 5.0) -> Redis:
     # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff:
-    # the recorder has its own, and feedback should answer 503 quickly rather than hang.
+    # the recorder has its own, and a client waiting on an answer wants a 503, not a hang.
     return Redis.from_url(
         url,
         decode_responses=True,
-        socket_connect_timeout=2,
-        socket_timeout=5,
+        socket_connect_timeout=min(2.0, timeout_s),
+        socket_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
     )
 
@@ -63,11 +68,12 @@ class ABProxyApp:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
         self.redis = open_redis(url)
+        self.request_redis = open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S)
         self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
         self.recorder = Recorder(self.redis, config, self.catalog, self.metrics)
         self.auth = Authorizer(config.server)
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
-        self.feedback = FeedbackService(self.redis, config, self.catalog, self.recorder, self.metrics)
+        self.feedback = FeedbackService(self.request_redis, config, self.catalog, self.recorder, self.metrics)
         self.flusher = Flusher(self.redis, config, self.catalog, self.metrics)
         self._periodic_flush: asyncio.Task[None] | None = None
 
@@ -91,9 +97,13 @@ class ABProxyApp:
                 await self._periodic_flush
             except asyncio.CancelledError:
                 pass
+        # Requests that outlived the grace period were cancelled just before this: each still
+        # hands its outcome to the recorder, which then drains.
+        await self.proxy.drained(timeout_s=5.0)
         await self.recorder.stop()
         await self.upstreams.close()
         await self.redis.aclose()
+        await self.request_redis.aclose()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -162,7 +172,7 @@ class ABProxyApp:
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/abproxy/experiments" and method == "GET":
             try:
-                results = [await experiment_results(self.redis, self.config, plan) for plan in self.catalog.plans.values()]
+                results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
             except RedisError:
                 raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
             await send_json(send, 200, {"experiments": results})
@@ -172,7 +182,7 @@ class ABProxyApp:
             if plan is None:
                 raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
             try:
-                results = await experiment_results(self.redis, self.config, plan)
+                results = await experiment_results(self.request_redis, self.config, plan)
             except RedisError:
                 raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
             await send_json(send, 200, results)
@@ -197,7 +207,7 @@ class ABProxyApp:
 
     async def _ready(self, send: Any) -> None:
         try:
-            await self.redis.ping()
+            await self.request_redis.ping()
         except (RedisError, OSError):
             await send_json(send, 503, {"status": "unavailable", "redis": False})
             return

@@ -132,6 +132,16 @@ class EmbeddedRedis:
             self._process.kill()
             self._process.wait()
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers, as when Redis
+        hangs; :meth:`resume` lets it go on."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
+
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -14,19 +14,27 @@ JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 class HTTPError(Exception):
     """An error the proxy answers itself, in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, code: str, error_type: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.error_type = error_type
+        self.param = param
 
     def body(self) -> bytes:
-        return error_body(self.message, self.error_type, self.code)
+        return error_body(self.message, self.error_type, self.code, self.param)
+
+    def sse_event(self) -> bytes:
+        """The error as the last event of a stream whose headers are already sent: the OpenAI
+        SDK raises ``APIError`` on an event whose data carries ``error``."""
+        return b"data: " + self.body() + b"\n\n"
 
 
-def error_body(message: str, error_type: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+def error_body(message: str, error_type: str, code: str, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

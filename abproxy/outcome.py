@@ -11,7 +11,8 @@ import orjson
 from abproxy.sse import interpret_stream
 
 CANCELLED_STATUS = 499
-"""The status recorded when the client went away first (nginx's convention)."""
+"""The status counted in Prometheus when the client went away first, or the request was cut
+at shutdown (nginx's "client closed request"). An upstream's own 499 is not a cancellation."""
 
 
 @dataclass(slots=True)
@@ -34,6 +35,8 @@ class Outcome:
     started_at: float
     route: ExperimentRoute | None = None
     status: int = 0
+    cancelled: bool = False
+    """The client went away, or shutdown cut the request: neither a success nor an error."""
     error_reason: str | None = None
     latency_s: float = 0.0
     ttft_s: float | None = None
@@ -42,9 +45,9 @@ class Outcome:
     stream_payloads: list[bytes] = field(default_factory=list)
     """A stream's events' data, interpreted by the recorder."""
 
-    @property
-    def cancelled(self) -> bool:
-        return self.status == CANCELLED_STATUS
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.status = CANCELLED_STATUS
 
     @property
     def failed(self) -> bool:

@@ -5,15 +5,13 @@ statistics; response bodies are interpreted later, off this path."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from abproxy import variants
 from abproxy.auth import Authorizer
@@ -26,25 +24,27 @@ from abproxy.http import (
     HTTPError,
     RequestIds,
     dump_json_object,
-    error_body,
     header,
     parse_json_object,
     read_body,
     send_error,
 )
-from abproxy.outcome import CANCELLED_STATUS, ExperimentRoute, Outcome
+from abproxy.outcome import ExperimentRoute, Outcome
 from abproxy.recorder import Recorder
 from abproxy.sse import StreamObserver
-from abproxy.upstream import Upstreams, error_reason, response_headers, translate_failure
-from abproxy.upstream_http import UpstreamResponse
-
-log = logging.getLogger("abproxy.proxy")
+from abproxy.upstream.client import StreamedBody
+from abproxy.upstream.http11 import UpstreamResponse
+from abproxy.upstream.policy import Upstreams, error_reason, response_headers, translate_failure
 
 _APPLY = {
     "chat": variants.apply_to_chat,
     "responses": variants.apply_to_responses,
     "completions": variants.apply_to_completions,
 }
+_UPSTREAM_FAILURES = (TimeoutError, OSError)
+"""What calling an upstream raises when it fails (``ConnectionError`` is an ``OSError``)."""
+
+SHUTTING_DOWN = HTTPError(503, "the proxy is shutting down; retry", "server_shutting_down", "server_error")
 
 
 class _DisconnectWatch:
@@ -71,6 +71,19 @@ class _DisconnectWatch:
             self._task = None
 
 
+@dataclass(slots=True)
+class _Call:
+    """One generation call, ready to go upstream."""
+
+    outcome: Outcome
+    started: float
+    path: str
+    body: bytes
+    streaming: bool
+    strip_usage: bool
+    extra_headers: Headers
+
+
 def upstream_path(scope: dict[str, Any]) -> str:
     """The path after ``/v1``, still percent-encoded as the client sent it, so that nothing it
     encoded (``%2F``, ``%3F``) changes meaning; dot segments could climb out of the upstream's
@@ -80,6 +93,13 @@ def upstream_path(scope: dict[str, Any]) -> str:
         raise HTTPError(400, "path segments '.' and '..' are not allowed", "invalid_path")
     raw = scope.get("raw_path") or scope["path"].encode()
     return raw.decode("latin-1").split("?", 1)[0][len("/v1") :]
+
+
+def _unit_from_body(body: dict[str, Any]) -> str | None:
+    user = body.get("user")
+    if user is None or isinstance(user, str):
+        return user
+    raise HTTPError(400, f"'user' must be a string, not {type(user).__name__}", "invalid_user", param="user")
 
 
 class Proxy:
@@ -101,6 +121,16 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._ids = RequestIds()
         self._random = random.random
+        self.in_flight = 0
+        """Requests forwarded and not yet handed to the recorder (shutdown waits for them)."""
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until every forwarded request was handed to the recorder: after uvicorn cancels
+        what outlived the grace period, each cut request still records itself."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.in_flight
 
     def _plan_for(self, scope: dict[str, Any], body: dict[str, Any]) -> ExperimentPlan | None:
         named = header(scope, b"x-abproxy-experiment")
@@ -111,17 +141,12 @@ class Proxy:
             return plan
         return self._catalog.by_model(body.get("model"))
 
-    def _route(self, scope: dict[str, Any], body: dict[str, Any], plan: ExperimentPlan) -> ExperimentRoute:
+    def _route(self, scope: dict[str, Any], unit_in_body: str | None, plan: ExperimentPlan) -> ExperimentRoute:
         forced = header(scope, b"x-abproxy-variant")
-        unit: str | None = None
-        if plan.settings.unit == "user":
-            unit = header(scope, b"x-abproxy-user") or (body.get("user") if isinstance(body.get("user"), str) else None)
-            unit = unit or None
+        unit = (header(scope, b"x-abproxy-user") or unit_in_body or None) if plan.settings.unit == "user" else None
         if forced:
             if forced not in plan.arms:
-                raise HTTPError(
-                    400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found"
-                )
+                raise HTTPError(400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found")
             variant = forced
         elif unit is not None:
             variant = plan.allocation.choose(unit)
@@ -140,13 +165,14 @@ class Proxy:
             self._authorize(scope)
             raw = await read_body(scope, receive, self._max_body)
             body = parse_json_object(raw)
+            unit_in_body = _unit_from_body(body)
             plan = self._plan_for(scope, body)
             route = None
             upstream = self._config.default_upstream
             strip_usage = False
             extra_headers: Headers = [id_header]
             if plan is not None:
-                route = self._route(scope, body, plan)
+                route = self._route(scope, unit_in_body, plan)
                 arm = plan.arms[route.variant]
                 upstream = arm.upstream
                 try:
@@ -172,20 +198,13 @@ class Proxy:
             started_at=time.time(),
             route=route,
         )
-        await self._forward(
-            outcome,
-            started,
-            scope,
-            receive,
-            send,
-            raw,
-            extra_headers,
-            endpoint,
-            strip_usage,
-            f"/{scope['path'][4:]}",
-            streaming=body.get("stream") is True,
-        )
-        self._recorder.record(outcome)
+        call = _Call(outcome, started, f"/{scope['path'][4:]}", raw, body.get("stream") is True, strip_usage, extra_headers)
+        self.in_flight += 1
+        try:
+            await self._forward(call, scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self._recorder.record(outcome)
 
     @staticmethod
     def _ask_for_stream_usage(endpoint: str, body: dict[str, Any]) -> bool:
@@ -198,29 +217,17 @@ class Proxy:
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return True
 
-    async def _forward(
-        self,
-        outcome: Outcome,
-        started: float,
-        scope: dict[str, Any],
-        receive: Any,
-        send: Any,
-        body: bytes,
-        extra_headers: Headers,
-        endpoint: str,
-        strip_usage: bool,
-        path: str,
-        streaming: bool,
-    ) -> None:
+    async def _forward(self, call: _Call, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        outcome = call.outcome
         upstream = outcome.upstream
-        watch = _DisconnectWatch(receive, active=streaming)
+        watch = _DisconnectWatch(receive, active=call.streaming)
         response_started = False
         try:
             async with self._upstreams.post_json(
-                upstream, path, scope.get("query_string", b""), scope["headers"], body, streaming
+                upstream, call.path, scope.get("query_string", b""), scope["headers"], call.body, call.streaming
             ) as response:
                 status = response.status
-                headers = response_headers(response.raw_headers) + extra_headers
+                headers = response_headers(response.raw_headers) + call.extra_headers
                 outcome.status = status
                 is_stream = response.content_type == "text/event-stream" and status < 400
                 if status >= 400:
@@ -236,42 +243,37 @@ class Proxy:
                 else:
                     await send({"type": "http.response.start", "status": status, "headers": headers})
                     response_started = True
-                    await self._relay_stream(outcome, started, response, send, endpoint, strip_usage, watch)
+                    await self._relay_stream(call, response, send, watch)
         except asyncio.CancelledError:
-            if not watch.gone:
-                raise
+            watch.stop()
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            outcome.status = CANCELLED_STATUS
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            outcome.cancel()
+            if not watch.gone:
+                # Cut at shutdown, after the grace period: the client learns it, and nothing
+                # of the task's end reaches the log as a traceback.
+                await _tell_client(send, SHUTTING_DOWN, response_started, call.extra_headers)
+        except _UPSTREAM_FAILURES as error:
             watch.stop()
-            http_error, reason = translate_failure(error, upstream)
-            outcome.error_reason = reason
+            http_error, outcome.error_reason = translate_failure(error, upstream)
             if not response_started:
                 outcome.status = http_error.status
-                await send_error(send, http_error, extra_headers)
             else:
-                # Headers are gone already: end the stream with an error event the SDK raises on.
-                outcome.error_reason = "timeout" if reason == "timeout" else "broken_stream"
-                event = b"data: " + error_body(f"upstream stream interrupted: {http_error.message}", "upstream_error", "broken_stream") + b"\n\n"
-                await send({"type": "http.response.body", "body": event})
+                if outcome.error_reason not in ("timeout", "too_large"):
+                    outcome.error_reason = "broken_stream"
+                http_error = HTTPError(
+                    502, f"upstream stream interrupted: {http_error.message}", http_error.code, "upstream_error"
+                )
+            await _tell_client(send, http_error, response_started, call.extra_headers)
         finally:
             watch.stop()
-        outcome.latency_s = self._clock() - started
+            outcome.latency_s = self._clock() - call.started
 
-    async def _relay_stream(
-        self,
-        outcome: Outcome,
-        started: float,
-        response: UpstreamResponse,
-        send: Any,
-        endpoint: str,
-        strip_usage: bool,
-        watch: _DisconnectWatch,
-    ) -> None:
+    async def _relay_stream(self, call: _Call, response: UpstreamResponse, send: Any, watch: _DisconnectWatch) -> None:
+        outcome = call.outcome
         outcome.streamed = True
-        observer = StreamObserver(endpoint, strip_usage, self._clock)
+        observer = StreamObserver(outcome.endpoint, call.strip_usage, self._clock)
         try:
             async for chunk in response:
                 forward = observer.feed(chunk)
@@ -280,18 +282,23 @@ class Proxy:
         finally:
             outcome.stream_payloads = observer.payloads
             if observer.first_content_at is not None:
-                outcome.ttft_s = observer.first_content_at - started
-        if not observer.ended_well:
-            # Closed without its end marker, or with an error event: not a success to count.
-            outcome.error_reason = "broken_stream"
+                outcome.ttft_s = observer.first_content_at - call.started
         watch.stop()
-        await send({"type": "http.response.body", "body": observer.remainder()})
+        if observer.ended_well:
+            await send({"type": "http.response.body", "body": observer.remainder()})
+            return
+        # Closed without its end marker, or with an error event: not a success to count, and
+        # the client must not take the cut-off text for a whole answer either. An incomplete
+        # last event is dropped: the SDK would read it together with the error event.
+        outcome.error_reason = "broken_stream"
+        end = b"" if observer.failed else _STREAM_ENDED_EARLY.sse_event()
+        await send({"type": "http.response.body", "body": end})
 
     # -- everything else under /v1 ----------------------------------------------------------
 
     async def passthrough(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Any other ``/v1/*`` call, forwarded unchanged to ``default_upstream``, streamed back.
-        Counted in Prometheus (``experiment=""``), not recorded in Redis."""
+        """Any other ``/v1/*`` call, forwarded unchanged to ``default_upstream``, streamed both
+        ways. Counted in Prometheus (``experiment=""``), not recorded in Redis."""
         started = self._clock()
         request_id = self._ids.next()
         id_header = (b"x-abproxy-request-id", request_id.encode())
@@ -299,40 +306,90 @@ class Proxy:
         try:
             self._authorize(scope)
             path = upstream_path(scope)
-            body = await read_body(scope, receive, self._max_body)
+            body = await self._request_body(scope, receive)
         except HTTPError as error:
             await send_error(send, error, [id_header])
             return
         except ClientGone:
             return
         outcome = Outcome(request_id, "passthrough", upstream, "", time.time(), streamed=True)
+        self.in_flight += 1
         try:
-            async with self._upstreams.session.request(
-                scope["method"],
-                URL(self._upstreams.url(upstream, path, scope.get("query_string", b"")), encoded=True),
-                data=body or None,
-                headers=self._upstreams.request_headers(upstream, scope["headers"]),
-                timeout=self._upstreams.timeout(upstream, streaming=True),
+            await self._relay(outcome, scope, send, path, body, [id_header])
+        finally:
+            self.in_flight -= 1
+            outcome.latency_s = self._clock() - started
+            self._recorder.record(outcome)
+
+    async def _relay(
+        self, outcome: Outcome, scope: dict[str, Any], send: Any, path: str, body: bytes | StreamedBody | None, own: Headers
+    ) -> None:
+        upstream = outcome.upstream
+        response_started = False
+        try:
+            async with self._upstreams.forward(
+                upstream, scope["method"], path, scope.get("query_string", b""), scope["headers"], body
             ) as response:
                 outcome.status = response.status
                 if response.status >= 400:
                     outcome.error_reason = error_reason(response.status)
-                headers = response_headers(response.raw_headers) + [id_header]
+                headers = response_headers(response.raw_headers) + own
                 await send({"type": "http.response.start", "status": response.status, "headers": headers})
-                try:
-                    async for chunk in response.content.iter_any():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except (TimeoutError, aiohttp.ClientError, OSError) as error:
-                    # Headers are sent: all that is left is to end the body early.
-                    outcome.error_reason = translate_failure(error, upstream)[1]
-                    log.warning("upstream %s broke off %s %s: %s", upstream, scope["method"], path, type(error).__name__)
+                response_started = True
+                async for chunk in response:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+        except HTTPError as error:  # the client's body, while it was being forwarded
+            outcome.status = error.status
+            await send_error(send, error, own)
+        except ClientGone:
+            outcome.cancel()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            outcome.cancel()
+            if not response_started:
+                await _tell_client(send, SHUTTING_DOWN, False, own)
+        except _UPSTREAM_FAILURES as error:
             http_error, outcome.error_reason = translate_failure(error, upstream)
-            outcome.status = http_error.status
-            await send_error(send, http_error, [id_header])
-        outcome.latency_s = self._clock() - started
-        self._recorder.record(outcome)
+            if not response_started:
+                outcome.status = http_error.status
+                await send_error(send, http_error, own)
+            else:
+                await send({"type": "http.response.body", "body": b""})  # all that is left: end the body early
+
+    async def _request_body(self, scope: dict[str, Any], receive: Any) -> bytes | StreamedBody | None:
+        """The client's body as it will be forwarded: none, whole (when it came in one piece),
+        or streamed on as it arrives, never more than ``max_body_bytes``."""
+        declared = header(scope, b"content-length")
+        if declared is None and header(scope, b"transfer-encoding") is None:
+            return None
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > self._max_body:
+            raise HTTPError(413, f"request body exceeds {self._max_body} bytes", "request_too_large")
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        first = message.get("body", b"")
+        if not message.get("more_body", False):
+            return first
+        return StreamedBody(self._rest_of_body(first, receive), length)
+
+    async def _rest_of_body(self, first: bytes, receive: Any) -> AsyncIterator[bytes]:
+        size = len(first)
+        yield first
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise HTTPError(413, f"request body exceeds {self._max_body} bytes", "request_too_large")
+            yield chunk
+            if not message.get("more_body", False):
+                return
 
     async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The upstream's model list plus one entry per experiment name."""
@@ -340,32 +397,17 @@ class Proxy:
         upstream = self._config.default_upstream
         try:
             self._authorize(scope)
-            async with self._upstreams.session.get(
-                self._upstreams.url(upstream, "/models"),
-                headers=self._upstreams.request_headers(upstream, scope["headers"]),
-                timeout=self._upstreams.timeout(upstream),
-            ) as response:
+            async with self._upstreams.forward(upstream, "GET", "/models", b"", scope["headers"], None, streaming=False) as response:
                 data = await response.read()
                 status = response.status
         except HTTPError as error:
             await send_error(send, error, [id_header])
             return
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+        except _UPSTREAM_FAILURES as error:
             await send_error(send, translate_failure(error, upstream)[0], [id_header])
             return
         if status < 400:
-            try:
-                listing = orjson.loads(data)
-                models = listing.get("data")
-            except (orjson.JSONDecodeError, AttributeError):
-                models = None
-            if isinstance(models, list):
-                known = {m.get("id") for m in models if isinstance(m, dict)}
-                created = int(time.time())
-                for name in self._catalog.plans:
-                    if name not in known:
-                        models.append({"id": name, "object": "model", "created": created, "owned_by": "abproxy"})
-                data = orjson.dumps(listing)
+            data = self._with_experiments(data)
         await send(
             {
                 "type": "http.response.start",
@@ -374,3 +416,36 @@ class Proxy:
             }
         )
         await send({"type": "http.response.body", "body": data})
+
+    def _with_experiments(self, data: bytes) -> bytes:
+        try:
+            listing = orjson.loads(data)
+            models = listing.get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            return data
+        if not isinstance(models, list):
+            return data
+        known = {m.get("id") for m in models if isinstance(m, dict)}
+        created = int(time.time())
+        for name in self._catalog.plans:
+            if name not in known:
+                models.append({"id": name, "object": "model", "created": created, "owned_by": "abproxy"})
+        return orjson.dumps(listing)
+
+
+_STREAM_ENDED_EARLY = HTTPError(
+    502, "upstream stream ended before its end marker; the answer is incomplete", "broken_stream", "upstream_error"
+)
+
+
+async def _tell_client(send: Any, error: HTTPError, response_started: bool, headers: Headers) -> None:
+    """An error for the client: as the response when nothing was sent yet, else as the stream's
+    last event. Bounded in time: a client that stopped reading must not hold the proxy."""
+    try:
+        async with asyncio.timeout(1.0):
+            if response_started:
+                await send({"type": "http.response.body", "body": error.sse_event()})
+            else:
+                await send_error(send, error, headers)
+    except (TimeoutError, OSError):
+        pass

@@ -91,8 +91,9 @@ class StreamObserver:
                 break
             event = bytes(self._buffer[start : end + size])
             start = end + size
-            if self._observe(event):
-                out += self.forwardable(event)
+            forwarded = self._observe(event)
+            if forwarded is not None:
+                out += self.forwardable(forwarded)
         del self._buffer[:start]
         if len(self._buffer) > MAX_EVENT_BYTES:
             out += self._buffer
@@ -116,9 +117,9 @@ class StreamObserver:
             self._buffer += data[cut + 2 :]
         events = complete.split(b"\n\n")
         del events[-1]  # what follows the last separator: nothing
-        kept = [event for event in events if self._observe(event)]
-        if len(kept) != len(events):
-            complete = b"".join(event + b"\n\n" for event in kept)
+        forwarded = [self._observe(event) for event in events]
+        if any(kept is not event for kept, event in zip(forwarded, events)):
+            complete = b"".join(kept + b"\n\n" for kept in forwarded if kept is not None)
         return self.forwardable(complete)
 
     def remainder(self) -> bytes:
@@ -138,14 +139,15 @@ class StreamObserver:
     def ended_well(self) -> bool:
         return self.done and not self.failed
 
-    def _observe(self, event: bytes) -> bool:
-        """Note what the event says; False when the event must not reach the client."""
+    def _observe(self, event: bytes) -> bytes | None:
+        """Note what the event says; return it as the client gets it (the same object when
+        unchanged), or None when it must not reach the client."""
         data = _data_of(event)
         if data is None:
-            return True
+            return event
         if data == b"[DONE]":
             self.done = True
-            return True
+            return event
         self.payloads.append(data)
         self._interpreted = None
         if self.first_content_at is None and self._first_content.search(data):
@@ -153,16 +155,28 @@ class StreamObserver:
         if self._endpoint == "responses":
             if not data.startswith(_TEXT_DELTA_PREFIX):  # the few events that are not text
                 self._observe_responses_event(_loads(data))
-            return True
+            return event
         if b'"error"' in data:
             payload = _loads(data)
             if isinstance(payload, dict) and payload.get("error"):
                 self.failed = True
         if self._strip_usage_chunk and _USAGE_OBJECT.search(data):
-            payload = _loads(data)
-            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and not payload.get("choices"):
-                return False
-        return True
+            return self._without_usage(event, data)
+        return event
+
+    @staticmethod
+    def _without_usage(event: bytes, data: bytes) -> bytes | None:
+        """The usage the proxy asked for on the client's behalf, taken out again: the usage-only
+        chunk is dropped; a chunk that also carries choices (as some servers send the last one)
+        loses its ``usage`` field."""
+        payload = _loads(data)
+        if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+            return event
+        if not payload.get("choices"):
+            return None
+        del payload["usage"]
+        separator = event[len(event.rstrip(b"\r\n")) :]  # as it came: with it, or without when split off
+        return b"data: " + orjson.dumps(payload) + separator
 
     def _observe_responses_event(self, payload: Any) -> None:
         if not isinstance(payload, dict):

@@ -6,7 +6,7 @@ arrives) to an upstream with one shared aiohttp session. No tricks.
     python bench/passthrough.py --upstream http://127.0.0.1:9000/v1 --port 9100 [--client lean]
 
 ``--client lean``: the same forwarding as a pure ASGI app over abproxy's own upstream client
-(``abproxy.upstream_http``), i.e. abproxy with no experiment, no recording, no metrics. The
+(``abproxy.upstream.client``), i.e. abproxy with no experiment, no recording, no metrics. The
 difference between it and abproxy is what abproxy's own work costs.
 """
 
@@ -57,9 +57,9 @@ app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], 
 
 
 def lean_app(upstream: str):
-    from abproxy.upstream_http import UpstreamClient
+    from abproxy.upstream.client import OriginSettings, UpstreamClient
 
-    client = UpstreamClient({"up": (upstream, "", 10.0)})
+    client = UpstreamClient({"up": OriginSettings(upstream, "", 10.0)})
     forwarded = (b"content-type", b"authorization")
 
     async def asgi(scope, receive, send):
@@ -72,7 +72,7 @@ def lean_app(upstream: str):
             if not message.get("more_body"):
                 break
         headers = [(k, v) for k, v in scope["headers"] if k in forwarded]
-        async with client.post("up", "/chat/completions", b"", headers, body, 300.0, True) as resp:
+        async with client.request("up", "POST", "/chat/completions", b"", headers, body, 300.0, True) as resp:
             out = [(b"content-type", resp.content_type.encode() or b"application/json")]
             if resp.content_type == "text/event-stream":
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})

@@ -519,6 +519,38 @@ def test_embeddings_pass_through_to_default_upstream(proxy, upstream):
     assert sample(text, "abproxy_requests_total", experiment="", variant="", status="200") == 1
 
 
+def test_passthrough_streams_a_large_upload_and_any_method_through(start_proxy, upstream):
+    """Uploads (the files API, say) are forwarded as they arrive, in the client's own framing,
+    and refused past max_body_bytes even when they come without a length."""
+    proxy = start_proxy(server={"max_body_bytes": 4 << 20})
+    payload = bytes(range(256)) * (12 << 10)  # 3 MiB, sent chunked
+    pieces = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
+    request = urllib.request.Request(f"{proxy.url}/v1/files?purpose=batch", data=pieces, method="POST",
+                                     headers={"content-type": "application/octet-stream"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as answered:  # the fake provider has no files API: 404
+        urllib.request.urlopen(request, timeout=30)
+    assert answered.value.code == 404
+    received = upstream.received[-1]
+    assert (received.method, received.path, received.body) == ("POST", "/v1/files", payload)
+    assert received.headers["transfer-encoding"] == "chunked" and received.headers["content-type"] == "application/octet-stream"
+
+    too_big = (b"x" * 65536 for _ in range(80))  # 5 MiB without a length
+    request = urllib.request.Request(f"{proxy.url}/v1/files", data=too_big, method="POST")
+    # The proxy answers 413 and closes while the client is still sending: a client that reads
+    # before it has sent everything sees the 413, one that keeps writing sees the reset.
+    with pytest.raises((urllib.error.HTTPError, urllib.error.URLError, ConnectionError)) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    if isinstance(refused.value, urllib.error.HTTPError):
+        assert refused.value.code == 413
+    time.sleep(0.2)
+    assert len(upstream.received) == 1, "the cut-off upload never reached the upstream as a whole request"
+
+    for method in ("GET", "DELETE", "HEAD"):
+        answer = http(method, f"{proxy.url}/v1/no-such-api/7")
+        assert answer.status == 404 and answer.headers["x-abproxy-request-id"]  # the fake's answer, passed on
+        assert (upstream.received[-1].method, upstream.received[-1].body) == (method, b"")
+
+
 def test_passthrough_refuses_dot_segments_and_keeps_encoded_characters(proxy, upstream):
     for path in ("/v1/%2e%2e/admin", "/v1/files/../../admin", "/v1/./models"):
         raw = http("GET", f"{proxy.url}{path}", headers={"Authorization": "Bearer sk-client"})

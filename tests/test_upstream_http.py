@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -22,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from abproxy import upstream_http
 from abproxy.fake_upstream import FakeUpstream, serve_in_thread
-from abproxy.upstream_http import UpstreamClient, UpstreamDisconnected
+from abproxy.upstream.client import OriginSettings, UpstreamClient
+from abproxy.upstream.errors import UpstreamBadResponse, UpstreamDisconnected
 from conftest import make_config, run
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -78,12 +79,16 @@ def json_response(body: bytes, *extra: bytes) -> bytes:
     )
 
 
-def client_for(url: str, api_key: str = "", connect_timeout_s: float = 2.0) -> UpstreamClient:
-    return UpstreamClient({"up": (url, api_key, connect_timeout_s)})
+def client_for(url: str, api_key: str = "", connect_timeout_s: float = 2.0, **options: Any) -> UpstreamClient:
+    return UpstreamClient({"up": OriginSettings(url, api_key, connect_timeout_s)}, **options)
+
+
+def post_to(client: UpstreamClient, timeout_s: float, streaming: bool) -> Any:
+    return client.request("up", "POST", "/chat/completions", b"", [(b"content-type", b"application/json")], BODY, timeout_s, streaming)
 
 
 async def post(client: UpstreamClient, *, timeout_s: float = 2.0, streaming: bool = False) -> tuple[int, bytes]:
-    async with client.post("up", "/chat/completions", b"", [(b"content-type", b"application/json")], BODY, timeout_s, streaming) as response:
+    async with post_to(client, timeout_s, streaming) as response:
         return response.status, await response.read()
 
 
@@ -164,8 +169,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
     run(main())
 
 
-def test_connections_of_a_burst_are_closed_once_idle_too_long(monkeypatch) -> None:
-    monkeypatch.setattr(upstream_http, "IDLE_KEEPALIVE_S", 0.3)
+def test_connections_of_a_burst_are_closed_once_idle_too_long() -> None:
 
     async def answer(reader, writer, n):
         await asyncio.sleep(0.05)  # long enough for the burst to need five connections
@@ -174,7 +178,7 @@ def test_connections_of_a_burst_are_closed_once_idle_too_long(monkeypatch) -> No
     async def main():
         server = ScriptedServer(answer)
         async with server as url:
-            client = client_for(url)
+            client = client_for(url, idle_keepalive_s=0.3)
             await asyncio.gather(*(post(client) for _ in range(5)))
             assert (server.connections, server.closed) == (5, 0)
             deadline = time.monotonic() + 0.6
@@ -247,7 +251,7 @@ def test_interim_responses_are_skipped_and_bad_bodies_are_errors_not_successes()
             assert await post(client) == (200, payload)
             assert server.connections == 1
             for expected in ("could not be decompressed", "unsupported content-encoding", "ended before"):
-                with pytest.raises(UpstreamDisconnected, match=expected):
+                with pytest.raises(UpstreamBadResponse, match=expected):
                     await post(client)
             client.close()
 
@@ -277,7 +281,7 @@ def test_timeouts_a_whole_response_and_a_silent_stream() -> None:
             received = b""
             started = time.monotonic()
             with pytest.raises(TimeoutError):
-                async with client.post("up", "/chat/completions", b"", [], BODY, 0.3, True) as response:
+                async with post_to(client, 0.3, True) as response:
                     async for chunk in response:
                         received += chunk
             assert received == b"data: " * 6  # the slow stream was not cut while it kept talking
@@ -295,7 +299,7 @@ def test_unreachable_and_malformed_upstreams_raise_connection_errors() -> None:
         server = ScriptedServer(answer)
         async with server as url:
             client = client_for(url)
-            with pytest.raises(UpstreamDisconnected, match="malformed"):
+            with pytest.raises(UpstreamBadResponse, match="malformed"):
                 await post(client)
             client.close()
         with pytest.raises(OSError):
@@ -324,7 +328,7 @@ def test_a_client_that_stops_reading_a_stream_leaves_the_rest_on_the_upstream() 
         async with server as url:
             client = client_for(url)
             # A silence limit of 0.3 s: a client that stalls longer is not the upstream's silence.
-            async with client.post("up", "/chat/completions", b"", [], BODY, 0.3, True) as response:
+            async with post_to(client, 0.3, True) as response:
                 first = await response.__anext__()
                 await asyncio.sleep(0.5)  # the consumer is busy elsewhere
                 stalled_at = written
@@ -423,7 +427,7 @@ def test_a_slow_client_gets_all_of_a_tls_stream_the_upstream_closed_behind(tmp_p
             client = client_for(f"https://localhost:{server.sockets[0].getsockname()[1]}/v1")
         finally:
             del os.environ["SSL_CERT_FILE"]
-        async with client.post("up", "/chat/completions", b"", [], BODY, 5.0, True) as response:
+        async with post_to(client, 5.0, True) as response:
             received = await response.__anext__()
             await asyncio.sleep(0.8)  # the client is slow; the upstream finishes and hangs up
             received += b"".join([chunk async for chunk in response])

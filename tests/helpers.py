@@ -1,0 +1,128 @@
+"""Small helpers every test module may need: raw HTTP calls, OpenAI error shapes, free ports,
+waiting for a condition, ``abproxy serve`` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class Raw:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> Raw:
+    """A raw HTTP call that returns error statuses instead of raising."""
+    all_headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
+    request = urllib.request.Request(url, data=body, method=method, headers=all_headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Raw(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
+    except urllib.error.HTTPError as error:
+        return Raw(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
+
+
+def assert_openai_error(raw: Raw, status: int, code: str | None = None) -> dict[str, Any]:
+    assert raw.status == status, raw.body
+    payload = raw.json()
+    assert set(payload) == {"error"}, payload
+    error = payload["error"]
+    assert {"message", "type", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy, which is returned; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {getattr(predicate, '__name__', predicate)}")
+        time.sleep(interval)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    """``abproxy serve`` as a real process of its own (its own process group), on a free port,
+    with its log in ``log_path``."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], *extra_args: str, name: str = "serve"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"{name}.log"
+        config_path = tmp_path / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ABPROXY_", "MLFLOW_TRACKING"))}
+        env["PYTHONPATH"] = str(REPO)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "abproxy", "serve", "--config", str(config_path), "--port", str(self.port), *extra_args],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_until(self._healthy, timeout=60, interval=0.1)
+        except AssertionError:
+            self.kill()
+            raise AssertionError(f"abproxy serve did not start:\n{self.log()[-3000:]}") from None
+
+    def _healthy(self) -> bool:
+        assert self.process.poll() is None, f"abproxy serve exited:\n{self.log()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def terminate(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)

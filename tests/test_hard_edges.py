@@ -1,0 +1,427 @@
+"""Hostile clients and misbehaving upstreams: each case is what a client sees and what is
+recorded, against real sockets — a scripted upstream that breaks the rules on purpose, the
+proxy served by uvicorn (and ``abproxy serve`` as its own process where the process itself is
+under attack: header floods, gzip bombs, SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis
+
+from abproxy.app import ABProxyApp, open_redis
+from abproxy.catalog import Catalog
+from abproxy.config import parse_config
+from abproxy.embedded_redis import EmbeddedRedis
+from abproxy.fake_upstream import serve_in_thread
+from abproxy.results import experiment_results
+from abproxy.upstream.client import OriginSettings, UpstreamClient
+from abproxy.upstream.errors import UpstreamResponseTooLarge
+from conftest import BASE_EXPERIMENTS, Proxy, make_config, run
+from helpers import ServeProcess, assert_openai_error, http, wait_until
+from misbehaving_upstream import MisbehavingUpstream
+from prometheus_text import sample
+
+USER_ONLY = [{"role": "user", "content": "The weather is lovely today."}]
+
+HOSTILE = {
+    "match": {"model": "hostile"},
+    "unit": "request",
+    "feedback": {"thumbs": {"min": 0, "max": 1}},
+    "variants": {
+        "control": {"control": True, "model": "gpt-4o-mini", "upstream": "bad"},
+        "treatment": {"model": "gpt-4o-mini", "upstream": "bad", "system_prompt": "Be brief."},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def misbehaving() -> Iterator[MisbehavingUpstream]:
+    upstream = MisbehavingUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+def hostile_config(upstream_url: str, bad_url: str, **overrides: Any) -> dict[str, Any]:
+    """The fake upstream as the default; the ``hostile`` experiment's arms on the misbehaving one."""
+    return {
+        "upstreams": {"fake": {"base_url": upstream_url, "timeout_s": 10}, "bad": {"base_url": bad_url, "timeout_s": 10}},
+        "default_upstream": "fake",
+        "experiments": {"translation": copy.deepcopy(BASE_EXPERIMENTS["translation"]), "hostile": copy.deepcopy(HOSTILE)},
+        **overrides,
+    }
+
+
+@pytest.fixture
+def hostile_proxy(start_proxy: Any, upstream_url: str, misbehaving: MisbehavingUpstream) -> Any:
+    return start_proxy(parse_config(hostile_config(upstream_url, misbehaving.url), environ={}))
+
+
+def hostile(client: openai.OpenAI, mode: str, **kwargs: Any) -> Any:
+    return client.chat.completions.create(model="hostile", messages=USER_ONLY, extra_headers={"x-misbehave": mode}, **kwargs)
+
+
+def arm_totals(proxy: Any, experiment: str = "hostile") -> dict[str, int]:
+    proxy.settle()
+    variants = http("GET", f"{proxy.url}/abproxy/experiments/{experiment}").json()["variants"]
+    return {key: sum(v[key] for v in variants) for key in ("requests", "errors", "cancelled")}
+
+
+def upstream_errors(proxy: Any, reason: str, upstream: str = "bad") -> float:
+    text = http("GET", f"{proxy.url}/metrics").body.decode()
+    return sample(text, "abproxy_upstream_errors_total", upstream=upstream, reason=reason)
+
+
+# -- upstream answers the proxy cannot pass on ---------------------------------------------------
+
+
+def test_an_upstream_status_above_599_is_a_502_and_an_error(hostile_proxy):
+    with pytest.raises(openai.APIStatusError) as caught:
+        hostile(hostile_proxy.client(), "status-600")
+    assert caught.value.status_code == 502
+    assert caught.value.body["code"] == "upstream_bad_response"
+    assert "600" in caught.value.body["message"]
+    assert arm_totals(hostile_proxy) == {"requests": 1, "errors": 1, "cancelled": 0}
+    assert upstream_errors(hostile_proxy, "bad_response") == 1
+    # the proxy still serves: the next request is fine
+    assert hostile_proxy.client().chat.completions.create(model="gpt-4o-mini", messages=USER_ONLY).choices
+
+
+def test_upstream_x_abproxy_headers_never_reach_the_client(hostile_proxy):
+    raw = hostile_proxy.client().chat.completions.with_raw_response.create(
+        model="hostile", messages=USER_ONLY, extra_headers={"x-misbehave": "own-headers"}
+    )
+    assert raw.parse().choices[0].message.content == "hello"
+    assert raw.headers.get_list("x-abproxy-variant") in (["control"], ["treatment"])
+    assert raw.headers.get_list("x-abproxy-experiment") == ["hostile"]
+    assert raw.headers["x-upstream-trace"] == "kept"  # the upstream's other headers pass
+
+
+def test_an_upstream_499_is_an_upstream_error_not_a_client_cancellation(hostile_proxy):
+    with pytest.raises(openai.APIStatusError) as caught:
+        hostile(hostile_proxy.client(), "status-499")
+    assert caught.value.status_code == 499  # the upstream's status and body reach the client
+    assert arm_totals(hostile_proxy) == {"requests": 1, "errors": 1, "cancelled": 0}
+    assert upstream_errors(hostile_proxy, "http_4xx") == 1
+
+
+# -- streams that end badly ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["stream-without-done", "stream-cut-by-close"])
+def test_a_stream_recorded_as_broken_ends_with_an_error_the_sdk_raises(hostile_proxy, mode):
+    """The upstream closed the stream cleanly at the HTTP level but without ``[DONE]``: the
+    recorder counts it as an error, so the client's SDK must not finish as if it were whole."""
+    texts = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in hostile(hostile_proxy.client(), mode, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                texts.append(chunk.choices[0].delta.content)
+    assert not isinstance(caught.value, openai.APIConnectionError)
+    assert "incomplete" in str(caught.value)
+    assert texts and texts[0] == "Hello"  # every complete event was passed on first
+    assert arm_totals(hostile_proxy) == {"requests": 1, "errors": 1, "cancelled": 0}
+    assert upstream_errors(hostile_proxy, "broken_stream") == 1
+
+
+def test_usage_the_proxy_asked_for_is_stripped_from_whichever_chunk_carries_it(hostile_proxy):
+    """As LiteLLM's proxy does, the upstream puts the usage on its last chunk with choices."""
+    client = hostile_proxy.client()
+    chunks = list(hostile(client, "usage-on-last-choice", stream=True))
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Hello world"
+    assert [c.usage for c in chunks] == [None, None], "the client did not ask for usage"
+
+    asked = list(hostile(client, "usage-on-last-choice", stream=True, stream_options={"include_usage": True}))
+    assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 2
+
+    hostile_proxy.settle()
+    live = http("GET", f"{hostile_proxy.url}/abproxy/experiments/hostile").json()
+    tokens = sum(v["metrics"]["completion_tokens"]["n"] for v in live["variants"])
+    assert tokens == 2, "both streams' usage was recorded"
+
+
+# -- a gzip bomb ----------------------------------------------------------------------------------
+
+
+def test_a_compressed_body_is_decoded_in_slices_with_other_tasks_running_between(misbehaving):
+    """No decompression call may hold the event loop: a 1 GiB bomb is decoded a slice at a time
+    and given up at the limit, and another task runs between every two slices."""
+
+    async def main() -> tuple[int, BaseException]:
+        client = UpstreamClient({"bad": OriginSettings(misbehaving.url)}, max_response_bytes=64 << 20)
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            async with client.request("bad", "POST", "/chat/completions", b"", [(b"x-misbehave", b"gzip-bomb")], b"{}", 30, False) as response:
+                with pytest.raises(UpstreamResponseTooLarge) as caught:
+                    await response.read()
+        finally:
+            stop = True
+            await task
+            client.close()
+        return ticks, caught.value
+
+    ticks, error = run(main())
+    slices = (64 << 20) // (256 << 10)
+    assert "exceeds 67108864 bytes" in str(error)
+    assert ticks >= slices, f"only {ticks} turns for other tasks while {slices} slices were decoded"
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_is_a_502_with_bounded_memory_while_other_requests_go_on(
+    tmp_path, redis_client, redis_server, upstream_url, misbehaving
+):
+    misbehaving.bomb()  # built before the clock matters
+    serve = ServeProcess(tmp_path, {"redis_url": redis_server.url, **hostile_config(upstream_url, misbehaving.url)})
+    try:
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="sk-test", max_retries=0, timeout=60)
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER_ONLY)  # warm
+        rss_before = serve.rss_bytes()
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def others() -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert client.chat.completions.create(model="gpt-4o-mini", messages=USER_ONLY).choices
+                latencies.append(time.perf_counter() - started)
+
+        worker = threading.Thread(target=others)
+        worker.start()
+        wait_until(lambda: len(latencies) >= 5)
+        errors = []
+        rss_peak = rss_before
+        for _ in range(2):
+            with pytest.raises(openai.APIStatusError) as caught:
+                hostile(client, "gzip-bomb")
+            errors.append(caught.value)
+            rss_peak = max(rss_peak, serve.rss_bytes())
+        done.set()
+        worker.join(60)
+        assert [(e.status_code, e.body["code"]) for e in errors] == [(502, "upstream_response_too_large")] * 2
+        # decoded up to the 64 MiB limit, not to 1 GiB (it reached 3.2 GB before the limit existed)
+        assert rss_peak - rss_before < 200 << 20, f"RSS grew by {(rss_peak - rss_before) >> 20} MiB"
+        assert len(latencies) > 5
+        print(f"\ngzip bomb: RSS {rss_before >> 20} -> {rss_peak >> 20} MiB; "
+              f"slowest other request {max(latencies) * 1000:.1f} ms over {len(latencies)}")
+    finally:
+        serve.terminate()
+        assert serve.wait() == 0
+    assert "Traceback" not in serve.log()
+
+
+# -- hostile clients ------------------------------------------------------------------------------
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def _flood_header(port: int, total: int) -> bytes:
+    """Send one unfinished header of ``total`` bytes (or until the server stops listening)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+        piece = b"a" * 65536
+        try:
+            for _ in range(total // len(piece)):
+                sock.sendall(piece)
+        except OSError:
+            pass  # refused and closed mid-flood: what is expected
+        try:
+            return _read_response(sock)
+        except OSError:
+            return b""
+
+
+@pytest.mark.slow
+def test_oversized_and_slow_request_headers_are_refused(tmp_path, redis_client, redis_server, upstream_url):
+    config = {"redis_url": redis_server.url, "server": {"header_timeout_s": 1}, **hostile_config(upstream_url, upstream_url)}
+    serve = ServeProcess(tmp_path, config)
+    try:
+        rss_before = serve.rss_bytes()
+        floods = [threading.Thread(target=lambda: answers.append(_flood_header(serve.port, 100 << 20))) for _ in range(5)]
+        answers: list[bytes] = []
+        for flood in floods:
+            flood.start()
+        for flood in floods:
+            flood.join(120)
+        rss_after = serve.rss_bytes()
+        assert len(answers) == 5
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+            assert b'"code":"request_headers_too_large"' in answer
+        assert rss_after - rss_before < 50 << 20, f"RSS grew by {(rss_after - rss_before) >> 20} MiB"
+
+        # headers over the limit that arrive complete in one piece: 431 too
+        big = http("GET", f"{serve.url}/healthz", headers={f"X-Big-{i}": "b" * 8000 for i in range(9)})
+        assert_openai_error(big, 431, "request_headers_too_large")
+        # just under the limit: served
+        assert http("GET", f"{serve.url}/healthz", headers={f"X-Big-{i}": "b" * 8000 for i in range(7)}).status == 200
+
+        # slowloris: headers trickled slower than header_timeout_s allows are cut off
+        trickle = socket.create_connection(("127.0.0.1", serve.port), timeout=5)
+        with trickle:
+            trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            sent = 0
+            try:
+                for sent in range(1, 40):
+                    time.sleep(0.25)
+                    trickle.sendall(b"X-Slow: %d\r\n" % sent)
+            except OSError:
+                pass
+            closed = trickle.recv(100) == b""
+        assert closed and sent < 20, f"still connected after {sent} header lines at 4 per second"
+        # a connection that says nothing at all is dropped too
+        silent = socket.create_connection(("127.0.0.1", serve.port), timeout=5)
+        with silent:
+            assert silent.recv(100) == b""
+        assert http("GET", f"{serve.url}/healthz").status == 200
+    finally:
+        serve.terminate()
+        assert serve.wait() == 0
+
+
+def test_a_user_that_is_not_a_string_is_a_400_naming_it(proxy):
+    for model in ("translation", "gpt-4o-mini"):  # in an experiment or not
+        for user in (42, {"id": "u1"}, ["u1"]):
+            with pytest.raises(openai.BadRequestError) as caught:
+                proxy.client().chat.completions.create(model=model, messages=USER_ONLY, user=user)  # type: ignore[arg-type]
+            assert caught.value.body["param"] == "user" and "'user' must be a string" in caught.value.body["message"]
+    assert proxy.client().chat.completions.create(model="translation", messages=USER_ONLY, extra_body={"user": None}).choices
+    proxy.settle()
+    live = http("GET", f"{proxy.url}/abproxy/experiments/translation").json()
+    assert sum(v["requests"] for v in live["variants"]) == 1, "the refused requests were not assigned"
+
+
+# -- Redis hanging --------------------------------------------------------------------------------
+
+
+def test_request_facing_paths_answer_503_quickly_while_redis_hangs(tmp_path, upstream_url):
+    """Redis stopped (SIGSTOP) rather than gone: connections open, nothing answers. Feedback,
+    readiness and results say 503 within about a second instead of waiting out a long timeout."""
+    own_redis = EmbeddedRedis(tmp_path / "redis", password="")
+    own_redis.start()
+    try:
+        app = ABProxyApp(make_config(upstream_url), redis_url=own_redis.url)
+        proxy = Proxy(app, serve_in_thread(app, timeout_graceful_shutdown=2))
+        try:
+            raw = proxy.client().chat.completions.with_raw_response.create(model="translation", messages=USER_ONLY, user="u1")
+            request_id = raw.headers["x-abproxy-request-id"]
+            proxy.settle()
+            own_redis.pause()
+            timings = {}
+            for name, method, path, body in (
+                ("feedback", "POST", "/v1/feedback", b'{"request_id": "%s", "score": 4}' % request_id.encode()),
+                ("readyz", "GET", "/readyz", None),
+                ("results", "GET", "/abproxy/experiments/translation", None),
+            ):
+                started = time.perf_counter()
+                answer = http(method, proxy.url + path, body=body, timeout=5)
+                timings[name] = time.perf_counter() - started
+                assert answer.status == 503, (name, answer.body)
+            # Meanwhile the request path never touches Redis: generation goes on.
+            assert proxy.client().chat.completions.create(model="translation", messages=USER_ONLY, user="u2").choices
+            own_redis.resume()
+            assert http("POST", proxy.url + "/v1/feedback", body=b'{"request_id": "%s", "score": 4}' % request_id.encode()).status == 200
+            assert http("GET", proxy.url + "/readyz").status == 200
+            print("\nwhile Redis hangs: " + ", ".join(f"{name} 503 in {seconds * 1000:.0f} ms" for name, seconds in timings.items()))
+        finally:
+            own_redis.resume()
+            proxy.stop()
+    finally:
+        own_redis.stop()
+
+
+# -- SIGTERM --------------------------------------------------------------------------------------
+
+
+def _stream_words(client: openai.OpenAI, words: int, chunk_delay_ms: int, started: threading.Semaphore, results: list[Any]) -> None:
+    reply = " ".join(f"w{i}" for i in range(words))
+    texts: list[str] = []
+    try:
+        stream = client.chat.completions.create(
+            model="translation", messages=USER_ONLY, stream=True,
+            extra_headers={"x-fake-reply": reply, "x-fake-chunk-delay-ms": str(chunk_delay_ms)},
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if not texts:
+                    started.release()
+                texts.append(chunk.choices[0].delta.content)
+        results.append("".join(texts))
+    except openai.APIError as error:
+        results.append(error)
+
+
+def _recorded(redis_url: str, config: dict[str, Any], experiment: str = "translation") -> dict[str, int]:
+    parsed = parse_config(config, environ={})
+
+    async def read() -> dict[str, Any]:
+        client = open_redis(redis_url)
+        try:
+            return await experiment_results(client, parsed, Catalog(parsed).plans[experiment])
+        finally:
+            await client.aclose()
+
+    variants = run(read())["variants"]
+    return {key: sum(v[key] for v in variants) for key in ("requests", "errors", "cancelled")}
+
+
+def _sigterm_during_streams(tmp_path: Path, redis_url: str, upstream_url: str, grace_s: float | None) -> tuple[list[Any], dict[str, int], ServeProcess]:
+    server = {} if grace_s is None else {"shutdown_grace_s": grace_s}
+    config = {"redis_url": redis_url, "server": server, **hostile_config(upstream_url, upstream_url)}
+    serve = ServeProcess(tmp_path, config, name=f"serve-grace-{grace_s}")
+    client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
+    results: list[Any] = []
+    started = threading.Semaphore(0)
+    streams = [threading.Thread(target=_stream_words, args=(client, 45, 1000, started, results)) for _ in range(3)]
+    for stream in streams:
+        stream.start()
+    for _ in streams:
+        assert started.acquire(timeout=30), "a stream did not start"
+    serve.terminate()
+    exit_code = serve.wait(timeout=180)
+    for stream in streams:
+        stream.join(120)
+    assert exit_code == 0, serve.log()[-3000:]
+    assert "Traceback" not in serve.log(), serve.log()[-3000:]
+    return results, _recorded(redis_url, config), serve
+
+
+@pytest.mark.slow
+def test_sigterm_lets_45_second_streams_finish_within_the_grace_period(tmp_path, redis_client, redis_server, upstream_url):
+    results, recorded, _ = _sigterm_during_streams(tmp_path, redis_server.url, upstream_url, grace_s=None)
+    expected = " ".join(f"w{i}" for i in range(45))
+    assert results == [expected] * 3, results
+    assert recorded == {"requests": 3, "errors": 0, "cancelled": 0}
+
+
+@pytest.mark.slow
+def test_sigterm_records_streams_cut_after_the_grace_period_as_cancelled(tmp_path, redis_client, redis_server, upstream_url):
+    results, recorded, _ = _sigterm_during_streams(tmp_path, redis_server.url, upstream_url, grace_s=2)
+    assert len(results) == 3
+    for result in results:
+        assert isinstance(result, openai.APIError) and not isinstance(result, openai.APIConnectionError), result
+        assert "shutting down" in str(result)
+    assert recorded == {"requests": 3, "errors": 0, "cancelled": 3}
