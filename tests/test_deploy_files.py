@@ -107,9 +107,10 @@ def test_compose_runs_two_replicas_on_one_redis_with_mlflow_prometheus_and_grafa
 
 
 def test_the_compose_config_is_valid_with_the_compose_environment():
-    config = compose_proxy_config({})
+    config = compose_proxy_config({"ABPROXY_METRICS_KEY": "scrape-secret"})
     assert config.redis_url == "redis://redis:6379/0"
     assert config.mlflow.tracking_uri == "http://mlflow:5000"
+    assert config.server.metrics_key == "scrape-secret"
     assert set(config.experiments) == {"translation", "sentiment"}
 
 
@@ -121,13 +122,17 @@ def test_dockerfile_copies_what_exists_and_serves_the_compose_config():
     assert "config/abproxy.compose.yaml" in dockerfile and "--host\", \"0.0.0.0\"" in dockerfile
 
 
-def test_prometheus_scrapes_both_replicas_and_its_config_is_valid():
+def test_prometheus_scrapes_both_replicas_and_its_config_is_valid(tmp_path):
     config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
     targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(targets) == ["abproxy-1:8080", "abproxy-2:8080"]
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool is not installed (CI installs Debian's prometheus package)")
-    result = subprocess.run(["promtool", "check", "config", str(ROOT / "config" / "prometheus.yml")],
+    assert shutil.which("promtool"), "promtool is missing: install Debian's prometheus package (.ci/run does)"
+    # promtool insists that the credentials file exists; the prometheus service writes it at start.
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(ROOT / "config" / "prometheus.yml", etc / "prometheus.yml")
+    (etc / config["scrape_configs"][0]["authorization"]["credentials_file"]).write_text("")
+    result = subprocess.run(["promtool", "check", "config", str(etc / "prometheus.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -139,11 +144,14 @@ def compose_cli() -> list[str]:
     return ["docker-compose"]
 
 
-def test_docker_compose_accepts_the_file_and_starts_the_replicas_once_mlflow_is_healthy():
+def test_docker_compose_accepts_the_file_and_hands_the_metrics_key_to_the_replicas_and_prometheus():
     result = subprocess.run([*compose_cli(), "--file", str(ROOT / "docker-compose.yml"), "config"],
+                            env={**os.environ, "ABPROXY_METRICS_KEY": "scrape-secret"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
+    for name in ("abproxy-1", "abproxy-2", "prometheus"):
+        assert services[name]["environment"]["ABPROXY_METRICS_KEY"] == "scrape-secret", name
     for name in ("abproxy-1", "abproxy-2"):
         assert services[name]["depends_on"]["mlflow"]["condition"] == "service_healthy", name
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
@@ -324,6 +332,74 @@ def test_without_allowed_hosts_the_mlflow_service_refuses_the_replicas_and_every
 
 def test_the_mlflow_healthcheck_fails_when_nothing_answers():
     assert mlflow_healthcheck(free_port()).returncode != 0
+
+
+# --- The prometheus service, run here as compose would run it --------------------------------
+
+PROMETHEUS_PATH = re.compile(r"(?<![\w./-])(/etc/prometheus|/bin/prometheus|/prometheus)\b")
+
+
+def prometheus_service_command(root: Path, port: int) -> list[str]:
+    """The prometheus service's entrypoint and command from docker-compose.yml, with the image's
+    paths under ``root``, Debian's prometheus for the image's, listening on ``port`` of the loopback."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: install Debian's prometheus package (.ci/run does)"
+    places = {"/etc/prometheus": root / "etc", "/prometheus": root / "data", "/bin/prometheus": Path(binary)}
+
+    def here(arg: str) -> str:
+        return PROMETHEUS_PATH.sub(lambda m: str(places[m[1]]), arg.replace("$$", "$"))  # $$ is compose's $
+
+    service = compose()["services"]["prometheus"]
+    return [*map(here, service["entrypoint"]), *map(here, service["command"]), f"--web.listen-address=127.0.0.1:{port}"]
+
+
+def write_prometheus_config(etc: Path, target: str) -> str:
+    """config/prometheus.yml scraping ``target`` every second; returns the credentials file it names."""
+    config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    job = config["scrape_configs"][0]
+    job["static_configs"] = [{"targets": [target]}]
+    etc.mkdir()
+    (etc / "prometheus.yml").write_text(yaml.safe_dump(config))
+    return job["authorization"]["credentials_file"]
+
+
+def first_scrape(prometheus_url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/targets", timeout=10) as response:
+            targets = json.load(response)["data"]["activeTargets"]
+        if targets and targets[0]["health"] != "unknown":
+            return targets[0]
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus never scraped its target: {targets}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("replicas_shell", "prometheus_shell", "health"),
+    [
+        ({"ABPROXY_METRICS_KEY": "scrape-secret"}, {"ABPROXY_METRICS_KEY": "scrape-secret"}, "up"),
+        ({"ABPROXY_METRICS_KEY": "scrape-secret"}, {"ABPROXY_METRICS_KEY": "wrong-key"}, "down"),
+        ({}, {}, "up"),  # no key anywhere: /metrics is open and ignores the bare Bearer Prometheus sends
+        ({"ABPROXY_ADMIN_KEY": "admin-secret"}, {"ABPROXY_ADMIN_KEY": "admin-secret"}, "down"),
+    ],
+    ids=["metrics-key", "wrong-key", "no-keys", "admin-key-alone"],
+)
+def test_prometheus_scrapes_a_replica_with_the_key_compose_hands_both(
+    replicas_shell, prometheus_shell, health, start_proxy, upstream_url, tmp_path
+):
+    proxy = start_proxy(compose_proxy_config({"OPENAI_BASE_URL": upstream_url, **replicas_shell}))
+    credentials = write_prometheus_config(tmp_path / "etc", urlsplit(proxy.url).netloc)
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], **compose_environment("prometheus", prometheus_shell)}
+    command = prometheus_service_command(tmp_path, port)
+    with serving(command, f"http://127.0.0.1:{port}/-/ready", tmp_path / "prometheus.log", env):
+        assert (tmp_path / "etc" / credentials).read_text() == prometheus_shell.get("ABPROXY_METRICS_KEY", "")
+        target = first_scrape(f"http://127.0.0.1:{port}")
+    assert target["health"] == health, target
+    if health == "down":
+        assert "401" in target["lastError"], target
 
 
 def dashboard() -> dict:
