@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY abproxy ./abproxy
-RUN pip install . && useradd --create-home abproxy
+# The mlflow service runs this image with --allowed-hosts, an option since MLflow 3.5.
+RUN pip install . "mlflow>=3.5" && useradd --create-home abproxy
 COPY config ./config
 USER abproxy
 EXPOSE 8080
