@@ -90,9 +90,24 @@ class ServerSettings(_Strict):
     @field_validator("api_keys")
     @classmethod
     def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        keys = [_one_line_key(key) for key in keys]
         if any(not key for key in keys):
             raise ValueError("must not contain an empty key")
         return keys
+
+    @field_validator("admin_key", "metrics_key")
+    @classmethod
+    def _one_line(cls, key: str) -> str:
+        return _one_line_key(key)
+
+
+def _one_line_key(key: str) -> str:
+    # A key read from a file or a Kubernetes secret often ends in a newline: harmless once
+    # stripped (a client could never send it), but inside a header it would end the header block.
+    key = key.strip()
+    if any(character in key for character in "\r\n\0"):
+        raise ValueError("must be one line")
+    return key
 
 
 class UpstreamSettings(_Strict):
@@ -103,12 +118,7 @@ class UpstreamSettings(_Strict):
     @field_validator("api_key")
     @classmethod
     def _one_line_key(cls, key: str) -> str:
-        # A key read from a file or a Kubernetes secret often ends in a newline: harmless once
-        # stripped, but inside a header it would end the header block.
-        key = key.strip()
-        if any(character in key for character in "\r\n\0"):
-            raise ValueError("must be one line")
-        return key
+        return _one_line_key(key)
 
     @field_validator("base_url")
     @classmethod

@@ -168,3 +168,12 @@ def test_an_upstream_key_with_a_trailing_newline_is_stripped_and_one_with_a_line
     problem = _problem({"upstreams": {"up": upstream}, "default_upstream": "up"}, {"KEY": "sk-a\r\nX-Injected: 1"})
     assert "upstreams.up.api_key" in problem and "one line" in problem
     assert "sk-a" not in problem  # the key itself is never echoed
+
+
+def test_proxy_keys_from_secret_files_are_stripped_too():
+    server = {"api_keys": ["${CLIENT}"], "admin_key": "${ADMIN}", "metrics_key": "${SCRAPE}"}
+    environ = {"CLIENT": "sk-client\n", "ADMIN": " adm\n", "SCRAPE": "scrape\r\n"}
+    config = parse_config({"server": server}, environ)
+    assert (config.server.api_keys, config.server.admin_key, config.server.metrics_key) == (["sk-client"], "adm", "scrape")
+    problem = _problem({"server": {"metrics_key": "${SCRAPE}"}}, {"SCRAPE": "a\nb"})
+    assert "server.metrics_key" in problem and "one line" in problem
