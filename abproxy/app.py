@@ -15,16 +15,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from abproxy.auth import Authorizer
+from abproxy.proxy.auth import Authorizer
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.feedback import FeedbackService
-from abproxy.flusher import FlushBusy, Flusher
+from abproxy.recording.feedback import FeedbackService
+from abproxy.mlflow_sink.flusher import FlushBusy, Flusher
 from abproxy.http import ClientGone, HTTPError, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
-from abproxy.proxy import Proxy
-from abproxy.recorder import Recorder
-from abproxy.results import experiment_results
+from abproxy.proxy.handler import Proxy
+from abproxy.recording.recorder import Recorder
+from abproxy.analysis.live import experiment_results
 from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")

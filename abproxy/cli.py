@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
-    from abproxy.embedded_redis import EmbeddedRedis
+    from abproxy.recording.embedded_redis import EmbeddedRedis
     from abproxy.metrics import MULTIPROCESS_ENV
     from abproxy.serving import server_options
 
@@ -123,7 +123,7 @@ def _raise_stopped(signum: int, frame: object) -> None:
 def _redis_for_command(config: Config) -> tuple[str, object | None]:
     """The configured Redis, or the embedded one of a running `abproxy serve`, or a private
     embedded Redis on the same data (stopped again when the command ends)."""
-    from abproxy.embedded_redis import EmbeddedRedis, running_url
+    from abproxy.recording.embedded_redis import EmbeddedRedis, running_url
 
     if config.redis_url:
         return config.redis_url, None
@@ -164,7 +164,7 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
-    from abproxy.flusher import FlushBusy, Flusher
+    from abproxy.mlflow_sink.flusher import FlushBusy, Flusher
 
     config = _load(args.config)
     _mlflow_fails_fast()
@@ -185,8 +185,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
-    from abproxy.report import terminal
-    from abproxy.results import experiment_results
+    from abproxy.analysis.report import terminal
+    from abproxy.analysis.live import experiment_results
 
     config = _load(args.config)
     catalog = Catalog(config)

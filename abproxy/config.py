@@ -393,7 +393,7 @@ def load_config(
         raise ConfigError([("", f"{chosen} is not valid YAML: {_yaml_problem(error)}")]) from None
     config = parse_config(data, env)
     if resolve_prompts:
-        from abproxy.prompts import resolve_prompts as resolve
+        from abproxy.mlflow_sink.prompts import resolve_prompts as resolve
 
         config = resolve(config)
     return config

@@ -325,8 +325,8 @@ def _prepare_mlflow(config: Config, artifacts: Path) -> None:
 
 def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: float = 1.0) -> int:
     from abproxy.app import ABProxyApp
-    from abproxy.embedded_redis import EmbeddedRedis
-    from abproxy.report import terminal
+    from abproxy.recording.embedded_redis import EmbeddedRedis
+    from abproxy.analysis.report import terminal
 
     started = time.monotonic()
     if directory.exists():

@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
 from abproxy.config import parse_config
-from abproxy.embedded_redis import EmbeddedRedis
-from abproxy.flusher import Flusher
+from abproxy.recording.embedded_redis import EmbeddedRedis
+from abproxy.mlflow_sink.flusher import Flusher
 from abproxy.metrics import ProxyMetrics
-from abproxy.outcome import ExperimentRoute, Outcome
-from abproxy.recorder import Recorder
+from abproxy.recording.outcome import ExperimentRoute, Outcome
+from abproxy.recording.recorder import Recorder
 
 
 def build_config(tmp: Path, experiments: int, variants: int) -> dict:

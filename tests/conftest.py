@@ -16,7 +16,7 @@ import redis
 
 from abproxy.app import ABProxyApp
 from abproxy.config import Config, parse_config
-from abproxy.embedded_redis import EmbeddedRedis
+from abproxy.recording.embedded_redis import EmbeddedRedis
 from abproxy.fake_upstream import FakeUpstream, RunningServer, serve_in_thread
 from abproxy.serving import server_options
 

@@ -114,7 +114,7 @@ def test_cli_report_unknown_experiment_exits_1(config_file: Path, tmp_path: Path
 
 
 def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
-    from abproxy.flusher import LOCK_KEY
+    from abproxy.mlflow_sink.flusher import LOCK_KEY
 
     redis_client.set(LOCK_KEY, "a-replica", px=60_000)
     result = abproxy("flush", "--config", str(config_file), cwd=tmp_path)
@@ -127,7 +127,7 @@ def test_cli_report_and_flush_say_when_redis_is_unreachable(tmp_path):
     import subprocess
     import sys
 
-    from abproxy.embedded_redis import free_port
+    from abproxy.recording.embedded_redis import free_port
 
     config = tmp_path / "abproxy.yaml"
     config.write_text(

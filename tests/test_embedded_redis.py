@@ -5,7 +5,7 @@ import time
 
 import redis
 
-from abproxy.embedded_redis import EmbeddedRedis, running_url
+from abproxy.recording.embedded_redis import EmbeddedRedis, running_url
 
 
 def _alive(pid: int) -> bool:
@@ -50,7 +50,7 @@ def test_a_password_is_required(tmp_path):
 def test_the_server_stops_when_abproxy_is_killed(tmp_path):
     code = (
         "import sys, time\n"
-        "from abproxy.embedded_redis import EmbeddedRedis\n"
+        "from abproxy.recording.embedded_redis import EmbeddedRedis\n"
         "server = EmbeddedRedis(sys.argv[1]); server.start()\n"
         "print(server._process.pid, flush=True); time.sleep(120)\n"
     )

@@ -20,7 +20,7 @@ import redis
 from openai_shape import assert_openai_error
 from prometheus_text import metrics_text, sample
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.stats.histogram import bucket_of
 
 EXP = "translation"
@@ -505,7 +505,7 @@ def test_feedback_needs_the_proxy_api_key(start_proxy: Any, redis_client: redis.
 def test_a_response_id_reused_by_the_upstream_is_ambiguous_not_misattributed(proxy: Any, redis_client: redis.Redis) -> None:
     """Some servers (Ollama) reuse response ids. Feedback by such an id must not land on whichever
     request wrote it last: the proxy answers 409 and the request id still works."""
-    from abproxy.outcome import ExperimentRoute, Outcome
+    from abproxy.recording.outcome import ExperimentRoute, Outcome
 
     plan = proxy.app.catalog.plans[EXP]
     recorder = proxy.app.recorder

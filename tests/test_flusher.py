@@ -37,14 +37,14 @@ from mlflow.tracking import MlflowClient
 from openai_shape import assert_openai_error
 from prometheus_text import metrics_text, sample
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
 from abproxy.config import ConfigError, load_config, parse_config
-from abproxy.flusher import FENCE_KEY, INTERVAL_KEY, LOCK_KEY, FlushBusy, Flusher, FlushReport
+from abproxy.mlflow_sink.flusher import FENCE_KEY, INTERVAL_KEY, LOCK_KEY, FlushBusy, Flusher, FlushReport
 from abproxy.metrics import ProxyMetrics
-from abproxy.outcome import ExperimentRoute, Outcome
-from abproxy.recorder import Recorder
+from abproxy.recording.outcome import ExperimentRoute, Outcome
+from abproxy.recording.recorder import Recorder
 
 VARIANT_METRICS = (
     "requests",
@@ -434,7 +434,7 @@ def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
 def test_a_flush_that_lost_its_lock_keeps_no_state(
     redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from abproxy.flusher import MlflowWriter
+    from abproxy.mlflow_sink.flusher import MlflowWriter
 
     config = make_config(upstream_url, mlflow=mlflow_settings(uri))
     original = MlflowWriter.write
@@ -708,7 +708,7 @@ async def _record_traffic(redis_url: str, config: Any, catalog: Catalog, per_arm
     a satisfaction score each, posted through the real feedback service."""
     from prometheus_client import CollectorRegistry
 
-    from abproxy.feedback import FeedbackService
+    from abproxy.recording.feedback import FeedbackService
 
     client = open_redis(redis_url)
     metrics = ProxyMetrics(CollectorRegistry())

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai_shape import assert_openai_error
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.fake_upstream import FakeUpstream
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")

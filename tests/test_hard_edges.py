@@ -21,9 +21,9 @@ import redis
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.catalog import Catalog
 from abproxy.config import parse_config
-from abproxy.embedded_redis import EmbeddedRedis
+from abproxy.recording.embedded_redis import EmbeddedRedis
 from abproxy.fake_upstream import serve_in_thread
-from abproxy.results import experiment_results
+from abproxy.analysis.live import experiment_results
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, run

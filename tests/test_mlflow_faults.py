@@ -19,7 +19,7 @@ from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, ru
 from mlflow.tracking import MlflowClient
 from openai_shape import assert_openai_error
 
-from abproxy import store
+from abproxy.recording import store
 
 
 @pytest.fixture(autouse=True)

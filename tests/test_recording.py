@@ -26,9 +26,9 @@ import yaml
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.catalog import Catalog
-from abproxy.embedded_redis import EmbeddedRedis, free_port
+from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
 from conftest import BASE_EXPERIMENTS, make_config
 from prometheus_text import metrics_text, sample

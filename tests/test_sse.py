@@ -2,7 +2,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from abproxy.sse import StreamObserver
+from abproxy.proxy.sse import StreamObserver
 
 
 def _chunk(content=None, usage=None, choices=True, id_="chatcmpl-1"):
@@ -84,7 +84,7 @@ def test_a_stream_without_its_end_marker_or_with_an_error_event_did_not_end_well
 
 
 def test_a_body_without_event_separators_is_passed_on_not_hoarded():
-    from abproxy.sse import MAX_EVENT_BYTES
+    from abproxy.proxy.sse import MAX_EVENT_BYTES
 
     observer = StreamObserver("chat", strip_usage_chunk=False)
     blob = b"x" * (MAX_EVENT_BYTES + 10)

@@ -1,7 +1,7 @@
 import pytest
 
 from abproxy.config import Variant
-from abproxy.variants import (
+from abproxy.proxy.variants import (
     TemplateError,
     apply_to_chat,
     apply_to_completions,

@@ -20,7 +20,7 @@ import orjson
 import yaml
 from mlflow.tracking import MlflowClient
 
-from abproxy.embedded_redis import free_port
+from abproxy.recording.embedded_redis import free_port
 from conftest import BASE_EXPERIMENTS
 from flushkit import history, http, search
 from prometheus_text import sample

@@ -7,15 +7,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from abproxy import store
-from abproxy.analysis import Analysis, analyse
+from abproxy.recording import store
+from abproxy.analysis.analyse import Analysis, analyse
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.stats.decisions import SRM_THRESHOLD
 from abproxy.stats.estimates import interval as estimate_interval
 from abproxy.stats.histogram import quantiles
 from abproxy.stats.verdict import MetricResult
-from abproxy.store import ArmCounters, MetricCounters
+from abproxy.recording.store import ArmCounters, MetricCounters
 
 PERCENTILES = (0.5, 0.95, 0.99)
 

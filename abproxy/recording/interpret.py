@@ -1,57 +1,83 @@
-"""What happened to one proxied request: captured on the request path as cheaply as possible,
-interpreted later by the recorder, off the request path."""
+"""What a finished response says: its generated text, usage and response id, from a JSON body
+or from a stream's events. Run by the recorder, off the request path: the request path only
+keeps the events' data (:class:`abproxy.proxy.sse.StreamObserver`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
 
-from abproxy.sse import interpret_stream
-
-CANCELLED_STATUS = 499
-"""The status counted in Prometheus when the client went away first, or the request was cut
-at shutdown (nginx's "client closed request"). An upstream's own 499 is not a cancellation."""
+from abproxy.recording.outcome import Outcome
 
 
-@dataclass(slots=True)
-class ExperimentRoute:
-    """Where an experiment request went: resolved on the request path."""
-
-    experiment: str
-    variant: str
-    arm: str
-    unit: str | None
-    forced: bool
+def loads_or_none(data: bytes) -> Any:
+    """The JSON in ``data``, or None when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
-@dataclass(slots=True)
-class Outcome:
-    request_id: str
-    endpoint: str
-    upstream: str
-    model: str
-    started_at: float
-    route: ExperimentRoute | None = None
-    status: int = 0
-    cancelled: bool = False
-    """The client went away, or shutdown cut the request: neither a success nor an error."""
-    error_reason: str | None = None
-    latency_s: float = 0.0
-    ttft_s: float | None = None
-    streamed: bool = False
-    body: bytes | None = None
-    stream_payloads: list[bytes] = field(default_factory=list)
-    """A stream's events' data, interpreted by the recorder."""
+@dataclass(frozen=True, slots=True)
+class StreamFacts:
+    text_parts: list[str]
+    usage: dict[str, Any] | None
+    response_id: str | None
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.status = CANCELLED_STATUS
 
-    @property
-    def failed(self) -> bool:
-        return not self.cancelled and (self.status >= 400 or self.error_reason is not None)
+def interpret_stream(endpoint: str, payloads: Sequence[bytes]) -> StreamFacts:
+    """The generated text, usage and response id of a stream, from its events' data — parsed in
+    one ``orjson`` call when every event is JSON, one by one when some are not."""
+    if not payloads:
+        return StreamFacts([], None, None)
+    try:
+        events = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        events = [loads_or_none(data) for data in payloads]
+    texts: list[str] = []
+    usage: dict[str, Any] | None = None
+    response_id: str | None = None
+    for payload in events:
+        if not isinstance(payload, dict):
+            continue
+        if endpoint == "responses":
+            if payload.get("type") == "response.output_text.delta":
+                delta = payload.get("delta")
+                if isinstance(delta, str) and delta:
+                    texts.append(delta)
+                continue
+            response = payload.get("response")
+            if isinstance(response, dict):
+                if response_id is None and isinstance(response.get("id"), str):
+                    response_id = response["id"]
+                if isinstance(response.get("usage"), dict):
+                    usage = response["usage"]
+            continue
+        if response_id is None and isinstance(payload.get("id"), str) and payload["id"]:
+            response_id = payload["id"]
+        if isinstance(payload.get("usage"), dict):
+            usage = payload["usage"]
+        choices = payload.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                text = _choice_text(endpoint, choice)
+                if text:
+                    texts.append(text)
+    return StreamFacts(texts, usage, response_id)
+
+
+def _choice_text(endpoint: str, choice: Any) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    if endpoint == "completions":
+        text = choice.get("text")
+    else:
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else None
+    return text if isinstance(text, str) else None
 
 
 class ResponseFacts(NamedTuple):

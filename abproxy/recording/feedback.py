@@ -12,12 +12,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.http import HTTPError, parse_json_object
 from abproxy.metrics import ProxyMetrics
-from abproxy.recorder import Recorder
+from abproxy.recording.recorder import Recorder
 from abproxy.stats.histogram import bucket_of
 
 MAX_ID_LENGTH = 256

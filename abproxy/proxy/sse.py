@@ -3,18 +3,19 @@ the first content token, and drop the usage chunk the proxy asked for on its own
 Events are forwarded as soon as they are complete, never held back.
 
 On the request path each event costs a few byte searches; the events' JSON is parsed once, in
-one call, when the recorder interprets the stream (:func:`interpret_stream`), off that path.
+one call, when the recorder interprets the stream (:func:`abproxy.recording.interpret.interpret_stream`), off that path.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+
+from abproxy.recording.interpret import StreamFacts, interpret_stream, loads_or_none
 
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 MAX_EVENT_BYTES = 1 << 20
@@ -53,13 +54,6 @@ def _data_of(event: bytes) -> bytes | None:
     if not lines:
         return None
     return b"\n".join(line[5:].lstrip(b" ") if line[5:6] == b" " else line[5:] for line in lines)
-
-
-def _loads(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
 
 
 class StreamObserver:
@@ -154,10 +148,10 @@ class StreamObserver:
             self.first_content_at = self._clock()
         if self._endpoint == "responses":
             if not data.startswith(_TEXT_DELTA_PREFIX):  # the few events that are not text
-                self._observe_responses_event(_loads(data))
+                self._observe_responses_event(loads_or_none(data))
             return event
         if b'"error"' in data:
-            payload = _loads(data)
+            payload = loads_or_none(data)
             if isinstance(payload, dict) and payload.get("error"):
                 self.failed = True
         if self._strip_usage_chunk and _USAGE_OBJECT.search(data):
@@ -169,7 +163,7 @@ class StreamObserver:
         """The usage the proxy asked for on the client's behalf, taken out again: the usage-only
         chunk is dropped; a chunk that also carries choices (as some servers send the last one)
         loses its ``usage`` field."""
-        payload = _loads(data)
+        payload = loads_or_none(data)
         if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
             return event
         if not payload.get("choices"):
@@ -206,62 +200,3 @@ class StreamObserver:
     @property
     def response_id(self) -> str | None:
         return self._facts().response_id
-
-
-@dataclass(frozen=True, slots=True)
-class StreamFacts:
-    text_parts: list[str]
-    usage: dict[str, Any] | None
-    response_id: str | None
-
-
-def interpret_stream(endpoint: str, payloads: Sequence[bytes]) -> StreamFacts:
-    """The generated text, usage and response id of a stream, from its events' data — parsed in
-    one ``orjson`` call when every event is JSON, one by one when some are not."""
-    if not payloads:
-        return StreamFacts([], None, None)
-    try:
-        events = orjson.loads(b"[" + b",".join(payloads) + b"]")
-    except orjson.JSONDecodeError:
-        events = [_loads(data) for data in payloads]
-    texts: list[str] = []
-    usage: dict[str, Any] | None = None
-    response_id: str | None = None
-    for payload in events:
-        if not isinstance(payload, dict):
-            continue
-        if endpoint == "responses":
-            if payload.get("type") == "response.output_text.delta":
-                delta = payload.get("delta")
-                if isinstance(delta, str) and delta:
-                    texts.append(delta)
-                continue
-            response = payload.get("response")
-            if isinstance(response, dict):
-                if response_id is None and isinstance(response.get("id"), str):
-                    response_id = response["id"]
-                if isinstance(response.get("usage"), dict):
-                    usage = response["usage"]
-            continue
-        if response_id is None and isinstance(payload.get("id"), str) and payload["id"]:
-            response_id = payload["id"]
-        if isinstance(payload.get("usage"), dict):
-            usage = payload["usage"]
-        choices = payload.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                text = _choice_text(endpoint, choice)
-                if text:
-                    texts.append(text)
-    return StreamFacts(texts, usage, response_id)
-
-
-def _choice_text(endpoint: str, choice: Any) -> str | None:
-    if not isinstance(choice, dict):
-        return None
-    if endpoint == "completions":
-        text = choice.get("text")
-    else:
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else None
-    return text if isinstance(text, str) else None

@@ -22,14 +22,15 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from abproxy import store
-from abproxy.aggregate import ArmBatch, metric_row
+from abproxy.recording import store
+from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
-from abproxy.outcome import Outcome, ResponseFacts, response_facts
+from abproxy.recording.interpret import ResponseFacts, response_facts
+from abproxy.recording.outcome import Outcome
 
-log = logging.getLogger("abproxy.recorder")
+log = logging.getLogger("abproxy.recording.recorder")
 
 
 _OUTCOMES_PER_SLICE = 64

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from abproxy import variants
-from abproxy.auth import Authorizer
+from abproxy.proxy import variants
+from abproxy.proxy.auth import Authorizer
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.http import (
@@ -29,9 +29,9 @@ from abproxy.http import (
     read_body,
     send_error,
 )
-from abproxy.outcome import ExperimentRoute, Outcome
-from abproxy.recorder import Recorder
-from abproxy.sse import StreamObserver
+from abproxy.recording.outcome import ExperimentRoute, Outcome
+from abproxy.recording.recorder import Recorder
+from abproxy.proxy.sse import StreamObserver
 from abproxy.upstream.client import StreamedBody
 from abproxy.upstream.http11 import UpstreamResponse
 from abproxy.upstream.policy import Upstreams, error_reason, response_headers, translate_failure

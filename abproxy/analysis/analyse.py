@@ -11,7 +11,7 @@ from abproxy.config import Config
 from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
 from abproxy.stats.sequential import RunningState
 from abproxy.stats.verdict import ArmInput, Policy, Verdict, decide
-from abproxy.store import ArmCounters, MetricCounters
+from abproxy.recording.store import ArmCounters, MetricCounters
 
 
 def higher_is_better(metric: str) -> bool:

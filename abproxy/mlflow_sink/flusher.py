@@ -18,18 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from abproxy import store
-from abproxy.analysis import sequential_state_field
+from abproxy.recording import store
+from abproxy.analysis.analyse import sequential_state_field
 from abproxy.catalog import Arm, Catalog, ExperimentPlan
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
-from abproxy.report import markdown
-from abproxy.results import Snapshot, snapshot_json, take_snapshot
+from abproxy.analysis.report import markdown
+from abproxy.analysis.live import Snapshot, snapshot_json, take_snapshot
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-log = logging.getLogger("abproxy.flusher")
+log = logging.getLogger("abproxy.mlflow_sink.flusher")
 
 LOCK_KEY = f"{store.PREFIX}:flush:lock"
 INTERVAL_KEY = f"{store.PREFIX}:flush:interval"

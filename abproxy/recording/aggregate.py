@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from abproxy import store
+from abproxy.recording import store
 from abproxy.config import BUILTIN_METRICS
-from abproxy.outcome import Outcome, ResponseFacts
+from abproxy.recording.interpret import ResponseFacts
+from abproxy.recording.outcome import Outcome
 from abproxy.stats.histogram import bucket_counts
 
 MetricRow = tuple[float, ...]
