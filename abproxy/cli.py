@@ -211,9 +211,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from abproxy.demo import run_demo
+    from abproxy.demo_folder import FolderRefused
 
     logging.getLogger().setLevel(logging.WARNING)
-    return run_demo(args.requests, args.seed, args.keep, Path(args.dir))
+    try:
+        return run_demo(args.requests, args.seed, args.keep, Path(args.dir))
+    except FolderRefused as refusal:
+        print(f"abproxy: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=2400, help="simulated requests (default 2400)")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--keep", action="store_true", help="leave the proxy running afterwards")
-    demo.add_argument("--dir", default=".abproxy/demo", help="where the demo keeps Redis data and the MLflow store")
+    demo.add_argument(
+        "--dir",
+        default=".abproxy/demo",
+        help="where the demo keeps its config, Redis data and MLflow store: a new or empty folder, or an earlier demo's",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     check = verbs.add_parser("check-config", help="validate a config file")

@@ -3,14 +3,13 @@
 An embedded Redis, a simulated OpenAI-compatible provider, the real proxy, simulated users who
 call it through the real ``openai`` SDK and post feedback whose distribution depends on the
 variant they got, periodic flushes into a local MLflow store, and at the end the comparison
-table, each experiment's winner and the command that opens the MLflow UI on that store.
+table, each experiment's winner and the commands that show the results again (see demo_folder).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import sys
 import time
 import urllib.error
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 
 from abproxy.config import Config, parse_config
+from abproxy.demo_folder import REDIS_DIR, claim, tracking_uri, viewing_commands, write_config
 from abproxy.fake_upstream import FakeUpstream, serve_in_thread
 
 TRANSLATION_SENTENCES = (
@@ -73,103 +73,101 @@ def _final_flush(proxy_url: str, patience_s: float = 120.0) -> dict:
         time.sleep(0.5)
 
 
-def demo_config(data_dir: Path, upstream_url: str, flush_interval_s: float) -> Config:
+def demo_settings(folder: Path, upstream_url: str, flush_interval_s: float) -> dict[str, Any]:
+    """The scenario as a config document; ``folder`` holds the Redis data and the MLflow store."""
     translation_params = {"temperature": 0.7, "max_tokens": 100}
-    return parse_config(
-        {
-            "redis_url": "",
-            "data_dir": str(data_dir),
-            "mlflow": {"tracking_uri": f"sqlite:///{data_dir / 'mlflow.db'}", "flush_interval_s": flush_interval_s},
-            "upstreams": {"simulated": {"base_url": upstream_url, "timeout_s": 30}},
-            "default_upstream": "simulated",
-            "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o": {"input": 2.50, "output": 10.00}},
-            "stats": {"alpha": 0.05, "min_samples": 30, "sequential": True},
-            "experiments": {
-                "translation": {
-                    "match": {"model": "translation"},
-                    "unit": "user",
-                    "primary_metric": "feedback.satisfaction",
-                    "guardrails": ["error_rate"],
-                    "feedback": {"satisfaction": {"min": 1, "max": 5}},
-                    "variants": {
-                        "basic": {
-                            "control": True,
-                            "model": "gpt-4o-mini",
-                            "params": translation_params,
-                            "user_template": "Translate into Korean: {{input}}",
-                        },
-                        "professional": {
-                            "model": "gpt-4o-mini",
-                            "params": translation_params,
-                            "system_prompt": "You are a professional translator with ten years of experience.",
-                            "user_template": "Translate this English sentence into natural, fluent Korean:\n{{input}}",
-                        },
-                        "context_aware": {
-                            "model": "gpt-4o-mini",
-                            "params": translation_params,
-                            "system_prompt": "You translate English into Korean, matching register and politeness.",
-                            "user_template": "Consider who is speaking to whom, then translate into Korean:\n{{input}}",
-                        },
-                        "step_by_step": {
-                            "model": "gpt-4o",
-                            "params": {"temperature": 0.3, "max_tokens": 300},
-                            "system_prompt": "You are a careful English-to-Korean translator.",
-                            "user_template": (
-                                "Translate into Korean step by step: identify the key phrases, translate them, "
-                                "then give the final sentence on the last line.\n{{input}}"
-                            ),
-                        },
+    return {
+        "redis_url": "",
+        "data_dir": str(folder),
+        "mlflow": {"tracking_uri": tracking_uri(folder), "flush_interval_s": flush_interval_s},
+        "upstreams": {"simulated": {"base_url": upstream_url, "timeout_s": 30}},
+        "default_upstream": "simulated",
+        "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o": {"input": 2.50, "output": 10.00}},
+        "stats": {"alpha": 0.05, "min_samples": 30, "sequential": True},
+        "experiments": {
+            "translation": {
+                "match": {"model": "translation"},
+                "unit": "user",
+                "primary_metric": "feedback.satisfaction",
+                "guardrails": ["error_rate"],
+                "feedback": {"satisfaction": {"min": 1, "max": 5}},
+                "variants": {
+                    "basic": {
+                        "control": True,
+                        "model": "gpt-4o-mini",
+                        "params": translation_params,
+                        "user_template": "Translate into Korean: {{input}}",
+                    },
+                    "professional": {
+                        "model": "gpt-4o-mini",
+                        "params": translation_params,
+                        "system_prompt": "You are a professional translator with ten years of experience.",
+                        "user_template": "Translate this English sentence into natural, fluent Korean:\n{{input}}",
+                    },
+                    "context_aware": {
+                        "model": "gpt-4o-mini",
+                        "params": translation_params,
+                        "system_prompt": "You translate English into Korean, matching register and politeness.",
+                        "user_template": "Consider who is speaking to whom, then translate into Korean:\n{{input}}",
+                    },
+                    "step_by_step": {
+                        "model": "gpt-4o",
+                        "params": {"temperature": 0.3, "max_tokens": 300},
+                        "system_prompt": "You are a careful English-to-Korean translator.",
+                        "user_template": (
+                            "Translate into Korean step by step: identify the key phrases, translate them, "
+                            "then give the final sentence on the last line.\n{{input}}"
+                        ),
                     },
                 },
-                "sentiment": {
-                    "match": {"model": "sentiment"},
-                    "unit": "request",
-                    "primary_metric": "feedback.accuracy",
-                    "feedback": {"accuracy": {"min": 0, "max": 1}},
-                    "variants": {
-                        "simple": {
-                            "control": True,
-                            "model": "gpt-4o-mini",
-                            "user_template": "Positive, negative or neutral? {{input}}",
-                        },
-                        "detailed": {
-                            "model": "gpt-4o-mini",
-                            "system_prompt": "You are a sentiment analyst. Answer positive, negative or neutral.",
-                            "user_template": "Text: {{input}}",
-                        },
-                        "chain_of_thought": {
-                            "model": "gpt-4o",
-                            "system_prompt": "You are a sentiment analyst.",
-                            "user_template": (
-                                "Think step by step about tone, wording and intent, then answer positive, "
-                                "negative or neutral on the last line.\nText: {{input}}"
-                            ),
-                        },
+            },
+            "sentiment": {
+                "match": {"model": "sentiment"},
+                "unit": "request",
+                "primary_metric": "feedback.accuracy",
+                "feedback": {"accuracy": {"min": 0, "max": 1}},
+                "variants": {
+                    "simple": {
+                        "control": True,
+                        "model": "gpt-4o-mini",
+                        "user_template": "Positive, negative or neutral? {{input}}",
+                    },
+                    "detailed": {
+                        "model": "gpt-4o-mini",
+                        "system_prompt": "You are a sentiment analyst. Answer positive, negative or neutral.",
+                        "user_template": "Text: {{input}}",
+                    },
+                    "chain_of_thought": {
+                        "model": "gpt-4o",
+                        "system_prompt": "You are a sentiment analyst.",
+                        "user_template": (
+                            "Think step by step about tone, wording and intent, then answer positive, "
+                            "negative or neutral on the last line.\nText: {{input}}"
+                        ),
                     },
                 },
-                "summarization": {
-                    "match": {"model": "summarization"},
-                    "unit": "user",
-                    "primary_metric": "feedback.satisfaction",
-                    "guardrails": ["latency_ms"],
-                    "feedback": {"satisfaction": {"min": 1, "max": 5}},
-                    "variants": {
-                        "one_paragraph": {
-                            "control": True,
-                            "model": "gpt-4o-mini",
-                            "user_template": "Summarize in one short paragraph:\n{{input}}",
-                        },
-                        "bullets": {
-                            "model": "gpt-4o-mini",
-                            "system_prompt": "You write crisp executive summaries.",
-                            "user_template": "Summarize as three bullet points:\n{{input}}",
-                        },
+            },
+            "summarization": {
+                "match": {"model": "summarization"},
+                "unit": "user",
+                "primary_metric": "feedback.satisfaction",
+                "guardrails": ["latency_ms"],
+                "feedback": {"satisfaction": {"min": 1, "max": 5}},
+                "variants": {
+                    "one_paragraph": {
+                        "control": True,
+                        "model": "gpt-4o-mini",
+                        "user_template": "Summarize in one short paragraph:\n{{input}}",
+                    },
+                    "bullets": {
+                        "model": "gpt-4o-mini",
+                        "system_prompt": "You write crisp executive summaries.",
+                        "user_template": "Summarize as three bullet points:\n{{input}}",
                     },
                 },
             },
         },
-        environ={},
-    )
+    }
 
 
 class SimulatedProvider:
@@ -324,53 +322,66 @@ def _prepare_mlflow(config: Config, artifacts: Path) -> None:
 
 
 def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: float = 1.0) -> int:
+    """The whole loop in ``directory``; raises :class:`FolderRefused` before starting anything
+    when that folder holds files the demo did not create."""
     from abproxy.app import ABProxyApp
     from abproxy.recording.embedded_redis import EmbeddedRedis
-    from abproxy.analysis.report import terminal
 
     started = time.monotonic()
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    directory = directory.resolve()
-    redis_server = EmbeddedRedis(directory / "redis")
+    folder = claim(directory)
+    redis_server = EmbeddedRedis(folder / REDIS_DIR)
     upstream = serve_in_thread(SimulatedProvider(seed, time_scale))
     proxy = None
     try:
         redis_url = redis_server.start()
-        config = demo_config(directory, f"{upstream.url}/v1", flush_interval_s=5)
+        settings = demo_settings(folder, f"{upstream.url}/v1", flush_interval_s=5)
+        config = parse_config(settings, environ={})
+        write_config(folder, settings)
         print(f"abproxy demo: embedded Redis on 127.0.0.1:{redis_server.port}, simulated provider at {upstream.url}")
-        _prepare_mlflow(config, directory / "artifacts")
+        _prepare_mlflow(config, folder / "artifacts")
         app = ABProxyApp(config, redis_url=redis_url)
         proxy = serve_in_thread(app, timeout_graceful_shutdown=10)
         print(f"proxy at {proxy.url}/v1 — {requests} requests from simulated users (experiments: "
               f"{', '.join(config.experiments)})")
         progress = asyncio.run(simulate_users(proxy.url, requests, users=max(60, requests // 8), seed=seed))
-
-        flushed = _final_flush(proxy.url)
-        print()
-        for name in config.experiments:
-            with urllib.request.urlopen(f"{proxy.url}/abproxy/experiments/{name}", timeout=30) as response:
-                print(terminal(orjson.loads(response.read())))
-        print("Winners:")
-        for name, outcome in flushed["experiments"].items():
-            print(f"  {name:14s} {outcome['winner'] or 'none yet'} ({outcome['status']})")
-        print(
-            f"\n{progress.done} requests ({progress.failed} simulated upstream errors) in "
-            f"{time.monotonic() - started:.1f} s. Open the runs in MLflow:\n"
-            f"  mlflow ui --backend-store-uri {config.mlflow.tracking_uri}\n"
-        )
+        _print_results(proxy.url, config, _final_flush(proxy.url))
+        print(f"{progress.done} requests ({progress.failed} simulated upstream errors) in "
+              f"{time.monotonic() - started:.1f} s.\n")
+        _print_where_to_look(folder, keep)
         if keep:
-            print(f"The proxy keeps running at {proxy.url}/v1 (Ctrl-C to stop). Try:\n"
-                  f"  curl {proxy.url}/abproxy/experiments/translation\n  curl {proxy.url}/metrics")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            _keep_running(proxy.url)
         return 0
     finally:
         if proxy is not None:
             proxy.stop(timeout=15)
         upstream.stop()
         redis_server.stop()
+
+
+def _print_results(proxy_url: str, config: Config, flushed: dict[str, Any]) -> None:
+    from abproxy.analysis.report import terminal
+
+    print()
+    for name in config.experiments:
+        with urllib.request.urlopen(f"{proxy_url}/abproxy/experiments/{name}", timeout=30) as response:
+            print(terminal(orjson.loads(response.read())))
+    print("Winners:")
+    for name, outcome in flushed["experiments"].items():
+        print(f"  {name:14s} {outcome['winner'] or 'none yet'} ({outcome['status']})")
+    print()
+
+
+def _print_where_to_look(folder: Path, keep: bool) -> None:
+    when = "now, while the proxy keeps running, or later" if keep else "from any folder"
+    print(f"The demo's config, Redis data and MLflow store are in {folder}. See its results ({when}):\n")
+    print(viewing_commands(folder), end="\n\n", flush=True)
+
+
+def _keep_running(proxy_url: str) -> None:
+    print(f"The proxy keeps running at {proxy_url}/v1 (Ctrl-C to stop). Try also:\n"
+          f"  curl {proxy_url}/abproxy/experiments/translation\n  curl {proxy_url}/metrics", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

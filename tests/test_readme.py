@@ -1,13 +1,20 @@
-"""The README's configuration reference is kept in step with the pydantic models."""
+"""What the README and docs/ tell a user holds: the configuration keys match the pydantic models,
+every link leads to a file in the repository, the commands shown after the demo are the ones it
+prints, and the README's word on requests HTTP cannot parse is what the proxy does."""
 
 import re
+import socket
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from abproxy.config import Config, Experiment, Match, Price, UpstreamSettings, Variant
+from abproxy.demo_folder import viewing_commands
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+REPOSITORY = Path(__file__).resolve().parents[1]
+README = (REPOSITORY / "README.md").read_text()
+REFERENCE = (REPOSITORY / "docs" / "reference.md").read_text()
+USER_DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 # A field holding a mapping of named entries documents its entries with a placeholder.
 PLACEHOLDERS = {
     ("upstreams",): ("<name>", UpstreamSettings),
@@ -19,8 +26,8 @@ PLACEHOLDERS = {
 INTERNAL = {"prompt_sources"}  # filled by abproxy, not written by users
 
 
-def documented_keys() -> set[str]:
-    section = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+def documented_keys(document: str = README, heading: str = "## Configuration reference") -> set[str]:
+    section = document.split(heading, 1)[1].split("\n## ", 1)[0]
     keys = set()
     for cell in re.findall(r"^\| `([^`]+)` \|", section, re.M):
         keys.add(cell.replace("…variants.", "experiments.<name>.variants."))
@@ -55,3 +62,64 @@ def test_every_config_key_is_documented_and_every_documented_key_exists():
     documented = documented_keys()
     assert not expected - documented, f"undocumented config keys: {sorted(expected - documented)}"
     assert not documented - expected, f"documented keys that do not exist: {sorted(documented - expected)}"
+
+
+def test_the_reference_documents_every_config_key_and_no_other():
+    expected = model_keys(Config)
+    documented = documented_keys(REFERENCE, "### Keys")
+    assert not expected - documented, f"keys missing from docs/reference.md: {sorted(expected - documented)}"
+    assert not documented - expected, f"docs/reference.md documents keys that do not exist: {sorted(documented - expected)}"
+
+
+# [text](target) and reference definitions `[label]: target`; code spans are not links.
+INLINE_LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.M)
+
+
+def relative_links(document: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    targets = INLINE_LINK.findall(text) + REFERENCE_LINK.findall(text)
+    return [target for target in targets if not re.match(r"^[a-z][a-z0-9+.-]*:|^#", target)]
+
+
+def test_every_relative_link_in_readme_and_docs_leads_to_a_file_in_the_repository():
+    broken = []
+    for document in USER_DOCUMENTS:
+        for target in relative_links(document):
+            resolved = (document.parent / target.split("#", 1)[0]).resolve()
+            if not resolved.exists() or not resolved.is_relative_to(REPOSITORY):
+                broken.append(f"{document.relative_to(REPOSITORY)}: {target}")
+    assert not broken, f"links to nothing a user has: {broken}"
+    assert "docs/reference.md" in relative_links(REPOSITORY / "README.md")
+
+
+def test_readme_and_docs_refer_to_nothing_outside_the_repository():
+    for document in USER_DOCUMENTS:
+        text = document.read_text()
+        for outside in ("../shared", "SPEC.md", "/work/"):
+            assert outside not in text, f"{document.relative_to(REPOSITORY)} mentions {outside}"
+
+
+def test_readme_shows_the_commands_the_demo_prints_after_it():
+    # The demo prints its folder's absolute path; the README writes the default folder under $PWD.
+    printed = viewing_commands(Path("/PWD/.abproxy/demo"))
+    assert printed in README.replace("$PWD", "/PWD")
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_request_http_cannot_parse_gets_uvicorns_plain_400_as_the_readme_says(proxy):
+    answer = raw_exchange(proxy.url, b"NOT A REQUEST\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: text/plain" in head.lower()
+    assert body == b"Invalid HTTP request received."
+    assert "plain-text `400 Invalid HTTP request received.`" in README
