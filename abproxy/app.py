@@ -13,14 +13,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from abproxy.proxy.auth import Authorizer
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.recording.feedback import FeedbackService
-from abproxy.mlflow_sink.flusher import FlushBusy, Flusher
-from abproxy.http import ClientGone, HTTPError, read_body, send_bytes, send_error, send_json
+from abproxy.mlflow_sink.flusher import Flusher
+from abproxy.recording import store
+from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
+from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
@@ -73,7 +74,7 @@ class ABProxyApp:
         self.recorder = Recorder(self.redis, config, self.catalog, self.metrics)
         self.auth = Authorizer(config.server)
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
-        self.feedback = FeedbackService(self.request_redis, config, self.catalog, self.recorder, self.metrics)
+        self.feedback = FeedbackService(self.request_redis, config, self.catalog, self.recorder.flush, self.metrics)
         self.flusher = Flusher(self.redis, config, self.catalog, self.metrics)
         self._periodic_flush: asyncio.Task[None] | None = None
 
@@ -157,6 +158,8 @@ class ABProxyApp:
                 raise HTTPError(404, f"no route for {method} {path}", "not_found")
         except HTTPError as error:
             await send_error(send, error)
+        except DomainError as error:
+            await send_error(send, http_error(error))
         except ClientGone:
             return
 
@@ -164,42 +167,24 @@ class ABProxyApp:
         if scope["method"] != "POST":
             raise HTTPError(405, "use POST /v1/feedback", "method_not_allowed")
         self.auth.client(scope)
-        raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
-        await send_json(send, 200, await self.feedback.submit(raw))
+        body = parse_json_object(await read_body(scope, receive, _FEEDBACK_BODY_LIMIT))
+        await send_json(send, 200, await self.feedback.submit(body))
 
     async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.auth.admin(scope)
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/abproxy/experiments" and method == "GET":
-            try:
-                results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
-            except RedisError:
-                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
+            results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
             await send_json(send, 200, {"experiments": results})
         elif path.startswith("/abproxy/experiments/") and method == "GET":
             name = path.removeprefix("/abproxy/experiments/")
             plan = self.catalog.plans.get(name)
             if plan is None:
                 raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
-            try:
-                results = await experiment_results(self.request_redis, self.config, plan)
-            except RedisError:
-                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
-            await send_json(send, 200, results)
+            await send_json(send, 200, await experiment_results(self.request_redis, self.config, plan))
         elif path == "/abproxy/flush" and method == "POST":
             await self.recorder.flush()
-            try:
-                report = await self.flusher.flush()
-            except FlushBusy:
-                raise HTTPError(409, "another flush is running; try again shortly", "flush_in_progress") from None
-            except RedisError:
-                raise HTTPError(503, "Redis is unavailable", "store_unavailable", "server_error") from None
-            except Exception as error:
-                log.warning("flush failed: %s: %s", type(error).__name__, error)
-                detail = str(error).splitlines()[0][:200] if str(error) else ""
-                raise HTTPError(
-                    502, f"flush to MLflow failed: {type(error).__name__}: {detail}", "mlflow_unavailable", "server_error"
-                ) from None
+            report = await self.flusher.flush()
             await self.flusher.publish_gauges()
             await send_json(send, 200, report.as_json())
         else:
@@ -207,15 +192,33 @@ class ABProxyApp:
 
     async def _ready(self, send: Any) -> None:
         try:
-            await self.request_redis.ping()
-        except (RedisError, OSError):
+            with store.reachable():
+                await self.request_redis.ping()
+        except StoreUnavailable:
             await send_json(send, 503, {"status": "unavailable", "redis": False})
             return
         await send_json(send, 200, {"status": "ready", "redis": True, "experiments": list(self.catalog.plans)})
 
 
+HTTP_STATUS: dict[type[DomainError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    NotFound: (404, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
+    InvalidValue: (422, "invalid_request_error"),
+    MlflowUnavailable: (502, "server_error"),
+    StoreUnavailable: (503, "server_error"),
+}
+"""How each kind of domain error is answered: status and OpenAI error ``type``."""
+
+
+def http_error(error: DomainError) -> HTTPError:
+    status, error_type = next(HTTP_STATUS[kind] for kind in type(error).__mro__ if kind in HTTP_STATUS)
+    return HTTPError(status, error.message, error.code, error_type, error.param)
+
+
 def app_from_env() -> ABProxyApp:
     """The factory each ``--workers`` process calls: config from ``$ABPROXY_CONFIG``."""
     from abproxy.config import load_config
+    from abproxy.mlflow_sink.prompts import resolve_prompts
 
-    return ABProxyApp(load_config())
+    return ABProxyApp(resolve_prompts(load_config()))

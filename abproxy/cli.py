@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from abproxy.config import Config, ConfigError, load_config
+from abproxy.errors import DomainError, StoreUnavailable
+from abproxy.mlflow_sink.prompts import resolve_prompts
 
 EXIT_CONFIG = 2
 
@@ -32,7 +34,7 @@ def _mlflow_fails_fast() -> None:
 
 def _load(path: str | None) -> Config:
     try:
-        return load_config(path)
+        return resolve_prompts(load_config(path))
     except ConfigError as error:
         print(f"abproxy: invalid config\n{error}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -138,6 +140,8 @@ def _redis_for_command(config: Config) -> tuple[str, object | None]:
 def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
     import asyncio
 
+    from redis.exceptions import RedisError
+
     from abproxy.app import open_redis
 
     url, embedded = _redis_for_command(config)
@@ -151,11 +155,14 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
     try:
         return asyncio.run(main())
-    except Exception as error:  # Redis or MLflow away: say so, without a traceback
-        from redis.exceptions import RedisError
-
-        where = "Redis" if isinstance(error, (RedisError, OSError)) else "MLflow"
-        print(f"abproxy: {where} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    except StoreUnavailable as error:
+        print(f"abproxy: Redis failed: {error.message}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as error:
+        print(f"abproxy: Redis failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except DomainError as error:  # MLflow away, another flush running: say so, without a traceback
+        print(f"abproxy: {error.message}", file=sys.stderr)
         return 1
     finally:
         if embedded is not None:
@@ -164,17 +171,13 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
-    from abproxy.mlflow_sink.flusher import FlushBusy, Flusher
+    from abproxy.mlflow_sink.flusher import Flusher
 
     config = _load(args.config)
     _mlflow_fails_fast()
 
     async def work(redis: Any) -> int:
-        try:
-            report = await Flusher(redis, config, Catalog(config)).flush()
-        except FlushBusy:
-            print("abproxy: another flush is running; try again shortly", file=sys.stderr)
-            return 1
+        report = await Flusher(redis, config, Catalog(config)).flush()
         for name, outcome in report.experiments.items():
             print(f"{name}: status={outcome['status']} winner={outcome['winner'] or 'none'}")
         print(f"flushed {len(report.experiments)} experiment(s) to {config.mlflow.shown_tracking_uri} (step {report.step}, {report.duration_s:.2f}s)")
@@ -210,8 +213,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from abproxy.demo import run_demo
-    from abproxy.demo_folder import FolderRefused
+    from abproxy.simulation.demo import run_demo
+    from abproxy.simulation.demo_folder import FolderRefused
 
     logging.getLogger().setLevel(logging.WARNING)
     try:

@@ -373,10 +373,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None, *, resolve_prompts: bool = True
-) -> Config:
-    """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``; no file at all means defaults."""
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``; no file at all means
+    defaults. Prompt Registry URIs stay as they are: :func:`abproxy.mlflow_sink.prompts.resolve_prompts`
+    loads them, when the caller wants MLflow asked."""
     env = dict(os.environ) if environ is None else environ
     chosen = path or env.get("ABPROXY_CONFIG")
     if chosen is None:
@@ -391,9 +391,4 @@ def load_config(
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError([("", f"{chosen} is not valid YAML: {_yaml_problem(error)}")]) from None
-    config = parse_config(data, env)
-    if resolve_prompts:
-        from abproxy.mlflow_sink.prompts import resolve_prompts as resolve
-
-        config = resolve(config)
-    return config
+    return parse_config(data, env)

@@ -17,7 +17,8 @@ import redis
 from abproxy.app import ABProxyApp
 from abproxy.config import Config, parse_config
 from abproxy.recording.embedded_redis import EmbeddedRedis
-from abproxy.fake_upstream import FakeUpstream, RunningServer, serve_in_thread
+from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.server import RunningServer, serve_in_thread
 from abproxy.serving import server_options
 
 BASE_EXPERIMENTS: dict[str, Any] = {

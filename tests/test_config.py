@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from abproxy.config import ConfigError, load_config, parse_config, redact_credentials
+from abproxy.simulation.scenario import raw_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "abproxy.yaml"
@@ -34,6 +35,15 @@ def test_example_config_loads_with_the_seed_experiments():
     assert set(config.experiments["sentiment"].variants) == {"simple", "detailed", "chain_of_thought"}
     assert config.redis_url == ""
     assert config.experiments["translation"].control_name == "basic"
+
+
+def test_the_example_config_and_the_demo_run_one_seed_scenario():
+    """One seed scenario (shipped in the package, run by the demo); the example config for real
+    traffic carries its experiments and prices unchanged, so the two cannot drift apart."""
+    example = load_config(EXAMPLE, environ={})
+    seed = parse_config({"experiments": raw_scenario()["experiments"], "prices": raw_scenario()["prices"]}, environ={})
+    assert example.experiments == seed.experiments
+    assert example.prices == seed.prices
 
 
 def test_env_expansion_uses_values_and_defaults():

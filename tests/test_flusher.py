@@ -40,8 +40,10 @@ from prometheus_text import metrics_text, sample
 from abproxy.recording import store
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
+from abproxy.mlflow_sink.prompts import resolve_prompts
 from abproxy.config import ConfigError, load_config, parse_config
-from abproxy.mlflow_sink.flusher import FENCE_KEY, INTERVAL_KEY, LOCK_KEY, FlushBusy, Flusher, FlushReport
+from abproxy.mlflow_sink.flusher import FlushBusy, Flusher, FlushReport
+from abproxy.recording.store import FLUSH_FENCE_KEY as FENCE_KEY, FLUSH_INTERVAL_KEY as INTERVAL_KEY, FLUSH_LOCK_KEY as LOCK_KEY
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
@@ -626,7 +628,7 @@ def test_prompt_registry_uris_resolve_at_load_and_reach_the_run(
     path = _registry_config(
         tmp_path, uri, upstream_url, {"basic": "prompts:/translator/1", "professional": "prompts:/translator@production"}
     )
-    config = load_config(path, environ={})
+    config = resolve_prompts(load_config(path, environ={}))
     basic = config.experiments[EXP].variants["basic"]
     pro = config.experiments[EXP].variants["professional"]
     assert basic.system_prompt == "You translate into Korean. {{input}}"
@@ -654,12 +656,12 @@ def test_an_unknown_registry_prompt_is_a_config_error_naming_the_key(tmp_path: P
     mlflow.set_tracking_uri(None)
     path = _registry_config(tmp_path, uri, upstream_url, {"professional": "prompts:/no-such-prompt/1"})
     with pytest.raises(ConfigError) as caught:
-        load_config(path, environ={})
+        resolve_prompts(load_config(path, environ={}))
     assert "experiments.translation.variants.professional.system_prompt" in str(caught.value)
     assert "no-such-prompt" in str(caught.value)
     path = _registry_config(tmp_path, uri, upstream_url, {"basic": "prompts:/translator/7"})
     with pytest.raises(ConfigError) as caught:
-        load_config(path, environ={})
+        resolve_prompts(load_config(path, environ={}))
     assert "experiments.translation.variants.basic.system_prompt" in str(caught.value)
 
     # `abproxy check-config` on it: exit 2 and the key's path on stderr
@@ -713,7 +715,7 @@ async def _record_traffic(redis_url: str, config: Any, catalog: Catalog, per_arm
     client = open_redis(redis_url)
     metrics = ProxyMetrics(CollectorRegistry())
     recorder = Recorder(client, config, catalog, metrics)
-    feedback = FeedbackService(client, config, catalog, recorder, metrics)
+    feedback = FeedbackService(client, config, catalog, recorder.flush, metrics)
     try:
         scored: list[tuple[str, int]] = []
         for plan in catalog.plans.values():
@@ -742,7 +744,7 @@ async def _record_traffic(redis_url: str, config: Any, catalog: Catalog, per_arm
                     scored.append((request_id, 1 + (i + index) % 5))
         assert await recorder.flush()
         for request_id, score in scored:
-            await feedback.submit(json.dumps({"request_id": request_id, "score": score}).encode())
+            await feedback.submit({"request_id": request_id, "score": score})
     finally:
         await client.aclose()
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from openai_shape import assert_openai_error
 
 from abproxy.recording import store
-from abproxy.fake_upstream import FakeUpstream
+from abproxy.simulation.provider import FakeUpstream
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 EXPERIMENTS = {name: tuple(experiment["variants"]) for name, experiment in BASE_EXPERIMENTS.items()}

@@ -22,7 +22,7 @@ from abproxy.app import ABProxyApp, open_redis
 from abproxy.catalog import Catalog
 from abproxy.config import parse_config
 from abproxy.recording.embedded_redis import EmbeddedRedis
-from abproxy.fake_upstream import serve_in_thread
+from abproxy.simulation.server import serve_in_thread
 from abproxy.analysis.live import experiment_results
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy.cli import open_relay_problem
 from abproxy.config import parse_config
-from abproxy.fake_upstream import error_body as fake_error_body
+from abproxy.simulation.provider import error_body as fake_error_body
 from prometheus_text import metrics_text, sample
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")

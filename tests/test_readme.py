@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from abproxy.config import Config, Experiment, Match, Price, UpstreamSettings, Variant
-from abproxy.demo_folder import viewing_commands
+from abproxy.simulation.demo_folder import viewing_commands
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 README = (REPOSITORY / "README.md").read_text()

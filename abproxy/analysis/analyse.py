@@ -11,6 +11,7 @@ from abproxy.config import Config
 from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
 from abproxy.stats.sequential import RunningState
 from abproxy.stats.verdict import ArmInput, Policy, Verdict, decide
+from abproxy.recording import store
 from abproxy.recording.store import ArmCounters, MetricCounters
 
 
@@ -47,10 +48,8 @@ class Analysis:
 
 
 def sequential_state_field(plan: ExperimentPlan, variant: str, metric: str) -> str:
-    """Where a treatment's running always-valid p-value is kept: per treatment arm, control arm
-    and metric, so an edited arm (new hash) starts afresh."""
-    control = plan.arms[plan.settings.control_name].arm_id
-    return f"{plan.arms[variant].arm_id}|{control}|{metric}"
+    """Where a treatment's running always-valid p-value is kept (see :func:`store.sequential_field`)."""
+    return store.sequential_field(plan.arms[variant].arm_id, plan.arms[plan.settings.control_name].arm_id, metric)
 
 
 def analyse(

@@ -43,7 +43,8 @@ class Snapshot:
 
 async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Snapshot:
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
-    counters, state = await store.read_experiment(redis, plan.name, arm_ids)
+    with store.reachable():
+        counters, state = await store.read_experiment(redis, plan.name, arm_ids)
     return Snapshot(plan, counters, analyse(plan, config, counters, state), state)
 
 

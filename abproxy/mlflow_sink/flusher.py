@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+
+from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import store
 from abproxy.analysis.analyse import sequential_state_field
 from abproxy.catalog import Arm, Catalog, ExperimentPlan
@@ -31,9 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("abproxy.mlflow_sink.flusher")
 
-LOCK_KEY = f"{store.PREFIX}:flush:lock"
-INTERVAL_KEY = f"{store.PREFIX}:flush:interval"
-FENCE_KEY = f"{store.PREFIX}:flush:fence"
 LOCK_TTL_MS = 5 * 60 * 1000
 MAX_PARAM_LENGTH = 6000
 
@@ -52,8 +52,10 @@ _LOGGED = (
 )
 
 
-class FlushBusy(Exception):
+class FlushBusy(Conflict):
     """Another flush holds the lock."""
+
+    code = "flush_in_progress"
 
 
 @dataclass
@@ -120,6 +122,16 @@ def _prompt_artifacts(arm: Arm) -> dict[str, str]:
             [m.model_dump() for m in definition.messages], ensure_ascii=False, indent=2
         )
     return artifacts
+
+
+def _as_domain_error(error: Exception) -> DomainError:
+    """Why a flush wrote nothing, as the edge reports it: Redis, or else MLflow."""
+    if isinstance(error, DomainError):
+        return error
+    if isinstance(error, RedisError):
+        return StoreUnavailable("Redis is unavailable; retry later")
+    detail = str(error).splitlines()[0][:200] if str(error) else ""
+    return MlflowUnavailable(f"flush to MLflow failed: {type(error).__name__}: {detail}")
 
 
 class MlflowWriter:
@@ -298,17 +310,19 @@ class Flusher:
         """One flush. Periodic flushes return None when another replica has this interval;
         a manual flush raises :class:`FlushBusy` while another flush is running."""
         token = secrets.token_hex(16)
-        if periodic:
-            interval_ms = max(1, int(self._config.mlflow.flush_interval_s * 1000 * 0.9))
-            if not await self._redis.set(INTERVAL_KEY, token, nx=True, px=interval_ms):
-                return None
-        if not await self._redis.set(LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
+        with store.reachable():
             if periodic:
-                return None
-            raise FlushBusy("another flush is running")
+                interval_ms = max(1, int(self._config.mlflow.flush_interval_s * 1000 * 0.9))
+                if not await self._redis.set(store.FLUSH_INTERVAL_KEY, token, nx=True, px=interval_ms):
+                    return None
+            if not await self._redis.set(store.FLUSH_LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
+                if periodic:
+                    return None
+                raise FlushBusy("another flush is running; try again shortly")
         started = time.perf_counter()
         try:
-            step = int(await self._redis.incr(FENCE_KEY))
+            with store.reachable():
+                step = int(await self._redis.incr(store.FLUSH_FENCE_KEY))
             # Building the client opens the store (sqlite runs its migrations): not on the loop.
             writer = await asyncio.to_thread(self._mlflow)
             report = FlushReport(step)
@@ -322,7 +336,7 @@ class Flusher:
                     failures.append(error)
             report.duration_s = time.perf_counter() - started
             if failures and len(failures) == len(self._catalog.plans):
-                raise failures[0]
+                raise _as_domain_error(failures[0]) from failures[0]
             if self._metrics is not None:
                 self._metrics.flush_duration.observe(report.duration_s)
                 if not failures:
@@ -335,14 +349,15 @@ class Flusher:
                 self._metrics.flush_errors.inc()
             raise
         finally:
-            await self._redis.eval(_RELEASE_LUA, 1, LOCK_KEY, token)
+            with store.reachable():
+                await self._redis.eval(_RELEASE_LUA, 1, store.FLUSH_LOCK_KEY, token)
 
     async def _flush_experiment(self, writer: MlflowWriter, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
         result = snapshot_json(snapshot, self._config)
         runs = await self._redis.hgetall(store.runs_key(plan.name))
         updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
-        if await self._redis.get(LOCK_KEY) != token:
+        if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its state is not kept", step)
             return {"status": result["status"], "winner": result["winner"], "kept": False}
         state = {

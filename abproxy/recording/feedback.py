@@ -8,82 +8,79 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from abproxy.recording import store
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.http import HTTPError, parse_json_object
+from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound
 from abproxy.metrics import ProxyMetrics
-from abproxy.recording.recorder import Recorder
+from abproxy.recording import store
 from abproxy.stats.histogram import bucket_of
 
 MAX_ID_LENGTH = 256
 
 
-def _unavailable() -> HTTPError:
-    return HTTPError(503, "feedback storage (Redis) is unavailable; retry later", "store_unavailable", "server_error")
-
-
-def parse_feedback(raw: bytes) -> tuple[str, str | None, Any]:
-    """(request id, metric name or None, raw score); 400 for a malformed body."""
-    body = parse_json_object(raw)
+def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
+    """(request id, metric name or None, score) from a feedback body."""
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
-        raise HTTPError(400, "'request_id' must be a non-empty string", "invalid_request")
+        raise InvalidRequest("'request_id' must be a non-empty string", param="request_id")
     name = body.get("name")
     if name is not None and not isinstance(name, str):
-        raise HTTPError(400, "'name' must be a string", "invalid_request")
+        raise InvalidRequest("'name' must be a string", param="name")
     if "score" not in body:
-        raise HTTPError(400, "'score' is required", "invalid_request")
-    return request_id, name, body["score"]
+        raise InvalidRequest("'score' is required", param="score")
+    score = body["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise InvalidValue("'score' must be a number", "invalid_score", param="score")
+    return request_id, name, float(score)
 
 
 class FeedbackService:
-    def __init__(self, redis: Any, config: Config, catalog: Catalog, recorder: Recorder, metrics: ProxyMetrics):
+    def __init__(
+        self,
+        redis: Any,
+        config: Config,
+        catalog: Catalog,
+        flush_pending: Callable[[], Awaitable[None]],
+        metrics: ProxyMetrics,
+    ):
+        """``flush_pending`` writes the request records this replica still holds in memory."""
         self._redis = redis
         self._config = config
         self._catalog = catalog
-        self._recorder = recorder
+        self._flush_pending = flush_pending
         self._metrics = metrics
         self._script = store.Script(store.RECORD_FEEDBACK_LUA)
 
-    async def submit(self, raw: bytes) -> dict[str, Any]:
-        request_id, name, score = parse_feedback(raw)
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise HTTPError(422, "'score' must be a number", "invalid_score", "invalid_request_error")
-        try:
+    async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        request_id, name, score = parse_feedback(body)
+        with store.reachable():
             found = await self._find(request_id)
             if found is None:
                 # The response may be so recent that its record is still in this replica's batch
                 # (or was written while we looked): write what is pending, then look once more.
-                await self._recorder.flush()
+                await self._flush_pending()
                 found = await self._find(request_id)
-        except RedisError:
-            raise _unavailable() from None
         if found is None:
-            raise HTTPError(404, f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
+            raise NotFound(f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
         canonical_id, record = found
         plan = self._catalog.plans[record["e"]]
         metrics = plan.settings.feedback
         if not metrics:
-            raise HTTPError(422, f"experiment {plan.name!r} defines no feedback metrics", "unknown_feedback_name")
+            raise InvalidValue(f"experiment {plan.name!r} defines no feedback metrics", "unknown_feedback_name")
         name = name if name is not None else next(iter(metrics))
         bounds = metrics.get(name)
         if bounds is None:
-            raise HTTPError(
-                422, f"unknown feedback name {name!r}; one of {', '.join(metrics)}", "unknown_feedback_name"
-            )
+            raise InvalidValue(f"unknown feedback name {name!r}; one of {', '.join(metrics)}", "unknown_feedback_name")
         if not bounds.min <= score <= bounds.max:
-            raise HTTPError(
-                422, f"score {score} is outside [{bounds.min:g}, {bounds.max:g}] for {name!r}", "score_out_of_range"
+            shown = int(score) if score.is_integer() else score
+            raise InvalidValue(
+                f"score {shown} is outside [{bounds.min:g}, {bounds.max:g}] for {name!r}", "score_out_of_range"
             )
-        try:
-            result = await self._apply(canonical_id, record, plan.per_unit, name, float(score))
-        except RedisError:
-            raise _unavailable() from None
+        with store.reachable():
+            result = await self._apply(canonical_id, record, plan.per_unit, name, score)
         self._metrics.feedback.labels(record["e"], record["v"], name).inc()
         return {
             "status": "updated" if result == 2 else "recorded",
@@ -104,8 +101,7 @@ class FeedbackService:
         for index, experiment in enumerate(experiments):
             record, aliased = replies[2 * index], replies[2 * index + 1]
             if record is None and aliased == "":
-                raise HTTPError(
-                    409,
+                raise Conflict(
                     f"response id {request_id!r} was returned for more than one request; "
                     "post feedback with the X-ABProxy-Request-Id header's value instead",
                     "ambiguous_response_id",

@@ -14,11 +14,14 @@ Hash ``h:<arm>`` holds the histogram, field ``m|<bucket>``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
+
+from abproxy.errors import StoreUnavailable
 
 from abproxy.stats.summary import Moments
 
@@ -74,6 +77,30 @@ def request_key(experiment: str, request_id: str) -> str:
 def response_key(experiment: str, response_id: str) -> str:
     """An alias: the upstream's own response id (``chatcmpl-...``) → the request id."""
     return f"{experiment_tag(experiment)}:resp:{response_id}"
+
+
+def sequential_field(arm: str, control_arm: str, metric: str) -> str:
+    """Field of :func:`sequential_key` for one treatment arm against the control arm on one
+    metric, so an edited arm (a new hash) starts afresh."""
+    return f"{arm}|{control_arm}|{metric}"
+
+
+# Flush coordination, shared by every experiment.
+FLUSH_LOCK_KEY = f"{PREFIX}:flush:lock"
+"""Held by the one flush running, with a TTL."""
+FLUSH_INTERVAL_KEY = f"{PREFIX}:flush:interval"
+"""Taken by the one replica that flushes in this interval."""
+FLUSH_FENCE_KEY = f"{PREFIX}:flush:fence"
+"""A counter: the fencing token of each flush, which is also MLflow's ``step``."""
+
+
+@contextmanager
+def reachable() -> Iterator[None]:
+    """Redis failing inside the block becomes :class:`~abproxy.errors.StoreUnavailable`."""
+    try:
+        yield
+    except (RedisError, OSError):
+        raise StoreUnavailable("Redis is unavailable; retry later") from None
 
 
 def hash_unit(unit_id: str) -> str:

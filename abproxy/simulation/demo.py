@@ -21,43 +21,10 @@ from typing import Any
 import orjson
 
 from abproxy.config import Config, parse_config
-from abproxy.demo_folder import REDIS_DIR, claim, tracking_uri, viewing_commands, write_config
-from abproxy.fake_upstream import FakeUpstream, serve_in_thread
-
-TRANSLATION_SENTENCES = (
-    "The weather is lovely today.",
-    "Could you tell me where the nearest subway station is?",
-    "I have been learning Korean for three years.",
-    "Thank you so much for inviting me to dinner.",
-    "The meeting has been moved to next Tuesday afternoon.",
-    "Please send me the report before the end of the week.",
-)
-SENTIMENT_TEXTS = (
-    "I absolutely love this phone, the battery lasts forever.",
-    "The delivery was late and the box was damaged.",
-    "It works as described, nothing more, nothing less.",
-    "Worst customer service I have ever dealt with.",
-    "Great value for the price, would buy again.",
-)
-ARTICLES = (
-    "The city council approved a new budget on Monday that increases spending on public transport "
-    "by twelve percent, funds two new libraries and delays the renovation of the central stadium.",
-    "Researchers reported that a four-day working week trial across sixty companies kept productivity "
-    "stable while reducing burnout, and most participating firms decided to continue the policy.",
-)
-
-# What simulated users think of each variant: satisfaction mean (1..5) or accuracy (0..1).
-SATISFACTION = {
-    "translation": {"basic": 3.2, "professional": 4.1, "context_aware": 3.6, "step_by_step": 3.4},
-    "summarization": {"one_paragraph": 3.4, "bullets": 3.9},
-}
-ACCURACY = {"sentiment": {"simple": 0.68, "detailed": 0.80, "chain_of_thought": 0.86}}
-
-# Simulated provider latency (ms) before the first byte: by model, plus per prompt character.
-MODEL_LATENCY_MS = {"gpt-4o-mini": 18.0, "gpt-4o": 35.0}
-PER_PROMPT_CHAR_MS = 0.04
-ERROR_RATE = 0.01
-
+from abproxy.simulation.demo_folder import REDIS_DIR, claim, tracking_uri, viewing_commands, write_config
+from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.scenario import ProviderManners, Rating, seed_scenario
+from abproxy.simulation.server import serve_in_thread
 
 def _final_flush(proxy_url: str, patience_s: float = 120.0) -> dict:
     """POST /abproxy/flush, waiting out a periodic flush that holds the lock just then (409)."""
@@ -74,99 +41,17 @@ def _final_flush(proxy_url: str, patience_s: float = 120.0) -> dict:
 
 
 def demo_settings(folder: Path, upstream_url: str, flush_interval_s: float) -> dict[str, Any]:
-    """The scenario as a config document; ``folder`` holds the Redis data and the MLflow store."""
-    translation_params = {"temperature": 0.7, "max_tokens": 100}
+    """The seed scenario as a config document; ``folder`` holds the Redis data and the MLflow store."""
+    scenario = seed_scenario()
     return {
         "redis_url": "",
         "data_dir": str(folder),
         "mlflow": {"tracking_uri": tracking_uri(folder), "flush_interval_s": flush_interval_s},
         "upstreams": {"simulated": {"base_url": upstream_url, "timeout_s": 30}},
         "default_upstream": "simulated",
-        "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o": {"input": 2.50, "output": 10.00}},
+        "prices": scenario.prices,
         "stats": {"alpha": 0.05, "min_samples": 30, "sequential": True},
-        "experiments": {
-            "translation": {
-                "match": {"model": "translation"},
-                "unit": "user",
-                "primary_metric": "feedback.satisfaction",
-                "guardrails": ["error_rate"],
-                "feedback": {"satisfaction": {"min": 1, "max": 5}},
-                "variants": {
-                    "basic": {
-                        "control": True,
-                        "model": "gpt-4o-mini",
-                        "params": translation_params,
-                        "user_template": "Translate into Korean: {{input}}",
-                    },
-                    "professional": {
-                        "model": "gpt-4o-mini",
-                        "params": translation_params,
-                        "system_prompt": "You are a professional translator with ten years of experience.",
-                        "user_template": "Translate this English sentence into natural, fluent Korean:\n{{input}}",
-                    },
-                    "context_aware": {
-                        "model": "gpt-4o-mini",
-                        "params": translation_params,
-                        "system_prompt": "You translate English into Korean, matching register and politeness.",
-                        "user_template": "Consider who is speaking to whom, then translate into Korean:\n{{input}}",
-                    },
-                    "step_by_step": {
-                        "model": "gpt-4o",
-                        "params": {"temperature": 0.3, "max_tokens": 300},
-                        "system_prompt": "You are a careful English-to-Korean translator.",
-                        "user_template": (
-                            "Translate into Korean step by step: identify the key phrases, translate them, "
-                            "then give the final sentence on the last line.\n{{input}}"
-                        ),
-                    },
-                },
-            },
-            "sentiment": {
-                "match": {"model": "sentiment"},
-                "unit": "request",
-                "primary_metric": "feedback.accuracy",
-                "feedback": {"accuracy": {"min": 0, "max": 1}},
-                "variants": {
-                    "simple": {
-                        "control": True,
-                        "model": "gpt-4o-mini",
-                        "user_template": "Positive, negative or neutral? {{input}}",
-                    },
-                    "detailed": {
-                        "model": "gpt-4o-mini",
-                        "system_prompt": "You are a sentiment analyst. Answer positive, negative or neutral.",
-                        "user_template": "Text: {{input}}",
-                    },
-                    "chain_of_thought": {
-                        "model": "gpt-4o",
-                        "system_prompt": "You are a sentiment analyst.",
-                        "user_template": (
-                            "Think step by step about tone, wording and intent, then answer positive, "
-                            "negative or neutral on the last line.\nText: {{input}}"
-                        ),
-                    },
-                },
-            },
-            "summarization": {
-                "match": {"model": "summarization"},
-                "unit": "user",
-                "primary_metric": "feedback.satisfaction",
-                "guardrails": ["latency_ms"],
-                "feedback": {"satisfaction": {"min": 1, "max": 5}},
-                "variants": {
-                    "one_paragraph": {
-                        "control": True,
-                        "model": "gpt-4o-mini",
-                        "user_template": "Summarize in one short paragraph:\n{{input}}",
-                    },
-                    "bullets": {
-                        "model": "gpt-4o-mini",
-                        "system_prompt": "You write crisp executive summaries.",
-                        "user_template": "Summarize as three bullet points:\n{{input}}",
-                    },
-                },
-            },
-        },
+        "experiments": scenario.experiments,
     }
 
 
@@ -174,8 +59,9 @@ class SimulatedProvider:
     """The fake upstream with a provider's manners: latency by model and prompt length (and
     per streamed chunk), and occasional rate limits or server errors."""
 
-    def __init__(self, seed: int, time_scale: float = 1.0):
+    def __init__(self, seed: int, time_scale: float = 1.0, manners: ProviderManners | None = None):
         self._inner = FakeUpstream(record=False)
+        self._manners = manners or seed_scenario().provider
         self._rng = random.Random(seed)
         self._time_scale = time_scale
 
@@ -208,12 +94,13 @@ class SimulatedProvider:
 
     def _behaviour(self, request: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages") or () if isinstance(m, dict))
-        base = MODEL_LATENCY_MS.get(str(request.get("model")), 25.0)
-        delay = (base + PER_PROMPT_CHAR_MS * prompt_chars) * self._rng.uniform(0.7, 1.6) * self._time_scale
+        manners = self._manners
+        base = manners.model_latency_ms.get(str(request.get("model")), manners.default_latency_ms)
+        delay = (base + manners.per_prompt_char_ms * prompt_chars) * self._rng.uniform(0.7, 1.6) * self._time_scale
         injected = [(b"x-fake-delay-ms", f"{delay:.1f}".encode())]
         if request.get("stream"):
-            injected.append((b"x-fake-chunk-delay-ms", f"{1.5 * self._time_scale:.1f}".encode()))
-        if self._rng.random() < ERROR_RATE:
+            injected.append((b"x-fake-chunk-delay-ms", f"{manners.chunk_delay_ms * self._time_scale:.1f}".encode()))
+        if self._rng.random() < manners.error_rate:
             injected.append((b"x-fake-status", b"429" if self._rng.random() < 0.5 else b"500"))
         return injected
 
@@ -241,29 +128,16 @@ class Progress:
             )
 
 
-def _task(rng: random.Random) -> tuple[str, str]:
-    experiment = rng.choices(("translation", "sentiment", "summarization"), weights=(5, 3, 2))[0]
-    text = {
-        "translation": TRANSLATION_SENTENCES,
-        "sentiment": SENTIMENT_TEXTS,
-        "summarization": ARTICLES,
-    }[experiment]
-    return experiment, rng.choice(text)
-
-
-def _score(experiment: str, variant: str, rng: random.Random) -> tuple[str, float]:
-    if experiment in ACCURACY:
-        return "accuracy", 1.0 if rng.random() < ACCURACY[experiment][variant] else 0.0
-    mean = SATISFACTION[experiment][variant]
-    return "satisfaction", float(min(5, max(1, round(rng.gauss(mean, 0.9)))))
-
-
 async def simulate_users(base_url: str, requests: int, users: int, seed: int, concurrency: int = 24) -> Progress:
     """Users send the seed's tasks through the proxy with the real SDK and rate most answers."""
     import openai
 
+    scenario = seed_scenario()
     rng = random.Random(seed)
-    plan = [(f"user-{rng.randrange(users)}", *_task(rng), rng.random() < 0.3, rng.random()) for _ in range(requests)]
+    plan = [
+        (f"user-{rng.randrange(users)}", *scenario.pick_task(rng), rng.random() < scenario.streamed_share, rng.random())
+        for _ in range(requests)
+    ]
     progress = Progress(len(plan))
     queue: asyncio.Queue[tuple[str, str, str, bool, float]] = asyncio.Queue()
     for item in plan:
@@ -275,7 +149,8 @@ async def simulate_users(base_url: str, requests: int, users: int, seed: int, co
             local = random.Random(worker_seed)
             while not queue.empty():
                 user, experiment, text, stream, feedback_roll = queue.get_nowait()
-                ok = await _one_request(client, user, experiment, text, stream, feedback_roll, local)
+                rated = feedback_roll < scenario.rated_share
+                ok = await _one_request(client, user, experiment, text, stream, scenario.ratings[experiment] if rated else None, local)
                 progress.step(ok)
 
         await asyncio.gather(*(worker(seed * 1000 + i) for i in range(concurrency)))
@@ -283,7 +158,7 @@ async def simulate_users(base_url: str, requests: int, users: int, seed: int, co
 
 
 async def _one_request(
-    client: Any, user: str, experiment: str, text: str, stream: bool, feedback_roll: float, rng: random.Random
+    client: Any, user: str, experiment: str, text: str, stream: bool, rating: Rating | None, rng: random.Random
 ) -> bool:
     import openai
 
@@ -301,11 +176,11 @@ async def _one_request(
             )
     except openai.APIError:
         return False
-    if feedback_roll < 0.8:  # most users leave a rating
-        name, score = _score(experiment, response.headers["x-abproxy-variant"], rng)
+    if rating is not None:
+        score = rating.score(response.headers["x-abproxy-variant"], rng)
         await client.post(
             "/feedback",
-            body={"request_id": response.headers["x-abproxy-request-id"], "name": name, "score": score},
+            body={"request_id": response.headers["x-abproxy-request-id"], "name": rating.metric, "score": score},
             cast_to=object,
         )
     return True

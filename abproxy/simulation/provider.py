@@ -1,6 +1,7 @@
-"""A fast, realistic OpenAI-compatible fake provider (pure ASGI + orjson).
+"""A fast, realistic OpenAI-compatible provider of our own (pure ASGI + orjson): no model can be
+reached from where abproxy is built and tested, so this stands in for one.
 
-Used by the test-suite, the benchmarks and the demo.
+Used by the test-suite, the benchmarks and the demo (:mod:`abproxy.simulation.server` runs it).
 
 Endpoints (under ``/v1``): ``POST chat/completions``, ``POST completions``,
 ``POST responses``, ``POST embeddings``, ``GET models``.  Introspection:
@@ -26,7 +27,7 @@ with no chunk delay is written in one go and cannot be interrupted.  A
 
 Run standalone::
 
-    python -m abproxy.fake_upstream --host 127.0.0.1 --port 9000 [--latency-ms X]
+    python -m abproxy.simulation.provider --host 127.0.0.1 --port 9000 [--latency-ms X]
         [--chunk-delay-ms Y] [--api-key K] [--record]
 """
 
@@ -36,25 +37,15 @@ import argparse
 import asyncio
 import base64
 import hashlib
-import logging
 import os
-import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-__all__ = [
-    "FakeUpstream",
-    "ReceivedRequest",
-    "RunningServer",
-    "FakeBrokenStream",
-    "serve_in_thread",
-    "main",
-]
+__all__ = ["FakeUpstream", "ReceivedRequest", "FakeBrokenStream", "main"]
 
 _dumps = orjson.dumps
 _loads = orjson.loads
@@ -91,26 +82,6 @@ _TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
 
 class FakeBrokenStream(Exception):
     """Raised inside the ASGI app to make the server drop the connection."""
-
-
-class _BrokenStreamLogFilter(logging.Filter):
-    """Hide uvicorn's traceback for deliberately broken streams."""
-
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
-        exc = record.exc_info
-        return not (exc and isinstance(exc[1], FakeBrokenStream))
-
-
-_LOG_FILTER = _BrokenStreamLogFilter()
-
-
-def _install_log_filter() -> None:
-    lg = logging.getLogger("uvicorn.error")
-    if _LOG_FILTER not in lg.filters:
-        lg.addFilter(_LOG_FILTER)
-
-
-_install_log_filter()
 
 
 @dataclass
@@ -831,114 +802,12 @@ class FakeUpstream:
 
 
 # ---------------------------------------------------------------------------
-# Running servers in a thread
-# ---------------------------------------------------------------------------
-
-
-def _have_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _have_httptools() -> bool:
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class RunningServer:
-    """Handle for a uvicorn server running in a daemon thread."""
-
-    def __init__(self, server, thread: threading.Thread, host: str, port: int) -> None:
-        self.server = server
-        self.thread = thread
-        self.host = host
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(timeout)
-
-    def __enter__(self) -> RunningServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *, startup_timeout: float = 15.0,
-                    **uvicorn_kwargs: Any) -> RunningServer:
-    """Run ``app`` with uvicorn in a daemon thread; returns once it accepts connections.
-
-    Extra keyword arguments are passed to ``uvicorn.Config`` (they override the defaults).
-    """
-    import uvicorn
-
-    kwargs: dict[str, Any] = dict(
-        loop="uvloop" if _have_uvloop() else "asyncio",
-        http="httptools" if _have_httptools() else "h11",
-        log_level="warning",
-        lifespan="on",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    kwargs.update(uvicorn_kwargs)
-    config = uvicorn.Config(app, host=host, port=port, **kwargs)
-    _install_log_filter()
-    server = uvicorn.Server(config)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.run()
-        except BaseException as e:  # noqa: BLE001 - reported to the caller
-            errors.append(e)
-
-    thread = threading.Thread(target=run, name=f"uvicorn-{getattr(app, '__class__', type(app)).__name__}",
-                              daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(2)
-            raise RuntimeError(f"uvicorn failed to start: {errors[0] if errors else 'startup timeout/failure'}")
-        time.sleep(0.005)
-    real_port = server.servers[0].sockets[0].getsockname()[1]
-    # make sure it accepts connections
-    while True:
-        try:
-            with socket.create_connection((host, real_port), timeout=1.0):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                raise RuntimeError("uvicorn started but does not accept connections") from None
-            time.sleep(0.01)
-    return RunningServer(server, thread, host, real_port)
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
+    from abproxy.simulation.server import serve_forever
 
-    ap = argparse.ArgumentParser(prog="python -m abproxy.fake_upstream", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m abproxy.simulation.provider", description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="delay before every /v1 response")
@@ -953,19 +822,7 @@ def main(argv: list[str] | None = None) -> None:
     app = FakeUpstream(
         api_key=args.api_key, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms, record=args.record
     )
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop" if _have_uvloop() else "asyncio",
-        http="httptools" if _have_httptools() else "h11",
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=1,
-    )
-    _install_log_filter()
-    uvicorn.Server(config).run()
+    serve_forever(app, args.host, args.port)
 
 
 if __name__ == "__main__":
