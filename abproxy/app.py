@@ -26,6 +26,7 @@ from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
 from abproxy.analysis.live import experiment_results
+from abproxy.stats.results import as_json
 from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")
@@ -65,6 +66,7 @@ class ABProxyApp:
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
         self.config = config
+        self.redis_url = url
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
@@ -175,13 +177,13 @@ class ABProxyApp:
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/abproxy/experiments" and method == "GET":
             results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
-            await send_json(send, 200, {"experiments": results})
+            await send_json(send, 200, {"experiments": [as_json(result) for result in results]})
         elif path.startswith("/abproxy/experiments/") and method == "GET":
             name = path.removeprefix("/abproxy/experiments/")
             plan = self.catalog.plans.get(name)
             if plan is None:
                 raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
-            await send_json(send, 200, await experiment_results(self.request_redis, self.config, plan))
+            await send_json(send, 200, as_json(await experiment_results(self.request_redis, self.config, plan)))
         elif path == "/abproxy/flush" and method == "POST":
             await self.recorder.flush()
             report = await self.flusher.flush()

@@ -190,6 +190,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
     from abproxy.analysis.report import terminal
     from abproxy.analysis.live import experiment_results
+    from abproxy.stats.results import as_json
 
     config = _load(args.config)
     catalog = Catalog(config)
@@ -204,7 +205,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     async def work(redis: Any) -> int:
         results = [await experiment_results(redis, config, catalog.plans[name]) for name in names]
         if args.json:
-            print(json.dumps(results[0] if args.experiment else {"experiments": results}, indent=2, ensure_ascii=False))
+            shown = [as_json(result) for result in results]
+            print(json.dumps(shown[0] if args.experiment else {"experiments": shown}, indent=2, ensure_ascii=False))
         else:
             print("\n".join(terminal(result) for result in results), end="")
         return 0

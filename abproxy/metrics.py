@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from abproxy.stats.results import ExperimentResult
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FLUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -164,14 +166,12 @@ class ProxyMetrics:
             child = self._requests[key] = self.requests.labels(*key)
         child.inc(count)
 
-    def publish_results(self, result: dict[str, Any]) -> None:
+    def publish_results(self, result: ExperimentResult) -> None:
         """The statistics of one experiment's live results, as gauges for dashboards."""
-        experiment = result["experiment"]
-        for variant in result["variants"]:
-            name = variant["name"]
-            self.winner.labels(experiment, name).set(1 if result.get("winner") == name else 0)
-            for metric, summary in variant["metrics"].items():
-                if metric.startswith("feedback.") and summary.get("mean") is not None:
-                    self.feedback_mean.labels(experiment, name, metric.removeprefix("feedback.")).set(summary["mean"])
-                if not variant["control"] and summary.get("p_value") is not None:
-                    self.p_value.labels(experiment, name, metric).set(summary["p_value"])
+        for variant in result.variants:
+            self.winner.labels(result.experiment, variant.name).set(1 if result.winner == variant.name else 0)
+            for metric, summary in variant.metrics.items():
+                if metric.startswith("feedback.") and summary.mean is not None:
+                    self.feedback_mean.labels(result.experiment, variant.name, metric.removeprefix("feedback.")).set(summary.mean)
+                if not variant.control and summary.p_value is not None:
+                    self.p_value.labels(result.experiment, variant.name, metric).set(summary.p_value)

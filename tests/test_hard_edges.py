@@ -16,7 +16,6 @@ from typing import Any
 
 import openai
 import pytest
-import redis
 
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.catalog import Catalog
@@ -24,6 +23,7 @@ from abproxy.config import parse_config
 from abproxy.recording.embedded_redis import EmbeddedRedis
 from abproxy.simulation.server import serve_in_thread
 from abproxy.analysis.live import experiment_results
+from abproxy.stats.results import ExperimentResult
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, run
@@ -377,15 +377,15 @@ def _stream_words(client: openai.OpenAI, words: int, chunk_delay_ms: int, starte
 def _recorded(redis_url: str, config: dict[str, Any], experiment: str = "translation") -> dict[str, int]:
     parsed = parse_config(config, environ={})
 
-    async def read() -> dict[str, Any]:
+    async def read() -> ExperimentResult:
         client = open_redis(redis_url)
         try:
             return await experiment_results(client, parsed, Catalog(parsed).plans[experiment])
         finally:
             await client.aclose()
 
-    variants = run(read())["variants"]
-    return {key: sum(v[key] for v in variants) for key in ("requests", "errors", "cancelled")}
+    variants = run(read()).variants
+    return {key: sum(getattr(v, key) for v in variants) for key in ("requests", "errors", "cancelled")}
 
 
 def _sigterm_during_streams(tmp_path: Path, redis_url: str, upstream_url: str, grace_s: float | None) -> tuple[list[Any], dict[str, int], ServeProcess]:

@@ -1,9 +1,9 @@
 """The comparison table a prompt engineer reads: in the terminal (`abproxy report`) and as
-``report.md`` in MLflow. Built from the live-results JSON, so both show the same numbers."""
+``report.md`` in MLflow. Built from the same typed results, so both show the same numbers."""
 
 from __future__ import annotations
 
-from typing import Any
+from abproxy.stats.results import ExperimentResult
 
 
 def _fmt(value: float | None, digits: int = 2, percent: bool = False) -> str:
@@ -24,8 +24,8 @@ def _p(value: float | None) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    primary = result["primary_metric"]
+def table_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    primary = result.primary_metric
     headers = [
         "variant",
         "requests",
@@ -42,46 +42,44 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "cost/req USD",
     ]
     rows = []
-    for variant in result["variants"]:
-        metrics = variant["metrics"]
-        main = metrics.get(primary, {})
-        ci = main.get("ci")
-        name = variant["name"] + (" (control)" if variant["control"] else "")
-        if result.get("winner") == variant["name"]:
+    for variant in result.variants:
+        main = variant.metric(primary)
+        ci = main.ci
+        name = variant.name + (" (control)" if variant.control else "")
+        if result.winner == variant.name:
             name += " *"
+        latency = variant.metric("latency_ms")
         rows.append(
             [
                 name,
-                str(variant["requests"]),
-                str(variant["errors"]),
-                _fmt(main.get("mean"), 3),
+                str(variant.requests),
+                str(variant.errors),
+                _fmt(main.mean, 3),
                 f"[{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]" if ci else "-",
-                _fmt(main.get("lift"), 1, percent=True),
-                _p(main["adjusted_p_value"] if main.get("adjusted_p_value") is not None else main.get("p_value")),
-                "-" if variant.get("prob_best") is None else f"{variant['prob_best']:.2f}",
-                _fmt(metrics["latency_ms"]["p50"], 0),
-                _fmt(metrics["latency_ms"]["p95"], 0),
-                _fmt(metrics["ttft_ms"]["p50"], 0),
-                _fmt(metrics["total_tokens"]["mean"], 1),
-                _fmt(metrics["cost_usd"]["mean"], 6),
+                _fmt(main.lift, 1, percent=True),
+                _p(main.adjusted_p_value if main.adjusted_p_value is not None else main.p_value),
+                "-" if variant.prob_best is None else f"{variant.prob_best:.2f}",
+                _fmt(latency.p50, 0),
+                _fmt(latency.p95, 0),
+                _fmt(variant.metric("ttft_ms").p50, 0),
+                _fmt(variant.metric("total_tokens").mean, 1),
+                _fmt(variant.metric("cost_usd").mean, 6),
             ]
         )
     return headers, rows
 
 
-def headline(result: dict[str, Any]) -> str:
-    status = result["status"]
-    srm = result["srm"]["p_value"]
+def headline(result: ExperimentResult) -> str:
+    srm = result.srm.p_value
     srm_text = f"SRM p={_p(srm)}" if srm is not None else "SRM: not enough data"
-    winner = result.get("winner") or "none"
-    test = "always-valid (sequential)" if result.get("sequential") else "fixed-horizon Welch"
+    test = "always-valid (sequential)" if result.sequential else "fixed-horizon Welch"
     return (
-        f"{result['experiment']}: status={status}, winner={winner} "
-        f"(primary {result['primary_metric']}, {test} p-values, unit={result['unit']}, {srm_text})"
+        f"{result.experiment}: status={result.status}, winner={result.winner or 'none'} "
+        f"(primary {result.primary_metric}, {test} p-values, unit={result.unit}, {srm_text})"
     )
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: ExperimentResult) -> str:
     headers, rows = table_rows(result)
     lines = [f"### {headline(result)}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -89,7 +87,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def terminal(result: dict[str, Any]) -> str:
+def terminal(result: ExperimentResult) -> str:
     headers, rows = table_rows(result)
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))

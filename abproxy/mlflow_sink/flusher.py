@@ -27,7 +27,8 @@ from abproxy.catalog import Arm, Catalog, ExperimentPlan
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
 from abproxy.analysis.report import markdown
-from abproxy.analysis.live import Snapshot, snapshot_json, take_snapshot
+from abproxy.analysis.live import Snapshot, experiment_results, take_snapshot
+from abproxy.stats.results import ExperimentResult, VariantResult, as_json
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -72,25 +73,24 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def variant_metrics(variant: dict[str, Any]) -> dict[str, float]:
-    """The numbers of one variant (from the live-results JSON) as MLflow metric name → value."""
-    metrics = variant["metrics"]
+def variant_metrics(variant: VariantResult) -> dict[str, float]:
+    """The numbers of one variant as MLflow metric name → value."""
     values: dict[str, Any] = {
-        "requests": variant["requests"],
-        "errors": variant["errors"],
-        "units": variant["units"],
-        "prob_best": variant.get("prob_best"),
-        "cost_usd_sum": metrics["cost_usd"]["sum"],
+        "requests": variant.requests,
+        "errors": variant.errors,
+        "units": variant.units,
+        "prob_best": variant.prob_best,
+        "cost_usd_sum": variant.metric("cost_usd").sum,
     }
     for name, metric, statistic in _LOGGED:
-        values[name] = metrics[metric][statistic]
-    for metric, summary in metrics.items():
+        values[name] = getattr(variant.metric(metric), statistic)
+    for metric, summary in variant.metrics.items():
         if metric.startswith("feedback."):
-            values[f"{metric}.n"] = summary["n"]
-            values[f"{metric}.mean"] = summary["mean"]
-        if not variant["control"]:
-            values[f"{metric}.lift"] = summary["lift"]
-            values[f"{metric}.p_value"] = summary["p_value"]
+            values[f"{metric}.n"] = summary.n
+            values[f"{metric}.mean"] = summary.mean
+        if not variant.control:
+            values[f"{metric}.lift"] = summary.lift
+            values[f"{metric}.p_value"] = summary.p_value
     return {name: float(value) for name, value in values.items() if _finite(value)}
 
 
@@ -197,7 +197,7 @@ class MlflowWriter:
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
         return found[0] if found else None
 
-    def write(self, plan: ExperimentPlan, result: dict[str, Any], runs: dict[str, str], step: int) -> dict[str, str]:
+    def write(self, plan: ExperimentPlan, result: ExperimentResult, runs: dict[str, str], step: int) -> dict[str, str]:
         """Log one experiment at ``step``; returns the run ids to keep (new ones included)."""
         from mlflow.entities import Metric, RunTag
 
@@ -211,7 +211,7 @@ class MlflowWriter:
         if "experiment_id" not in runs:
             runs["experiment_id"] = self._experiment_id(mlflow_name)
         experiment_id = runs["experiment_id"]
-        winner = result["winner"]
+        winner = result.winner
 
         summary_id = runs.get("summary")
         if summary_id is not None and not self._live_run(summary_id, experiment_id):
@@ -228,15 +228,15 @@ class MlflowWriter:
         runs["summary"] = summary_id
 
         current = set()
-        for variant in result["variants"]:
-            arm = plan.arms[variant["name"]]
+        for variant in result.variants:
+            arm = plan.arms[variant.name]
             current.add(arm.arm_id)
             run_id = runs.get(arm.arm_id) or self._variant_run(experiment_id, summary_id, plan, arm)
             metrics = [Metric(name, value, now, step) for name, value in variant_metrics(variant).items()]
-            metrics.append(Metric("weight", variant["weight"], now, step))
+            metrics.append(Metric("weight", variant.weight, now, step))
             tags = [
-                RunTag("abproxy.winner", "true" if winner == variant["name"] else "false"),
-                RunTag("abproxy.status", result["status"]),
+                RunTag("abproxy.winner", "true" if winner == variant.name else "false"),
+                RunTag("abproxy.status", result.status),
             ]
             if not self._log_batch(run_id, experiment_id, metrics=metrics, tags=tags):
                 run_id = self._variant_run(experiment_id, summary_id, plan, arm)
@@ -251,11 +251,11 @@ class MlflowWriter:
                 )
 
         summary_metrics = []
-        if _finite(result["srm"]["p_value"]):
-            summary_metrics.append(Metric("srm_p_value", float(result["srm"]["p_value"]), now, step))
-        summary_tags = [RunTag("abproxy.status", result["status"]), RunTag("abproxy.winner", winner or "none")]
+        if _finite(result.srm.p_value):
+            summary_metrics.append(Metric("srm_p_value", float(result.srm.p_value), now, step))  # type: ignore[arg-type]
+        summary_tags = [RunTag("abproxy.status", result.status), RunTag("abproxy.winner", winner or "none")]
         self.client.log_batch(summary_id, metrics=summary_metrics, tags=summary_tags)
-        self.client.log_text(summary_id, json.dumps(result, indent=2, ensure_ascii=False), "report.json")
+        self.client.log_text(summary_id, json.dumps(as_json(result), indent=2, ensure_ascii=False), "report.json")
         self.client.log_text(summary_id, markdown(result), "report.md")
         return runs
 
@@ -354,12 +354,12 @@ class Flusher:
 
     async def _flush_experiment(self, writer: MlflowWriter, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
-        result = snapshot_json(snapshot, self._config)
+        result = snapshot.result
         runs = await self._redis.hgetall(store.runs_key(plan.name))
         updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its state is not kept", step)
-            return {"status": result["status"], "winner": result["winner"], "kept": False}
+            return {"status": result.status, "winner": result.winner, "kept": False}
         state = {
             sequential_state_field(plan, variant, metric): running.encode()
             for (variant, metric), running in snapshot.analysis.verdict.running.items()
@@ -370,8 +370,8 @@ class Flusher:
             pipe.hset(store.sequential_key(plan.name), mapping=state)
         await pipe.execute()
         return {
-            "status": result["status"],
-            "winner": result["winner"],
+            "status": result.status,
+            "winner": result.winner,
             "mlflow_experiment_id": updated["experiment_id"],
             "summary_run_id": updated["summary"],
             "runs": {name: updated[arm.arm_id] for name, arm in plan.arms.items()},
@@ -383,8 +383,7 @@ class Flusher:
         if self._metrics is None:
             return
         for plan in self._catalog.plans.values():
-            snapshot = await take_snapshot(self._redis, self._config, plan)
-            self._metrics.publish_results(snapshot_json(snapshot, self._config))
+            self._metrics.publish_results(await experiment_results(self._redis, self._config, plan))
 
     async def run_periodically(self) -> None:
         interval = self._config.mlflow.flush_interval_s

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from abproxy.app import ABProxyApp, open_redis
 from abproxy.config import Config, parse_config
 from abproxy.simulation.demo_folder import REDIS_DIR, claim, tracking_uri, viewing_commands, write_config
 from abproxy.simulation.provider import FakeUpstream
@@ -199,7 +200,6 @@ def _prepare_mlflow(config: Config, artifacts: Path) -> None:
 def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: float = 1.0) -> int:
     """The whole loop in ``directory``; raises :class:`FolderRefused` before starting anything
     when that folder holds files the demo did not create."""
-    from abproxy.app import ABProxyApp
     from abproxy.recording.embedded_redis import EmbeddedRedis
 
     started = time.monotonic()
@@ -219,7 +219,7 @@ def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: 
         print(f"proxy at {proxy.url}/v1 — {requests} requests from simulated users (experiments: "
               f"{', '.join(config.experiments)})")
         progress = asyncio.run(simulate_users(proxy.url, requests, users=max(60, requests // 8), seed=seed))
-        _print_results(proxy.url, config, _final_flush(proxy.url))
+        _print_results(app, _final_flush(proxy.url))
         print(f"{progress.done} requests ({progress.failed} simulated upstream errors) in "
               f"{time.monotonic() - started:.1f} s.\n")
         _print_where_to_look(folder, keep)
@@ -233,13 +233,20 @@ def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: 
         redis_server.stop()
 
 
-def _print_results(proxy_url: str, config: Config, flushed: dict[str, Any]) -> None:
+def _print_results(app: ABProxyApp, flushed: dict[str, Any]) -> None:
+    from abproxy.analysis.live import experiment_results
     from abproxy.analysis.report import terminal
 
+    async def tables() -> list[str]:
+        redis = open_redis(app.redis_url)
+        try:
+            return [terminal(await experiment_results(redis, app.config, plan)) for plan in app.catalog.plans.values()]
+        finally:
+            await redis.aclose()
+
     print()
-    for name in config.experiments:
-        with urllib.request.urlopen(f"{proxy_url}/abproxy/experiments/{name}", timeout=30) as response:
-            print(terminal(orjson.loads(response.read())))
+    for table in asyncio.run(tables()):
+        print(table)
     print("Winners:")
     for name, outcome in flushed["experiments"].items():
         print(f"  {name:14s} {outcome['winner'] or 'none yet'} ({outcome['status']})")

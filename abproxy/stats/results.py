@@ -1,0 +1,107 @@
+"""The results of analysing one experiment, as frozen dataclasses (as gbstats' models/results):
+what the live-results endpoint, ``abproxy report``, the Prometheus gauges and the MLflow flush
+all read. They become JSON only at the edges (:func:`as_json`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+Interval = tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSummary:
+    """One metric of one variant: its distribution, and versus the control (None for the
+    control itself, or while there is too little data)."""
+
+    n: int = 0
+    sum: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    ci: Interval | None = None
+    """Interval of the mean (of the per-unit ratio, for ``unit: user``)."""
+    lift: float | None = None
+    """(treatment − control) / control."""
+    lift_ci: Interval | None = None
+    difference_ci: Interval | None = None
+    """Interval of treatment − control: always-valid when the test is sequential."""
+    p_value: float | None = None
+    """The p-value decisions use: always-valid when sequential, else Welch's."""
+    welch_p_value: float | None = None
+    adjusted_p_value: float | None = None
+    """Holm-adjusted across treatments (primary metric only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VariantResult:
+    name: str
+    arm: str
+    """``variant@definition-hash``: an edited variant is a new arm."""
+    control: bool
+    weight: float
+    """Share of new traffic (the weights normalised to 1)."""
+    requests: int
+    errors: int
+    cancelled: int
+    units: int
+    prob_best: float | None
+    samples_needed: int | None
+    metrics: Mapping[str, MetricSummary] = field(default_factory=dict)
+
+    def metric(self, name: str) -> MetricSummary:
+        return self.metrics.get(name, MetricSummary())
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRatio:
+    p_value: float | None
+    ok: bool | None
+    """False: a sample-ratio mismatch (the results cannot be trusted); None: too little data."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentResult:
+    experiment: str
+    status: str
+    winner: str | None
+    primary_metric: str
+    guardrails: tuple[str, ...]
+    unit: str
+    sequential: bool
+    alpha: float
+    srm: SampleRatio
+    variants: tuple[VariantResult, ...]
+
+    def variant(self, name: str) -> VariantResult:
+        return next(variant for variant in self.variants if variant.name == name)
+
+
+def _number(value: float | None, significant: int = 7) -> float | None:
+    """A JSON-friendly number: finite, to ``significant`` digits (costs per request are ~1e-6)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{float(value):.{significant}g}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+
+
+def as_json(result: ExperimentResult) -> dict[str, Any]:
+    """The result as the JSON of ``GET /abproxy/experiments/{name}``: numbers to seven
+    significant digits, and null for anything not finite."""
+    return _plain(result)
