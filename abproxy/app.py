@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -61,7 +62,19 @@ def open_redis(url: str, timeout_s: float = 5.0) -> Redis:
 
 
 class ABProxyApp:
-    def __init__(self, config: Config, *, redis_url: str | None = None, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        redis_url: str | None = None,
+        registry: CollectorRegistry | None = None,
+        redis: Redis | None = None,
+        request_redis: Redis | None = None,
+        recorder_options: Mapping[str, Any] | None = None,
+    ):
+        """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
+        results) default to clients of ``redis_url``; ``recorder_options`` go to the
+        :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``)."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
@@ -70,10 +83,10 @@ class ABProxyApp:
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
-        self.redis = open_redis(url)
-        self.request_redis = open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S)
+        self.redis = redis if redis is not None else open_redis(url)
+        self.request_redis = request_redis if request_redis is not None else open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S)
         self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
-        self.recorder = Recorder(self.redis, config, self.catalog, self.metrics)
+        self.recorder = Recorder(self.redis, config, self.catalog, self.metrics, **(recorder_options or {}))
         self.auth = Authorizer(config.server)
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
         self.feedback = FeedbackService(self.request_redis, config, self.catalog, self.recorder.flush, self.metrics)

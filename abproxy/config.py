@@ -182,6 +182,13 @@ class Variant(_Strict):
             raise ValueError("must be a list of {role, content} or a prompts:/ URI")
         return value
 
+    @property
+    def chat_template(self) -> list[ChatMessage] | None:
+        """``messages`` as a template; a Prompt Registry URI must have been resolved first."""
+        if isinstance(self.messages, str):
+            raise ValueError(f"{self.messages} was not loaded from the Prompt Registry")
+        return self.messages
+
     def definition_hash(self, default_upstream: str) -> str:
         """Hash of what changes the variant's behaviour (not its weight or control flag)."""
         definition = {

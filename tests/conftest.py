@@ -162,9 +162,10 @@ def start_proxy(redis_client: redis.Redis, redis_server: RedisServer, upstream_u
     """Start a proxy with ``make_config(upstream_url, **overrides)``; stopped after the test."""
     started: list[Proxy] = []
 
-    def start(config: Config | None = None, **overrides: Any) -> Proxy:
+    def start(config: Config | None = None, *, app_options: dict[str, Any] | None = None, **overrides: Any) -> Proxy:
+        """``app_options`` go to :class:`ABProxyApp` (Redis clients, recorder options)."""
         config = config or make_config(upstream_url, **overrides)
-        app = ABProxyApp(config, redis_url=redis_server.url)
+        app = ABProxyApp(config, redis_url=redis_server.url, **(app_options or {}))
         # As `abproxy serve` runs it (its HTTP protocol and limits), on a port of the test's.
         options = server_options(config, host="127.0.0.1", port=0, log_level="warning")
         options.update(timeout_graceful_shutdown=10)

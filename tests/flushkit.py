@@ -5,10 +5,8 @@ real ``mlflow server`` process, and reading MLflow back the way a user would
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from helpers import free_port, http_json
+
 EXP = "translation"
 
 # Scores that make `professional` clearly better than `basic` (means 4.6 vs 2.2), with some
@@ -29,30 +29,12 @@ GOOD_SCORES = (5, 4, 5, 5, 4)
 BAD_SCORES = (2, 3, 2, 1, 3)
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
-    """One raw HTTP call; returns (status, parsed JSON or raw bytes)."""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        raw, status = error.read(), error.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
 def flush(proxy: Any, timeout: float = 60) -> tuple[int, Any]:
-    return http("POST", f"{proxy.url}/abproxy/flush", timeout=timeout)
+    return http_json("POST", f"{proxy.url}/abproxy/flush", timeout=timeout)
 
 
 def live(proxy: Any, experiment: str = EXP) -> dict[str, Any]:
-    status, body = http("GET", f"{proxy.url}/abproxy/experiments/{experiment}")
+    status, body = http_json("GET", f"{proxy.url}/abproxy/experiments/{experiment}")
     assert status == 200, body
     return body
 
@@ -97,7 +79,7 @@ def drive(
             )
             assert raw.headers["x-abproxy-variant"] == variant
             if cycle:
-                status, body = http(
+                status, body = http_json(
                     "POST",
                     f"{proxy.url}/v1/feedback",
                     {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": cycle[i % len(cycle)]},
@@ -107,12 +89,6 @@ def drive(
     client.close()
     proxy.settle()
     return posted
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

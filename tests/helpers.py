@@ -1,5 +1,5 @@
-"""Small helpers every test module may need: raw HTTP calls, OpenAI error shapes, free ports,
-waiting for a condition, ``abproxy serve`` as a real process."""
+"""The helpers every test module may need, in one place: raw HTTP calls, OpenAI's error shape,
+reading /metrics, free ports, waiting for a condition, ``abproxy serve`` as a real process."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -42,17 +43,53 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
         return Raw(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
 
 
+def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
+    """One HTTP call with a JSON body (or raw bytes); returns (status, parsed JSON or raw bytes)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    raw = http(method, url, data, {"content-type": "application/json", **(headers or {})}, timeout)
+    try:
+        return raw.status, raw.json()
+    except ValueError:
+        return raw.status, raw.body
+
+
+def assert_error_shape(body: Any) -> dict[str, Any]:
+    """What every error the proxy answers itself looks like: OpenAI's error shape."""
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"]
+    assert isinstance(error.get("type"), str) and error["type"]
+    assert "code" in error
+    return error
+
+
 def assert_openai_error(raw: Raw, status: int, code: str | None = None) -> dict[str, Any]:
     assert raw.status == status, raw.body
     payload = raw.json()
     assert set(payload) == {"error"}, payload
-    error = payload["error"]
-    assert {"message", "type", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
+    error = assert_error_shape(payload)
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+def metrics_text(base_url: str, key: str | None = None) -> str:
+    raw = http("GET", f"{base_url}/metrics", headers={"authorization": f"Bearer {key}"} if key else None, timeout=5)
+    assert raw.status == 200, raw.body
+    return raw.body.decode()
+
+
+def sample(text: str, metric: str, **labels: str) -> float:
+    """The value of the one sample named ``metric`` whose labels include ``labels`` (0.0 when the
+    series does not exist)."""
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(values) <= 1, (metric, labels, values)
+    return values[0] if values else 0.0
 
 
 def free_port() -> int:

@@ -51,6 +51,7 @@ def abproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_flush_and_report_match_the_live_results(
     start_proxy: Any, config_file: Path, tmp_path: Path, redis_client: Any
 ) -> None:
@@ -106,6 +107,7 @@ def test_cli_flush_and_report_match_the_live_results(
     assert [e["experiment"] for e in json.loads(everything.stdout)["experiments"]] == ["translation", "sentiment"]
 
 
+@pytest.mark.slow
 def test_cli_report_unknown_experiment_exits_1(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
     result = abproxy("report", "nope", "--config", str(config_file), cwd=tmp_path)
     assert result.returncode == 1
@@ -113,6 +115,7 @@ def test_cli_report_unknown_experiment_exits_1(config_file: Path, tmp_path: Path
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
     from abproxy.recording.store import FLUSH_LOCK_KEY as LOCK_KEY
 
@@ -123,11 +126,12 @@ def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp
     assert redis_client.get(LOCK_KEY) == "a-replica"
 
 
+@pytest.mark.slow
 def test_cli_report_and_flush_say_when_redis_is_unreachable(tmp_path):
     import subprocess
     import sys
 
-    from abproxy.recording.embedded_redis import free_port
+    from helpers import free_port
 
     config = tmp_path / "abproxy.yaml"
     config.write_text(

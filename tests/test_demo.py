@@ -3,6 +3,7 @@ the commands it prints last show its results; it never deletes a folder it did n
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import queue
@@ -42,6 +43,7 @@ def run_printed_commands(commands: list[str], cwd: Path) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow
 def test_demo_ends_with_winners_printed_and_tagged_in_mlflow(tmp_path):
     started = time.monotonic()
     result = abproxy("demo", "--dir", str(tmp_path / "demo"), "--seed", "7", cwd=tmp_path)
@@ -72,6 +74,7 @@ def test_demo_ends_with_winners_printed_and_tagged_in_mlflow(tmp_path):
     assert sorted(path.name for path in elsewhere.iterdir()) == ["bin"], "no stray mlflow.db or mlruns"
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_folder_it_did_not_create_and_deletes_nothing(tmp_path):
     folder = tmp_path / "my-project"
     folder.mkdir()
@@ -86,6 +89,7 @@ def test_demo_refuses_a_folder_it_did_not_create_and_deletes_nothing(tmp_path):
     assert (folder / "notes.txt").read_text() == "months of work"
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_file_as_its_folder(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     result = abproxy("demo", "--dir", str(tmp_path / "a-file"), "--requests", "20", cwd=tmp_path)
@@ -99,6 +103,7 @@ def total_requests(config: Path, cwd: Path) -> int:
     return sum(variant["requests"] for exp in json.loads(report.stdout)["experiments"] for variant in exp["variants"])
 
 
+@pytest.mark.slow
 def test_demo_takes_an_empty_folder_and_replaces_its_own_earlier_run(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
@@ -142,6 +147,7 @@ class RunningDemo:
         return self.process.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_kept_demo_answers_the_printed_commands_from_its_live_redis(tmp_path):
     folder = tmp_path / "demo"
     demo = RunningDemo(folder, tmp_path)

@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 import mlflow
 import pytest
 import yaml
-from flushkit import artifact_text, drive, flush, free_port, runs_by_name
+from flushkit import artifact_text, drive, flush, runs_by_name
+from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy.config import Config, load_config
@@ -422,6 +423,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_folder():
     assert json.loads((ROOT / "config/grafana/dashboards/abproxy.json").read_text()) == dashboard()
 
 
+@pytest.mark.slow
 def test_dashboard_queries_use_metrics_the_proxy_exports(start_proxy, upstream, tmp_path, monkeypatch):
     """Every metric name in the dashboard's queries exists in a live /metrics exposition."""
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns
@@ -452,6 +454,7 @@ def test_dashboard_queries_use_metrics_the_proxy_exports(start_proxy, upstream, 
     assert not missing, f"the dashboard queries metrics the proxy does not export: {missing}"
 
 
+@pytest.mark.slow
 def test_examples_run_against_the_proxy_and_read_the_winner_back_from_mlflow(start_proxy, upstream, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

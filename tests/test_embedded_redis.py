@@ -1,4 +1,5 @@
 import os
+import pytest
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ def test_data_survives_a_restart_and_the_url_file_is_private(tmp_path):
         again.stop()
 
 
+@pytest.mark.slow
 def test_a_password_is_required(tmp_path):
     server = EmbeddedRedis(tmp_path / "redis")
     url = server.start()
@@ -47,6 +49,7 @@ def test_a_password_is_required(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_the_server_stops_when_abproxy_is_killed(tmp_path):
     code = (
         "import sys, time\n"

@@ -17,9 +17,10 @@ from typing import Any
 import openai
 import pytest
 import redis
-from openai_shape import assert_openai_error
-from prometheus_text import metrics_text, sample
+from helpers import assert_error_shape
+from helpers import metrics_text, sample
 
+from abproxy.app import REQUEST_FACING_REDIS_TIMEOUT_S, open_redis
 from abproxy.recording import store
 from abproxy.stats.histogram import bucket_of
 
@@ -148,6 +149,7 @@ def test_feedback_by_the_responses_own_id_json_and_stream(proxy: Any, redis_clie
     assert totals == {"n": 2, "s": 8}
 
 
+@pytest.mark.slow
 def test_many_feedbacks_posted_immediately_after_their_responses_all_succeed(
     proxy: Any, redis_client: redis.Redis
 ) -> None:
@@ -183,9 +185,9 @@ class _RecorderWritesDuringLookup:
     its pending batch -- exactly what the recorder's background loop does when its timer fires
     while a feedback lookup is in flight."""
 
-    def __init__(self, real: Any, recorder: Any):
+    def __init__(self, real: Any):
         self._real = real
-        self._recorder = recorder
+        self.recorder: Any = None
         self.interleaved = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -194,7 +196,7 @@ class _RecorderWritesDuringLookup:
     async def _after_first_read(self, result: Any) -> Any:
         if not self.interleaved:
             self.interleaved += 1
-            await self._recorder.flush()
+            await self.recorder.flush()
         return result
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:
@@ -211,28 +213,24 @@ class _RecorderWritesDuringLookup:
         return pipe
 
 
-def test_feedback_found_when_the_recorder_writes_during_the_lookup(proxy: Any, redis_client: redis.Redis) -> None:
+def test_feedback_found_when_the_recorder_writes_during_the_lookup(
+    start_proxy: Any, redis_client: redis.Redis, redis_server: Any
+) -> None:
     """Feedback posted right after its response, while the recorder's own loop happens to write the
     batch holding the request record between the feedback's lookup and its check of the recorder's
     buffer: the lookup missed, the buffer is now empty, and the record *is* in Redis. The app must
     get 200, not a 404 for a response it has just received."""
-    recorder, feedback = proxy.app.recorder, proxy.app.feedback
-    assert hasattr(recorder, "_interval_s") and hasattr(feedback, "_redis")
-    recorder._interval_s = 30.0  # hold the background loop back: this test decides when it writes
-    time.sleep(0.2)  # the loop's current 50 ms wait ends; the next one is 30 s
-    wrapper = _RecorderWritesDuringLookup(feedback._redis, recorder)
-    feedback._redis = wrapper
-    try:
-        raw, _ = ask(proxy.client(), "interleaved-user")
-        assert recorder.buffered == 1, "the record must still be in the proxy's batch"
-        status, body = post_feedback(
-            proxy, {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 4}
-        )
-        assert wrapper.interleaved == 1, "the feedback service did not read through the wrapped client"
-        assert status == 200, body
-    finally:
-        feedback._redis = wrapper._real
-        recorder._interval_s = 0.05
+    wrapper = _RecorderWritesDuringLookup(open_redis(redis_server.url, REQUEST_FACING_REDIS_TIMEOUT_S))
+    # The recorder's own loop is held back (a 30 s interval): this test decides when it writes.
+    proxy = start_proxy(app_options={"request_redis": wrapper, "recorder_options": {"interval_s": 30.0}})
+    wrapper.recorder = proxy.app.recorder
+    raw, _ = ask(proxy.client(), "interleaved-user")
+    assert proxy.app.recorder.buffered == 1, "the record must still be in the proxy's batch"
+    status, body = post_feedback(
+        proxy, {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 4}
+    )
+    assert wrapper.interleaved == 1, "the feedback service did not read through the wrapped client"
+    assert status == 200, body
     stats = arm_stats(redis_client, arm_ids(proxy)[raw.headers["x-abproxy-variant"]])
     assert int(stats["feedback.satisfaction|n"]) == 1
 
@@ -393,7 +391,7 @@ def test_invalid_feedback_is_rejected_in_openai_shape_and_changes_nothing(
             problems.append(f"{body!r}: {status} (expected {expected}): {answer}")
             continue
         try:
-            assert_openai_error(answer)
+            assert_error_shape(answer)
         except AssertionError:
             problems.append(f"{body!r}: not an OpenAI error: {answer!r}")
     assert problems == [], "\n".join(problems)
@@ -419,7 +417,7 @@ def test_feedback_while_redis_is_down_is_503_then_works_again(
     try:
         status, body = post_feedback(proxy, {"request_id": rid, "name": "satisfaction", "score": 4})
         assert status == 503, body
-        assert_openai_error(body)
+        assert_error_shape(body)
     finally:
         redis_server.start()
     status, body = post_feedback(proxy, {"request_id": rid, "name": "satisfaction", "score": 4})
@@ -437,7 +435,7 @@ def test_non_experiment_request_ids_are_404(proxy: Any, redis_client: redis.Redi
     for request_id in (rid, completion.id):
         status, body = post_feedback(proxy, {"request_id": request_id, "score": 3})
         assert status == 404, body
-        assert_openai_error(body)
+        assert_error_shape(body)
 
 
 def test_feedback_for_a_forced_variant_is_accepted_but_not_counted(proxy: Any, redis_client: redis.Redis) -> None:
@@ -492,7 +490,7 @@ def test_feedback_needs_the_proxy_api_key(start_proxy: Any, redis_client: redis.
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k1"}):
         status, answer = post_feedback(proxy, body, headers)
         assert status == 401, (headers, answer)
-        assert_openai_error(answer)
+        assert_error_shape(answer)
     arm = arm_ids(proxy)[raw.headers["x-abproxy-variant"]]
     proxy.settle()
     assert "feedback.satisfaction|n" not in arm_stats(redis_client, arm)

@@ -20,22 +20,9 @@ import pytest
 import redis
 import yaml
 from conftest import BASE_EXPERIMENTS, make_config
-from flushkit import (
-    EXP,
-    MlflowServer,
-    artifact_text,
-    drive,
-    flush,
-    free_port,
-    history,
-    http,
-    live,
-    runs_by_name,
-    search,
-)
+from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, live, runs_by_name, search
+from helpers import assert_error_shape, free_port, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient
-from openai_shape import assert_openai_error
-from prometheus_text import metrics_text, sample
 
 from abproxy.recording import store
 from abproxy.app import open_redis
@@ -92,19 +79,20 @@ def run(coro: Any) -> Any:
 
 
 
-def flush_once(redis_url: str, config: Any) -> FlushReport:
+def flush_once(redis_url: str, config: Any, **options: Any) -> FlushReport:
     """One flush by a fresh flusher with a Redis client of its own."""
 
     async def flush() -> FlushReport:
         client = open_redis(redis_url)
         try:
-            return await Flusher(client, config, Catalog(config)).flush()
+            return await Flusher(client, config, Catalog(config), **options).flush()
         finally:
             await client.aclose()
 
     return run(flush())
 
 
+@pytest.mark.slow
 def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri))
     drive(proxy, {"basic": 60, "professional": 60}, "e2e")
@@ -206,6 +194,7 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
 # -- 2. cumulative numbers, step = flush number ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flushes_relog_cumulative_numbers_on_the_same_runs(start_proxy: Any, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri))
     drive(proxy, {"basic": 40, "professional": 40}, "cum-a")
@@ -246,6 +235,7 @@ def test_flushes_relog_cumulative_numbers_on_the_same_runs(start_proxy: Any, uri
 # -- 3. an edited variant is a new arm and a new run ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_editing_a_variant_starts_a_new_run_and_keeps_the_old_one(start_proxy: Any, upstream_url: str, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri))
     drive(proxy, {"basic": 60, "professional": 60}, "edit-a")
@@ -291,6 +281,7 @@ def test_editing_a_variant_starts_a_new_run_and_keeps_the_old_one(start_proxy: A
 # -- 4. one flush at a time ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_held_lock_makes_manual_flush_409_and_periodic_flush_skip(
     start_proxy: Any, redis_client: redis.Redis, redis_server: Any, uri: str
 ) -> None:
@@ -298,7 +289,7 @@ def test_a_held_lock_makes_manual_flush_409_and_periodic_flush_skip(
     redis_client.set(LOCK_KEY, "someone-else", px=60_000)
     status, body = flush(proxy)
     assert status == 409, body
-    assert_openai_error(body)
+    assert_error_shape(body)
     assert redis_client.get(LOCK_KEY) == "someone-else"  # nobody else's lock is released
 
     config = proxy.app.config
@@ -306,7 +297,7 @@ def test_a_held_lock_makes_manual_flush_409_and_periodic_flush_skip(
     async def periodic() -> Any:
         client = open_redis(redis_server.url)
         try:
-            return await Flusher(client, config, Catalog(config)).flush(periodic=True)
+            return await Flusher(client, config, Catalog(config)).flush_if_due()
         finally:
             await client.aclose()
 
@@ -319,6 +310,7 @@ def test_a_held_lock_makes_manual_flush_409_and_periodic_flush_skip(
     assert redis_client.get(LOCK_KEY) is None  # released after the flush
 
 
+@pytest.mark.slow
 def test_two_concurrent_flushes_one_wins_the_other_is_busy(
     redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
 ) -> None:
@@ -344,6 +336,7 @@ def test_two_concurrent_flushes_one_wins_the_other_is_busy(
     assert redis_client.get(LOCK_KEY) is None
 
 
+@pytest.mark.slow
 def test_two_replicas_flushing_periodically_in_one_interval_flush_once(
     redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
 ) -> None:
@@ -353,8 +346,8 @@ def test_two_replicas_flushing_periodically_in_one_interval_flush_once(
         clients = [open_redis(redis_server.url), open_redis(redis_server.url)]
         try:
             flushers = [Flusher(client, config, Catalog(config)) for client in clients]
-            together = await asyncio.gather(*(f.flush(periodic=True) for f in flushers))
-            later = await flushers[1].flush(periodic=True)  # still the same interval
+            together = await asyncio.gather(*(f.flush_if_due() for f in flushers))
+            later = await flushers[1].flush_if_due()  # still the same interval
             return [*together, later]
         finally:
             for client in clients:
@@ -374,6 +367,7 @@ def test_two_replicas_flushing_periodically_in_one_interval_flush_once(
 # -- 5. MLflow away ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
     start_proxy: Any, upstream_url: str, uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -385,7 +379,7 @@ def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
     started = time.monotonic()
     status, body = flush(proxy)
     assert 500 <= status < 600, body
-    assert_openai_error(body)
+    assert_error_shape(body)
     assert time.monotonic() - started < 20
     assert sample(metrics_text(proxy.url), "abproxy_flush_errors_total") == 1
     assert not sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds")
@@ -412,6 +406,7 @@ def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
 # -- 4b. a crash mid-flush, a flush that lost its lock ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
     start_proxy: Any, redis_client: redis.Redis, uri: str
 ) -> None:
@@ -433,27 +428,26 @@ def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
     assert history(uri, pro, "requests") == [(first["step"], 30), (second["step"], 32)]
 
 
+@pytest.mark.slow
 def test_a_flush_that_lost_its_lock_keeps_no_state(
-    redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str, monkeypatch: pytest.MonkeyPatch
+    redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
 ) -> None:
     from abproxy.mlflow_sink.flusher import MlflowWriter
 
+    class SlowWriter(MlflowWriter):
+        """Writes, and meanwhile the flush's lock expired and a later flusher took it."""
+
+        def write(self, *args: Any, **kwargs: Any) -> Any:
+            written = super().write(*args, **kwargs)
+            redis_client.set(LOCK_KEY, "a-later-flusher", px=60_000)
+            return written
+
     config = make_config(upstream_url, mlflow=mlflow_settings(uri))
-    original = MlflowWriter.write
-
-    def write_then_lose_the_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
-        written = original(self, *args, **kwargs)
-        redis_client.set(LOCK_KEY, "a-later-flusher", px=60_000)  # our lock expired, another took it
-        return written
-
-    monkeypatch.setattr(MlflowWriter, "write", write_then_lose_the_lock)
-
-    report = flush_once(redis_server.url, config)
+    report = flush_once(redis_server.url, config, writer_factory=SlowWriter)
     assert report.experiments[EXP]["kept"] is False
     assert redis_client.hgetall(store.runs_key(EXP)) == {}
     assert redis_client.get(LOCK_KEY) == "a-later-flusher"  # not released by the one that lost it
 
-    monkeypatch.setattr(MlflowWriter, "write", original)
     redis_client.delete(LOCK_KEY)
     again = flush_once(redis_server.url, config)
     assert "kept" not in again.experiments[EXP]
@@ -463,6 +457,7 @@ def test_a_flush_that_lost_its_lock_keeps_no_state(
 # -- 5b. the MLflow side changed under the flusher ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pointing_at_a_new_tracking_store_writes_complete_runs_there(
     start_proxy: Any, tmp_path: Path, uri: str
 ) -> None:
@@ -485,6 +480,7 @@ def test_pointing_at_a_new_tracking_store_writes_complete_runs_there(
     assert len(search(uri)) == 3  # the old store is left as it was
 
 
+@pytest.mark.slow
 def test_a_run_deleted_in_the_mlflow_ui_does_not_wedge_the_flush(start_proxy: Any, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri))
     drive(proxy, {"basic": 40, "professional": 40}, "del-run")
@@ -500,6 +496,7 @@ def test_a_run_deleted_in_the_mlflow_ui_does_not_wedge_the_flush(start_proxy: An
     assert active[0].data.metrics["requests"] == 41
 
 
+@pytest.mark.slow
 def test_an_experiment_deleted_in_the_mlflow_ui_does_not_wedge_the_flush(start_proxy: Any, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri))
     drive(proxy, {"basic": 40, "professional": 40}, "del-exp")
@@ -514,6 +511,7 @@ def test_an_experiment_deleted_in_the_mlflow_ui_does_not_wedge_the_flush(start_p
     assert runs["professional"].data.metrics["requests"] == 40
 
 
+@pytest.mark.slow
 def test_mlflow_experiment_override_and_admin_key(start_proxy: Any, upstream_url: str, uri: str) -> None:
     experiments = copy.deepcopy(BASE_EXPERIMENTS)
     experiments[EXP]["mlflow_experiment"] = "abproxy/translation-v2"
@@ -522,8 +520,8 @@ def test_mlflow_experiment_override_and_admin_key(start_proxy: Any, upstream_url
     )
     status, body = flush(proxy)
     assert status == 401, body
-    assert_openai_error(body)
-    status, body = http("POST", f"{proxy.url}/abproxy/flush", headers={"authorization": "Bearer adm"})
+    assert_error_shape(body)
+    status, body = http_json("POST", f"{proxy.url}/abproxy/flush", headers={"authorization": "Bearer adm"})
     assert status == 200, body
     client = MlflowClient(uri)
     assert client.get_experiment_by_name("translation") is None
@@ -547,6 +545,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.mark.slow
 def test_flush_through_a_real_mlflow_server(start_proxy: Any, mlflow_server: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(mlflow_server))
     drive(proxy, {"basic": 60, "professional": 60}, "server")
@@ -575,22 +574,17 @@ def test_flush_through_a_real_mlflow_server(start_proxy: Any, mlflow_server: str
 # -- 7. periodic flush --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_periodic_flush_writes_runs_without_a_manual_call(start_proxy: Any, uri: str) -> None:
     proxy = start_proxy(mlflow=mlflow_settings(uri, interval=1))
     drive(proxy, {"basic": 4, "professional": 4}, "tick")
-    started = time.monotonic()
-    found: list[Any] = []
-    last_success = 0.0
-    while time.monotonic() - started < 8:
-        last_success = sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds") or 0.0
-        if last_success > 0:  # set once the whole flush (both experiments) is done
-            found = search(uri)
-            break
-        time.sleep(0.1)
-    waited = time.monotonic() - started
-    print(f"\nperiodic flush complete after {waited:.2f}s")
-    assert last_success > 0, "no periodic flush within 8 s"
-    assert waited < 5
+
+    def flushed_once() -> float:
+        # set once a whole periodic flush (both experiments) is done; nobody asked for one
+        return sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds")
+
+    last_success = wait_until(flushed_once, timeout=30, interval=0.1)
+    found = search(uri)
     assert last_success == pytest.approx(time.time(), abs=30)
     runs = {r.info.run_name: r for r in found}
     assert set(runs) == {"summary", "basic", "professional"}
@@ -616,6 +610,7 @@ def _registry_config(tmp_path: Path, uri: str, upstream_url: str, system_prompts
     return path
 
 
+@pytest.mark.slow
 def test_prompt_registry_uris_resolve_at_load_and_reach_the_run(
     tmp_path: Path, uri: str, upstream_url: str, redis_client: redis.Redis, redis_server: Any
 ) -> None:
@@ -650,6 +645,7 @@ def test_prompt_registry_uris_resolve_at_load_and_reach_the_run(
     assert artifact_text(uri, runs["professional"], "prompt/system_prompt.txt") == pro.system_prompt
 
 
+@pytest.mark.slow
 def test_an_unknown_registry_prompt_is_a_config_error_naming_the_key(tmp_path: Path, uri: str, upstream_url: str) -> None:
     mlflow.set_tracking_uri(uri)
     mlflow.genai.register_prompt(name="translator", template="You translate into Korean. {{input}}")
@@ -749,6 +745,7 @@ async def _record_traffic(redis_url: str, config: Any, catalog: Catalog, per_arm
         await client.aclose()
 
 
+@pytest.mark.slow
 def test_flush_of_20_experiments_by_5_variants_is_fast_in_steady_state(
     redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
 ) -> None:

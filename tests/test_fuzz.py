@@ -26,7 +26,7 @@ import redis
 from conftest import BASE_EXPERIMENTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai_shape import assert_openai_error
+from helpers import assert_error_shape
 
 from abproxy.recording import store
 from abproxy.simulation.provider import FakeUpstream
@@ -121,7 +121,7 @@ class Fuzzer:
                 payload = reply.json()
             except ValueError:
                 raise AssertionError(f"{method} {target}: {reply.status} is not JSON: {reply.body[:300]!r}") from None
-            assert_openai_error(payload)
+            assert_error_shape(payload)
         return reply
 
     def _assert_the_upstream_said_so(self, reply: Reply, forwarded: int) -> None:
@@ -367,6 +367,7 @@ def assert_still_serving(fuzzer: Fuzzer) -> None:
 # -- generation endpoints ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generation_endpoints_answer_malformed_requests_with_openai_errors(
     fuzzer_for: Callable[..., Fuzzer], redis_client: redis.Redis
 ) -> None:
@@ -398,6 +399,7 @@ def test_generation_endpoints_answer_malformed_requests_with_openai_errors(
     assert "invalid_json" in codes and fuzzer.upstream.received, "the bodies were all rejected, or none were"
 
 
+@pytest.mark.slow
 def test_generation_endpoints_survive_near_valid_requests_and_count_each_exactly_once(
     fuzzer_for: Callable[..., Fuzzer], redis_client: redis.Redis
 ) -> None:
@@ -487,6 +489,7 @@ PASSTHROUGH_SEGMENTS = st.lists(SEGMENTS, min_size=1, max_size=4) | st.sampled_f
 EMBEDDING = b'{"model": "e", "input": "x"}'
 
 
+@pytest.mark.slow
 def test_passthrough_forwards_any_path_and_refuses_dot_segments(fuzzer_for: Callable[..., Fuzzer]) -> None:
     fuzzer = fuzzer_for()
     statuses: set[int] = set()
@@ -526,6 +529,7 @@ OPS_PATHS = st.sampled_from(
 ) | st.text(max_size=20).map(lambda text: "/" + quote(text, safe="/%;:@!$'()*+,="))
 
 
+@pytest.mark.slow
 def test_models_ops_and_unknown_paths(fuzzer_for: Callable[..., Fuzzer]) -> None:
     fuzzer = fuzzer_for()
 
@@ -606,6 +610,7 @@ def expected_feedback_statuses(body: Any, known: dict[str, str]) -> set[int]:
     return problems or {200}
 
 
+@pytest.mark.slow
 def test_feedback_answers_every_body_as_the_spec_says(
     fuzzer_for: Callable[..., Fuzzer], redis_client: redis.Redis
 ) -> None:
@@ -661,6 +666,7 @@ def expected_admin_status(method: str, path: str) -> int:
     return 200 if method == "POST" and path == "/abproxy/flush" else 404
 
 
+@pytest.mark.slow
 def test_admin_endpoints_answer_any_request(
     fuzzer_for: Callable[..., Fuzzer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -737,6 +743,7 @@ def accepted_key(authorization: bytes | None) -> str | None:
     return token.strip(" \t") if scheme.lower() == "bearer" else None
 
 
+@pytest.mark.slow
 def test_keys_are_checked_on_every_endpoint_whatever_the_authorization_header(
     fuzzer_for: Callable[..., Fuzzer],
 ) -> None:

@@ -29,7 +29,7 @@ from abproxy.upstream.errors import UpstreamResponseTooLarge
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, run
 from helpers import ServeProcess, assert_openai_error, http, wait_until
 from misbehaving_upstream import MisbehavingUpstream
-from prometheus_text import sample
+from helpers import sample
 
 USER_ONLY = [{"role": "user", "content": "The weather is lovely today."}]
 
@@ -118,6 +118,7 @@ def test_an_upstream_499_is_an_upstream_error_not_a_client_cancellation(hostile_
 
 
 @pytest.mark.parametrize("mode", ["stream-without-done", "stream-cut-by-close"])
+@pytest.mark.slow
 def test_a_stream_recorded_as_broken_ends_with_an_error_the_sdk_raises(hostile_proxy, mode):
     """The upstream closed the stream cleanly at the HTTP level but without ``[DONE]``: the
     recorder counts it as an error, so the client's SDK must not finish as if it were whole."""
@@ -317,6 +318,7 @@ def test_a_user_that_is_not_a_string_is_a_400_naming_it(proxy):
 # -- Redis hanging --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_request_facing_paths_answer_503_quickly_while_redis_hangs(tmp_path, upstream_url):
     """Redis stopped (SIGSTOP) rather than gone: connections open, nothing answers. Feedback,
     readiness and results say 503 within about a second instead of waiting out a long timeout."""

@@ -17,7 +17,7 @@ import pytest
 import redis
 from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, runs_by_name, search
 from mlflow.tracking import MlflowClient
-from openai_shape import assert_openai_error
+from helpers import assert_error_shape
 
 from abproxy.recording import store
 
@@ -68,7 +68,7 @@ def variant_runs_in(db: Path) -> int:
 
 def assert_failed_cleanly(status: int, body: Any) -> None:
     assert 500 <= status < 600, (status, body)
-    assert_openai_error(body)
+    assert_error_shape(body)
     assert "MLflow" in body["error"]["message"], body
 
 
@@ -128,6 +128,7 @@ def assert_complete(uri: str, proxy: Any, client: redis.Redis, report: dict[str,
                 assert metrics[f"feedback.{feedback}.n"] == float(held.get(f"feedback.{feedback}|n", 0))
 
 
+@pytest.mark.slow
 def test_mlflow_server_killed_mid_flush_then_the_next_flush_is_complete(
     start_proxy: Any, redis_client: redis.Redis, mlflow_server: MlflowServer
 ) -> None:
@@ -164,6 +165,7 @@ def test_mlflow_server_killed_mid_flush_then_the_next_flush_is_complete(
     assert counters(redis_client, proxy) == before
 
 
+@pytest.mark.slow
 def test_an_mlflow_server_that_comes_up_later_gets_the_whole_layout_from_the_same_proxy(
     start_proxy: Any, redis_client: redis.Redis, mlflow_server: MlflowServer
 ) -> None:
@@ -180,6 +182,7 @@ def test_an_mlflow_server_that_comes_up_later_gets_the_whole_layout_from_the_sam
     assert_complete(mlflow_server.url, proxy, redis_client, report)
 
 
+@pytest.mark.slow
 def test_credentials_in_the_tracking_uri_are_used_but_never_stored_or_shown(
     start_proxy: Any, redis_client: redis.Redis, mlflow_server: MlflowServer
 ) -> None:

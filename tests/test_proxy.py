@@ -8,14 +8,12 @@ import copy
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from abproxy.cli import open_relay_problem
 from abproxy.config import parse_config
 from abproxy.simulation.provider import error_body as fake_error_body
-from prometheus_text import metrics_text, sample
+from helpers import assert_openai_error, free_port, http, metrics_text, sample
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 MESSAGES = [
@@ -42,41 +40,6 @@ PRO_USER = "Translate this English sentence into natural Korean:\nHello world"
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@dataclass
-class Raw:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> Raw:
-    """A raw HTTP call that returns error statuses instead of raising."""
-    all_headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
-    request = urllib.request.Request(url, data=body, method=method, headers=all_headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return Raw(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
-    except urllib.error.HTTPError as error:
-        return Raw(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
-
-
-def assert_openai_error(raw: Raw, status: int, code: str | None = None) -> dict[str, Any]:
-    assert raw.status == status, raw.body
-    payload = raw.json()
-    assert set(payload) == {"error"}, payload
-    error = payload["error"]
-    assert {"message", "type", "code"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def chat_body(model: str = "translation", **extra: Any) -> bytes:
@@ -103,12 +66,6 @@ def live_results(proxy: Any, name: str = "translation", headers: dict[str, str] 
 
 def variant_of(raw: Any) -> str:
     return raw.headers["x-abproxy-variant"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sse_events(body: bytes) -> list[bytes]:
@@ -219,6 +176,7 @@ def test_same_user_header_always_gets_same_variant_and_wins_over_body_user(proxy
     assert len(variants) == 1, "the X-ABProxy-User header decides, whatever the body's user says"
 
 
+@pytest.mark.slow
 def test_distinct_users_split_roughly_evenly_between_variants(proxy):
     client = proxy.client()
     counts = Counter(
@@ -435,6 +393,7 @@ def test_raw_sse_via_proxy_equals_upstream_stream_except_ids_and_stripped_usage(
 # -- 7. Responses API and legacy completions ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_responses_api_through_experiment_sets_instructions_and_renders_input(proxy, upstream):
     client = proxy.client()
     raw = client.responses.with_raw_response.create(
@@ -619,6 +578,7 @@ def test_unreachable_upstream_is_502_upstream_unreachable_and_is_counted(start_p
     assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="dead", reason="unreachable") == 2
 
 
+@pytest.mark.slow
 def test_upstream_timeout_is_504_upstream_timeout_and_is_counted(start_proxy, upstream_url):
     proxy = start_proxy(upstreams={"fake": {"base_url": upstream_url, "timeout_s": 0.5}})
     raw = http("POST", f"{proxy.base_url}/chat/completions", chat_body(), {"x-fake-delay-ms": "3000"})
@@ -642,6 +602,7 @@ def test_broken_upstream_stream_raises_api_error_in_sdk_and_is_counted(proxy):
     assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="fake", reason="broken_stream") == 1
 
 
+@pytest.mark.slow
 def test_stream_that_goes_silent_ends_with_an_error_event_and_counts_as_a_timeout(start_proxy, upstream_url):
     """A stream may run longer than timeout_s, but never be silent for that long: the client's
     headers are gone already, so it gets an error event its SDK raises on, not a hang."""
@@ -804,6 +765,7 @@ def test_open_relay_check_refuses_public_bind_with_upstream_key_and_no_client_ke
     assert open_relay_problem(relay_config(allow_open_relay=True), "0.0.0.0") is None
 
 
+@pytest.mark.slow
 def test_cli_serve_refuses_open_relay_with_exit_code_2(tmp_path: Path):
     config = {
         "redis_url": "redis://127.0.0.1:1/0",

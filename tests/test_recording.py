@@ -26,12 +26,13 @@ import yaml
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from abproxy.app import open_redis
 from abproxy.recording import store
 from abproxy.catalog import Catalog
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
 from conftest import BASE_EXPERIMENTS, make_config
-from prometheus_text import metrics_text, sample
+from helpers import metrics_text, sample, wait_until
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -80,15 +81,6 @@ def user_msg(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 def has_request_record(client: redis.Redis, request_id: str) -> bool:
     """Whether the recorder wrote the request record feedback joins on (whatever the key layout)."""
     return bool(client.keys(f"{store.PREFIX}:*req:{request_id}"))
@@ -102,6 +94,7 @@ def get_json(url: str) -> Any:
 # -- 1. exact counts under concurrency ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_300_concurrent_requests_are_counted_exactly(proxy: Any, redis_client: redis.Redis, redis_server: Any) -> None:
     arms = arm_ids(proxy)
 
@@ -178,6 +171,7 @@ def test_300_concurrent_requests_are_counted_exactly(proxy: Any, redis_client: r
 # -- 2. stream-only metrics, words, usage the client did not ask for -----------------------------
 
 
+@pytest.mark.slow
 def test_streams_record_ttft_and_json_does_not_and_words_are_whitespace_words(
     proxy: Any, redis_client: redis.Redis
 ) -> None:
@@ -388,6 +382,7 @@ def _total_requests(client: redis.Redis, proxy: Any) -> int:
     return sum(int(arm_stats(client, arm).get("requests", 0)) for arm in arm_ids(proxy).values())
 
 
+@pytest.mark.slow
 def test_redis_stopped_mid_traffic_loses_nothing(proxy: Any, redis_client: redis.Redis, redis_server: Any) -> None:
     traffic = _Traffic(proxy, 200)
     try:
@@ -411,6 +406,7 @@ def test_redis_stopped_mid_traffic_loses_nothing(proxy: Any, redis_client: redis
     assert missing == [], "every request stays joinable for feedback"
 
 
+@pytest.mark.slow
 def test_redis_crash_mid_traffic_counts_everything_after_restart_once(
     proxy: Any, redis_client: redis.Redis, redis_server: Any
 ) -> None:
@@ -493,11 +489,12 @@ class _LostReplies:
         return result
 
 
-def test_a_batch_replayed_after_a_lost_reply_is_counted_once(proxy: Any, redis_client: redis.Redis) -> None:
-    recorder = proxy.app.recorder
-    assert hasattr(recorder, "_redis")
-    wrapper = _LostReplies(recorder._redis, lose=2)
-    recorder._redis = wrapper
+@pytest.mark.slow
+def test_a_batch_replayed_after_a_lost_reply_is_counted_once(
+    start_proxy: Any, redis_client: redis.Redis, redis_server: Any
+) -> None:
+    wrapper = _LostReplies(open_redis(redis_server.url), lose=2)
+    proxy = start_proxy(app_options={"redis": wrapper})
     client = proxy.client()
     seen: list[tuple[str, int]] = []
     for i in range(12):
@@ -525,11 +522,11 @@ def test_a_batch_replayed_after_a_lost_reply_is_counted_once(proxy: Any, redis_c
 # -- 8. bounded buffer -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_buffer_drops_and_counts_the_excess_and_writes_the_rest(
     start_proxy: Any, redis_client: redis.Redis, redis_server: Any
 ) -> None:
-    proxy = start_proxy()
-    proxy.app.recorder._max_buffered = 10
+    proxy = start_proxy(app_options={"recorder_options": {"max_buffered": 10}})
     client = proxy.client()
     failures: list[str] = []
     redis_server.stop()
@@ -679,6 +676,7 @@ def _requests_in(client: redis.Redis, variants: dict[str, str], upstream_url: st
     }
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_streams_and_their_measurements(
     tmp_path: Path, redis_server: Any, redis_client: redis.Redis, upstream: Any, upstream_url: str
 ) -> None:
@@ -696,6 +694,7 @@ def test_sigterm_drains_in_flight_streams_and_their_measurements(
         assert has_request_record(redis_client, request_id), "feedback must be able to find every request"
 
 
+@pytest.mark.slow
 def test_sigterm_with_embedded_redis_drains_and_stops_it(tmp_path: Path, upstream: Any, upstream_url: str) -> None:
     """No redis_url: ``serve`` runs its own redis-server under data_dir. SIGTERM must drain the
     in-flight streams and their measurements into it, persist them in its append-only file, and

@@ -28,7 +28,7 @@ import pytest
 import redis
 import yaml
 from conftest import BASE_EXPERIMENTS
-from flushkit import free_port
+from helpers import free_port, http
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,19 +190,14 @@ class Received:
     def http(
         self, what: str, method: str, url: str, key: str | None = None, body: bytes | None = None, proxied: bool = False
     ) -> tuple[int, Any]:
-        """A plain HTTP call: (status, parsed JSON or the raw bytes)."""
+        """A plain HTTP call, kept: (status, parsed JSON or the raw bytes)."""
         headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
-        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        answer = http(method, url, body, headers, timeout=30)
+        self.keep(what, answer.headers, answer.body, proxied)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, received, raw = response.status, response.headers, response.read()
-        except urllib.error.HTTPError as error:
-            status, received, raw = error.code, error.headers, error.read()
-        self.keep(what, {k.lower(): v for k, v in received.items()}, raw, proxied)
-        try:
-            return status, json.loads(raw)
+            return answer.status, answer.json()
         except ValueError:
-            return status, raw
+            return answer.status, answer.body
 
 
 def _drive(base: str, keys: Keys, got: Received) -> None:
@@ -346,6 +341,7 @@ def _mlflow_dump(uri: str) -> bytes:
     return "\n".join(parts).encode()
 
 
+@pytest.mark.slow
 def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
     serve: Callable[[Keys], tuple[str, subprocess.Popen[bytes]]],
     tmp_path: Path,
@@ -407,6 +403,7 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
     assert len(sent[None]) == 1 and KEYLESS_PROMPT.encode() in sent[None][0].body
 
 
+@pytest.mark.slow
 def test_config_errors_and_refusals_do_not_echo_keys(tmp_path: Path) -> None:
     """A config that cannot start prints why — without the keys it holds."""
     keys = Keys()

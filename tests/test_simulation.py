@@ -130,6 +130,7 @@ def clustered_experiments(rng: np.random.Generator, sims: int, users: int, icc: 
     return moments, unit
 
 
+@pytest.mark.slow
 def test_clustered_users_naive_per_request_inflates_delta_method_holds():
     rng = np.random.default_rng(31337)
     users = 200

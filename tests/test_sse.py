@@ -1,4 +1,5 @@
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,6 +99,7 @@ def test_a_body_without_event_separators_is_passed_on_not_hoarded():
     crlf=st.lists(st.booleans(), min_size=8, max_size=8),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
 )
+@pytest.mark.slow
 def test_however_the_stream_is_cut_and_separated_the_client_gets_the_same_events(words, crlf, cuts):
     """Reads split anywhere, LF and CRLF separators mixed: the forwarded bytes are the upstream's
     with the usage chunk and the `"usage":null` fields removed, and the text is all there."""

@@ -170,6 +170,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_connections_of_a_burst_are_closed_once_idle_too_long() -> None:
 
     async def answer(reader, writer, n):
@@ -259,6 +260,7 @@ def test_interim_responses_are_skipped_and_bad_bodies_are_errors_not_successes()
     run(main())
 
 
+@pytest.mark.slow
 def test_timeouts_a_whole_response_and_a_silent_stream() -> None:
     async def answer(reader, writer, n):
         if n == 0:
@@ -309,6 +311,7 @@ def test_unreachable_and_malformed_upstreams_raise_connection_errors() -> None:
     run(main())
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_a_stream_leaves_the_rest_on_the_upstream() -> None:
     """Flow control: a consumer that stops reading makes the client stop reading the socket, so
     the proxy's memory stays bounded and the upstream feels the back-pressure."""
@@ -403,6 +406,7 @@ def test_an_https_upstream_through_the_proxy_with_the_sdk(tmp_path, monkeypatch,
         running.stop()
 
 
+@pytest.mark.slow
 def test_a_slow_client_gets_all_of_a_tls_stream_the_upstream_closed_behind(tmp_path) -> None:
     """uvloop's TLS transport throws away what it decrypted if the peer closes while reading is
     paused; the client must not pause TLS streams, so the slow reader still gets every byte."""

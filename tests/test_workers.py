@@ -20,10 +20,10 @@ import orjson
 import yaml
 from mlflow.tracking import MlflowClient
 
-from abproxy.recording.embedded_redis import free_port
+
 from conftest import BASE_EXPERIMENTS
-from flushkit import history, http, search
-from prometheus_text import sample
+from flushkit import history, search
+from helpers import free_port, http_json, sample
 
 
 def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> subprocess.Popen:
@@ -80,6 +80,7 @@ def worker_pids(port: int, connections: int = 32) -> set[int]:
     return {orjson.loads(body)["pid"] for body in raw_get_many(port, "/healthz", connections)}
 
 
+@pytest.mark.slow
 def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path, redis_client, redis_server, upstream_url):
     port = free_port()
     config = serve_config(redis_server.url, upstream_url, f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -124,6 +125,7 @@ def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path,
     assert returncode == 0
 
 
+@pytest.mark.slow
 def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_interval(
     tmp_path: Path, redis_client, redis_server, upstream_url
 ):
@@ -146,7 +148,7 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
                 )
             served[port] += 1
             time.sleep(0.25)  # the request record must reach Redis before the other replica is asked
-            status, body = http(
+            status, body = http_json(
                 "POST", f"http://127.0.0.1:{other}/v1/feedback",
                 {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 1 + i % 5},
             )  # fmt: skip
@@ -183,6 +185,7 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
     assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3  # two variants and the summary
 
 
+@pytest.mark.slow
 def test_a_flush_to_an_mlflow_server_that_is_down_fails_in_seconds_not_minutes(
     tmp_path: Path, redis_server, upstream_url, monkeypatch
 ) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -103,8 +104,8 @@ def _variant_params(arm: Arm, weight: float) -> dict[str, str]:
         params["system_prompt"] = definition.system_prompt
     if definition.user_template is not None:
         params["user_template"] = definition.user_template
-    if definition.messages is not None:
-        params["messages"] = json.dumps([m.model_dump() for m in definition.messages], ensure_ascii=False)
+    if definition.chat_template is not None:
+        params["messages"] = json.dumps([m.model_dump() for m in definition.chat_template], ensure_ascii=False)
     for field_name, reference in definition.prompt_sources.items():
         params[f"prompt_registry.{field_name}"] = reference
     return {name: value[:MAX_PARAM_LENGTH] for name, value in params.items()}
@@ -117,9 +118,9 @@ def _prompt_artifacts(arm: Arm) -> dict[str, str]:
         artifacts["prompt/system_prompt.txt"] = definition.system_prompt
     if definition.user_template is not None:
         artifacts["prompt/user_template.txt"] = definition.user_template
-    if definition.messages is not None:
+    if definition.chat_template is not None:
         artifacts["prompt/messages.json"] = json.dumps(
-            [m.model_dump() for m in definition.messages], ensure_ascii=False, indent=2
+            [m.model_dump() for m in definition.chat_template], ensure_ascii=False, indent=2
         )
     return artifacts
 
@@ -294,21 +295,38 @@ class MlflowWriter:
 
 
 class Flusher:
-    def __init__(self, redis: Any, config: Config, catalog: Catalog, metrics: ProxyMetrics | None = None):
+    def __init__(
+        self,
+        redis: Any,
+        config: Config,
+        catalog: Catalog,
+        metrics: ProxyMetrics | None = None,
+        writer_factory: Callable[[str], MlflowWriter] = MlflowWriter,
+    ):
+        """``writer_factory`` builds the MLflow side from the tracking URI, on first use."""
         self._redis = redis
         self._config = config
         self._catalog = catalog
         self._metrics = metrics
+        self._writer_factory = writer_factory
         self._writer: MlflowWriter | None = None
 
     def _mlflow(self) -> MlflowWriter:
         if self._writer is None:
-            self._writer = MlflowWriter(self._config.mlflow.tracking_uri)
+            self._writer = self._writer_factory(self._config.mlflow.tracking_uri)
         return self._writer
 
-    async def flush(self, *, periodic: bool = False) -> FlushReport | None:
-        """One flush. Periodic flushes return None when another replica has this interval;
-        a manual flush raises :class:`FlushBusy` while another flush is running."""
+    async def flush(self) -> FlushReport:
+        """One flush now; raises :class:`FlushBusy` while another flush is running."""
+        report = await self._flush(periodic=False)
+        assert report is not None
+        return report
+
+    async def flush_if_due(self) -> FlushReport | None:
+        """The periodic flush: None when another replica has this interval, or another flush runs."""
+        return await self._flush(periodic=True)
+
+    async def _flush(self, *, periodic: bool) -> FlushReport | None:
         token = secrets.token_hex(16)
         with store.reachable():
             if periodic:
@@ -390,7 +408,7 @@ class Flusher:
         while True:
             await asyncio.sleep(interval)
             try:
-                report = await self.flush(periodic=True)
+                report = await self.flush_if_due()
                 if report is not None:
                     log.info("flushed %d experiment(s) to MLflow in %.2fs (step %d)", len(report.experiments), report.duration_s, report.step)
             except Exception as error:  # MLflow or Redis away: warn, count, retry next interval

@@ -194,7 +194,7 @@ class Proxy:
             request_id=request_id,
             endpoint=endpoint,
             upstream=upstream,
-            model=body.get("model") if isinstance(body.get("model"), str) else "",
+            model=model if isinstance(model := body.get("model"), str) else "",
             started_at=time.time(),
             route=route,
         )

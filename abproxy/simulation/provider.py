@@ -45,6 +45,8 @@ from typing import Any
 
 import orjson
 
+from abproxy.simulation.server import BrokenOnPurpose, serve_forever
+
 __all__ = ["FakeUpstream", "ReceivedRequest", "FakeBrokenStream", "main"]
 
 _dumps = orjson.dumps
@@ -80,7 +82,7 @@ _ERROR_TYPES = {
 _TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
 
 
-class FakeBrokenStream(Exception):
+class FakeBrokenStream(BrokenOnPurpose):
     """Raised inside the ASGI app to make the server drop the connection."""
 
 
@@ -381,7 +383,7 @@ class FakeUpstream:
             if conn is not None and hang is not None and hang not in (b"0", b"false"):
                 await asyncio.wait((conn.fut,), timeout=3600.0)
                 return
-            if delay_ms > 0:
+            if conn is not None and delay_ms > 0:
                 await asyncio.wait((conn.fut,), timeout=delay_ms / 1000.0)
                 if conn.gone:
                     return
@@ -447,7 +449,7 @@ class FakeUpstream:
             if conn is not None and conn.gone:
                 return
             await send({"type": "http.response.body", "body": ev, "more_body": True})
-            if delay > 0 and i < last:
+            if conn is not None and delay > 0 and i < last:
                 await asyncio.wait((conn.fut,), timeout=delay)
         if conn is not None and conn.gone:
             return
@@ -646,11 +648,12 @@ class FakeUpstream:
                     role = "user"
                 elif isinstance(item, dict):
                     if item.get("type", "message") != "message":
-                        t = item.get("output") if isinstance(item.get("output"), str) else ""
+                        output = item.get("output")
+                        t = output if isinstance(output, str) else ""
                         input_tokens += _words(t)
                         continue
                     t = _text_of(item.get("content"))
-                    role = item.get("role")
+                    role = str(item.get("role"))
                 else:
                     continue
                 input_tokens += _words(t)
@@ -805,8 +808,6 @@ class FakeUpstream:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from abproxy.simulation.server import serve_forever
-
     ap = argparse.ArgumentParser(prog="python -m abproxy.simulation.provider", description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)

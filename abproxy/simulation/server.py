@@ -11,7 +11,10 @@ from typing import Any
 
 import uvicorn
 
-from abproxy.simulation.provider import FakeBrokenStream
+
+class BrokenOnPurpose(Exception):
+    """Raised by an app to make the server drop the connection mid-response (a broken stream);
+    its traceback is kept out of the log."""
 
 DEFAULTS: dict[str, Any] = dict(
     loop="uvloop", http="httptools", log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=1
@@ -19,11 +22,9 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 class _BrokenStreamLogFilter(logging.Filter):
-    """Hide uvicorn's traceback for streams the provider breaks on purpose."""
-
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
         exc = record.exc_info
-        return not (exc and isinstance(exc[1], FakeBrokenStream))
+        return not (exc and isinstance(exc[1], BrokenOnPurpose))
 
 
 _LOG_FILTER = _BrokenStreamLogFilter()

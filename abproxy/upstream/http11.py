@@ -10,17 +10,15 @@ bounded whatever the upstream sends.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import zlib
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httptools
 
 from abproxy.upstream.errors import UpstreamBadResponse, UpstreamDisconnected, UpstreamResponseTooLarge
-
-if TYPE_CHECKING:
-    from abproxy.upstream.client import Origin
 
 PAUSE_READING_AT = 256 * 1024
 """A client that reads a stream slower than the upstream writes it: stop reading the upstream
@@ -32,10 +30,18 @@ DECODE_SLICE = 256 * 1024
 _BODYLESS_STATUSES = frozenset({204, 304})
 
 
+class Pool(Protocol):
+    """What a connection needs of the pool it belongs to (:class:`abproxy.upstream.client.Origin`)."""
+
+    ssl: ssl.SSLContext | None
+
+    def put_idle(self, connection: Connection, now: float) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive TCP (or TLS) connection; serves one response at a time."""
 
-    def __init__(self, origin: Origin):
+    def __init__(self, origin: Pool):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.closed = False
