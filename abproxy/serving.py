@@ -28,23 +28,23 @@ class HeadLimits:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing oversized headers (431) and dropping a client that
-    has not finished its headers within the time limit."""
+    has not finished its headers within the time limit.
+
+    The time limit costs nothing per request: each connection notes when its current head began,
+    and one sweep per server and second closes those past the limit (no timer per request)."""
 
     def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._limits = limits
         self._awaiting_head = True
         self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
+        self._head_started = self.loop.time()
+        _HeadSweep.ensure(self.server_state, self.loop, self._limits.timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -58,17 +58,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:
-            self._arm_head_timer()
+        if self._head_started is None:
+            self._head_started = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
-        self._cancel_head_timer()
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self._limits.max_bytes:
+        self._head_started = None
+        # Fewer bytes arrived while the head was awaited than the limit: the head fits. Only
+        # a read that also carried a body needs the head measured.
+        if self._head_bytes > self._limits.max_bytes and self._head_size() > self._limits.max_bytes:
             self._refuse_head()  # the parser goes on through this read; the callbacks below ignore it
             return
         super().on_headers_complete()
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -81,24 +85,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True
         self._head_bytes = 0
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self._limits.timeout_s, self._head_timed_out)
+    def head_overdue(self, now: float) -> bool:
+        return self._head_started is not None and now - self._head_started > self._limits.timeout_s
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        # Armed on a new connection and at the first byte of each later request, so an idle
-        # keep-alive connection between requests stays uvicorn's keep-alive timeout's business.
-        if self._awaiting_head and not self.transport.is_closing():
+    def drop(self) -> None:
+        if not self.transport.is_closing():
             self.transport.close()
 
     def _refuse_head(self) -> None:
         self._refused = True
-        self._cancel_head_timer()
+        self._head_started = None
         body = error_body(
             f"request headers exceed {self._limits.max_bytes} bytes", "invalid_request_error", "request_headers_too_large"
         )
@@ -107,6 +103,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.transport.close()
+
+
+class _HeadSweep:
+    """Once a second, closes the connections of one server whose request head is overdue: a new
+    connection that sent nothing, or one trickling its headers (slowloris). An idle keep-alive
+    connection between requests is not overdue: uvicorn's keep-alive timeout closes it."""
+
+    _ATTRIBUTE = "abproxy_head_sweep"
+
+    @classmethod
+    def ensure(cls, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        if getattr(server_state, cls._ATTRIBUTE, None) is None:
+            setattr(server_state, cls._ATTRIBUTE, cls(server_state, loop, min(1.0, timeout_s / 2)))
+
+    def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, every_s: float):
+        self._state = server_state
+        self._loop = loop
+        self._every_s = every_s
+        loop.call_later(every_s, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for connection in list(self._state.connections):
+            if isinstance(connection, GuardedHttpToolsProtocol) and connection.head_overdue(now):
+                connection.drop()
+        if not self._loop.is_closed():
+            self._loop.call_later(self._every_s, self._sweep)
 
 
 def server_options(config: Config, *, host: str, port: int, log_level: str = "info") -> dict[str, Any]:

@@ -97,15 +97,16 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], logdir: Path) -> None:
+    def __init__(self, name: str, args: list[str], logdir: Path, src: Path = ROOT) -> None:
+        """``src``: the checkout whose code the process runs."""
         self.name = name
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.p = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=src, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def alive(self) -> bool:
@@ -273,8 +274,8 @@ class Bench:
                 self.scripts[(model, mode)] = path
         (tmp / "config.yaml").write_text(CONFIG_TEMPLATE.format(tmp=tmp, upstream_port=self.up_port))
 
-    def spawn(self, name: str, args: list[str]) -> Proc:
-        proc = Proc(name, args, self.tmp)
+    def spawn(self, name: str, args: list[str], src: Path = ROOT) -> Proc:
+        proc = Proc(name, args, self.tmp, src)
         self.procs.append(proc)
         return proc
 

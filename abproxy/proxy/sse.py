@@ -71,6 +71,8 @@ class StreamObserver:
         self.failed = False
         """The upstream reported an error inside the stream."""
         self._interpreted: StreamFacts | None = None
+        self._rewritten = False
+        """An event of the current read was dropped or changed on its way to the client."""
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from upstream; return the complete events to forward now."""
@@ -111,8 +113,9 @@ class StreamObserver:
             self._buffer += data[cut + 2 :]
         events = complete.split(b"\n\n")
         del events[-1]  # what follows the last separator: nothing
+        self._rewritten = False
         forwarded = [self._observe(event) for event in events]
-        if any(kept is not event for kept, event in zip(forwarded, events)):
+        if self._rewritten:  # an event was dropped or changed: the piece cannot go as it came
             complete = b"".join(kept + b"\n\n" for kept in forwarded if kept is not None)
         return self.forwardable(complete)
 
@@ -155,7 +158,9 @@ class StreamObserver:
             if isinstance(payload, dict) and payload.get("error"):
                 self.failed = True
         if self._strip_usage_chunk and _USAGE_OBJECT.search(data):
-            return self._without_usage(event, data)
+            rewritten = self._without_usage(event, data)
+            self._rewritten = self._rewritten or rewritten is not event
+            return rewritten
         return event
 
     @staticmethod

@@ -128,13 +128,13 @@ class Upstreams:
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """The upstream's response headers the client may see (names in lower case)."""
-    kept = []
-    for key, value in raw:
-        key = key.lower()
-        if key not in _RESPONSE_HEADERS_DROPPED and not key.startswith(_OWN_HEADER_PREFIX):
-            kept.append((key, value))
-    return kept
+    """The upstream's response headers (names in lower case, as the client reads them) that
+    the client may see."""
+    return [
+        (key, value)
+        for key, value in raw
+        if key not in _RESPONSE_HEADERS_DROPPED and not key.startswith(_OWN_HEADER_PREFIX)
+    ]
 
 
 def error_reason(status: int) -> str:

@@ -1,0 +1,120 @@
+"""CPU time per proxied request: steadier than req/s on a machine whose speed drifts.
+
+    python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--rounds 3] [--compare DIR ...]
+
+Under the same wrk load, reads how much CPU each proxy process (and abproxy's embedded Redis)
+used, from /proc, and divides by the requests wrk completed. ``--compare DIR`` adds abproxy run
+from another checkout (e.g. a git worktree of an older commit), so a change is measured against
+what it changed, on the same machine in the same minutes. Targets alternate within each round;
+the median over rounds is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench_run  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its children that have exited."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:13]) / TICKS
+
+
+def group_pids(leader: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == leader:
+                    found.append(int(entry.name))
+            except ProcessLookupError:
+                continue
+    return found
+
+
+def redis_pid(leader: int) -> int | None:
+    for pid in group_pids(leader):
+        try:
+            if "redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def start_abproxy(bench: bench_run.Bench, name: str, src: Path, port: int) -> bench_run.Proc:
+    data = bench.tmp / f"data-{name}"
+    config = bench.tmp / f"config-{name}.yaml"
+    config.write_text((bench.tmp / "config.yaml").read_text().replace(f"{bench.tmp}/data", str(data)))
+    args = [sys.executable, "-m", "abproxy", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    proc = bench.spawn(name, args, src)
+    bench_run.wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 60)
+    return proc
+
+
+def measure(bench: bench_run.Bench, url: str, model: str, mode: str, conns: int, proc: bench_run.Proc) -> dict[str, float]:
+    redis = redis_pid(proc.p.pid)
+    proxy_before = cpu_seconds(proc.p.pid)
+    redis_before = cpu_seconds(redis) if redis else 0.0
+    row = bench_run.run_wrk(url, bench.scripts[(model, mode)], conns, bench.duration)
+    time.sleep(0.5)  # the recorder writes what the run left
+    requests = row.get("requests") or 0
+    if not requests:
+        raise SystemExit(f"no requests completed against {url}: {row}")
+    proxy_us = (cpu_seconds(proc.p.pid) - proxy_before) / requests * 1e6
+    redis_us = ((cpu_seconds(redis) - redis_before) / requests * 1e6) if redis else 0.0
+    return {"proxy_us": proxy_us, "redis_us": redis_us, "rps": row["rps"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--mode", choices=("json", "stream"), default="json")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare", nargs="*", default=[], type=Path, help="other checkouts to measure beside this one")
+    args = ap.parse_args()
+
+    bench = bench_run.Bench(Path(tempfile.mkdtemp(prefix="abproxy-cpu-")), args.duration, 2.0)
+    try:
+        bench.start_upstream()
+        lean_port = bench_run.free_port()
+        lean = bench.start_passthrough("lean", lean_port)
+        targets = {"passthrough-lean": (f"http://127.0.0.1:{lean_port}/v1/chat/completions", "gpt-4o-mini", lean)}
+        for name, src in [("abproxy", bench_run.ROOT)] + [(f"abproxy@{d.name}", d.resolve()) for d in args.compare]:
+            port = bench_run.free_port()
+            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", "bench", start_abproxy(bench, name, src, port))
+        for url, model, _ in targets.values():
+            bench_run.run_wrk(url, bench.scripts[(model, args.mode)], args.conns, 2.0)  # warm-up
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for round_number in range(1, args.rounds + 1):
+            line = []
+            for name, (url, model, proc) in targets.items():
+                measured = measure(bench, url, model, args.mode, args.conns, proc)
+                results[name].append(measured)
+                line.append(f"{name} {measured['proxy_us']:.0f}+{measured['redis_us']:.0f} µs")
+            print(f"round {round_number}: " + "; ".join(line), flush=True)
+        print(f"\nmedian CPU per request (proxy process + its Redis), {args.conns} connections, {args.mode}:")
+        for name, rows in results.items():
+            proxy = statistics.median(r["proxy_us"] for r in rows)
+            redis = statistics.median(r["redis_us"] for r in rows)
+            print(f"  {name:22s} {proxy:6.1f} µs proxy + {redis:5.1f} µs Redis  ({statistics.median(r['rps'] for r in rows):,.0f} req/s)")
+    finally:
+        for proc in reversed(bench.procs):
+            proc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
