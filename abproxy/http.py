@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -72,23 +73,55 @@ def bearer_token(scope: dict[str, Any]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+def _too_large(limit: int) -> HTTPError:
+    return HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
+
+
+def declared_length(scope: dict[str, Any], limit: int) -> int | None:
+    """The body's ``content-length``, if the client sent one; 413 when it is over ``limit``."""
     declared = header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    return length
+
+
+class BodyReader:
+    """A request body, message by message, never more than ``limit`` bytes in all."""
+
+    __slots__ = ("_receive", "_limit", "_size", "done")
+
+    def __init__(self, receive: Any, limit: int):
+        self._receive = receive
+        self._limit = limit
+        self._size = 0
+        self.done = False
+
+    async def chunk(self) -> bytes:
+        message = await self._receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunk: bytes = message.get("body", b"")
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise _too_large(self._limit)
+        self.done = not message.get("more_body", False)
+        return chunk
+
+    async def rest(self, first: bytes) -> AsyncIterator[bytes]:
+        """``first`` (what was read already), then every further chunk as it arrives."""
+        yield first
+        while not self.done:
+            yield await self.chunk()
+
+
+async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+    declared_length(scope, limit)
+    reader = BodyReader(receive, limit)
+    first = await reader.chunk()
+    if reader.done:
+        return first
+    return b"".join([chunk async for chunk in reader.rest(first)])
 
 
 class ClientGone(Exception):

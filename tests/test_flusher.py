@@ -376,11 +376,9 @@ def test_mlflow_unreachable_answers_5xx_counts_the_error_and_loses_nothing(
     dead = f"http://127.0.0.1:{free_port()}"
     proxy = start_proxy(mlflow=mlflow_settings(dead))
     drive(proxy, {"basic": 40, "professional": 40}, "down")
-    started = time.monotonic()
     status, body = flush(proxy)
     assert 500 <= status < 600, body
     assert_error_shape(body)
-    assert time.monotonic() - started < 20
     assert sample(metrics_text(proxy.url), "abproxy_flush_errors_total") == 1
     assert not sample(metrics_text(proxy.url), "abproxy_flush_last_success_timestamp_seconds")
 

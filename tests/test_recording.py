@@ -312,13 +312,12 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_counts_cancelled(
     stream = raw.parse()
     first = next(iter(stream))
     assert first.choices
-    cut_at = time.monotonic()
     stream.close()
     client.close()
 
-    assert wait_until(lambda: upstream.disconnects == before + 1, timeout=2.0), "upstream never saw the disconnect"
-    assert wait_until(lambda: upstream.active == 0, timeout=2.0)
-    assert time.monotonic() - cut_at < 2.5
+    # well before the 8 s the rest of the stream would have taken
+    assert wait_until(lambda: upstream.disconnects == before + 1, timeout=4.0), "upstream never saw the disconnect"
+    assert wait_until(lambda: upstream.active == 0, timeout=4.0)
     proxy.settle()
 
     stats = arm_stats(redis_client, arm_ids(proxy)[variant])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +19,12 @@ from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.http import (
     JSON_CONTENT_TYPE,
+    BodyReader,
     ClientGone,
     Headers,
     HTTPError,
     RequestIds,
+    declared_length,
     dump_json_object,
     header,
     parse_json_object,
@@ -362,34 +364,14 @@ class Proxy:
     async def _request_body(self, scope: dict[str, Any], receive: Any) -> bytes | StreamedBody | None:
         """The client's body as it will be forwarded: none, whole (when it came in one piece),
         or streamed on as it arrives, never more than ``max_body_bytes``."""
-        declared = header(scope, b"content-length")
-        if declared is None and header(scope, b"transfer-encoding") is None:
+        length = declared_length(scope, self._max_body)
+        if length is None and header(scope, b"transfer-encoding") is None:
             return None
-        length = int(declared) if declared is not None and declared.isdigit() else None
-        if length is not None and length > self._max_body:
-            raise HTTPError(413, f"request body exceeds {self._max_body} bytes", "request_too_large")
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        first = message.get("body", b"")
-        if not message.get("more_body", False):
+        reader = BodyReader(receive, self._max_body)
+        first = await reader.chunk()
+        if reader.done:
             return first
-        return StreamedBody(self._rest_of_body(first, receive), length)
-
-    async def _rest_of_body(self, first: bytes, receive: Any) -> AsyncIterator[bytes]:
-        size = len(first)
-        yield first
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise HTTPError(413, f"request body exceeds {self._max_body} bytes", "request_too_large")
-            yield chunk
-            if not message.get("more_body", False):
-                return
+        return StreamedBody(reader.rest(first), length)
 
     async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The upstream's model list plus one entry per experiment name."""
