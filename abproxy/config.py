@@ -56,6 +56,10 @@ class _Strict(BaseModel):
 class MlflowSettings(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     flush_interval_s: float = Field(30.0, ge=0)
+    trace_sample_rate: float = Field(0.05, ge=0, le=1)
+    """Share of experiment requests written to MLflow as traces (0 turns tracing off)."""
+    max_traces_per_minute: int = Field(600, ge=0)
+    """Per replica: the sample is thinned past this, so MLflow's load stays bounded."""
 
     @property
     def shown_tracking_uri(self) -> str:

@@ -5,8 +5,9 @@
 (``bench/run.py`` also calls :func:`measure` for a growing number of experiments.)
 
 Counters are filled through the real recorder (its Lua batch script) with synthetic outcomes,
-then the flusher runs three times: the first creates every MLflow experiment and run, the later
-ones are the steady state every interval pays. Prints the timings.
+then the flusher runs: the first flush creates every MLflow experiment, run and LoggedModel; the
+steady state is a flush after more traffic reached every arm (every run gets a new step), and a
+flush with no new traffic writes nothing but checks. Prints the timings.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def build_config(tmp: Path, experiments: int, variants: int) -> dict:
     }
 
 
-def synthetic_outcomes(catalog: Catalog, per_variant: int, rng: random.Random) -> list[Outcome]:
+def synthetic_outcomes(catalog: Catalog, per_variant: int, rng: random.Random, start: int = 0) -> list[Outcome]:
     outcomes = []
     for plan in catalog.plans.values():
         for name, arm in plan.arms.items():
-            for i in range(per_variant):
+            for i in range(start, start + per_variant):
                 reply = "word " * rng.randint(5, 40)
                 body = (
                     '{"id":"chatcmpl-%d","choices":[{"message":{"content":"%s"}}],'
@@ -90,11 +91,13 @@ async def measure(experiments: int, variants: int, per_variant: int, *, quiet: b
             redis = open_redis(url)
             metrics = ProxyMetrics(CollectorRegistry())
             recorder = Recorder(redis, config, catalog, metrics)
-            for outcome in synthetic_outcomes(catalog, per_variant, random.Random(1)):
-                recorder.record(outcome)
-            assert await recorder.flush(), "recorder could not write to Redis"
             flusher = Flusher(redis, config, catalog, metrics)
-            for label in ("first", "steady", "steady"):
+            rng = random.Random(1)
+            for round_number, label in enumerate(("first", "steady", "steady", "unchanged")):
+                if label != "unchanged":
+                    for outcome in synthetic_outcomes(catalog, per_variant, rng, start=round_number * per_variant):
+                        recorder.record(outcome)
+                    assert await recorder.flush(), "recorder could not write to Redis"
                 started = time.perf_counter()
                 report = await flusher.flush()
                 elapsed = time.perf_counter() - started

@@ -296,7 +296,7 @@ def _drive(base: str, keys: Keys, got: Received) -> None:
     for who, key in (("no key", None), ("client key", keys.client), ("wrong key", keys.wrong)):
         assert got.http(f"experiments, {who}", "GET", f"{base}/abproxy/experiments", key)[0] == 401
         assert got.http(f"flush, {who}", "POST", f"{base}/abproxy/flush", key)[0] == 401
-    for attempt in range(20):  # the periodic flush may hold the lock this instant
+    for attempt in range(150):  # the periodic flush may hold the lock this instant (the first creates every run)
         status, flushed = got.http(f"flush {attempt}", "POST", f"{base}/abproxy/flush", keys.admin)
         if status != 409:
             break

@@ -93,3 +93,28 @@ def terminal(result: ExperimentResult) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join([headline(result), line, "-" * len(line), *body]) + "\n"
+
+
+def verdict_sentence(result: ExperimentResult) -> str:
+    """The verdict in one sentence, as MLflow's experiment description opens with it."""
+    primary = result.primary_metric
+    control = next((variant for variant in result.variants if variant.control), None)
+    requests = sum(variant.requests for variant in result.variants)
+    if result.status == "srm":
+        return (
+            f"Sample-ratio mismatch (p={_p(result.srm.p_value)}): the assignment counts disagree with the "
+            "weights, so the results cannot be trusted until that is explained."
+        )
+    if result.status == "winner" and result.winner is not None:
+        best = result.variant(result.winner)
+        if best.control or control is None:
+            return f"Winner: {best.name}, the control: every other variant is significantly worse on {primary}."
+        main, base = best.metric(primary), control.metric(primary)
+        p_value = main.adjusted_p_value if main.adjusted_p_value is not None else main.p_value
+        return (
+            f"Winner: {best.name}: {primary} {_fmt(main.mean, 3)} against {_fmt(base.mean, 3)} for the control "
+            f"{control.name} ({_fmt(main.lift, 1, percent=True)}, p={_p(p_value)}), after {requests:,} requests."
+        )
+    if result.status == "no_difference":
+        return f"No difference: every variant is as good as the control {control.name if control else ''} on {primary}."
+    return f"Collecting: no variant differs significantly from the control on {primary} yet ({requests:,} requests so far)."

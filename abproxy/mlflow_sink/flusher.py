@@ -10,49 +10,29 @@ MLflow's client is synchronous; its calls run in a worker thread, never on the e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import store
 from abproxy.analysis.analyse import sequential_state_field
-from abproxy.catalog import Arm, Catalog, ExperimentPlan
-from abproxy.config import Config, redact_credentials
+from abproxy.catalog import Catalog, ExperimentPlan
+from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
-from abproxy.analysis.report import markdown
 from abproxy.analysis.live import Snapshot, experiment_results, take_snapshot
-from abproxy.stats.results import ExperimentResult, VariantResult, as_json
-
-if TYPE_CHECKING:
-    from mlflow.entities import Run
+from abproxy.mlflow_sink.writer import MlflowWriter
 
 log = logging.getLogger("abproxy.mlflow_sink.flusher")
 
 LOCK_TTL_MS = 5 * 60 * 1000
-MAX_PARAM_LENGTH = 6000
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-# Per-variant metrics logged every flush: (MLflow name, metric, statistic).
-_LOGGED = (
-    ("error_rate", "error_rate", "mean"),
-    ("latency_ms_mean", "latency_ms", "mean"),
-    ("latency_ms_p50", "latency_ms", "p50"),
-    ("latency_ms_p95", "latency_ms", "p95"),
-    ("ttft_ms_p50", "ttft_ms", "p50"),
-    ("response_chars_mean", "response_chars", "mean"),
-    ("total_tokens_mean", "total_tokens", "mean"),
-    ("cost_usd_mean", "cost_usd", "mean"),
-)
-
 
 class FlushBusy(Conflict):
     """Another flush holds the lock."""
@@ -70,61 +50,6 @@ class FlushReport:
         return {"step": self.step, "duration_s": round(self.duration_s, 3), "experiments": self.experiments}
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def variant_metrics(variant: VariantResult) -> dict[str, float]:
-    """The numbers of one variant as MLflow metric name → value."""
-    values: dict[str, Any] = {
-        "requests": variant.requests,
-        "errors": variant.errors,
-        "units": variant.units,
-        "prob_best": variant.prob_best,
-        "cost_usd_sum": variant.metric("cost_usd").sum,
-    }
-    for name, metric, statistic in _LOGGED:
-        values[name] = getattr(variant.metric(metric), statistic)
-    for metric, summary in variant.metrics.items():
-        if metric.startswith("feedback."):
-            values[f"{metric}.n"] = summary.n
-            values[f"{metric}.mean"] = summary.mean
-        if not variant.control:
-            values[f"{metric}.lift"] = summary.lift
-            values[f"{metric}.p_value"] = summary.p_value
-    return {name: float(value) for name, value in values.items() if _finite(value)}
-
-
-def _variant_params(arm: Arm, weight: float) -> dict[str, str]:
-    definition = arm.definition
-    params = {"model": definition.model or "", "upstream": arm.upstream, "weight": f"{weight:g}"}
-    for name, value in definition.params.items():
-        params[f"params.{name}"] = json.dumps(value) if not isinstance(value, str) else value
-    if definition.system_prompt is not None:
-        params["system_prompt"] = definition.system_prompt
-    if definition.user_template is not None:
-        params["user_template"] = definition.user_template
-    if definition.chat_template is not None:
-        params["messages"] = json.dumps([m.model_dump() for m in definition.chat_template], ensure_ascii=False)
-    for field_name, reference in definition.prompt_sources.items():
-        params[f"prompt_registry.{field_name}"] = reference
-    return {name: value[:MAX_PARAM_LENGTH] for name, value in params.items()}
-
-
-def _prompt_artifacts(arm: Arm) -> dict[str, str]:
-    definition = arm.definition
-    artifacts = {}
-    if definition.system_prompt is not None:
-        artifacts["prompt/system_prompt.txt"] = definition.system_prompt
-    if definition.user_template is not None:
-        artifacts["prompt/user_template.txt"] = definition.user_template
-    if definition.chat_template is not None:
-        artifacts["prompt/messages.json"] = json.dumps(
-            [m.model_dump() for m in definition.chat_template], ensure_ascii=False, indent=2
-        )
-    return artifacts
-
-
 def _as_domain_error(error: Exception) -> DomainError:
     """Why a flush wrote nothing, as the edge reports it: Redis, or else MLflow."""
     if isinstance(error, DomainError):
@@ -133,165 +58,6 @@ def _as_domain_error(error: Exception) -> DomainError:
         return StoreUnavailable("Redis is unavailable; retry later")
     detail = str(error).splitlines()[0][:200] if str(error) else ""
     return MlflowUnavailable(f"flush to MLflow failed: {type(error).__name__}: {detail}")
-
-
-class MlflowWriter:
-    """The synchronous MLflow side of a flush (run in a worker thread)."""
-
-    def __init__(self, tracking_uri: str):
-        from mlflow.tracking import MlflowClient
-
-        self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-
-    def _live_experiment(self, experiment_id: str, name: str) -> bool:
-        """Whether a cached experiment id is ``name`` in this store (restored if deleted)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            experiment = self.client.get_experiment(experiment_id)
-        except MlflowException:
-            return False
-        if experiment.name != name:
-            return False
-        if experiment.lifecycle_stage == "deleted":
-            self.client.restore_experiment(experiment_id)
-        return True
-
-    def _live_run(self, run_id: str, experiment_id: str) -> bool:
-        """Whether a cached run id is a run of this experiment in this store (restored if deleted)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        if run.info.experiment_id != experiment_id:
-            return False
-        if run.info.lifecycle_stage == "deleted":
-            self.client.restore_run(run_id)
-        return True
-
-    def _log_batch(self, run_id: str, experiment_id: str, **kwargs: Any) -> bool:
-        """log_batch; False when the run is gone (deleted for good, or of another store)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.log_batch(run_id, **kwargs)
-            return True
-        except MlflowException:
-            if not self._live_run(run_id, experiment_id):
-                return False
-            self.client.log_batch(run_id, **kwargs)
-            return True
-
-    def _experiment_id(self, name: str) -> str:
-        existing = self.client.get_experiment_by_name(name)
-        if existing is not None:
-            if existing.lifecycle_stage == "deleted":
-                self.client.restore_experiment(existing.experiment_id)
-            return existing.experiment_id
-        return self.client.create_experiment(name, tags={"abproxy.managed": "true"})
-
-    def _find_run(self, experiment_id: str, tag: str, value: str) -> Run | None:
-        """A run created by an earlier flush whose id never reached Redis (crash in between)."""
-        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
-        return found[0] if found else None
-
-    def write(self, plan: ExperimentPlan, result: ExperimentResult, runs: dict[str, str], step: int) -> dict[str, str]:
-        """Log one experiment at ``step``; returns the run ids to keep (new ones included)."""
-        from mlflow.entities import Metric, RunTag
-
-        runs = dict(runs)
-        now = int(time.time() * 1000)
-        mlflow_name = plan.settings.mlflow_experiment or plan.name
-        if runs.get("tracking_uri") != self.shown_uri:
-            runs = {"tracking_uri": self.shown_uri}  # ids of another store mean nothing here
-        if "experiment_id" in runs and not self._live_experiment(runs["experiment_id"], mlflow_name):
-            runs = {"tracking_uri": self.shown_uri}
-        if "experiment_id" not in runs:
-            runs["experiment_id"] = self._experiment_id(mlflow_name)
-        experiment_id = runs["experiment_id"]
-        winner = result.winner
-
-        summary_id = runs.get("summary")
-        if summary_id is not None and not self._live_run(summary_id, experiment_id):
-            summary_id = None
-        if summary_id is None:
-            found = self._find_run(experiment_id, "abproxy.summary_of", plan.name)
-            summary_id = found.info.run_id if found is not None else None
-        if summary_id is None:
-            summary_id = self.client.create_run(
-                experiment_id,
-                run_name="summary",
-                tags={"abproxy.role": "summary", "abproxy.experiment": plan.name, "abproxy.summary_of": plan.name},
-            ).info.run_id
-        runs["summary"] = summary_id
-
-        current = set()
-        for variant in result.variants:
-            arm = plan.arms[variant.name]
-            current.add(arm.arm_id)
-            run_id = runs.get(arm.arm_id) or self._variant_run(experiment_id, summary_id, plan, arm)
-            metrics = [Metric(name, value, now, step) for name, value in variant_metrics(variant).items()]
-            metrics.append(Metric("weight", variant.weight, now, step))
-            tags = [
-                RunTag("abproxy.winner", "true" if winner == variant.name else "false"),
-                RunTag("abproxy.status", result.status),
-            ]
-            if not self._log_batch(run_id, experiment_id, metrics=metrics, tags=tags):
-                run_id = self._variant_run(experiment_id, summary_id, plan, arm)
-                self.client.log_batch(run_id, metrics=metrics, tags=tags)
-            runs[arm.arm_id] = run_id
-
-        for key, run_id in runs.items():
-            if key not in current and key not in ("experiment_id", "summary", "tracking_uri"):
-                # An arm edited away keeps its run and data, but can no longer be the winner.
-                self._log_batch(
-                    run_id, experiment_id, tags=[RunTag("abproxy.winner", "false"), RunTag("abproxy.current", "false")]
-                )
-
-        summary_metrics = []
-        if _finite(result.srm.p_value):
-            summary_metrics.append(Metric("srm_p_value", float(result.srm.p_value), now, step))  # type: ignore[arg-type]
-        summary_tags = [RunTag("abproxy.status", result.status), RunTag("abproxy.winner", winner or "none")]
-        self.client.log_batch(summary_id, metrics=summary_metrics, tags=summary_tags)
-        self.client.log_text(summary_id, json.dumps(as_json(result), indent=2, ensure_ascii=False), "report.json")
-        self.client.log_text(summary_id, markdown(result), "report.md")
-        return runs
-
-    def _variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
-        """The arm's run when Redis holds no id for it: the one an earlier flush created, else a
-        new one. An earlier flush may have died between creating the run and logging its params
-        and prompts, so whatever of those is missing is logged now."""
-        from mlflow.entities import Param
-
-        found = self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
-        if found is not None:
-            run_id, logged = found.info.run_id, found.data.params
-        else:
-            run_id, logged = self._create_variant_run(experiment_id, summary_id, plan, arm), {}
-        # Only the missing ones: MLflow refuses to change a param, and the weight may have changed.
-        wanted = _variant_params(arm, arm.definition.weight)
-        params = [Param(name, value) for name, value in wanted.items() if name not in logged]
-        if params:
-            self.client.log_batch(run_id, params=params)
-        for path, text in _prompt_artifacts(arm).items():
-            self.client.log_text(run_id, text, path)
-        return run_id
-
-    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
-        tags = {
-            "abproxy.experiment": plan.name,
-            "abproxy.variant": arm.variant,
-            "abproxy.role": "variant",
-            "abproxy.control": "true" if arm.variant == plan.settings.control_name else "false",
-            "abproxy.variant_hash": arm.definition_hash,
-            "abproxy.arm": f"{plan.name}/{arm.arm_id}",
-            "abproxy.current": "true",
-            "mlflow.parentRunId": summary_id,
-        }
-        return self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id
 
 
 class Flusher:

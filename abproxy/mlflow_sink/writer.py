@@ -1,0 +1,354 @@
+"""The MLflow side of a flush: the layout a prompt engineer looks at (experiment, ``summary``
+run, one run and one LoggedModel per variant arm) and the numbers of one look written into it.
+
+Synchronous (MLflow's client is); the flusher runs it in a worker thread. Everything it creates
+is found again by tags when its id did not reach Redis (a crash between the two), so nothing is
+created twice. A run, a LoggedModel, the experiment's tags and its description are written only
+when what they show changed since the last flush: a digest of it is kept beside the ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from abproxy.analysis.report import markdown, verdict_sentence
+from abproxy.catalog import Arm, ExperimentPlan
+from abproxy.config import redact_credentials
+from abproxy.stats.results import ExperimentResult, VariantResult, as_json
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+MAX_PARAM_LENGTH = 6000
+DESCRIPTION = "mlflow.note.content"
+"""The tag MLflow shows as an experiment's or a run's description."""
+MODEL_TYPE = "prompt-variant"
+
+# Per-variant metrics logged at a step: (MLflow name, metric, statistic).
+_LOGGED = (
+    ("error_rate", "error_rate", "mean"),
+    ("latency_ms_mean", "latency_ms", "mean"),
+    ("latency_ms_p50", "latency_ms", "p50"),
+    ("latency_ms_p95", "latency_ms", "p95"),
+    ("ttft_ms_p50", "ttft_ms", "p50"),
+    ("response_chars_mean", "response_chars", "mean"),
+    ("total_tokens_mean", "total_tokens", "mean"),
+    ("cost_usd_mean", "cost_usd", "mean"),
+)
+_IDS = ("tracking_uri", "experiment_id", "summary")
+"""Keys of the runs hash that are not an arm's run id."""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def variant_metrics(variant: VariantResult) -> dict[str, float]:
+    """The numbers of one variant as MLflow metric name → value: the numbers the verdict used.
+    ``<metric>.p_value`` is the p-value that decided (Holm-adjusted on the primary metric,
+    always-valid when sequential), ``<metric>.p_value_raw`` the same before adjustment, and
+    ``ci_low``/``ci_high`` the interval of the difference to the control."""
+    values: dict[str, Any] = {
+        "requests": variant.requests,
+        "errors": variant.errors,
+        "units": variant.units,
+        "weight": variant.weight,
+        "prob_best": variant.prob_best,
+        "cost_usd_sum": variant.metric("cost_usd").sum,
+    }
+    for name, metric, statistic in _LOGGED:
+        values[name] = getattr(variant.metric(metric), statistic)
+    for metric, summary in variant.metrics.items():
+        if metric.startswith("feedback."):
+            values[f"{metric}.n"] = summary.n
+            values[f"{metric}.mean"] = summary.mean
+        if not variant.control:
+            decided = summary.adjusted_p_value if summary.adjusted_p_value is not None else summary.p_value
+            values[f"{metric}.lift"] = summary.lift
+            values[f"{metric}.p_value"] = decided
+            values[f"{metric}.p_value_raw"] = summary.p_value
+            if summary.difference_ci is not None:
+                values[f"{metric}.ci_low"], values[f"{metric}.ci_high"] = summary.difference_ci
+    return {name: float(value) for name, value in values.items() if _finite(value)}
+
+
+def arm_params(arm: Arm, *, weight: float | None = None) -> dict[str, str]:
+    """What defines an arm, as MLflow params: model, upstream, params, prompt fields."""
+    definition = arm.definition
+    params = {"model": definition.model or "", "upstream": arm.upstream}
+    if weight is not None:
+        params["weight"] = f"{weight:g}"
+    for name, value in definition.params.items():
+        params[f"params.{name}"] = json.dumps(value) if not isinstance(value, str) else value
+    if definition.system_prompt is not None:
+        params["system_prompt"] = definition.system_prompt
+    if definition.user_template is not None:
+        params["user_template"] = definition.user_template
+    if definition.chat_template is not None:
+        params["messages"] = json.dumps([m.model_dump() for m in definition.chat_template], ensure_ascii=False)
+    for field_name, reference in definition.prompt_sources.items():
+        params[f"prompt_registry.{field_name}"] = reference
+    return {name: value[:MAX_PARAM_LENGTH] for name, value in params.items()}
+
+
+def _prompt_artifacts(arm: Arm) -> dict[str, str]:
+    definition = arm.definition
+    artifacts = {}
+    if definition.system_prompt is not None:
+        artifacts["prompt/system_prompt.txt"] = definition.system_prompt
+    if definition.user_template is not None:
+        artifacts["prompt/user_template.txt"] = definition.user_template
+    if definition.chat_template is not None:
+        artifacts["prompt/messages.json"] = json.dumps(
+            [m.model_dump() for m in definition.chat_template], ensure_ascii=False, indent=2
+        )
+    return artifacts
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def description(result: ExperimentResult) -> str:
+    """The experiment's description in MLflow: the verdict in one sentence, then the table."""
+    return f"**{verdict_sentence(result)}**\n\n{markdown(result)}"
+
+
+class MlflowWriter:
+    """The synchronous MLflow side of a flush (run in a worker thread)."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    # -- finding what exists ------------------------------------------------------------------
+
+    def _live_experiment(self, experiment_id: str, name: str) -> bool:
+        """Whether a cached experiment id is ``name`` in this store (restored if deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = self.client.get_experiment(experiment_id)
+        except MlflowException:
+            return False
+        if experiment.name != name:
+            return False
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment_id)
+            return False  # its runs may have gone with it: everything is checked and written again
+        return True
+
+    def _live_run(self, run_id: str, experiment_id: str) -> bool:
+        """Whether a cached run id is a run of this experiment in this store (restored if deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.experiment_id != experiment_id:
+            return False
+        if run.info.lifecycle_stage == "deleted":
+            self.client.restore_run(run_id)
+        return True
+
+    def _log_batch(self, run_id: str, experiment_id: str, **kwargs: Any) -> bool:
+        """log_batch; False when the run is gone (deleted for good, or of another store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_batch(run_id, **kwargs)
+            return True
+        except MlflowException:
+            if not self._live_run(run_id, experiment_id):
+                return False
+            self.client.log_batch(run_id, **kwargs)
+            return True
+
+    def _experiment_id(self, name: str) -> str:
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                self.client.restore_experiment(existing.experiment_id)
+            return str(existing.experiment_id)
+        return str(self.client.create_experiment(name, tags={"abproxy.managed": "true"}))
+
+    def _find_run(self, experiment_id: str, tag: str, value: str) -> Run | None:
+        """A run created by an earlier flush whose id never reached Redis (crash in between)."""
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+        return found[0] if found else None
+
+    # -- one flush ----------------------------------------------------------------------------
+
+    def write(self, plan: ExperimentPlan, result: ExperimentResult, runs: dict[str, str], step: int) -> dict[str, str]:
+        """Log one experiment at ``step``; returns the ids and digests to keep (new ones included)."""
+        from mlflow.entities import Metric, RunTag
+
+        runs = dict(runs)
+        now = int(time.time() * 1000)
+        mlflow_name = plan.settings.mlflow_experiment or plan.name
+        if runs.get("tracking_uri") != self.shown_uri:
+            runs = {"tracking_uri": self.shown_uri}  # ids of another store mean nothing here
+        if "experiment_id" in runs and not self._live_experiment(runs["experiment_id"], mlflow_name):
+            runs = {"tracking_uri": self.shown_uri}
+        if "experiment_id" not in runs:
+            runs["experiment_id"] = self._experiment_id(mlflow_name)
+        experiment_id = runs["experiment_id"]
+        winner = result.winner
+        summary_id = self._summary_run(experiment_id, plan, runs)
+
+        current = set()
+        for variant in result.variants:
+            arm = plan.arms[variant.name]
+            current.add(arm.arm_id)
+            metrics = variant_metrics(variant)
+            is_winner = "true" if winner == variant.name else "false"
+            digest = _digest(metrics, is_winner)
+            run_id = runs.get(arm.arm_id)
+            if run_id is not None and runs.get(f"digest:{arm.arm_id}") == digest:
+                self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner)
+                continue  # nothing new to show: no new step
+            run_id = run_id or self._variant_run(experiment_id, summary_id, plan, arm)
+            logged = [Metric(name, value, now, step) for name, value in metrics.items()]
+            tags = [RunTag("abproxy.winner", is_winner)]
+            if not self._log_batch(run_id, experiment_id, metrics=logged, tags=tags):
+                run_id = self._variant_run(experiment_id, summary_id, plan, arm)
+                self.client.log_batch(run_id, metrics=logged, tags=tags)
+            runs[arm.arm_id] = run_id
+            runs[f"digest:{arm.arm_id}"] = digest
+            self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner)
+
+        for key, run_id in list(runs.items()):
+            if key in _IDS or ":" in key or key in current:
+                continue
+            if runs.get(f"digest:{key}") != "retired":
+                # An arm edited away keeps its run and data, but can no longer be the winner.
+                tags = [RunTag("abproxy.winner", "false"), RunTag("abproxy.current", "false")]
+                self._log_batch(run_id, experiment_id, tags=tags)
+                if f"model:{key}" in runs:
+                    self.client.set_logged_model_tags(runs[f"model:{key}"], {"abproxy.winner": "false", "abproxy.current": "false"})
+                runs[f"digest:{key}"] = "retired"
+
+        shown = as_json(result)
+        summary_digest = _digest(shown)
+        if runs.get("digest:summary") != summary_digest:
+            srm = result.srm.p_value
+            srm_metric = [Metric("srm_p_value", srm, now, step)] if srm is not None and _finite(srm) else []
+            verdict_tags = {"abproxy.status": result.status, "abproxy.winner": winner or "none", DESCRIPTION: description(result)}
+            self.client.log_batch(summary_id, metrics=srm_metric, tags=[RunTag(k, v) for k, v in verdict_tags.items()])
+            self.client.log_text(summary_id, json.dumps(shown, indent=2, ensure_ascii=False), "report.json")
+            self.client.log_text(summary_id, markdown(result), "report.md")
+            for key, value in verdict_tags.items():
+                self.client.set_experiment_tag(experiment_id, key, value)
+            runs["digest:summary"] = summary_digest
+        return runs
+
+    def _summary_run(self, experiment_id: str, plan: ExperimentPlan, runs: dict[str, str]) -> str:
+        summary_id = runs.get("summary")
+        if summary_id is not None and not self._live_run(summary_id, experiment_id):
+            summary_id = None
+        if summary_id is None:
+            found = self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+            summary_id = found.info.run_id if found is not None else None
+        if summary_id is None:
+            summary_id = self.client.create_run(
+                experiment_id,
+                run_name="summary",
+                tags={"abproxy.role": "summary", "abproxy.experiment": plan.name, "abproxy.summary_of": plan.name},
+            ).info.run_id
+        if runs.get("summary") != summary_id:
+            runs.pop("digest:summary", None)  # a new summary run: show the verdict on it
+        runs["summary"] = summary_id
+        return summary_id
+
+    def _variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+        """The arm's run when Redis holds no id for it: the one an earlier flush created, else a
+        new one. An earlier flush may have died between creating the run and logging its params
+        and prompts, so whatever of those is missing is logged now."""
+        from mlflow.entities import Param
+
+        found = self._find_run(experiment_id, "abproxy.arm", f"{plan.name}/{arm.arm_id}")
+        if found is not None:
+            run_id, logged = found.info.run_id, found.data.params
+        else:
+            run_id, logged = self._create_variant_run(experiment_id, summary_id, plan, arm), {}
+        # Only the missing ones: MLflow refuses to change a param, and the weight may have changed.
+        wanted = arm_params(arm, weight=arm.definition.weight)
+        params = [Param(name, value) for name, value in wanted.items() if name not in logged]
+        if params:
+            self.client.log_batch(run_id, params=params)
+        for path, text in _prompt_artifacts(arm).items():
+            self.client.log_text(run_id, text, path)
+        return run_id
+
+    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+        tags = {
+            "abproxy.experiment": plan.name,
+            "abproxy.variant": arm.variant,
+            "abproxy.role": "variant",
+            "abproxy.control": "true" if arm.variant == plan.settings.control_name else "false",
+            "abproxy.variant_hash": arm.definition_hash,
+            "abproxy.arm": f"{plan.name}/{arm.arm_id}",
+            "abproxy.current": "true",
+            "mlflow.parentRunId": summary_id,
+        }
+        return str(self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id)
+
+    # -- LoggedModels ---------------------------------------------------------------------------
+
+    def _arm_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm, run_id: str, runs: dict[str, str], is_winner: str) -> None:
+        """The arm as an MLflow LoggedModel (MLflow's "version" of a GenAI app), with its
+        params and its run as the source; its winner tag kept in step with the run's."""
+        key = f"model:{arm.arm_id}"
+        model_id = runs.get(key)
+        if model_id is None:
+            model_id = self._find_model(experiment_id, plan, arm) or self._create_model(experiment_id, plan, arm, run_id)
+            runs[key] = model_id
+        if runs.get(f"digest:{key}") != is_winner:
+            self.client.set_logged_model_tags(model_id, {"abproxy.winner": is_winner})
+            runs[f"digest:{key}"] = is_winner
+
+    def _find_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm) -> str | None:
+        found = self.client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"tags.`abproxy.arm` = '{plan.name}/{arm.arm_id}'", max_results=1
+        )
+        return str(found[0].model_id) if found else None
+
+    def _create_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm, run_id: str) -> str:
+        """As ``mlflow.create_external_model`` does, on this writer's own client (that function
+        uses the process-wide tracking URI): created, its MLmodel stub logged, marked READY."""
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.models.model import MLMODEL_FILE_NAME
+        from mlflow.models.utils import get_external_mlflow_model_spec
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+        tags = {
+            "abproxy.experiment": plan.name,
+            "abproxy.variant": arm.variant,
+            "abproxy.variant_hash": arm.definition_hash,
+            "abproxy.arm": f"{plan.name}/{arm.arm_id}",
+            "abproxy.current": "true",
+            "abproxy.winner": "false",
+            MLFLOW_MODEL_IS_EXTERNAL: "true",
+        }
+        model = self.client.create_logged_model(
+            experiment_id=experiment_id,
+            name=arm.variant,
+            source_run_id=run_id,
+            tags=tags,
+            params=arm_params(arm),
+            model_type=MODEL_TYPE,
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            get_external_mlflow_model_spec(model).save(str(Path(folder) / MLMODEL_FILE_NAME))
+            self.client.log_model_artifacts(model.model_id, folder)
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return str(model.model_id)
