@@ -20,6 +20,7 @@ from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.recording.feedback import FeedbackService
 from abproxy.mlflow_sink.flusher import Flusher
+from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
@@ -71,10 +72,12 @@ class ABProxyApp:
         redis: Redis | None = None,
         request_redis: Redis | None = None,
         recorder_options: Mapping[str, Any] | None = None,
+        trace_options: Mapping[str, Any] | None = None,
     ):
         """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
         results) default to clients of ``redis_url``; ``recorder_options`` go to the
-        :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``)."""
+        :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``), ``trace_options``
+        to the :class:`TraceWriter` (``interval_s``, ``max_queued``)."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
@@ -86,12 +89,33 @@ class ABProxyApp:
         self.redis = redis if redis is not None else open_redis(url)
         self.request_redis = request_redis if request_redis is not None else open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S)
         self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
-        self.recorder = Recorder(self.redis, config, self.catalog, self.metrics, **(recorder_options or {}))
+        mlflow_lock = asyncio.Lock()  # one MLflow writer at a time in this process (sqlite stores)
+        tracing = config.mlflow.trace_sample_rate > 0 and bool(self.catalog.plans)
+        self.traces = (
+            TraceWriter(self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock, **(trace_options or {}))
+            if tracing
+            else None
+        )
+        self.recorder = Recorder(
+            self.redis,
+            config,
+            self.catalog,
+            self.metrics,
+            trace_sink=self.traces.offer if self.traces else None,
+            **(recorder_options or {}),
+        )
         self.auth = Authorizer(config.server)
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
-        self.feedback = FeedbackService(self.request_redis, config, self.catalog, self.recorder.flush, self.metrics)
-        self.flusher = Flusher(self.redis, config, self.catalog, self.metrics)
-        self._periodic_flush: asyncio.Task[None] | None = None
+        self.feedback = FeedbackService(
+            self.request_redis,
+            config,
+            self.catalog,
+            self.recorder.flush,
+            self.metrics,
+            on_scored_trace=self.traces.offer_score if self.traces else None,
+        )
+        self.flusher = Flusher(self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock)
+        self._background: list[asyncio.Task[None]] = []
 
     async def startup(self) -> None:
         # Everything loaded so far lives as long as the process: keep it out of the cyclic
@@ -102,21 +126,26 @@ class ABProxyApp:
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         await self.upstreams.start()
         self.recorder.start()
+        loop = asyncio.get_running_loop()
         if self.config.mlflow.flush_interval_s > 0 and self.catalog.plans:
-            self._periodic_flush = asyncio.get_running_loop().create_task(self.flusher.run_periodically())
+            self._background.append(loop.create_task(self.flusher.run_periodically(), name="abproxy-flusher"))
+        if self.traces is not None:
+            self._background.append(loop.create_task(self.traces.run(), name="abproxy-traces"))
 
     async def shutdown(self) -> None:
-        if self._periodic_flush is not None:
+        for task in self._background:
             # Let a flush in progress release its lock before Redis is closed.
-            self._periodic_flush.cancel()
+            task.cancel()
             try:
-                await self._periodic_flush
+                await task
             except asyncio.CancelledError:
                 pass
         # Requests that outlived the grace period were cancelled just before this: each still
-        # hands its outcome to the recorder, which then drains.
+        # hands its outcome to the recorder, which then drains (sampled ones to the traces).
         await self.proxy.drained(timeout_s=5.0)
         await self.recorder.stop()
+        if self.traces is not None:
+            await self.traces.stop()
         await self.upstreams.close()
         await self.redis.aclose()
         await self.request_redis.aclose()

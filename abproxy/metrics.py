@@ -141,6 +141,17 @@ class ProxyMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.traces_dropped = Counter(
+            "abproxy_traces_dropped_total",
+            "Sampled requests not written to MLflow as traces, by reason (rate_limited, queue_full, mlflow_unavailable).",
+            ("reason",),
+            registry=registry,
+        )
+        self.assessments_dropped = Counter(
+            "abproxy_assessments_dropped_total",
+            "Feedback on traced requests not written to MLflow as assessments.",
+            registry=registry,
+        )
         self.flush_errors = Counter(
             "abproxy_flush_errors_total",
             "Flushes to MLflow that failed (retried at the next interval).",

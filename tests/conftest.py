@@ -124,6 +124,8 @@ def make_config(upstream_url: str, **overrides: Any) -> Config:
     }
     for key, value in overrides.items():
         data[key] = value
+    # No traces unless a test asks for them: writing them runs beside the flush it checks.
+    data["mlflow"] = {"trace_sample_rate": 0, **data.get("mlflow", {})}
     return parse_config(data, environ={})
 
 

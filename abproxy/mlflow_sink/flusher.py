@@ -68,13 +68,17 @@ class Flusher:
         catalog: Catalog,
         metrics: ProxyMetrics | None = None,
         writer_factory: Callable[[str], MlflowWriter] = MlflowWriter,
+        mlflow_lock: asyncio.Lock | None = None,
     ):
-        """``writer_factory`` builds the MLflow side from the tracking URI, on first use."""
+        """``writer_factory`` builds the MLflow side from the tracking URI, on first use;
+        ``mlflow_lock`` is held while writing (shared with the trace writer: a sqlite store
+        takes one writer at a time)."""
         self._redis = redis
         self._config = config
         self._catalog = catalog
         self._metrics = metrics
         self._writer_factory = writer_factory
+        self._mlflow_lock = mlflow_lock or asyncio.Lock()
         self._writer: MlflowWriter | None = None
 
     def _mlflow(self) -> MlflowWriter:
@@ -140,7 +144,8 @@ class Flusher:
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
         result = snapshot.result
         runs = await self._redis.hgetall(store.runs_key(plan.name))
-        updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
+        async with self._mlflow_lock:
+            updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its state is not kept", step)
             return {"status": result.status, "winner": result.winner, "kept": False}

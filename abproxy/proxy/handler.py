@@ -121,6 +121,7 @@ class Proxy:
         self._authorize = authorizer.client
         self._clock = clock
         self._max_body = config.server.max_body_bytes
+        self._trace_rate = config.mlflow.trace_sample_rate
         self._ids = RequestIds()
         self._random = random.random
         self.in_flight = 0
@@ -200,6 +201,9 @@ class Proxy:
             started_at=time.time(),
             route=route,
         )
+        if route is not None and self._trace_rate and self._random() < self._trace_rate:
+            outcome.trace_id = f"tr-{self._ids.next()}"  # chosen now: feedback may name it before it is written
+            outcome.sent_body = raw
         call = _Call(outcome, started, f"/{scope['path'][4:]}", raw, body.get("stream") is True, strip_usage, extra_headers)
         self.in_flight += 1
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from abproxy.catalog import Catalog
@@ -19,6 +20,15 @@ from abproxy.recording import store
 from abproxy.stats.histogram import bucket_of
 
 MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredTrace:
+    """A score posted for a request that was sampled as an MLflow trace."""
+
+    trace_id: str
+    name: str
+    score: float
 
 
 def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
@@ -45,13 +55,16 @@ class FeedbackService:
         catalog: Catalog,
         flush_pending: Callable[[], Awaitable[object]],
         metrics: ProxyMetrics,
+        on_scored_trace: Callable[[ScoredTrace], None] | None = None,
     ):
-        """``flush_pending`` writes the request records this replica still holds in memory."""
+        """``flush_pending`` writes the request records this replica still holds in memory;
+        ``on_scored_trace`` takes the scores of traced requests (it must not block)."""
         self._redis = redis
         self._config = config
         self._catalog = catalog
         self._flush_pending = flush_pending
         self._metrics = metrics
+        self._on_scored_trace = on_scored_trace
         self._script = store.Script(store.RECORD_FEEDBACK_LUA)
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +95,8 @@ class FeedbackService:
         with store.reachable():
             result = await self._apply(canonical_id, record, plan.per_unit, name, score)
         self._metrics.feedback.labels(record["e"], record["v"], name).inc()
+        if record.get("tr") and self._on_scored_trace is not None:
+            self._on_scored_trace(ScoredTrace(record["tr"], name, score))
         return {
             "status": "updated" if result == 2 else "recorded",
             "experiment": record["e"],

@@ -89,6 +89,8 @@ class ResponseFacts(NamedTuple):
     completion_tokens: int | None
     total_tokens: int | None
     response_id: str | None
+    text: str | None
+    """The generated text (kept only by reference: it is made anyway)."""
 
 
 def _count(value: Any) -> int | None:
@@ -145,9 +147,9 @@ def response_facts(outcome: Outcome) -> ResponseFacts:
         except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
-            return ResponseFacts(None, None, None, None, None, None)
+            return ResponseFacts(None, None, None, None, None, None, None)
         text = _json_response_text(outcome.endpoint, payload)
         usage = payload.get("usage")
         response_id = payload.get("id") if isinstance(payload.get("id"), str) and payload["id"] else None
     prompt, completion, total = _tokens(usage)
-    return ResponseFacts(len(text), len(text.split()), prompt, completion, total, response_id)
+    return ResponseFacts(len(text), len(text.split()), prompt, completion, total, response_id, text)

@@ -39,6 +39,10 @@ class Outcome:
     body: bytes | None = None
     stream_payloads: list[bytes] = field(default_factory=list)
     """A stream's events' data, interpreted by the recorder."""
+    trace_id: str | None = None
+    """Set when this request was sampled to become an MLflow trace."""
+    sent_body: bytes | None = None
+    """The body as sent upstream, kept only for a traced request."""
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -47,3 +51,32 @@ class Outcome:
     @property
     def failed(self) -> bool:
         return not self.cancelled and (self.status >= 400 or self.error_reason is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class TracedExchange:
+    """A sampled request and its answer, as the recorder hands it on to become an MLflow trace."""
+
+    trace_id: str
+    request_id: str
+    experiment: str
+    variant: str
+    arm: str
+    unit: str | None
+    forced: bool
+    endpoint: str
+    started_at: float
+    """Wall-clock seconds since the epoch."""
+    latency_s: float
+    status: int
+    failed: bool
+    error_reason: str | None
+    sent_body: bytes
+    """The request as sent upstream, the variant applied."""
+    answer: str | None
+    """The generated text (a stream's, assembled)."""
+    response_body: bytes | None
+    """A JSON response as the upstream sent it; None for a stream."""
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None

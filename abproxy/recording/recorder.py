@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 import functools
 import logging
 import secrets
@@ -28,7 +29,7 @@ from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.interpret import ResponseFacts, response_facts
-from abproxy.recording.outcome import Outcome
+from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
 
 log = logging.getLogger("abproxy.recording.recorder")
 
@@ -43,6 +44,31 @@ class _Batch:
     batch_id: str
     events: int
     payloads: dict[str, str]
+
+
+def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | None) -> TracedExchange:
+    assert outcome.trace_id is not None and outcome.sent_body is not None
+    return TracedExchange(
+        trace_id=outcome.trace_id,
+        request_id=outcome.request_id,
+        experiment=route.experiment,
+        variant=route.variant,
+        arm=route.arm,
+        unit=route.unit,
+        forced=route.forced,
+        endpoint=outcome.endpoint,
+        started_at=outcome.started_at,
+        latency_s=outcome.latency_s,
+        status=outcome.status,
+        failed=outcome.failed or outcome.cancelled,
+        error_reason=outcome.error_reason,
+        sent_body=outcome.sent_body,
+        answer=facts.text if facts else None,
+        response_body=None if outcome.streamed else outcome.body,
+        prompt_tokens=facts.prompt_tokens if facts else None,
+        completion_tokens=facts.completion_tokens if facts else None,
+        total_tokens=facts.total_tokens if facts else None,
+    )
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -119,7 +145,9 @@ class Recorder:
         interval_s: float = 0.2,
         max_batch: int = 1000,
         max_buffered: int = 100_000,
+        trace_sink: Callable[[TracedExchange], None] | None = None,
     ):
+        """``trace_sink`` takes the requests sampled to become MLflow traces (it must not block)."""
         # A batch is one Lua script, and Redis runs nothing else while it does: 1,000 outcomes
         # of a `unit: user` experiment hold it about 20-30 ms, 5,000 about 65-125 ms. Replaying
         # a backlog after an outage goes through the same cap.
@@ -130,6 +158,7 @@ class Recorder:
         self._interval_s = interval_s
         self._max_batch = max_batch
         self._max_buffered = max_buffered
+        self._trace_sink = trace_sink
         self._queue: collections.deque[Outcome] = collections.deque()
         self._pending: collections.deque[_Batch] = collections.deque()
         self._pending_events = 0
@@ -236,6 +265,8 @@ class Recorder:
             route = outcome.route
             if route is None:
                 continue
+            if outcome.trace_id is not None and self._trace_sink is not None:
+                self._trace_sink(_traced(outcome, route, facts))
             response_id = facts.response_id if facts else None
             unit = _unit_hash(route.unit) if route.unit is not None else None
             record = {
@@ -247,6 +278,8 @@ class Recorder:
                 "t": outcome.started_at,
                 "s": outcome.status,
             }
+            if outcome.trace_id is not None:
+                record["tr"] = outcome.trace_id  # feedback on it becomes the trace's assessment
             records.setdefault(route.experiment, []).append(
                 [
                     store.request_key(route.experiment, outcome.request_id),

@@ -1,0 +1,360 @@
+"""Sampled requests as MLflow traces, and feedback on them as MLflow assessments (SPEC §4a).
+
+The recorder hands each sampled request over (:meth:`TraceWriter.offer`, O(1), never blocks);
+every ``interval_s`` the writer writes what is queued, in a worker thread, in one batch per
+experiment: the spans in one call, then one trace record each. Nothing here touches a request:
+when MLflow is away or slow, or more is sampled than ``mlflow.max_traces_per_minute`` allows, or
+the queue is full, traces are dropped and counted (``abproxy_traces_dropped_total{reason}``).
+
+A trace waits until its experiment's MLflow layout exists (the flusher creates it at its first
+flush), so that it can be linked to its arm's LoggedModel. Trace ids are chosen when the request
+is sampled, so feedback can name the trace before it is written; an assessment waits for its
+trace the same way.
+
+MLflow's own tracing pipeline is process-wide (one tracking URI, one tracer provider); this
+writes through a tracing client of its own, so each experiment's store is the configured one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from abproxy.catalog import Catalog
+from abproxy.config import Config, redact_credentials
+from abproxy.metrics import ProxyMetrics
+from abproxy.recording import store
+from abproxy.recording.feedback import ScoredTrace
+from abproxy.recording.outcome import TracedExchange
+
+log = logging.getLogger("abproxy.mlflow_sink.traces")
+
+MAX_QUEUED = 2000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+"""Prompts can be long: the queue is bounded by bytes too."""
+MAX_ATTEMPTS = 5
+"""Writes an assessment is tried for (its trace may not be written yet)."""
+PREVIEW_CHARS = 1000
+
+_SPAN_TYPES = {"chat": "CHAT_MODEL", "responses": "CHAT_MODEL", "completions": "LLM"}
+_SPAN_NAMES = {"chat": "chat.completions", "responses": "responses", "completions": "completions"}
+
+
+class _Budget:
+    """A token bucket: ``per_minute`` traces, refilled continuously."""
+
+    def __init__(self, per_minute: int, clock: Any = time.monotonic):
+        self._capacity = float(per_minute)
+        self._tokens = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+@dataclass
+class _PendingScore:
+    score: ScoredTrace
+    attempts: int = 0
+
+
+class TraceWriter:
+    def __init__(
+        self,
+        redis: Any,
+        config: Config,
+        catalog: Catalog,
+        metrics: ProxyMetrics,
+        *,
+        interval_s: float = 2.0,
+        max_queued: int = MAX_QUEUED,
+        mlflow_lock: asyncio.Lock | None = None,
+    ):
+        """``mlflow_lock`` is held while writing (shared with the flusher)."""
+        self._redis = redis
+        self._config = config
+        self._catalog = catalog
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._max_queued = max_queued
+        self._mlflow_lock = mlflow_lock or asyncio.Lock()
+        self._budget = _Budget(config.mlflow.max_traces_per_minute)
+        self._traces: collections.deque[TracedExchange] = collections.deque()
+        self._queued_bytes = 0
+        self._scores: collections.deque[_PendingScore] = collections.deque()
+        self._client: Any = None
+        self._shown_uri = redact_credentials(config.mlflow.tracking_uri)
+        self.written = 0
+        """Traces written so far (for tests and logs)."""
+
+    # -- fed off the request path --------------------------------------------------------------
+
+    def offer(self, exchange: TracedExchange) -> None:
+        """Take a sampled request; never blocks, never raises."""
+        if not self._budget.take():
+            self._drop("rate_limited")
+        elif len(self._traces) >= self._max_queued or self._queued_bytes + len(exchange.sent_body) > MAX_QUEUED_BYTES:
+            self._drop("queue_full")
+        else:
+            self._traces.append(exchange)
+            self._queued_bytes += len(exchange.sent_body)
+
+    def offer_score(self, score: ScoredTrace) -> None:
+        if len(self._scores) >= self._max_queued:
+            self._metrics.assessments_dropped.inc()
+            return
+        self._scores.append(_PendingScore(score))
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self._metrics.traces_dropped.labels(reason).inc(count)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.write_pending()
+            except Exception as error:  # never let the loop die; what failed was counted
+                log.warning("writing traces to MLflow failed (%s: %s)", type(error).__name__, error)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued and ready, once, within ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.write_pending()
+        except Exception as error:
+            log.warning("traces left unwritten at shutdown (%s: %s)", type(error).__name__, error)
+
+    async def write_pending(self) -> int:
+        """Write every queued trace whose experiment is laid out in MLflow, then the scores of
+        written traces; returns how many traces were written."""
+        if not self._traces and not self._scores:
+            return 0
+        layouts = await self._layouts({t.experiment for t in self._traces})
+        ready: list[TracedExchange] = []
+        waiting: collections.deque[TracedExchange] = collections.deque()
+        for exchange in self._traces:
+            layout = layouts.get(exchange.experiment)
+            (ready if layout is not None and f"model:{exchange.arm}" in layout else waiting).append(exchange)
+        self._traces = waiting
+        self._queued_bytes = sum(len(t.sent_body) for t in waiting)
+        scores = list(self._scores)
+        self._scores.clear()
+        async with self._mlflow_lock:
+            written, retry = await asyncio.to_thread(self._write, ready, layouts, scores)
+        self.written += written
+        self._scores.extend(retry)
+        return written
+
+    async def _layouts(self, experiments: set[str]) -> dict[str, dict[str, str]]:
+        """The MLflow ids the flusher keeps in Redis, for experiments laid out in this store."""
+        layouts = {}
+        with store.reachable():
+            for name in experiments:
+                runs = await self._redis.hgetall(store.runs_key(name))
+                if runs.get("tracking_uri") == self._shown_uri and "experiment_id" in runs:
+                    layouts[name] = runs
+        return layouts
+
+    def _tracing(self) -> Any:
+        if self._client is None:
+            from mlflow.tracing.client import TracingClient
+
+            self._client = TracingClient(self._config.mlflow.tracking_uri)
+        return self._client
+
+    def _write(
+        self, ready: list[TracedExchange], layouts: dict[str, dict[str, str]], scores: list[_PendingScore]
+    ) -> tuple[int, list[_PendingScore]]:
+        written = 0
+        by_experiment: dict[str, list[TracedExchange]] = collections.defaultdict(list)
+        for exchange in ready:
+            by_experiment[exchange.experiment].append(exchange)
+        for experiment, exchanges in by_experiment.items():
+            layout = layouts[experiment]
+            try:
+                written += self._write_traces(layout["experiment_id"], exchanges, layout)
+            except Exception as error:
+                self._drop("mlflow_unavailable", len(exchanges))
+                log.warning("could not write %d trace(s) of %s to MLflow (%s: %s)", len(exchanges), experiment, type(error).__name__, error)
+        retry = []
+        for pending in scores:
+            try:
+                self._write_score(pending.score)
+            except Exception as error:
+                pending.attempts += 1
+                if pending.attempts < MAX_ATTEMPTS:
+                    retry.append(pending)  # its trace may still be waiting in the queue
+                else:
+                    self._metrics.assessments_dropped.inc()
+                    log.warning("feedback on trace %s not written to MLflow (%s)", pending.score.trace_id, type(error).__name__)
+        return written, retry
+
+    def _write_traces(self, experiment_id: str, exchanges: list[TracedExchange], layout: dict[str, str]) -> int:
+        client = self._tracing()
+        spans, infos = [], []
+        for exchange in exchanges:
+            span, info = trace_of(exchange, experiment_id, layout.get(f"model:{exchange.arm}"))
+            spans.append(span)
+            infos.append(info)
+        client.log_spans(experiment_id, spans)
+        for info in infos:
+            client.start_trace(info)
+        return len(infos)
+
+    def _write_score(self, score: ScoredTrace) -> None:
+        """The score as the trace's human feedback; a second score of the same name replaces it."""
+        from mlflow.entities import AssessmentSource
+        from mlflow.entities.assessment import Feedback
+
+        client = self._tracing()
+        info = client.get_trace_info(score.trace_id)
+        user = info.trace_metadata.get("mlflow.trace.user") or "anonymous"
+        feedback = Feedback(
+            name=score.name, value=score.score, source=AssessmentSource(source_type="HUMAN", source_id=user)
+        )
+        earlier = [
+            assessment
+            for assessment in info.assessments
+            if assessment.name == score.name and assessment.source.source_type == "HUMAN"
+        ]
+        if earlier:
+            client.update_assessment(score.trace_id, earlier[-1].assessment_id, feedback)
+        else:
+            client.log_assessment(score.trace_id, feedback)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _loads(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+
+
+def _outputs(exchange: TracedExchange) -> Any:
+    """What the answer looks like in MLflow's trace view: the upstream's own JSON, or for a
+    stream the assembled answer in the same shape."""
+    if exchange.response_body is not None:
+        return _loads(exchange.response_body)
+    if exchange.answer is None:
+        return None
+    if exchange.endpoint == "chat":
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": exchange.answer}}]}
+    return exchange.answer
+
+
+def trace_of(exchange: TracedExchange, experiment_id: str, model_id: str | None) -> tuple[Any, Any]:
+    """One span and its trace record, in MLflow's V3 trace schema."""
+    from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
+
+    inputs = _loads(exchange.sent_body)
+    outputs = _outputs(exchange)
+    start_ns = int(exchange.started_at * 1e9)
+    duration_ms = max(0, int(exchange.latency_s * 1000))
+    trace_hex = exchange.trace_id.removeprefix("tr-")
+    usage = {
+        key: value
+        for key, value in (
+            ("input_tokens", exchange.prompt_tokens),
+            ("output_tokens", exchange.completion_tokens),
+            ("total_tokens", exchange.total_tokens),
+        )
+        if value is not None
+    }
+    attributes = {
+        "mlflow.traceRequestId": json.dumps(exchange.trace_id),
+        "mlflow.spanType": json.dumps(_SPAN_TYPES[exchange.endpoint]),
+        "mlflow.spanInputs": json.dumps(inputs, ensure_ascii=False),
+        "mlflow.spanOutputs": json.dumps(outputs, ensure_ascii=False),
+        "abproxy.status": json.dumps(exchange.status),
+    }
+    if usage:
+        attributes["mlflow.chat.tokenUsage"] = json.dumps(usage)
+    if exchange.error_reason:
+        attributes["abproxy.error_reason"] = json.dumps(exchange.error_reason)
+    name = _SPAN_NAMES[exchange.endpoint]
+    span = Span.from_dict(
+        {
+            "trace_id": _b64(bytes.fromhex(trace_hex)),
+            "span_id": _b64(bytes.fromhex(trace_hex[:16])),
+            "parent_span_id": None,
+            "name": name,
+            "start_time_unix_nano": start_ns,
+            "end_time_unix_nano": start_ns + duration_ms * 1_000_000,
+            "events": [],
+            "status": {
+                "code": "STATUS_CODE_ERROR" if exchange.failed else "STATUS_CODE_OK",
+                "message": exchange.error_reason or "",
+            },
+            "attributes": attributes,
+            "links": [],
+        }
+    )
+    metadata = {
+        "mlflow.trace_schema.version": "3",
+        "mlflow.traceInputs": json.dumps(inputs, ensure_ascii=False)[:PREVIEW_CHARS],
+        "mlflow.traceOutputs": json.dumps(outputs, ensure_ascii=False)[:PREVIEW_CHARS],
+    }
+    if usage:
+        metadata["mlflow.trace.tokenUsage"] = json.dumps(usage)
+    if exchange.unit is not None:
+        metadata["mlflow.trace.user"] = exchange.unit
+    if model_id is not None:
+        metadata["mlflow.modelId"] = model_id
+    info = TraceInfo(
+        trace_id=exchange.trace_id,
+        trace_location=TraceLocation.from_experiment_id(experiment_id),
+        request_time=start_ns // 1_000_000,
+        state=TraceState.ERROR if exchange.failed else TraceState.OK,
+        execution_duration=duration_ms,
+        request_preview=_preview(inputs),
+        response_preview=(exchange.answer or "")[:PREVIEW_CHARS] or None,
+        trace_metadata=metadata,
+        tags={
+            "mlflow.traceName": name,
+            "abproxy.experiment": exchange.experiment,
+            "abproxy.variant": exchange.variant,
+            "abproxy.arm": exchange.arm,
+            "abproxy.request_id": exchange.request_id,
+            **({"abproxy.forced": "true"} if exchange.forced else {}),
+        },
+    )
+    return span, info
+
+
+def _preview(inputs: Any) -> str | None:
+    """The last user message, as MLflow's trace list shows a request."""
+    if isinstance(inputs, dict):
+        messages = inputs.get("messages")
+        if isinstance(messages, list):
+            for message in reversed(messages):
+                if isinstance(message, dict) and message.get("role") == "user":
+                    content = message.get("content")
+                    return (content if isinstance(content, str) else json.dumps(content))[:PREVIEW_CHARS]
+        for key in ("input", "prompt"):
+            if isinstance(inputs.get(key), str):
+                return str(inputs[key])[:PREVIEW_CHARS]
+    return None

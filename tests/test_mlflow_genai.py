@@ -1,0 +1,235 @@
+"""What a prompt engineer finds in MLflow 3's pages after a flush, read back through MLflow's own
+client: the verdict at a glance (experiment tags and description), one LoggedModel per arm,
+sampled requests as traces per variant, feedback on them as assessments, the numbers the verdict
+used, and no new step when nothing changed. Real MLflow stores (sqlite; an ``mlflow server`` in
+the slow lane), real Redis, the real openai SDK."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from flushkit import EXP, MlflowServer, drive, flush, history, live, search
+from helpers import http_json, metrics_text, sample, wait_until
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+from conftest import BASE_EXPERIMENTS, make_config
+
+
+@pytest.fixture
+def uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def traced_config(upstream_url: str, uri: str, rate: float = 1.0, **overrides: Any) -> Any:
+    mlflow = {"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": rate}
+    return make_config(upstream_url, mlflow=mlflow, **overrides)
+
+
+def traced_proxy(start_proxy: Any, upstream_url: str, uri: str, **overrides: Any) -> Any:
+    return start_proxy(traced_config(upstream_url, uri, **overrides), app_options={"trace_options": {"interval_s": 0.1}})
+
+
+def experiment_id(uri: str, name: str = EXP) -> str:
+    experiment = MlflowClient(uri).get_experiment_by_name(name)
+    assert experiment is not None
+    return str(experiment.experiment_id)
+
+
+def traces(uri: str, filter_string: str | None = None) -> list[Any]:
+    """The traces written whole (spans and trace record are two writes; a look may fall between)."""
+    found = MlflowClient(uri).search_traces(locations=[experiment_id(uri)], filter_string=filter_string)
+    return [trace for trace in found if "abproxy.request_id" in trace.info.tags]
+
+
+@pytest.mark.slow
+def test_the_verdict_is_on_the_experiment_and_each_arm_is_a_logged_model(start_proxy: Any, upstream_url: str, uri: str) -> None:
+    proxy = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0}))
+    drive(proxy, {"basic": 40, "professional": 40}, "glance")
+    status, body = flush(proxy)
+    assert status == 200, body
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(experiment_id(uri))
+    assert experiment.tags["abproxy.status"] == "winner"
+    assert experiment.tags["abproxy.winner"] == "professional"
+    note = experiment.tags["mlflow.note.content"]
+    assert note.startswith("**Winner: professional: feedback.satisfaction")
+    assert "| professional * |" in note and "| basic (control) |" in note  # the comparison table below it
+
+    runs = {run.info.run_name: run for run in search(uri)}
+    assert runs["summary"].data.tags["mlflow.note.content"] == note
+    # each variant run carries its own verdict only: no experiment-wide status on a losing row
+    assert "abproxy.status" not in runs["basic"].data.tags
+    assert runs["basic"].data.tags["abproxy.winner"] == "false"
+    assert runs["professional"].data.tags["abproxy.winner"] == "true"
+
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert sorted(model.name for model in models) == ["basic", "professional"]
+    by_name = {model.name: model for model in models}
+    professional = by_name["professional"]
+    assert professional.tags["abproxy.winner"] == "true" and by_name["basic"].tags["abproxy.winner"] == "false"
+    assert professional.tags["abproxy.experiment"] == EXP
+    assert professional.tags["abproxy.variant_hash"] == proxy.app.catalog.plans[EXP].arms["professional"].definition_hash
+    assert professional.source_run_id == runs["professional"].info.run_id
+    assert professional.params["system_prompt"] == BASE_EXPERIMENTS[EXP]["variants"]["professional"]["system_prompt"]
+    assert professional.params["model"] == "gpt-4o-mini"
+    assert professional.status == LoggedModelStatus.READY
+
+
+@pytest.mark.slow
+def test_mlflow_shows_the_p_values_the_verdict_used_and_no_step_without_news(start_proxy: Any, upstream_url: str, uri: str) -> None:
+    proxy = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0}))
+    drive(proxy, {"basic": 40, "professional": 40}, "numbers")
+    status, first = flush(proxy)
+    assert status == 200, first
+    result = live(proxy)
+    primary = next(v for v in result["variants"] if v["name"] == "professional")["metrics"]["feedback.satisfaction"]
+    run_id = first["experiments"][EXP]["runs"]["professional"]
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["feedback.satisfaction.p_value"] == pytest.approx(primary["adjusted_p_value"], rel=1e-6)
+    assert metrics["feedback.satisfaction.p_value_raw"] == pytest.approx(primary["p_value"], rel=1e-6)
+    assert [metrics["feedback.satisfaction.ci_low"], metrics["feedback.satisfaction.ci_high"]] == pytest.approx(
+        primary["difference_ci"], rel=1e-6
+    )
+
+    status, again = flush(proxy)  # nothing new since: no new step on any run
+    assert status == 200, again
+    summary = first["experiments"][EXP]["summary_run_id"]
+    for run in (run_id, first["experiments"][EXP]["runs"]["basic"], summary):
+        metric = "srm_p_value" if run == summary else "requests"
+        assert [step for step, _ in history(uri, run, metric)] == [first["step"]]
+
+    drive(proxy, {"basic": 1}, "numbers-more")  # news again: a new step
+    status, third = flush(proxy)
+    assert status == 200, third
+    # professional's own count did not move, but its comparison with the control did
+    assert [s for s, _ in history(uri, run_id, "feedback.satisfaction.p_value")] == [first["step"], third["step"]]
+
+
+@pytest.mark.slow
+def test_sampled_requests_become_traces_per_variant_with_feedback_as_assessments(
+    start_proxy: Any, upstream_url: str, uri: str
+) -> None:
+    proxy = traced_proxy(start_proxy, upstream_url, uri)
+    client = proxy.client()
+    raws = {}
+    for user in ("ann", "bob", "cy", "dee", "eve", "fay"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="translation", messages=[{"role": "user", "content": f"Good morning, {user}."}], user=user
+        )
+        raws[user] = raw
+    stream = client.chat.completions.create(
+        model="translation", messages=[{"role": "user", "content": "A streamed sentence."}], user="ann", stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(
+            model="translation", messages=[{"role": "user", "content": "fails"}], user="bob", extra_headers={"x-fake-status": "500"}
+        )
+    proxy.settle()
+    assert flush(proxy)[0] == 200  # lays the experiment out; the traces were waiting for it
+    wait_until(lambda: len(traces(uri)) == 8, timeout=30)
+
+    by_request = {t.info.tags["abproxy.request_id"]: t for t in traces(uri)}
+    for user, raw in raws.items():
+        trace = by_request[raw.headers["x-abproxy-request-id"]]
+        variant = raw.headers["x-abproxy-variant"]
+        assert trace.info.tags["abproxy.variant"] == variant and trace.info.tags["abproxy.experiment"] == EXP
+        assert trace.info.trace_metadata["mlflow.trace.user"] == user
+        assert trace.info.state.value == "OK"
+        span = trace.data.spans[0]
+        sent = span.inputs["messages"]
+        template = BASE_EXPERIMENTS[EXP]["variants"][variant]
+        if "system_prompt" in template:
+            assert sent[0] == {"role": "system", "content": template["system_prompt"]}  # as sent upstream
+        assert span.outputs["choices"][0]["message"]["content"] == raw.parse().choices[0].message.content
+        model_id = trace.info.trace_metadata["mlflow.modelId"]
+        assert MlflowClient(uri).get_logged_model(model_id).name == variant
+    streamed_trace = next(t for t in traces(uri) if t.data.spans[0].inputs.get("stream"))
+    assert streamed_trace.data.spans[0].outputs["choices"][0]["message"]["content"] == streamed
+    failed = [t for t in traces(uri) if t.info.state.value == "ERROR"]
+    assert len(failed) == 1
+
+    variants = {raw.headers["x-abproxy-variant"] for raw in raws.values()}
+    for variant in variants:  # a variant's samples, as the Traces page filters them
+        found = traces(uri, f"tags.`abproxy.variant` = '{variant}'")
+        assert found and all(t.info.tags["abproxy.variant"] == variant for t in found)
+
+    rated = raws["cy"].headers["x-abproxy-request-id"]
+    for score in (2, 5):  # the second score replaces the first, in the statistics and on the trace
+        status, body = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": rated, "name": "satisfaction", "score": score})
+        assert status == 200, body
+
+    def assessed() -> Any:
+        found = MlflowClient(uri).get_trace(by_request[rated].info.trace_id).info.assessments
+        return found if found and found[-1].value == 5 else None
+
+    assessments = wait_until(assessed, timeout=30)
+    assert [(a.name, a.value, a.source.source_type, a.source.source_id) for a in assessments] == [
+        ("satisfaction", 5, "HUMAN", "cy")
+    ]
+
+
+def test_traces_are_sampled_and_bounded_per_minute(start_proxy: Any, upstream_url: str, uri: str) -> None:
+    mlflow = {"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": 1.0, "max_traces_per_minute": 5}
+    proxy = start_proxy(make_config(upstream_url, mlflow=mlflow), app_options={"trace_options": {"interval_s": 0.1}})
+    client = proxy.client()
+    for i in range(12):
+        client.chat.completions.create(model="translation", messages=[{"role": "user", "content": f"n{i}"}], user=f"u{i}")
+    proxy.settle()
+    assert flush(proxy)[0] == 200
+    wait_until(lambda: len(traces(uri)) >= 5, timeout=30)
+    assert len(traces(uri)) == 5
+    assert sample(metrics_text(proxy.url), "abproxy_traces_dropped_total", reason="rate_limited") == 7
+
+    untraced = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": 0}))
+    assert untraced.app.traces is None  # 0 turns tracing off: no writer, nothing kept per request
+
+
+@pytest.mark.slow
+def test_traces_are_dropped_and_counted_when_mlflow_is_away_and_requests_never_wait(
+    start_proxy: Any, upstream_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    proxy = traced_proxy(start_proxy, upstream_url, server.url)
+    client = proxy.client()
+    client.chat.completions.create(model="translation", messages=[{"role": "user", "content": "first"}], user="u1")
+    proxy.settle()
+    assert flush(proxy)[0] == 200
+    wait_until(lambda: len(traces(server.url)) == 1, timeout=30)
+    server.kill()
+    for i in range(5):  # answered as usual while MLflow is down
+        assert client.chat.completions.create(model="translation", messages=[{"role": "user", "content": f"m{i}"}], user=f"v{i}")
+    proxy.settle()
+    wait_until(lambda: sample(metrics_text(proxy.url), "abproxy_traces_dropped_total", reason="mlflow_unavailable") == 5, timeout=60)
+
+
+@pytest.mark.slow
+def test_traces_and_models_through_an_mlflow_server(start_proxy: Any, upstream_url: str, tmp_path: Path) -> None:
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        experiments = copy.deepcopy(BASE_EXPERIMENTS)
+        proxy = traced_proxy(start_proxy, upstream_url, server.url, experiments=experiments)
+        drive(proxy, {"basic": 3, "professional": 3}, "server")
+        assert flush(proxy)[0] == 200
+        wait_until(lambda: len(traces(server.url)) == 6, timeout=60)
+        assert len(traces(server.url, "tags.`abproxy.variant` = 'professional'")) == 3
+        models = MlflowClient(server.url).search_logged_models(experiment_ids=[experiment_id(server.url)])
+        assert sorted(m.name for m in models) == ["basic", "professional"]
+
+        def scored() -> bool:
+            return all(t.info.assessments for t in traces(server.url))
+
+        wait_until(scored, timeout=60)  # every request in drive() was rated
+    finally:
+        server.kill()
