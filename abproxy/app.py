@@ -16,10 +16,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from abproxy.proxy.auth import Authorizer
+from abproxy.proxy.promotions import Promotions
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.recording.feedback import FeedbackService
 from abproxy.mlflow_sink.flusher import Flusher
+from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
@@ -105,7 +107,8 @@ class ABProxyApp:
             **(recorder_options or {}),
         )
         self.auth = Authorizer(config.server)
-        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth)
+        self.promotions = Promotions(self.catalog.plans)
+        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.promotions)
         self.feedback = FeedbackService(
             self.request_redis,
             config,
@@ -131,6 +134,8 @@ class ABProxyApp:
             self._background.append(loop.create_task(self.flusher.run_periodically(), name="abproxy-flusher"))
         if self.traces is not None:
             self._background.append(loop.create_task(self.traces.run(), name="abproxy-traces"))
+        if self.catalog.plans:
+            self._background.append(loop.create_task(self.promotions.watch(self.redis), name="abproxy-promotions"))
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -220,6 +225,8 @@ class ABProxyApp:
         if path == "/abproxy/experiments" and method == "GET":
             results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
             await send_json(send, 200, {"experiments": [as_json(result) for result in results]})
+        elif path.startswith("/abproxy/experiments/") and path.endswith("/promote") and method in ("POST", "DELETE"):
+            await self._promote(path.removeprefix("/abproxy/experiments/").removesuffix("/promote"), scope, receive, send)
         elif path.startswith("/abproxy/experiments/") and method == "GET":
             name = path.removeprefix("/abproxy/experiments/")
             plan = self.catalog.plans.get(name)
@@ -233,6 +240,26 @@ class ABProxyApp:
             await send_json(send, 200, report.as_json())
         else:
             raise HTTPError(404, f"no route for {method} {path}", "not_found")
+
+    async def _promote(self, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        plan = self.catalog.plans.get(name)
+        if plan is None:
+            raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
+        if scope["method"] == "DELETE":
+            await undo(self.redis, plan)
+            self.promotions.set(plan.name, None)
+            await send_json(send, 200, {"experiment": plan.name, "promoted": None})
+            return
+        raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
+        body = parse_json_object(raw) if raw else {}
+        variant, alias = body.get("variant"), body.get("alias", DEFAULT_ALIAS)
+        if variant is not None and not isinstance(variant, str):
+            raise HTTPError(400, "'variant' must be a string", "invalid_request", param="variant")
+        if not isinstance(alias, str) or not alias:
+            raise HTTPError(400, "'alias' must be a non-empty string", "invalid_request", param="alias")
+        promotion = await promote(self.redis, self.config, plan, variant, alias)
+        self.promotions.set(plan.name, promotion.variant)
+        await send_json(send, 200, promotion.as_json())
 
     async def _ready(self, send: Any) -> None:
         try:

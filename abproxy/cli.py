@@ -186,6 +186,32 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return _with_redis(config, work)
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from abproxy.catalog import Catalog
+    from abproxy.mlflow_sink.promote import promote, undo
+
+    config = _load(args.config)
+    _mlflow_fails_fast()
+    plan = Catalog(config).plans.get(args.experiment)
+    if plan is None:
+        print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(config.experiments) or '-'}", file=sys.stderr)
+        return 1
+
+    async def work(redis: Any) -> int:
+        if args.undo:
+            await undo(redis, plan)
+            print(f"{plan.name}: promotion undone; new traffic is assigned over the weights again")
+            return 0
+        promotion = await promote(redis, config, plan, args.variant, args.alias)
+        print(
+            f"{plan.name}: promoted {promotion.variant}: every replica now serves it to all new traffic.\n"
+            f"Prompt Registry: {promotion.prompt_uri} (version {promotion.version}) in {config.mlflow.shown_tracking_uri}"
+        )
+        return 0
+
+    return _with_redis(config, work)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from abproxy.catalog import Catalog
     from abproxy.analysis.report import terminal
@@ -258,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo keeps its config, Redis data and MLflow store: a new or empty folder, or an earlier demo's",
     )
     demo.set_defaults(handler=cmd_demo)
+
+    promote = verbs.add_parser("promote", help="serve a variant (default: the winner) to all traffic, and register it")
+    promote.add_argument("experiment")
+    promote.add_argument("variant", nargs="?", help="default: the declared winner")
+    promote.add_argument("--config")
+    promote.add_argument("--alias", default="production", help="Prompt Registry alias (default production)")
+    promote.add_argument("--undo", action="store_true", help="remove the promotion")
+    promote.set_defaults(handler=cmd_promote)
 
     check = verbs.add_parser("check-config", help="validate a config file")
     check.add_argument("file", nargs="?")

@@ -124,7 +124,13 @@ def metric_summary(
     )
 
 
-def summarise(plan: ExperimentPlan, config: Config, counters: Mapping[str, ArmCounters], analysis: Analysis) -> ExperimentResult:
+def summarise(
+    plan: ExperimentPlan,
+    config: Config,
+    counters: Mapping[str, ArmCounters],
+    analysis: Analysis,
+    promoted: str | None = None,
+) -> ExperimentResult:
     """The typed results of one look: every variant's numbers beside the verdict."""
     settings, verdict = plan.settings, analysis.verdict
     total_weight = sum(v.weight for v in settings.variants.values())
@@ -166,4 +172,5 @@ def summarise(plan: ExperimentPlan, config: Config, counters: Mapping[str, ArmCo
         alpha=config.stats.alpha,
         srm=SampleRatio(srm, None if srm is None else srm >= SRM_THRESHOLD),
         variants=tuple(variants),
+        promoted=promoted,
     )

@@ -29,8 +29,9 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
     with store.reachable():
         counters, state = await store.read_experiment(redis, plan.name, arm_ids)
+        promoted = (await store.read_promotions(redis, [plan.name])).get(plan.name)
     analysis = analyse(plan, config, counters, state)
-    return Snapshot(plan, counters, analysis, state, summarise(plan, config, counters, analysis))
+    return Snapshot(plan, counters, analysis, state, summarise(plan, config, counters, analysis, promoted))
 
 
 async def experiment_results(redis: Any, config: Config, plan: ExperimentPlan) -> ExperimentResult:

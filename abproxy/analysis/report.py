@@ -73,8 +73,9 @@ def headline(result: ExperimentResult) -> str:
     srm = result.srm.p_value
     srm_text = f"SRM p={_p(srm)}" if srm is not None else "SRM: not enough data"
     test = "always-valid (sequential)" if result.sequential else "fixed-horizon Welch"
+    promoted = f", promoted={result.promoted} (serving all new traffic)" if result.promoted else ""
     return (
-        f"{result.experiment}: status={result.status}, winner={result.winner or 'none'} "
+        f"{result.experiment}: status={result.status}, winner={result.winner or 'none'}{promoted} "
         f"(primary {result.primary_metric}, {test} p-values, unit={result.unit}, {srm_text})"
     )
 

@@ -15,6 +15,7 @@ import orjson
 
 from abproxy.proxy import variants
 from abproxy.proxy.auth import Authorizer
+from abproxy.proxy.promotions import Promotions
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.http import (
@@ -112,6 +113,7 @@ class Proxy:
         upstreams: Upstreams,
         recorder: Recorder,
         authorizer: Authorizer,
+        promotions: Promotions | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         self._config = config
@@ -119,6 +121,7 @@ class Proxy:
         self._upstreams = upstreams
         self._recorder = recorder
         self._authorize = authorizer.client
+        self._promotions = promotions or Promotions(())
         self._clock = clock
         self._max_body = config.server.max_body_bytes
         self._trace_rate = config.mlflow.trace_sample_rate
@@ -151,6 +154,9 @@ class Proxy:
             if forced not in plan.arms:
                 raise HTTPError(400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found")
             variant = forced
+        elif (promoted := self._promotions.variant_for(plan.name)) in plan.arms:
+            # The test is over: everyone gets the promoted variant, counted in Prometheus only.
+            return ExperimentRoute(plan.name, promoted, plan.arms[promoted].arm_id, unit, True)
         elif unit is not None:
             variant = plan.allocation.choose(unit)
         else:

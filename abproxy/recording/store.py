@@ -61,6 +61,11 @@ def sequential_key(experiment: str) -> str:
     return f"{experiment_tag(experiment)}:seq"
 
 
+def promoted_key(experiment: str) -> str:
+    """The variant ``abproxy promote`` made every replica serve to all new traffic."""
+    return f"{experiment_tag(experiment)}:promoted"
+
+
 def runs_key(experiment: str) -> str:
     """MLflow ids: ``experiment_id``, ``summary`` and one run id per arm."""
     return f"{experiment_tag(experiment)}:runs"
@@ -358,6 +363,14 @@ async def read_experiment(redis: Any, experiment: str, arms: list[str]) -> tuple
     counters = {arm: parse_arm(arm, replies[2 * i], replies[2 * i + 1]) for i, arm in enumerate(arms)}
     return counters, replies[-1]
 
+
+async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
+    """Experiment → promoted variant, for the experiments that have one."""
+    pipe = redis.pipeline(transaction=False)
+    for experiment in experiments:
+        pipe.get(promoted_key(experiment))
+    replies = await pipe.execute()
+    return {experiment: variant for experiment, variant in zip(experiments, replies, strict=True) if variant}
 
 
 T = TypeVar("T")

@@ -219,7 +219,9 @@ def run_demo(requests: int, seed: int, keep: bool, directory: Path, time_scale: 
         print(f"proxy at {proxy.url}/v1 — {requests} requests from simulated users (experiments: "
               f"{', '.join(config.experiments)})")
         progress = asyncio.run(simulate_users(proxy.url, requests, users=max(60, requests // 8), seed=seed))
-        _print_results(app, _final_flush(proxy.url))
+        flushed = _final_flush(proxy.url)
+        _print_results(app, flushed)
+        _promote_winners(proxy.url, flushed)
         print(f"{progress.done} requests ({progress.failed} simulated upstream errors) in "
               f"{time.monotonic() - started:.1f} s.\n")
         _print_where_to_look(folder, keep)
@@ -251,6 +253,22 @@ def _print_results(app: ABProxyApp, flushed: dict[str, Any]) -> None:
     for name, outcome in flushed["experiments"].items():
         print(f"  {name:14s} {outcome['winner'] or 'none yet'} ({outcome['status']})")
     print()
+
+
+def _promote_winners(proxy_url: str, flushed: dict[str, Any]) -> None:
+    """What a prompt engineer does next: ``abproxy promote`` each experiment that has a winner."""
+    promoted = []
+    for name, outcome in flushed["experiments"].items():
+        if outcome.get("status") != "winner":
+            continue
+        request = urllib.request.Request(f"{proxy_url}/abproxy/experiments/{name}/promote", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            promoted.append(orjson.loads(response.read()))
+    if promoted:
+        print("Promoted (every replica now serves the winner; apps can load it from the Prompt Registry):")
+        for promotion in promoted:
+            print(f"  {promotion['experiment']:14s} {promotion['promoted']:18s} {promotion['prompt_uri']}")
+        print()
 
 
 def _print_where_to_look(folder: Path, keep: bool) -> None:

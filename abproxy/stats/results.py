@@ -77,6 +77,8 @@ class ExperimentResult:
     alpha: float
     srm: SampleRatio
     variants: tuple[VariantResult, ...]
+    promoted: str | None = None
+    """The variant ``abproxy promote`` made every replica serve: the test is over."""
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)
