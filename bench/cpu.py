@@ -1,11 +1,13 @@
 """CPU time per proxied request: steadier than req/s on a machine whose speed drifts.
 
-    python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--rounds 3] [--compare DIR ...]
+    python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--rounds 3] [--compare DIR ...] [--traces]
 
 Under the same wrk load, reads how much CPU each proxy process (and abproxy's embedded Redis)
 used, from /proc, and divides by the requests wrk completed. ``--compare DIR`` adds abproxy run
 from another checkout (e.g. a git worktree of an older commit), so a change is measured against
-what it changed, on the same machine in the same minutes. Targets alternate within each round;
+what it changed, on the same machine in the same minutes. ``--traces`` adds abproxy writing 5%
+of its requests as MLflow traces (``trace_sample_rate: 0.05``, a flush every 5 s laying the
+experiment out) beside the same proxy with tracing off. Targets alternate within each round;
 the median over rounds is printed.
 """
 
@@ -53,10 +55,14 @@ def redis_pid(leader: int) -> int | None:
     return None
 
 
-def start_abproxy(bench: bench_run.Bench, name: str, src: Path, port: int) -> bench_run.Proc:
+def start_abproxy(bench: bench_run.Bench, name: str, src: Path, port: int, traces: bool = False) -> bench_run.Proc:
     data = bench.tmp / f"data-{name}"
     config = bench.tmp / f"config-{name}.yaml"
-    config.write_text((bench.tmp / "config.yaml").read_text().replace(f"{bench.tmp}/data", str(data)))
+    text = (bench.tmp / "config.yaml").read_text().replace(f"{bench.tmp}/data", str(data))
+    if traces:
+        text = text.replace("flush_interval_s: 0, trace_sample_rate: 0", "flush_interval_s: 5, trace_sample_rate: 0.05")
+        text = text.replace(f"{bench.tmp}/mlflow.db", f"{bench.tmp}/mlflow-{name}.db")
+    config.write_text(text)
     args = [sys.executable, "-m", "abproxy", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     proc = bench.spawn(name, args, src)
     bench_run.wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 60)
@@ -84,6 +90,7 @@ def main() -> int:
     ap.add_argument("--mode", choices=("json", "stream"), default="json")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", nargs="*", default=[], type=Path, help="other checkouts to measure beside this one")
+    ap.add_argument("--traces", action="store_true", help="also abproxy with trace_sample_rate 0.05")
     args = ap.parse_args()
 
     bench = bench_run.Bench(Path(tempfile.mkdtemp(prefix="abproxy-cpu-")), args.duration, 2.0)
@@ -92,9 +99,13 @@ def main() -> int:
         lean_port = bench_run.free_port()
         lean = bench.start_passthrough("lean", lean_port)
         targets = {"passthrough-lean": (f"http://127.0.0.1:{lean_port}/v1/chat/completions", "gpt-4o-mini", lean)}
-        for name, src in [("abproxy", bench_run.ROOT)] + [(f"abproxy@{d.name}", d.resolve()) for d in args.compare]:
+        runs = [("abproxy", bench_run.ROOT, False)] + [(f"abproxy@{d.name}", d.resolve(), False) for d in args.compare]
+        if args.traces:
+            runs.append(("abproxy-traces-5%", bench_run.ROOT, True))
+        for name, src, traces in runs:
             port = bench_run.free_port()
-            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", "bench", start_abproxy(bench, name, src, port))
+            proc = start_abproxy(bench, name, src, port, traces)
+            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", "bench", proc)
         for url, model, _ in targets.values():
             bench_run.run_wrk(url, bench.scripts[(model, args.mode)], args.conns, 2.0)  # warm-up
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}

@@ -41,7 +41,7 @@ BENCH = ROOT / "bench"
 CONFIG_TEMPLATE = """\
 redis_url: ""
 data_dir: {tmp}/data
-mlflow: {{tracking_uri: "sqlite:///{tmp}/mlflow.db", flush_interval_s: 0}}
+mlflow: {{tracking_uri: "sqlite:///{tmp}/mlflow.db", flush_interval_s: 0, trace_sample_rate: 0}}
 upstreams:
   fake: {{base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: "", timeout_s: 30}}
 default_upstream: fake
