@@ -21,9 +21,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 
+from abproxy.recording import store
 from conftest import BASE_EXPERIMENTS
 from flushkit import history, search
-from helpers import free_port, http_json, sample
+from helpers import free_port, http_json, sample, wait_until
 
 
 def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> subprocess.Popen:
@@ -147,7 +148,10 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
                     model="translation", messages=[{"role": "user", "content": f"sentence {i}"}], user=f"user-{i}"
                 )
             served[port] += 1
-            time.sleep(0.25)  # the request record must reach Redis before the other replica is asked
+            # The request record must reach Redis (the serving replica's next recorder batch)
+            # before the other replica, which never saw the request, is asked.
+            request_key = store.request_key("translation", raw.headers["x-abproxy-request-id"])
+            wait_until(lambda: redis_client.exists(request_key), timeout=10)
             status, body = http_json(
                 "POST", f"http://127.0.0.1:{other}/v1/feedback",
                 {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 1 + i % 5},
