@@ -23,7 +23,6 @@ from redis.exceptions import RedisError
 
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import store
-from abproxy.analysis.analyse import sequential_state_field
 from abproxy.catalog import Arm, Catalog, ExperimentPlan
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
@@ -254,7 +253,11 @@ class MlflowWriter:
         summary_metrics = []
         if _finite(result.srm.p_value):
             summary_metrics.append(Metric("srm_p_value", float(result.srm.p_value), now, step))  # type: ignore[arg-type]
-        summary_tags = [RunTag("abproxy.status", result.status), RunTag("abproxy.winner", winner or "none")]
+        summary_tags = [
+            RunTag("abproxy.status", result.status),
+            RunTag("abproxy.winner", winner or "none"),
+            RunTag("abproxy.warnings", ",".join(result.warnings) or "none"),
+        ]
         self.client.log_batch(summary_id, metrics=summary_metrics, tags=summary_tags)
         self.client.log_text(summary_id, json.dumps(as_json(result), indent=2, ensure_ascii=False), "report.json")
         self.client.log_text(summary_id, markdown(result), "report.md")
@@ -376,17 +379,10 @@ class Flusher:
         runs = await self._redis.hgetall(store.runs_key(plan.name))
         updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
-            log.warning("flush %d lost its lock mid-way; its state is not kept", step)
+            log.warning("flush %d lost its lock mid-way; its run ids are not kept", step)
             return {"status": result.status, "winner": result.winner, "kept": False}
-        state = {
-            sequential_state_field(plan, variant, metric): running.encode()
-            for (variant, metric), running in snapshot.analysis.verdict.running.items()
-        }
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(store.runs_key(plan.name), mapping=updated)
-        if state:
-            pipe.hset(store.sequential_key(plan.name), mapping=state)
-        await pipe.execute()
+        # The always-valid state was saved by the look itself (analysis/live.py), MLflow or not.
+        await self._redis.hset(store.runs_key(plan.name), mapping=updated)
         return {
             "status": result.status,
             "winner": result.winner,
