@@ -1,0 +1,250 @@
+"""The verdict layer by simulation, through ``analysis.analyse()`` and ``stats.verdict.decide()``
+with the state kept between looks as Redis keeps it (tests/simkit.py): every row of issue 12's
+table, seeded, 1,000 runs each. ``pytest -s`` prints the figures; the README quotes them.
+
+Measured with these seeds (α = 0.05, min_samples = 30, stats.mde = 0.05):
+
+* guardrail harm (+0.3σ on the primary, error rate 2% → 4%, default margin 1 point): crowned in
+  0 of 1,000 runs over 80 looks up to 4,000 per arm; held back by ``error_rate`` at the end in
+  all of them. With equal error rates the same treatment is crowned once the guardrail's interval
+  rules out a point of harm (median 3,450 per arm).
+* two treatments equally better (+0.3σ each): of the runs that declared a winner, the name
+  changed afterwards in 0.1%.
+* A/B at 0.2σ, state kept at every look: a winner later not the winner in 0 of 1,000 runs; had
+  the state been kept only every 6th look, or never, 2.5% / 33.3% (the mechanism the issue
+  measured as 28.5% / 60.5% before).
+* an effect that vanishes (+0.5σ for the first 300 per arm, then none): the intersection of
+  the always-valid intervals empties in 93.6% of runs; ``effect_drift`` is raised at every look
+  from then on, ``no_difference`` is never reached from it, and a winner declared before keeps
+  its name.
+* A/A, 1,000 runs: ever a winner in 2.9% (20 looks) and 3.5% (100 looks).
+* samples to decide in 80% of runs, over the fixed-horizon n (looks every 1/25 of it): 1.56×
+  for a score and 1.56× for a 10% thumbs rate, at an effect of exactly ``stats.mde``; the
+  centred mixture of Johari et al. tuned as well as it can be (τ = δ) needs 1.70× / 1.71×, and
+  with the former τ = 0.3σ 1.79× / 2.74×. ``samples_needed`` at the first look predicts
+  1.05× / 1.06× of what the runs needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from abproxy.analysis.analyse import samples_needed
+from abproxy.stats.estimates import from_moments, proportion_from_moments
+from abproxy.stats.sequential import Mixture, default_mixture, msprt
+from abproxy.stats.summary import Moments
+from simkit import (
+    ERRORS,
+    SCORE,
+    THUMBS,
+    binary_stream,
+    experiment,
+    fixed_horizon_per_arm,
+    normal_stream,
+    replay,
+    share,
+)
+
+pytestmark = pytest.mark.slow
+
+SIMS = 1_000
+ALPHA = 0.05
+BOUND = ALPHA  # the table's "must be" for false winners
+
+
+def per_arm(step: int, count: int) -> np.ndarray:
+    return np.arange(1, count + 1) * step
+
+
+# -- guardrails as non-inferiority ----------------------------------------------------------------
+
+
+def test_a_treatment_that_doubles_the_error_rate_is_not_crowned():
+    plan, config = experiment(guardrails=[ERRORS])
+    looks = per_arm(100, 40)
+    crowned, held_back = [], []
+    for index in range(SIMS):
+        rng = np.random.default_rng([1201, index])
+        streams = {
+            "a": {SCORE: normal_stream(rng, looks, 3.5), ERRORS: binary_stream(rng, looks, 0.02)},
+            "b": {SCORE: normal_stream(rng, looks, 3.8), ERRORS: binary_stream(rng, looks, 0.04)},
+        }
+        run = replay(plan, config, streams, keep=True)
+        crowned.append(run.ever_winner)
+        held_back.append(run.analyses[-1].verdict.arms["b"].held_back_by == (ERRORS,))
+    print(f"\nguardrail harm: crowned in {share(crowned):.4f} of {SIMS} runs; held back by error_rate at the end in {share(held_back):.4f}")
+    assert share(crowned) <= BOUND
+    assert share(held_back) >= 0.95
+
+
+def test_with_equal_error_rates_the_same_treatment_is_crowned_once_harm_is_ruled_out():
+    plan, config = experiment(guardrails=[ERRORS])
+    looks = per_arm(150, 60)
+    crowned_at = []
+    for index in range(200):
+        rng = np.random.default_rng([1202, index])
+        streams = {
+            "a": {SCORE: normal_stream(rng, looks, 3.5), ERRORS: binary_stream(rng, looks, 0.02)},
+            "b": {SCORE: normal_stream(rng, looks, 3.8), ERRORS: binary_stream(rng, looks, 0.02)},
+        }
+        run = replay(plan, config, streams, stop=lambda analysis: analysis.verdict.winner is not None)
+        first = run.first("winner")
+        crowned_at.append(looks[first] if first is not None else math.inf)
+    median = float(np.median(crowned_at))
+    print(f"\nno harm: crowned in {share([math.isfinite(n) for n in crowned_at]):.3f} of 200 runs, median at {median:.0f} per arm")
+    assert share([math.isfinite(n) for n in crowned_at]) >= 0.9
+    assert 1_000 < median < 8_000  # a point of harm on a 2% rate takes thousands per arm to rule out
+
+
+# -- a stable winner --------------------------------------------------------------------------------
+
+
+def test_two_equally_better_treatments_the_winner_keeps_its_name():
+    plan, config = experiment(arms=("a", "b", "c"))
+    looks = per_arm(40, 40)
+    declared, changed = 0, 0
+    for index in range(SIMS):
+        rng = np.random.default_rng([1203, index])
+        streams = {name: {SCORE: normal_stream(rng, looks, mean)} for name, mean in (("a", 3.5), ("b", 3.8), ("c", 3.8))}
+        run = replay(plan, config, streams)
+        if run.ever_winner:
+            declared += 1
+            changed += run.name_changes > 0
+    print(f"\ntwo equal winners: declared in {declared} of {SIMS} runs, the name changed afterwards in {changed / declared:.4f}")
+    assert declared >= 0.9 * SIMS
+    assert changed / declared <= 0.05
+
+
+@pytest.mark.parametrize(("save_every", "sims", "bound"), [(1, SIMS, 0.01), (6, 300, None), (None, 300, None)])
+def test_a_winner_stays_the_winner_when_every_look_keeps_its_state(save_every, sims, bound):
+    """Every look keeps its state now (live results, report, flush alike); keeping it only
+    every 6th look, or never, is what let a winner fall back."""
+    plan, config = experiment()
+    looks = per_arm(25, 60)
+    lost, declared = [], 0
+    for index in range(sims):
+        rng = np.random.default_rng([1204, index])
+        streams = {"a": {SCORE: normal_stream(rng, looks, 3.5)}, "b": {SCORE: normal_stream(rng, looks, 3.7)}}
+        run = replay(plan, config, streams, save_every=save_every)
+        declared += run.ever_winner
+        lost.append(run.lost_winner)
+    kept = f"every {save_every} look(s)" if save_every else "never"
+    print(f"\nA/B at 0.2σ, {sims} runs, state kept {kept}: declared {declared}, a winner later lost in {share(lost):.4f}")
+    if bound is not None:
+        assert declared >= 0.5 * sims
+        assert share(lost) <= bound
+    else:
+        assert share(lost) > 0.01, "without the kept state the mechanism the issue measured should show"
+
+
+# -- drift --------------------------------------------------------------------------------------------
+
+
+def test_an_effect_that_vanishes_is_drift_not_no_difference():
+    plan, config = experiment()
+    looks = per_arm(150, 40)
+    drifted, held, problems = [], [], []
+
+    def vanishing(index: np.ndarray) -> np.ndarray:
+        return np.where(index < 300, 3.5 + 0.5, 3.5)
+
+    for index in range(SIMS):
+        rng = np.random.default_rng([1205, index])
+        streams = {"a": {SCORE: normal_stream(rng, looks, 3.5)}, "b": {SCORE: normal_stream(rng, looks, vanishing)}}
+        run = replay(plan, config, streams, keep=True)
+        start = next((i for i, w in enumerate(run.warnings) if "effect_drift" in w), None)
+        drifted.append(start is not None)
+        if start is None:
+            continue
+        if not all("effect_drift" in w for w in run.warnings[start:]):
+            problems.append(f"run {index}: effect_drift not raised at every look after {start}")
+        if "no_difference" in run.statuses[start:]:
+            problems.append(f"run {index}: no_difference from contradictory evidence")
+        winner_before = run.winners[start - 1] if start else None
+        if winner_before is not None:
+            held.append(all(w == winner_before for w in run.winners[start:]))
+    print(f"\nvanishing effect: drift detected in {share(drifted):.4f} of {SIMS} runs; a winner declared before kept "
+          f"its name in {share(held):.4f} of {len(held)}")
+    assert not problems, problems[:5]
+    assert share(drifted) >= 0.8
+    assert held and all(held)
+
+
+# -- A/A ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("looks", [20, 100])
+def test_aa_ever_declares_a_winner_at_most_5_percent(looks):
+    plan, config = experiment()
+    at = per_arm(50, looks)
+    ever = []
+    for index in range(SIMS):
+        rng = np.random.default_rng([1206, looks, index])
+        streams = {"a": {SCORE: normal_stream(rng, at, 3.5)}, "b": {SCORE: normal_stream(rng, at, 3.5)}}
+        ever.append(replay(plan, config, streams).ever_winner)
+    print(f"\nA/A, {SIMS} runs × {looks} looks: ever a winner in {share(ever):.4f}")
+    assert share(ever) <= BOUND
+
+
+# -- efficiency ---------------------------------------------------------------------------------------
+
+
+def _centred_msprt_decided(streams, looks, rate: bool, tau2: float | None) -> float:
+    """When Johari et al.'s N(0, τ²) mixture alone would first reject (τ² None: the former
+    default, (0.3σ)²)."""
+    running = 1.0
+    for look in range(len(looks)):
+        moments = [Moments(s.n[look], s.s[look], s.q[look]) for s in (streams["a"], streams["b"])]
+        make = proportion_from_moments if rate else from_moments
+        control, treatment = (make(m) for m in moments)
+        if control.n < 30:
+            continue
+        mixture = Mixture.normal(tau2) if tau2 is not None else default_mixture(control, treatment)
+        running = min(running, msprt(control, treatment, ALPHA, mixture).p_value)
+        if running < ALPHA:
+            return float(looks[look])
+    return math.inf
+
+
+@pytest.mark.parametrize("kind", ["score", "thumbs"])
+def test_samples_to_decide_stay_within_1_6_times_the_fixed_horizon(kind):
+    """An effect of exactly ``stats.mde``: the per-arm n by which 80% of runs crowned the
+    treatment, over the fixed-horizon n for 80% power; and what ``samples_needed`` predicted at
+    the first look."""
+    metric = SCORE if kind == "score" else THUMBS
+    plan, config = experiment(primary=metric)
+    if kind == "score":
+        control_mean, effect = 3.5, 0.05 * 3.5
+        variance_sum = 2.0
+    else:
+        control_mean, effect = 0.10, 0.05 * 0.10
+        variance_sum = 0.10 * 0.90 + 0.105 * 0.895
+    fixed = fixed_horizon_per_arm(variance_sum, effect)
+    looks = np.unique(np.round(np.linspace(fixed / 25, 3 * fixed, 75)).astype(int))
+    decided, centred_tuned, centred_former, predicted = [], [], [], []
+    for index in range(SIMS):
+        rng = np.random.default_rng([1207, index])
+        if kind == "score":
+            arms = {"a": normal_stream(rng, looks, control_mean), "b": normal_stream(rng, looks, control_mean + effect)}
+        else:
+            arms = {"a": binary_stream(rng, looks, control_mean), "b": binary_stream(rng, looks, control_mean + effect)}
+        streams = {name: {metric: stream} for name, stream in arms.items()}
+        run = replay(plan, config, streams, keep=True, stop=lambda analysis: analysis.verdict.winner is not None)
+        first = run.first("winner")
+        decided.append(looks[first] if first is not None else math.inf)
+        needed, _ = samples_needed(run.analyses[0], "a")
+        predicted.append(needed["b"] + looks[0])
+        if index < 300:
+            centred_tuned.append(_centred_msprt_decided(arms, looks, kind == "thumbs", effect**2))
+            centred_former.append(_centred_msprt_decided(arms, looks, kind == "thumbs", None))
+    ratio = float(np.quantile(decided, 0.8)) / fixed
+    tuned = float(np.quantile(centred_tuned, 0.8)) / fixed
+    former = float(np.quantile(centred_former, 0.8)) / fixed
+    prediction = float(np.median(predicted)) / float(np.quantile(decided, 0.8))
+    print(f"\n{kind}: fixed horizon {fixed:,.0f} per arm; 80% decided by {ratio:.3f}× it (centred mixture, τ = δ: "
+          f"{tuned:.3f}×; τ = 0.3σ: {former:.3f}×); samples_needed at the first look / measured: {prediction:.3f}")
+    assert ratio <= 1.6
+    assert 0.95 <= prediction <= 1.3, "samples_needed should sit on the boundary, on the side of more"
