@@ -249,10 +249,21 @@ def _needed_per_arm(policy: Policy, base: Estimate, other: Estimate, gap: float,
     return sequential_samples_per_arm(variance, gap, policy.mixture(policy.primary, base) or default_mixture(base, other), alpha, POWER)
 
 
+def _decided(result: MetricResult | None, alpha: float, effect: float) -> bool:
+    """Already significant either way, or already within ±effect: more samples change nothing."""
+    if result is None:
+        return False
+    p_value = result.adjusted_p if result.adjusted_p is not None else result.p_value
+    interval = result.difference_ci
+    significant = p_value is not None and p_value < alpha and result.direction != 0
+    return significant or (interval is not None and -effect < interval[0] and interval[1] < effect)
+
+
 def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """Per variant, the samples still needed to detect an effect of ``stats.mde`` on the primary
-    metric (the first Holm step's α: α / number of treatments); per (treatment, guardrail) not yet
-    shown non-inferior, the samples still needed to show it if the difference stays as it is."""
+    metric (the first Holm step's α: α / number of treatments), 0 once its comparison is decided;
+    per (treatment, guardrail) not yet shown non-inferior, the samples still needed to show it if
+    the difference stays as it is."""
     policy, estimates = analysis.policy, analysis.estimates
     base = estimates[control].get(policy.primary)
     treatments = [name for name in estimates if name != control]
@@ -260,14 +271,19 @@ def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], 
     per_guardrail: dict[tuple[str, str], float] = {}
     if base is not None and base.mean != 0 and treatments:
         alpha = policy.alpha / len(treatments)
+        effect = policy.mde * abs(base.mean)
         for name in treatments:
             other = estimates[name].get(policy.primary)
             if other is None:
                 continue
-            total = _needed_per_arm(policy, base, other, policy.mde * abs(base.mean), alpha)
+            if _decided(analysis.verdict.arms[name].metrics.get(policy.primary), policy.alpha, effect):
+                per_variant[name] = 0.0
+                continue
+            total = _needed_per_arm(policy, base, other, effect, alpha)
             if total is not None:
                 per_variant[name] = max(0.0, total - other.n)
                 per_variant[control] = max(per_variant.get(control, 0.0), total - base.n)
+        per_variant.setdefault(control, 0.0)
     for name in treatments:
         for guardrail in policy.guardrail_specs:
             result = analysis.verdict.arms[name].metrics.get(guardrail.metric)

@@ -60,7 +60,7 @@ class VariantResult:
     prob_best: float | None
     samples_needed: int | None
     """About how many more samples per arm until the always-valid test would detect an effect of
-    ``stats.mde`` on the primary metric with 80% probability."""
+    ``stats.mde`` on the primary metric with 80% probability; 0 once the comparison is decided."""
     metrics: Mapping[str, MetricSummary] = field(default_factory=dict)
     held_back_by: tuple[str, ...] = ()
     """Guardrails that keep this variant from winning although it is significantly better on
