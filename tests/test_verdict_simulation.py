@@ -32,7 +32,8 @@ import math
 import numpy as np
 import pytest
 
-from abproxy.analysis.analyse import samples_needed
+from abproxy.analysis.analyse import analyse, samples_needed
+from abproxy.recording.store import ArmCounters, MetricCounters
 from abproxy.stats.estimates import from_moments, proportion_from_moments
 from abproxy.stats.sequential import Mixture, default_mixture, msprt
 from abproxy.stats.summary import Moments
@@ -248,3 +249,60 @@ def test_samples_to_decide_stay_within_1_6_times_the_fixed_horizon(kind):
           f"{tuned:.3f}×; τ = 0.3σ: {former:.3f}×); samples_needed at the first look / measured: {prediction:.3f}")
     assert ratio <= 1.6
     assert 0.95 <= prediction <= 1.3, "samples_needed should sit on the boundary, on the side of more"
+
+
+# -- units: the design effect of a unit: request experiment -----------------------------------------
+
+
+def _user_sums(rng: np.random.Generator, users: int, icc: float, split: bool) -> dict[str, MetricCounters]:
+    """One A/A run: users of 5–50 requests each, y = b_u + e with Var(b) = icc; each request
+    assigned at random (``split``, as ``unit: request`` does) or each user's all to one arm."""
+    counts = rng.integers(5, 51, users)
+    effects = rng.standard_normal(users) * math.sqrt(icc)
+    owner = np.repeat(np.arange(users), counts)
+    y = effects[owner] + rng.standard_normal(owner.size) * math.sqrt(1 - icc) + 3.5
+    arm_of = rng.integers(0, 2, owner.size) if split else rng.integers(0, 2, users)[owner]
+    found = {}
+    for arm, name in enumerate(("a", "b")):
+        mine = arm_of == arm
+        totals = np.bincount(owner[mine], weights=y[mine], minlength=users)
+        sizes = np.bincount(owner[mine], minlength=users).astype(float)
+        seen = sizes > 0
+        found[name] = MetricCounters(
+            Moments(float(mine.sum()), float(y[mine].sum()), float((y[mine] ** 2).sum())),
+            units=int(seen.sum()), unit_yy=float((totals**2).sum()), unit_nn=float((sizes**2).sum()),
+            unit_yn=float((totals * sizes).sum()),
+        )  # fmt: skip
+    return found
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["requests-split", "users-in-one-arm"])
+def test_correlated_users_of_a_unit_request_experiment_are_warned_about(split):
+    """ICC 0.3, 200 users of 5–50 requests, no difference. Split at random per request (what
+    ``unit: request`` does) the per-request test holds α — a user's effect lands on both arms —
+    while each arm's own interval is √(design effect) too narrow; kept in one arm per user (an app
+    that pins users), the per-request test finds differences that are not there. Either way the
+    look says ``units_correlated``."""
+    plan, config = experiment()
+    warned, welch, verdicts, effects = [], [], [], []
+    for index in range(SIMS):
+        rng = np.random.default_rng([1208, split, index])
+        sums = _user_sums(rng, 200, 0.3, split)
+        counters = {
+            plan.arms[name].arm_id: ArmCounters(plan.arms[name].arm_id, requests=int(m.moments.n), units=int(m.moments.n), metrics={SCORE: m})
+            for name, m in sums.items()
+        }
+        analysis = analyse(plan, config, counters)
+        warned.append("units_correlated" in analysis.warnings)
+        effects.append(analysis.design_effect)
+        comparison = analysis.verdict.arms["b"].metrics[SCORE].comparison
+        welch.append(comparison.p_value < ALPHA)
+        verdicts.append(analysis.verdict.winner is not None)
+    how = "split per request" if split else "users kept in one arm"
+    print(f"\ncorrelated users ({how}), {SIMS} A/A runs: design effect median {np.median(effects):.1f}, "
+          f"units_correlated in {share(warned):.4f}; per-request Welch p < 0.05 in {share(welch):.4f}, a winner in {share(verdicts):.4f}")
+    assert share(warned) >= 0.99
+    if split:
+        assert share(welch) <= BOUND + 0.02
+    else:
+        assert share(welch) > 0.3
