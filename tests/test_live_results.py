@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from abproxy.analysis import state
-from abproxy.analysis.analyse import analyse
+from abproxy.analysis.analyse import analyse, decision_context, policy_for
 from abproxy.analysis.live import take_snapshot
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
@@ -87,7 +87,7 @@ def test_the_winner_is_declared_once_against_the_generation_read(redis_server: A
     assert run(declare("b@1", 0)).winner == state.Winner("b@1", 1)
     assert run(declare("c@1", 0)).winner == state.Winner("b@1", 1), "a rival that read generation 0 is too late"
     assert run(declare("c@1", 1)).winner == state.Winner("c@1", 2), "one that read generation 1 replaces it"
-    assert redis_client.hgetall(store.verdict_key("cas")) == {"winner": "c@1", "generation": "2"}
+    assert redis_client.hgetall(store.verdict_key("cas")) == {"winner": "c@1", "generation": "2", "context": ""}
 
 
 def _seed(redis_client: redis.Redis, plan: Any, scores: dict[str, tuple[float, float, int]]) -> None:
@@ -123,7 +123,8 @@ def test_a_look_answers_with_the_winner_redis_keeps(redis_server: Any, redis_cli
     config = _three_arm_config(upstream_url)
     plan = Catalog(config).plans[EXP]
     _seed(redis_client, plan, {"basic": (3.0, 1.0, 2000), "professional": (3.62, 1.0, 2000), "context_aware": (3.6, 1.0, 2000)})
-    redis_client.hset(store.verdict_key(EXP), mapping={"winner": plan.arms["context_aware"].arm_id, "generation": 1})
+    context = decision_context(plan, policy_for(plan, config))
+    redis_client.hset(store.verdict_key(EXP), mapping={"winner": plan.arms["context_aware"].arm_id, "generation": 1, "context": context})
 
     async def look() -> Any:
         client = open_redis(redis_server.url)
@@ -136,7 +137,7 @@ def test_a_look_answers_with_the_winner_redis_keeps(redis_server: Any, redis_cli
     assert fresh.verdict.winner == "professional"
     snapshot = run(look())
     assert (snapshot.result.status, snapshot.result.winner) == ("winner", "context_aware")
-    assert snapshot.kept.winner == state.Winner(plan.arms["context_aware"].arm_id, 1)
+    assert snapshot.kept.winner == state.Winner(plan.arms["context_aware"].arm_id, 1, context)
     assert redis_client.hlen(store.sequential_key(EXP)) > 0, "the look kept its state"
 
 

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from abproxy.analysis import state
-from abproxy.analysis.analyse import analyse, design_effect, guardrails, samples_needed, state_keys
+from abproxy.analysis.analyse import (
+    analyse,
+    decision_context,
+    design_effect,
+    guardrails,
+    policy_for,
+    samples_needed,
+    state_keys,
+)
 from abproxy.recording.store import ArmCounters, MetricCounters, parse_arm
 from abproxy.stats.estimates import Estimate, from_moments
 from abproxy.stats.guardrails import Guardrail
@@ -218,14 +226,28 @@ def test_analyse_reads_the_winner_by_arm_and_proposes_a_new_one_once():
     counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.9, 0.0)}, n=2000)
     first = analyse(plan, config, counters)
     arm_b = plan.arms["b"].arm_id
-    assert first.update.winner == arm_b and first.answered == state.Winner(arm_b, 1)
+    context = decision_context(plan, policy_for(plan, config))
+    assert first.update.winner == arm_b and first.answered == state.Winner(arm_b, 1, context)
     assert set(first.update.running) <= set(state_keys(plan)) and first.update.running
     kept = state.apply(state.KeptState(), first.update)
     again = analyse(plan, config, counters, kept)
     assert again.verdict.winner == "b" and again.update.winner is None and again.answered == kept.winner
     # an edited arm (another hash) is not the declared winner of this plan
-    stale = state.KeptState(kept.running, state.Winner("b@000000000000", 1))
+    stale = state.KeptState(kept.running, state.Winner("b@000000000000", 1, context))
     assert analyse(plan, config, counters, stale).update.winner == arm_b
+
+
+def test_a_winner_declared_on_another_primary_metric_or_guardrails_is_no_winner_now():
+    plan, config = experiment()
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.9, 0.05)}, n=2000)  # b fails 5% of requests
+    kept = state.apply(state.KeptState(), analyse(plan, config, counters).update)
+    assert analyse(plan, config, counters, kept).update.winner is None, "the same decision: kept as it is"
+    assert kept.winner.arm == plan.arms["b"].arm_id
+    guarded_plan, guarded_config = experiment(guardrails=[ERRORS])
+    guarded = analyse(guarded_plan, guarded_config, counters_for(guarded_plan, counters), kept)
+    assert guarded.verdict.winner is None, "declared before a guardrail came in: not a winner by it"
+    other_plan, other_config = experiment(primary="feedback.thumbs")
+    assert analyse(other_plan, other_config, counters_for(other_plan, counters), kept).verdict.winner is None
 
 
 # -- directions, corrupt counters, design effect ----------------------------------------------------------

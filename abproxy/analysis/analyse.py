@@ -7,7 +7,9 @@ in live.py."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,6 +119,19 @@ def policy_for(plan: ExperimentPlan, config: Config) -> Policy:
     )
 
 
+def decision_context(plan: ExperimentPlan, policy: Policy) -> str:
+    """A short hash of what a winner is decided on: a declared winner holds only while these stay."""
+    described = {
+        "primary": policy.primary,
+        "control": plan.arms[plan.settings.control_name].arm_id,
+        "guardrails": [[g.metric, g.margin, g.relative_margin] for g in policy.guardrail_specs],
+        "alpha": policy.alpha,
+        "mde": policy.mde,
+        "sequential": policy.sequential,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def state_keys(plan: ExperimentPlan) -> dict[str, StateKey]:
     """Every running state a look may keep, by its field in Redis: each treatment against the
     control on every metric, and each pair of treatments on the primary metric."""
@@ -185,9 +200,10 @@ def analyse(
         )
     keys = state_keys(plan)
     previous = {keys[name]: state for name, state in kept.running.items() if name in keys}
-    by_arm_id = {arm.arm_id: name for name, arm in plan.arms.items()}
-    declared = by_arm_id.get(kept.winner.arm or "")
     policy = policy_for(plan, config)
+    context = decision_context(plan, policy)
+    by_arm_id = {arm.arm_id: name for name, arm in plan.arms.items()}
+    declared = by_arm_id.get(kept.winner.arm or "") if kept.winner.context == context else None
     verdict = decide(arms, policy, previous, declared, extend)
 
     corrupt, decisive = _corrupt(plan, counters)
@@ -209,8 +225,9 @@ def analyse(
         fields=tuple(keys),
         expected_generation=kept.winner.generation,
         winner=proposal,
+        context=context,
     )
-    answered = Winner(proposal, kept.winner.generation + 1) if proposal else kept.winner
+    answered = Winner(proposal, kept.winner.generation + 1, context) if proposal else kept.winner
     return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff)
 
 

@@ -49,7 +49,7 @@ async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> 
     encoded = {name: running.encode() for name, running in update.running.items()}
     states = [(name, encoded.get(name, "")) for name in update.fields]
     raw_states, raw_winner = await store.save_state(
-        redis, plan.name, states, update.expected_generation, update.winner
+        redis, plan.name, states, update.expected_generation, update.winner, update.context
     )
     return state.decode(raw_states, raw_winner)
 

@@ -22,6 +22,9 @@ class Winner:
     """The declared winner's arm id (``variant@hash``); None before any."""
     generation: int = 0
     """How many times a winner was declared: the compare-and-set's version."""
+    context: str = ""
+    """What the winner was decided on (:func:`abproxy.analysis.analyse.decision_context`): a
+    winner declared on another primary metric, control, guardrails, α or MDE is no winner now."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class StateUpdate:
     expected_generation: int
     winner: str | None = None
     """A newly declared winner's arm id; None to leave the winner as it is."""
+    context: str = ""
 
 
 def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> KeptState:
@@ -55,7 +59,7 @@ def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> Kept
         generation = int(raw_winner.get("generation", 0))
     except ValueError:
         generation = 0
-    return KeptState(running, Winner(raw_winner.get("winner") or None, generation))
+    return KeptState(running, Winner(raw_winner.get("winner") or None, generation, raw_winner.get("context", "")))
 
 
 def apply(kept: KeptState, update: StateUpdate) -> KeptState:
@@ -66,7 +70,7 @@ def apply(kept: KeptState, update: StateUpdate) -> KeptState:
         running[name] = before.merge(state) if before is not None else state
     winner = kept.winner
     if update.winner is not None and kept.winner.generation == update.expected_generation:
-        winner = Winner(update.winner, update.expected_generation + 1)
+        winner = Winner(update.winner, update.expected_generation + 1, update.context)
     return KeptState(running, winner)
 
 

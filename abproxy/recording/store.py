@@ -69,7 +69,8 @@ def sequential_key(experiment: str) -> str:
 
 
 def verdict_key(experiment: str) -> str:
-    """The declared winner (``winner``: its arm) and ``generation``, bumped at each declaration."""
+    """The declared winner (``winner``: its arm), ``generation`` (bumped at each declaration) and
+    ``context`` (what it was decided on: primary metric, control, guardrails, α, MDE)."""
     return f"{experiment_tag(experiment)}:verdict"
 
 
@@ -354,11 +355,12 @@ return old and 2 or 1
 SAVE_STATE_LUA = r"""
 -- KEYS[1]: the experiment's `seq` hash, KEYS[2]: its `verdict` hash.
 -- ARGV[1]: the winner's generation the look read; ARGV[2]: the winner it declares ('' for none);
--- then pairs of field and state ('' when the look adds none) for every field the look reads back.
+-- ARGV[3]: what that winner was decided on (the decision's context); then pairs of field and
+-- state ('' when the look adds none) for every field the look reads back.
 -- A state is 'p|lower|upper' or 'p|lower|upper|lift lower|lift upper'. Merging keeps the smaller
 -- p and the intersection of the intervals (sequential.RunningState.merge): any order of looks
 -- gives the same state. A winner is declared only against the generation the look read
--- (analysis/state.py). Returns {generation, winner, the state of each field or false}.
+-- (analysis/state.py). Returns {generation, winner, context, the state of each field or false}.
 local function parse(text)
   if not text then return nil end
   local parts, count = {}, 0
@@ -384,7 +386,7 @@ local function merge(a, b)
   return merged
 end
 local reply = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local field = ARGV[i]
   local kept = redis.call('HGET', KEYS[1], field)
   local merged = merge(parse(kept or nil), parse(ARGV[i + 1] ~= '' and ARGV[i + 1] or nil))
@@ -401,9 +403,10 @@ end
 local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0') or 0
 if ARGV[2] ~= '' and generation == tonumber(ARGV[1]) then
   generation = generation + 1
-  redis.call('HSET', KEYS[2], 'winner', ARGV[2], 'generation', generation)
+  redis.call('HSET', KEYS[2], 'winner', ARGV[2], 'generation', generation, 'context', ARGV[3])
 end
-return {tostring(generation), redis.call('HGET', KEYS[2], 'winner') or '', reply}
+local kept = redis.call('HMGET', KEYS[2], 'winner', 'context')
+return {tostring(generation), kept[1] or '', kept[2] or '', reply}
 """
 
 
@@ -519,13 +522,18 @@ _SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
 
 
 async def save_state(
-    redis: Any, experiment: str, states: list[tuple[str, str]], expected_generation: int, winner: str | None
+    redis: Any,
+    experiment: str,
+    states: list[tuple[str, str]],
+    expected_generation: int,
+    winner: str | None,
+    context: str = "",
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Merge a look's running states (field, encoded state or '') and its winner into Redis
     (:data:`SAVE_STATE_LUA`); returns what Redis keeps now, as :func:`read_experiment` reads it:
     the states of the given fields, and the winner's hash."""
     keys = [sequential_key(experiment), verdict_key(experiment)]
-    args: list[Any] = [expected_generation, winner or ""]
+    args: list[Any] = [expected_generation, winner or "", context]
     for name, encoded in states:
         args += [name, encoded]
     try:
@@ -533,9 +541,9 @@ async def save_state(
     except NoScriptError:
         await redis.script_load(SAVE_STATE_LUA)  # Redis restarted, or never saw it
         reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
-    generation, kept_winner, merged = reply
+    generation, kept_winner, kept_context, merged = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
-    return kept, {"generation": str(generation), "winner": kept_winner}
+    return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
 
 
 T = TypeVar("T")
