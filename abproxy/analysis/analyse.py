@@ -37,12 +37,6 @@ independent (the per-request intervals of the means are too narrow by its square
 UNITS_CORRELATED, CORRUPT_COUNTERS, STATE_NOT_SAVED = "units_correlated", "corrupt_counters", "state_not_saved"
 
 
-def higher_is_better(metric: str) -> bool:
-    """The default direction: feedback scores should go up; latency, tokens, cost and errors down
-    (an experiment's own ``feedback.<name>.higher_is_better`` may say otherwise)."""
-    return metric.startswith("feedback.")
-
-
 def _is_binary(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> bool:
     if metric == "error_rate":
         return True
@@ -257,13 +251,14 @@ def metric_summary(
     )
 
 
-def _needed_per_arm(policy: Policy, base: Estimate, other: Estimate, gap: float, alpha: float) -> float | None:
+def _needed_per_arm(policy: Policy, metric: str, base: Estimate, other: Estimate, gap: float, alpha: float) -> float | None:
     """Samples per arm at which ``gap`` would be detected (or, for a guardrail, the margin
     cleared) with 80% probability, on the boundary the test actually uses."""
     variance = base.observation_variance + other.observation_variance
     if not policy.sequential:
         return samples_per_arm(variance / 2, gap, alpha, POWER) if gap > 0 else None
-    return sequential_samples_per_arm(variance, gap, policy.mixture(policy.primary, base) or default_mixture(base, other), alpha, POWER)
+    mixture = policy.mixture(metric, base) or default_mixture(base, other)
+    return sequential_samples_per_arm(variance, gap, mixture, alpha, POWER)
 
 
 def _decided(result: MetricResult | None, alpha: float, effect: float) -> bool:
@@ -296,11 +291,12 @@ def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], 
             if _decided(analysis.verdict.arms[name].metrics.get(policy.primary), policy.alpha, effect):
                 per_variant[name] = 0.0
                 continue
-            total = _needed_per_arm(policy, base, other, effect, alpha)
+            total = _needed_per_arm(policy, policy.primary, base, other, effect, alpha)
             if total is not None:
                 per_variant[name] = max(0.0, total - other.n)
                 per_variant[control] = max(per_variant.get(control, 0.0), total - base.n)
-        per_variant.setdefault(control, 0.0)
+        if per_variant:
+            per_variant.setdefault(control, 0.0)  # every treatment it is compared with is decided
     for name in treatments:
         for guardrail in policy.guardrail_specs:
             result = analysis.verdict.arms[name].metrics.get(guardrail.metric)
@@ -309,13 +305,7 @@ def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], 
                 continue
             difference = g_other.mean - g_base.mean
             harm = -difference if policy.higher_is_better(guardrail.metric) else difference
-            variance = g_base.observation_variance + g_other.observation_variance
-            mixture = policy.mixture(guardrail.metric, g_base) or default_mixture(g_base, g_other)
-            gap = result.margin - harm
-            if policy.sequential:
-                total = sequential_samples_per_arm(variance, gap, mixture, policy.alpha, POWER)
-            else:
-                total = samples_per_arm(variance / 2, gap, policy.alpha, POWER) if gap > 0 else None
+            total = _needed_per_arm(policy, guardrail.metric, g_base, g_other, result.margin - harm, policy.alpha)
             if total is not None:
                 per_guardrail[(name, guardrail.metric)] = max(0.0, total - min(g_base.n, g_other.n))
     return per_variant, per_guardrail

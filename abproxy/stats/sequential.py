@@ -237,10 +237,6 @@ class RunningState:
             return -1
         return 0
 
-    def negated(self) -> RunningState:
-        """The state of the comparison the other way round (other − this); the lift does not negate."""
-        return RunningState(self.p_value, -self.upper, -self.lower)
-
     def encode(self) -> str:
         parts = [self.p_value, self.lower, self.upper]
         if self.lift_lower is not None and self.lift_upper is not None:

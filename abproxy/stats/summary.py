@@ -45,10 +45,6 @@ class Moments:
         variance = self.variance
         return math.sqrt(variance / self.n) if variance is not None else None
 
-    @property
-    def finite(self) -> bool:
-        return all(math.isfinite(value) for value in (self.n, self.total, self.total_squares, self.shift))
-
     def about(self, shift: float) -> Moments:
         """The same sample with its sums taken about another shift."""
         move = self.shift - shift
