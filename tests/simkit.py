@@ -6,6 +6,7 @@ look where the verdict is."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class Run:
     @property
     def name_changes(self) -> int:
         named = [w for w in self.winners if w is not None]
-        return sum(1 for a, b in zip(named, named[1:]) if a != b)
+        return sum(1 for a, b in itertools.pairwise(named) if a != b)
 
     @property
     def lost_winner(self) -> bool:

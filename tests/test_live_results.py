@@ -17,6 +17,9 @@ from typing import Any
 import openai
 import pytest
 import redis
+from conftest import BASE_EXPERIMENTS, make_config
+from flushkit import live, users_for
+from helpers import free_port, http_json
 
 from abproxy.analysis import state
 from abproxy.analysis.analyse import analyse, decision_context, policy_for
@@ -25,9 +28,6 @@ from abproxy.app import open_redis
 from abproxy.catalog import Catalog
 from abproxy.recording import store
 from abproxy.stats.sequential import RunningState
-from conftest import BASE_EXPERIMENTS, make_config
-from flushkit import drive, live, users_for
-from helpers import free_port, http_json
 
 EXP = "translation"
 

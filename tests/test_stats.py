@@ -679,7 +679,7 @@ def test_moments_about_a_shift_keep_the_variance_of_values_around_1e12():
         assert shifted.mean == pytest.approx(x.mean(), rel=1e-15)
         assert shifted.sum == pytest.approx(x.sum(), rel=1e-15)
         if level >= 1e10:
-            assert not naive.variance == pytest.approx(exact_variance, rel=1e-3), "the naive sums should have lost it"
+            assert naive.variance != pytest.approx(exact_variance, rel=1e-3), "the naive sums should have lost it"
         # moving the shift, and adding samples taken about other shifts, keep it exact
         assert shifted.about(level).variance == pytest.approx(exact_variance, rel=1e-9)
         halves = Moments(250, float((x[:250] - level).sum()), float(((x[:250] - level) ** 2).sum()), level) + Moments(
@@ -711,7 +711,7 @@ def test_per_unit_delta_method_about_a_shift_matches_the_unshifted_and_keeps_lar
     assert big.variance_of_mean == pytest.approx(plain.variance_of_mean, rel=1e-4)
     assert big.mean - level == pytest.approx(plain.mean - 4.0, abs=1e-3)
     naive = from_unit_sums(unit_sums_of(y_big, n_u))
-    assert not naive.variance_of_mean == pytest.approx(plain.variance_of_mean, rel=0.1)
+    assert naive.variance_of_mean != pytest.approx(plain.variance_of_mean, rel=0.1)
 
 
 def test_a_rate_of_exactly_0_or_1_is_not_taken_for_certainty():
@@ -734,16 +734,18 @@ def test_tuned_mixture_likelihood_ratio_matches_numerical_integration():
     """Λ = ∫ exp(θθ̂/V − θ²/(2V)) dH(θ) for H = ½N(−δ, s²) + ½N(δ, s²), s = δ/4, against scipy's quad."""
     from scipy import integrate
 
-    for estimate, variance, delta in [(0.3, 0.01, 0.2), (-0.05, 0.004, 0.1), (0.0, 0.02, 0.3), (1.2, 0.05, 0.25)]:
+    def integrand(theta, observed, variance, delta):
+        density = 0.5 * (stats.norm.pdf(theta, delta, delta / 4) + stats.norm.pdf(theta, -delta, delta / 4))
+        return math.exp(theta * observed / variance - theta * theta / (2 * variance)) * density
+
+    for observed, variance, delta in [(0.3, 0.01, 0.2), (-0.05, 0.004, 0.1), (0.0, 0.02, 0.3), (1.2, 0.05, 0.25)]:
         mixture = Mixture.tuned(delta)
         assert mixture.spread2 == pytest.approx((delta / 4) ** 2)
-
-        def integrand(theta):
-            density = 0.5 * (stats.norm.pdf(theta, delta, delta / 4) + stats.norm.pdf(theta, -delta, delta / 4))
-            return math.exp(theta * estimate / variance - theta * theta / (2 * variance)) * density
-
-        numeric, _ = integrate.quad(integrand, -12 * delta, 12 * delta, points=[-delta, 0.0, delta], epsabs=0, epsrel=1e-12)
-        assert math.exp(log_lambda(estimate, variance, mixture)) == pytest.approx(numeric, rel=1e-9)
+        numeric, _ = integrate.quad(
+            integrand, -12 * delta, 12 * delta, args=(observed, variance, delta), points=[-delta, 0.0, delta],
+            epsabs=0, epsrel=1e-12,
+        )  # fmt: skip
+        assert math.exp(log_lambda(observed, variance, mixture)) == pytest.approx(numeric, rel=1e-9)
     # centred on 0 it is Johari et al.'s N(0, τ²)
     v, tau2, x = 0.01, 0.09, 0.25
     johari = 0.5 * math.log(v / (v + tau2)) + x * x * tau2 / (2 * v * (v + tau2))

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from simkit import ERRORS, SCORE, experiment
 
 from abproxy.analysis import state
 from abproxy.analysis.analyse import (
@@ -26,7 +27,6 @@ from abproxy.stats.guardrails import Guardrail
 from abproxy.stats.sequential import RunningState
 from abproxy.stats.summary import Moments
 from abproxy.stats.verdict import COLLECTING, NO_DIFFERENCE, WINNER, ArmInput, Policy, decide
-from simkit import ERRORS, SCORE, experiment
 
 LATENCY = "latency_ms"
 
@@ -307,7 +307,7 @@ def test_the_design_effect_of_correlated_users_in_a_unit_request_experiment():
     plan, config = experiment()
     rng = np.random.default_rng(5)
     counters = {}
-    for name, arm_plan in plan.arms.items():
+    for arm_plan in plan.arms.values():
         users, per_user, icc = 400, 10, 0.2
         y = rng.normal(0, math.sqrt(icc), (users, 1)) + rng.normal(0, math.sqrt(1 - icc), (users, per_user)) + 3.5
         totals = y.sum(axis=1)

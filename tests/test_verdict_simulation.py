@@ -31,12 +31,6 @@ import math
 
 import numpy as np
 import pytest
-
-from abproxy.analysis.analyse import analyse, samples_needed
-from abproxy.recording.store import ArmCounters, MetricCounters
-from abproxy.stats.estimates import from_moments, proportion_from_moments
-from abproxy.stats.sequential import Mixture, default_mixture, msprt
-from abproxy.stats.summary import Moments
 from simkit import (
     ERRORS,
     SCORE,
@@ -48,6 +42,12 @@ from simkit import (
     replay,
     share,
 )
+
+from abproxy.analysis.analyse import analyse, samples_needed
+from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.stats.estimates import from_moments, proportion_from_moments
+from abproxy.stats.sequential import Mixture, default_mixture, msprt
+from abproxy.stats.summary import Moments
 
 pytestmark = pytest.mark.slow
 

@@ -169,11 +169,12 @@ def analyse(
     plan: ExperimentPlan,
     config: Config,
     counters: Mapping[str, ArmCounters],
-    kept: KeptState = KeptState(),
+    kept: KeptState | None = None,
     extend: bool = True,
 ) -> Analysis:
-    """One look: the verdict on the counters and on what earlier looks kept. ``extend=False``:
-    on the kept state alone, adding nothing of this look's (see :func:`decide`)."""
+    """One look: the verdict on the counters and on what earlier looks kept (None: nothing yet).
+    ``extend=False``: on the kept state alone, adding nothing of this look's (see :func:`decide`)."""
+    kept = kept if kept is not None else KeptState()
     settings = plan.settings
     estimates: dict[str, dict[str, Estimate | None]] = {}
     arms = []
