@@ -1,28 +1,34 @@
 """The verdict layer by simulation, through ``analysis.analyse()`` and ``stats.verdict.decide()``
 with the state kept between looks as Redis keeps it (tests/simkit.py): every row of issue 12's
-table, seeded, 1,000 runs each. ``pytest -s`` prints the figures; the README quotes them.
+table, seeded, 1,000 runs each (fewer for the comparisons beside them). ``pytest -s`` prints the
+figures; the README quotes them. (The branch point's figures come from a script run against that
+checkout, not kept here; on 300 runs each.)
 
-Measured with these seeds (α = 0.05, min_samples = 30, stats.mde = 0.05):
+Measured with these seeds (α = 0.05, min_samples = 30, stats.mde = 0.05); in brackets, the
+branch point's verdict on the same data (the state kept at every look, as its flusher kept it):
 
-* guardrail harm (+0.3σ on the primary, error rate 2% → 4%, default margin 1 point): crowned in
-  0 of 1,000 runs over 80 looks up to 4,000 per arm; held back by ``error_rate`` at the end in
-  all of them. With equal error rates the same treatment is crowned once the guardrail's interval
-  rules out a point of harm (median 3,450 per arm).
-* two treatments equally better (+0.3σ each): of the runs that declared a winner, the name
-  changed afterwards in 0.1%.
-* A/B at 0.2σ, state kept at every look: a winner later not the winner in 0 of 1,000 runs; had
-  the state been kept only every 6th look, or never, 2.5% / 33.3% (the mechanism the issue
-  measured as 28.5% / 60.5% before).
-* an effect that vanishes (+0.5σ for the first 300 per arm, then none): the intersection of
-  the always-valid intervals empties in 93.6% of runs; ``effect_drift`` is raised at every look
-  from then on, ``no_difference`` is never reached from it, and a winner declared before keeps
-  its name.
-* A/A, 1,000 runs: ever a winner in 2.9% (20 looks) and 3.5% (100 looks).
-* samples to decide in 80% of runs, over the fixed-horizon n (looks every 1/25 of it): 1.56×
-  for a score and 1.56× for a 10% thumbs rate, at an effect of exactly ``stats.mde``; the
-  centred mixture of Johari et al. tuned as well as it can be (τ = δ) needs 1.70× / 1.71×, and
-  with the former τ = 0.3σ 1.79× / 2.74×. ``samples_needed`` at the first look predicts
-  1.05× / 1.06× of what the runs needed.
+* guardrail harm (+0.3σ on the primary, error rate 2% → 4%, default margin 1 point, 40 looks up to
+  4,000 per arm): crowned in 0 of 1,000 runs [95.7%, withdrawn later in 96.5% of those]; held back
+  by ``error_rate`` at the end in all. With equal error rates the same treatment is crowned once
+  a point of harm is ruled out: in 97.5% of 200 runs, at a median of 2,700 per arm.
+* two treatments equally better (+0.3σ each): the name changed after it was first declared in
+  0.1% of the 1,000 runs that declared one [65.3%].
+* A/B at 0.2σ, 60 looks: a winner later not the winner in 0 of 1,000 runs with the state kept at
+  every look; kept only every 6th look, or never, 17.3% / 35.0% of 300 runs [27.0% / 44.7%].
+* an effect that vanishes (+0.5σ for the first 300 per arm, then none): the intersection of the
+  always-valid intervals empties in 99.2% of runs; ``effect_drift`` is raised at every look from
+  then on, ``no_difference`` is never reached from it, and the winner declared before keeps its
+  name (in all 992).
+* A/A, 1,000 runs: ever a winner in 2.6% (20 looks) and 2.1% (100 looks) [1.0% of 300 runs with
+  20 looks].
+* samples to decide in 80% of runs, over the fixed-horizon n (looks every 1/25 of it), at an
+  effect of exactly ``stats.mde``: 1.48× for a score, 1.52× for a 10% thumbs rate; Johari et
+  al.'s centred mixture tuned as well as it can be (τ = δ) 1.80× / 1.72×, with the former
+  τ = 0.3σ 1.88× / 2.68×. ``samples_needed`` at the first look predicted 1.12× / 1.18× of what
+  the runs needed.
+* correlated users in a ``unit: request`` A/A (ICC 0.3, 200 users of 5–50 requests): design
+  effect 5.9 (requests split per request) / 10.8 (each user's in one arm); ``units_correlated``
+  in every run; the per-request Welch test p < 0.05 in 4.3% / 56.9%.
 """
 
 from __future__ import annotations
