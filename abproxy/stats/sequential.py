@@ -27,6 +27,10 @@ can be (τ ≈ δ) it still needs about 1.7× the fixed-horizon sample for 80% p
 about 1.5× (tests/test_verdict_simulation.py measures both). The price is paid below δ/2,
 which it finds more slowly. Where δ is unknown (a control mean of 0) it falls back to
 N(0, τ²) with τ = 0.3 σ, σ the pooled per-observation standard deviation.
+
+δ follows the control's mean look by look, as the variances do (the plug-in that Johari et al.
+and GrowthBook use for σ²): strictly, the guarantee holds for a mixture fixed in advance. The
+simulated A/A rates (2.1–2.6% ever significant at α = 5%, up to 100 looks) bound what that costs.
 """
 
 from __future__ import annotations
