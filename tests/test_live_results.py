@@ -157,6 +157,28 @@ def test_every_look_keeps_its_state_with_mlflow_unreachable_and_p_never_goes_up(
     assert second["variants"][1]["metrics"]["feedback.satisfaction"]["welch_p_value"] > p_first
 
 
+def test_two_replicas_looking_in_turn_extend_one_sequence(start_proxy: Any, redis_client: redis.Redis) -> None:
+    """Looks alternate between two replicas on one Redis, while the evidence grows, then weakens:
+    the p-value each shows never goes back up, and the winner, once shown, stays."""
+    first, second = start_proxy(), start_proxy()
+    plan = first.app.catalog.plans[EXP]
+    stages = [(3.0, 3.15, 200), (3.0, 3.25, 600), (3.0, 3.2, 1200), (3.05, 3.15, 2400), (3.1, 3.17, 4800)]
+    shown, welch = [], []
+    for index, (control, treatment, n) in enumerate(stages):
+        _seed(redis_client, plan, {"basic": (control, 1.0, n), "professional": (treatment, 1.0, n)})
+        body = live(first if index % 2 == 0 else second)
+        metric = body["variants"][1]["metrics"]["feedback.satisfaction"]
+        shown.append((metric["p_value"], body["winner"]))
+        welch.append(metric["welch_p_value"])
+        assert body["warnings"] == [], body["warnings"]
+    assert welch[-1] > welch[2], "the evidence weakens: a fresh look's p-value would go back up"
+    p_values = [p for p, _ in shown]
+    assert p_values == sorted(p_values, reverse=True), shown
+    winners = [w for _, w in shown]
+    assert "professional" in winners
+    assert all(w == "professional" for w in winners[winners.index("professional"):]), shown
+
+
 def test_a_write_redis_refuses_still_answers_from_the_state_saved_before(start_proxy: Any, redis_client: redis.Redis) -> None:
     proxy = start_proxy()
     plan = proxy.app.catalog.plans[EXP]
