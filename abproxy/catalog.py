@@ -40,8 +40,14 @@ class ExperimentPlan:
 
     @property
     def per_unit(self) -> bool:
-        """Whether per-unit sums are kept (users are randomised, not requests)."""
+        """Whether metrics are analysed per unit (users are randomised, not requests)."""
         return self.settings.unit == "user"
+
+    @property
+    def per_user_metrics(self) -> tuple[str, ...]:
+        """The metrics Redis keeps per-user sums of: every one when users are randomised; for
+        ``unit: request``, the primary one alone, for its design effect."""
+        return self.settings.metric_names if self.per_unit else (self.settings.primary,)
 
 
 class Catalog:

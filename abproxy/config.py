@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 """Experiment and variant names end up in Redis keys, MLflow names and Prometheus labels."""
@@ -149,11 +149,28 @@ class StatsSettings(_Strict):
 class FeedbackMetric(_Strict):
     min: float
     max: float
+    higher_is_better: bool = True
+    """False for a score that should go down (a complaint count, a rating of effort)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> FeedbackMetric:
         if self.max <= self.min:
             raise ValueError("max must be greater than min")
+        return self
+
+
+class GuardrailMargin(_Strict):
+    """How much worse than the control a winner may be on a guardrail metric: ``margin`` in the
+    metric's own units (0.02 is two percentage points of a rate), or ``relative_margin`` × the
+    control's mean; with neither, 1 percentage point for a rate, else 10% of the control's mean."""
+
+    margin: float | None = Field(None, gt=0)
+    relative_margin: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GuardrailMargin:
+        if self.margin is not None and self.relative_margin is not None:
+            raise ValueError("give margin or relative_margin, not both")
         return self
 
 
@@ -211,8 +228,10 @@ class Experiment(_Strict):
     match: Match = Match()
     unit: Literal["user", "request"] = "user"
     primary_metric: str | None = None
-    guardrails: list[str] = []
     feedback: dict[str, FeedbackMetric] = {}
+    guardrails: dict[str, GuardrailMargin] = {}
+    """Written as a list of metric names (default margins) or a mapping metric → margin;
+    ``feedback`` is validated first, so the metric names can be checked here."""
     mlflow_experiment: str | None = None
     variants: dict[str, Variant]
 
@@ -248,15 +267,45 @@ class Experiment(_Strict):
         _check_names(feedback, "feedback")
         return feedback
 
+    @field_validator("guardrails", mode="before")
+    @classmethod
+    def _guardrail_metrics(cls, value: Any, info: ValidationInfo) -> Any:
+        listed = isinstance(value, list)
+        if not listed and not isinstance(value, dict):
+            raise _PathError((), "must be a list of metric names, or a mapping of metric to {margin: …} or {relative_margin: …}")
+        known = BUILTIN_METRICS + tuple(f"feedback.{name}" for name in info.data.get("feedback", {}))
+        margins: dict[Any, Any] = {}
+        for index, (metric, margin) in enumerate(((m, {}) for m in value) if listed else value.items()):
+            where = (index,) if listed else (str(metric),)
+            if not isinstance(metric, str):
+                raise _PathError(where, "must be a metric name")
+            if metric not in known:
+                raise _PathError(where, f"unknown metric {metric!r}; one of {', '.join(known)}")
+            if metric in margins:
+                raise _PathError(where, f"{metric!r} is listed twice")
+            if margin is not None and not isinstance(margin, dict):
+                raise _PathError(where, "must be {margin: …} or {relative_margin: …} (or nothing, for the defaults)")
+            margins[metric] = {} if margin is None else margin
+        return margins
+
     @model_validator(mode="after")
     def _metrics_known(self) -> Experiment:
         known = self.metric_names
         if self.primary_metric is not None and self.primary_metric not in known:
             raise _PathError(("primary_metric",), f"unknown metric {self.primary_metric!r}; one of {', '.join(known)}")
-        for index, metric in enumerate(self.guardrails):
-            if metric not in known:
-                raise _PathError(("guardrails", index), f"unknown metric {metric!r}; one of {', '.join(known)}")
         return self
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Feedback scores go up unless declared otherwise; latency, tokens, cost and errors down."""
+        feedback = self.feedback.get(metric.removeprefix("feedback.")) if metric.startswith("feedback.") else None
+        return feedback.higher_is_better if feedback is not None else False
+
+    def is_rate(self, metric: str) -> bool:
+        """A 0/1 metric: ``error_rate``, or feedback scored within [0, 1]."""
+        if metric == "error_rate":
+            return True
+        feedback = self.feedback.get(metric.removeprefix("feedback.")) if metric.startswith("feedback.") else None
+        return feedback is not None and (feedback.min, feedback.max) == (0, 1)
 
 
 class Config(_Strict):

@@ -1,6 +1,7 @@
 """CPU time per proxied request: steadier than req/s on a machine whose speed drifts.
 
-    python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--rounds 3] [--compare DIR ...] [--traces]
+    python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--model bench|bench-per-request]
+                        [--rounds 3] [--compare DIR ...] [--traces]
 
 Under the same wrk load, reads how much CPU each proxy process (and abproxy's embedded Redis)
 used, from /proc, and divides by the requests wrk completed. ``--compare DIR`` adds abproxy run
@@ -88,6 +89,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--mode", choices=("json", "stream"), default="json")
+    ap.add_argument("--model", choices=("bench", "bench-per-request"), default="bench",
+                    help="the experiment: unit: user (default), or unit: request (requests carry a user)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", nargs="*", default=[], type=Path, help="other checkouts to measure beside this one")
     ap.add_argument("--traces", action="store_true", help="also abproxy with trace_sample_rate 0.05")
@@ -105,7 +108,7 @@ def main() -> int:
         for name, src, traces in runs:
             port = bench_run.free_port()
             proc = start_abproxy(bench, name, src, port, traces)
-            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", "bench", proc)
+            targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", args.model, proc)
         for url, model, _ in targets.values():
             bench_run.run_wrk(url, bench.scripts[(model, args.mode)], args.conns, 2.0)  # warm-up
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -116,7 +119,7 @@ def main() -> int:
                 results[name].append(measured)
                 line.append(f"{name} {measured['proxy_us']:.0f}+{measured['redis_us']:.0f} µs")
             print(f"round {round_number}: " + "; ".join(line), flush=True)
-        print(f"\nmedian CPU per request (proxy process + its Redis), {args.conns} connections, {args.mode}:")
+        print(f"\nmedian CPU per request (proxy process + its Redis), {args.conns} connections, {args.mode}, {args.model}:")
         for name, rows in results.items():
             proxy = statistics.median(r["proxy_us"] for r in rows)
             redis = statistics.median(r["redis_us"] for r in rows)

@@ -163,3 +163,24 @@ class ServeProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+def about_zero(stats: dict[str, str], metric: str) -> dict[str, float]:
+    """One metric's counters in an arm's Redis hash, with the sums Redis keeps about the metric's
+    shift ``m|k`` moved back to 0 (exact for integers): ``n``, ``s`` (Σx), ``q`` (Σx²), and the
+    per-unit ``uk``, ``uyy`` (Σ Y_u²), ``unn`` (Σ N_u²), ``uyn`` (Σ Y_u·N_u)."""
+    def get(part: str) -> float:
+        return float(stats.get(f"{metric}|{part}", 0))
+
+    k, n = get("k"), get("n")
+    t = get("t") if k else get("s")
+    uyy, unn, uyn = get("uyy"), get("unn"), get("uyn")
+    return {
+        "n": n,
+        "s": get("s"),
+        "q": get("q") + 2 * k * t + n * k * k,
+        "uk": get("uk"),
+        "uyy": uyy + 2 * k * uyn + k * k * unn,
+        "unn": unn,
+        "uyn": uyn + k * unn,
+    }

@@ -85,8 +85,44 @@ def test_unset_variable_without_default_names_the_key():
             "experiments.e.guardrails.1: unknown metric 'speed'",
         ),
         (
+            {"experiments": {"e": {"guardrails": {"error_rate": {"margin": 0}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.error_rate.margin: must be > 0",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": {"latency_ms": {"relative_margin": -0.1}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.latency_ms.relative_margin: must be > 0",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": {"speed": {"margin": 1}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.speed: unknown metric 'speed'",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": {"error_rate": {"margin": 0.01, "relative_margin": 0.1}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.error_rate: give margin or relative_margin, not both",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": {"error_rate": {"margn": 0.01}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.error_rate.margn: unknown key",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": {"error_rate": 0.01}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.error_rate: must be {margin: …} or {relative_margin: …}",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": "error_rate", "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails: must be a list of metric names, or a mapping",
+        ),
+        (
+            {"experiments": {"e": {"guardrails": ["error_rate", "error_rate"], "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.guardrails.1: 'error_rate' is listed twice",
+        ),
+        (
             {"experiments": {"e": {"feedback": {"s": {"min": 5, "max": 1}}, "variants": {"a": {}, "b": {}}}}},
             "experiments.e.feedback.s: max must be greater than min",
+        ),
+        (
+            {"experiments": {"e": {"feedback": {"s": {"min": 0, "max": 1, "higher_is_better": "sometimes"}}, "variants": {"a": {}, "b": {}}}}},
+            "experiments.e.feedback.s.higher_is_better: Input should be a valid boolean",
         ),
         (
             {"experiments": {"e": {"match": {"model": "m"}, "variants": {"a": {}, "b": {"model": "x"}}}}},
@@ -113,6 +149,30 @@ def test_invalid_values_name_the_dotted_path(data, expected):
         parse_config(data, {})
         return
     assert expected in _problem(data)
+
+
+def test_guardrails_as_names_or_margins_and_feedback_direction():
+    config = parse_config(
+        {
+            "experiments": {
+                "e": {
+                    "feedback": {"effort": {"min": 1, "max": 7, "higher_is_better": False}, "thumbs": {"min": 0, "max": 1}},
+                    "guardrails": {"error_rate": {"margin": 0.02}, "latency_ms": {"relative_margin": 0.05}, "feedback.thumbs": None},
+                    "variants": {"a": {}, "b": {}},
+                },
+                "f": {"guardrails": ["error_rate", "latency_ms"], "variants": {"a": {}, "b": {}}},
+            }
+        },
+        {},
+    )
+    e, f = config.experiments["e"], config.experiments["f"]
+    assert list(e.guardrails) == ["error_rate", "latency_ms", "feedback.thumbs"]
+    assert e.guardrails["error_rate"].margin == 0.02 and e.guardrails["latency_ms"].relative_margin == 0.05
+    assert e.guardrails["feedback.thumbs"].margin is None and e.guardrails["feedback.thumbs"].relative_margin is None
+    assert list(f.guardrails) == ["error_rate", "latency_ms"]
+    assert not e.higher_is_better("feedback.effort") and e.higher_is_better("feedback.thumbs")
+    assert not e.higher_is_better("latency_ms") and not e.higher_is_better("error_rate")
+    assert e.is_rate("error_rate") and e.is_rate("feedback.thumbs") and not e.is_rate("feedback.effort")
 
 
 def test_check_config_cli_exits_2_with_the_path(tmp_path):

@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 from helpers import assert_error_shape
-from helpers import metrics_text, sample
+from helpers import about_zero, metrics_text, sample
 
 from abproxy.app import REQUEST_FACING_REDIS_TIMEOUT_S, open_redis
 from abproxy.recording import store
@@ -113,7 +113,7 @@ def test_feedback_by_request_id_right_after_the_response(proxy: Any, redis_clien
     stats = arm_stats(redis_client, arm_ids(proxy)[variant])
     assert int(stats["feedback.satisfaction|n"]) == 1
     assert num(stats, "feedback.satisfaction|s") == 4
-    assert num(stats, "feedback.satisfaction|q") == 16
+    assert about_zero(stats, "feedback.satisfaction")["q"] == 16
     live = json.loads(urllib.request.urlopen(f"{proxy.url}/abproxy/experiments/{EXP}", timeout=5).read())
     mine = next(v for v in live["variants"] if v["name"] == variant)
     assert mine["metrics"]["feedback.satisfaction"]["n"] == 1
@@ -251,7 +251,7 @@ def test_posting_again_replaces_the_score(proxy: Any, redis_client: redis.Redis)
     stats = arm_stats(redis_client, arm)
     assert int(stats["feedback.satisfaction|n"]) == 1
     assert num(stats, "feedback.satisfaction|s") == 5
-    assert num(stats, "feedback.satisfaction|q") == 25
+    assert about_zero(stats, "feedback.satisfaction")["q"] == 25
     assert feedback_hist(redis_client, arm, "satisfaction") == {bucket_of(5.0): 1}
 
     status, thumbs = post_feedback(proxy, {"request_id": request_id, "name": "thumbs", "score": 1})
@@ -261,10 +261,9 @@ def test_posting_again_replaces_the_score(proxy: Any, redis_client: redis.Redis)
     assert int(stats["feedback.satisfaction|n"]) == 1 and num(stats, "feedback.satisfaction|s") == 5
 
     # per-unit sums (unit: user) also moved, not added: one unit, Y = 5, N = 1
-    assert int(float(stats["feedback.satisfaction|uk"])) == 1
-    assert num(stats, "feedback.satisfaction|uyy") == 25
-    assert num(stats, "feedback.satisfaction|unn") == 1
-    assert num(stats, "feedback.satisfaction|uyn") == 5
+    sums = about_zero(stats, "feedback.satisfaction")
+    assert int(sums["uk"]) == 1
+    assert (sums["uyy"], sums["unn"], sums["uyn"]) == (25, 1, 5)
 
 
 def test_random_posts_and_replacements_match_brute_force(proxy: Any, redis_client: redis.Redis) -> None:
@@ -303,7 +302,7 @@ def test_random_posts_and_replacements_match_brute_force(proxy: Any, redis_clien
             metric = f"feedback.{name}"
             assert int(stats.get(f"{metric}|n", 0)) == len(scores), (variant, name)
             assert num(stats, f"{metric}|s") == sum(scores.values())
-            assert math.isclose(num(stats, f"{metric}|q"), sum(s * s for s in scores.values()), abs_tol=1e-9)
+            assert math.isclose(about_zero(stats, metric)["q"], sum(s * s for s in scores.values()), abs_tol=1e-9)
             expected_hist = collections.Counter(bucket_of(float(s)) for s in scores.values())
             assert feedback_hist(redis_client, arm, name) == dict(expected_hist)
             # per unit: Y_u = sum of u's final scores, N_u = how many of u's requests have one
@@ -312,10 +311,11 @@ def test_random_posts_and_replacements_match_brute_force(proxy: Any, redis_clien
             for i, score in scores.items():
                 y[requests[i]["user"]] += score
                 n[requests[i]["user"]] += 1
-            assert int(float(stats.get(f"{metric}|uk", 0))) == len(n)
-            assert math.isclose(num(stats, f"{metric}|uyy"), sum(v * v for v in y.values()), abs_tol=1e-9)
-            assert num(stats, f"{metric}|unn") == sum(v * v for v in n.values())
-            assert math.isclose(num(stats, f"{metric}|uyn"), sum(y[u] * n[u] for u in n), abs_tol=1e-9)
+            sums = about_zero(stats, metric)
+            assert int(sums["uk"]) == len(n)
+            assert math.isclose(sums["uyy"], sum(v * v for v in y.values()), abs_tol=1e-9)
+            assert sums["unn"] == sum(v * v for v in n.values())
+            assert math.isclose(sums["uyn"], sum(y[u] * n[u] for u in n), abs_tol=1e-9)
         # feedback never changes the request counters
         users = {r["user"] for r in requests if r["variant"] == variant}
         assert len(users) > 1

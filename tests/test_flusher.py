@@ -127,6 +127,7 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
     assert summary.data.tags["abproxy.role"] == "summary"
     assert summary.data.tags["abproxy.status"] == "winner"
     assert summary.data.tags["abproxy.winner"] == "professional"
+    assert summary.data.tags["abproxy.warnings"] == "none"
     assert "srm_p_value" in summary.data.metrics
     assert summary.data.metrics["srm_p_value"] == pytest.approx(before["srm"]["p_value"])
 
@@ -421,9 +422,11 @@ def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
 
 
 @pytest.mark.slow
-def test_a_flush_that_lost_its_lock_keeps_no_state(
+def test_a_flush_that_lost_its_lock_keeps_no_run_ids(
     redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
 ) -> None:
+    """Its run ids are not kept (a later flush may have written others); the always-valid state
+    was kept by the look itself, before MLflow was written, as every look's is."""
     from abproxy.mlflow_sink.writer import MlflowWriter
 
     class SlowWriter(MlflowWriter):
@@ -435,15 +438,37 @@ def test_a_flush_that_lost_its_lock_keeps_no_state(
             return written
 
     config = make_config(upstream_url, mlflow=mlflow_settings(uri))
+    for name, mean in (("basic", 3.0), ("professional", 3.2)):
+        arm = Catalog(config).plans[EXP].arms[name].arm_id
+        q = 99 + 100 * mean * mean  # one request per user, sd 1
+        moments = {"n": 100, "s": 100 * mean, "q": q, "uk": 100, "uyy": q, "unn": 100, "uyn": 100 * mean}
+        redis_client.hset(store.stats_key(EXP, arm), mapping={f"feedback.satisfaction|{k}": v for k, v in moments.items()})
     report = flush_once(redis_server.url, config, writer_factory=SlowWriter)
     assert report.experiments[EXP]["kept"] is False
     assert redis_client.hgetall(store.runs_key(EXP)) == {}
+    assert redis_client.hlen(store.sequential_key(EXP)) > 0
     assert redis_client.get(LOCK_KEY) == "a-later-flusher"  # not released by the one that lost it
 
     redis_client.delete(LOCK_KEY)
     again = flush_once(redis_server.url, config)
     assert "kept" not in again.experiments[EXP]
     assert len(search(uri)) == 3  # the runs of the unkept flush are found again, not duplicated
+
+
+@pytest.mark.slow
+def test_warnings_reach_the_summary_run_as_a_tag(
+    redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
+) -> None:
+    config = make_config(upstream_url, mlflow=mlflow_settings(uri))
+    arm = Catalog(config).plans[EXP].arms["professional"].arm_id
+    redis_client.hset(store.stats_key(EXP, arm), mapping={"requests": 5, "feedback.satisfaction|n": "nan"})
+    report = flush_once(redis_server.url, config)
+    assert report.experiments[EXP]["status"] == "collecting"
+    summary = runs_by_name(uri)["summary"]
+    assert summary.data.tags["abproxy.warnings"] == "corrupt_counters"
+    assert json.loads(artifact_text(uri, summary.info.run_id, "report.json"))["corrupt"] == [
+        "professional/feedback.satisfaction|n"
+    ]
 
 
 # -- 5b. the MLflow side changed under the flusher ----------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from abproxy.config import Config, Experiment, Match, Price, UpstreamSettings, Variant
+from abproxy.config import Config, Experiment, FeedbackMetric, Match, Price, UpstreamSettings, Variant
 from abproxy.simulation.demo_folder import viewing_commands
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -21,8 +21,10 @@ PLACEHOLDERS = {
     ("prices",): ("<model>", Price),
     ("experiments",): ("<name>", Experiment),
     ("experiments", "<name>", "variants"): ("<v>", Variant),
-    ("experiments", "<name>", "feedback"): ("<metric>", None),
+    ("experiments", "<name>", "feedback"): ("<metric>", FeedbackMetric),
 }
+# Fields documented together on their entry's own row (`feedback.<metric>`: `{min, max}`).
+TOGETHER = {FeedbackMetric: {"min", "max"}}
 INTERNAL = {"prompt_sources"}  # filled by abproxy, not written by users
 
 
@@ -46,6 +48,9 @@ def model_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[str]
             label, inner = placeholder
             if inner is None or inner is Price:
                 keys.add(".".join(path + (label,)))
+            elif inner in TOGETHER:
+                keys.add(".".join(path + (label,)))
+                keys |= {".".join(path + (label, name)) for name in inner.model_fields if name not in TOGETHER[inner]}
             else:
                 keys |= model_keys(inner, path + (label,))
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation is not Match:

@@ -32,7 +32,7 @@ from abproxy.catalog import Catalog
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
 from conftest import BASE_EXPERIMENTS, make_config
-from helpers import metrics_text, sample, wait_until
+from helpers import about_zero, metrics_text, sample, wait_until
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -780,14 +780,109 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
         assert int(stats.get("requests", 0)) == sum(len(t) for t in per_unit.values())
         ys = {u: sum(t) for u, t in per_unit.items()}
         ns = {u: len(t) for u, t in per_unit.items()}
-        assert int(float(stats["total_tokens|uk"])) == len(per_unit)
-        assert num(stats, "total_tokens|uyy") == sum(y * y for y in ys.values())
-        assert num(stats, "total_tokens|unn") == sum(n * n for n in ns.values())
-        assert num(stats, "total_tokens|uyn") == sum(ys[u] * ns[u] for u in ys)
-        assert num(stats, "total_tokens|s") == sum(ys.values())
+        # kept about each metric's shift (store.py); moved back to 0 here
+        tokens = about_zero(stats, "total_tokens")
+        assert int(tokens["uk"]) == len(per_unit)
+        assert tokens["uyy"] == pytest.approx(sum(y * y for y in ys.values()), rel=1e-12)
+        assert tokens["unn"] == sum(n * n for n in ns.values())
+        assert tokens["uyn"] == pytest.approx(sum(ys[u] * ns[u] for u in ys), rel=1e-12)
+        assert tokens["s"] == sum(ys.values())
         # error_rate: Y_u = 0 for everyone, N_u = u's requests
-        assert num(stats, "error_rate|uyy") == 0
-        assert num(stats, "error_rate|unn") == sum(n * n for n in ns.values())
+        errors = about_zero(stats, "error_rate")
+        assert errors["uyy"] == pytest.approx(0, abs=1e-9)
+        assert errors["unn"] == sum(n * n for n in ns.values())
         # TTFT only from streams: users whose first batch had none gain it in the second
-        assert int(float(stats["ttft_ms|uk"])) == sum(1 for c in streams.values() if c)
-        assert num(stats, "ttft_ms|unn") == sum(c * c for c in streams.values())
+        ttft = about_zero(stats, "ttft_ms")
+        assert int(ttft["uk"]) == sum(1 for c in streams.values() if c)
+        assert ttft["unn"] == sum(c * c for c in streams.values())
+
+
+# -- 11. precision: values around 1e8–1e12 -------------------------------------------------------------
+
+
+def _apply_batches(client: redis.Redis, experiment: str, arm_id: str, batches: list[Any]) -> store.ArmCounters:
+    """Each batch through the recorder's own reduction and Lua script, then read back."""
+    for index, batch in enumerate(batches):
+        payload = {"records": [], "arms": [batch.payload(experiment, arm_id)]}
+        client.eval(
+            store.RECORD_BATCH_LUA, 1, store.batch_key(experiment, f"precision-{index}"),
+            json.dumps(payload), 60, 60, 60,
+        )  # fmt: skip
+    return store.parse_arm(arm_id, client.hgetall(store.stats_key(experiment, arm_id)), {})
+
+
+@pytest.mark.parametrize("level", [1e8, 1e10, 1e12])
+def test_variances_of_values_around_1e12_keep_their_digits_through_redis(redis_client: redis.Redis, level: float) -> None:
+    """Batches reduce about their own mean, and Redis keeps the sums about each metric's shift,
+    so the variance, per request and per user, is what numpy finds on the values themselves."""
+    from abproxy.config import BUILTIN_METRICS
+    from abproxy.recording.aggregate import ArmBatch
+    from abproxy.stats.estimates import UnitSums, from_unit_sums
+
+    rng = __import__("numpy").random.default_rng(int(level) % 1000)
+    column = BUILTIN_METRICS.index("latency_ms")
+    users = [f"user-{i}" for i in range(40)]
+    values: list[float] = []
+    owners: list[str] = []
+    batches = []
+    for drift in (0.0, 3.0, -2.0):  # later batches centred elsewhere than the first
+        batch = ArmBatch("{}", counts_units=True, unit_metrics=BUILTIN_METRICS)
+        for _ in range(300):
+            user = users[int(rng.integers(len(users)))]
+            value = level + drift + float(rng.normal(0.0, 2.0))
+            row = [0.0] + [math.nan] * (len(BUILTIN_METRICS) - 1)
+            row[column] = value
+            batch.add(tuple(row), user)
+            values.append(value)
+            owners.append(user)
+        batches.append(batch)
+    counters = _apply_batches(redis_client, "precision", "a@1", batches)
+    latency = counters.metrics["latency_ms"]
+
+    deviations = [v - level for v in values]  # exact: Sterbenz
+    mean_dev = sum(deviations) / len(deviations)
+    expected = sum((d - mean_dev) ** 2 for d in deviations) / (len(deviations) - 1)
+    assert latency.moments.n == 900
+    assert latency.moments.variance == pytest.approx(expected, rel=1e-9)
+    assert latency.moments.mean - level == pytest.approx(mean_dev, abs=1e-9 * level)
+
+    per_user_y: dict[str, float] = collections.defaultdict(float)
+    per_user_n: dict[str, int] = collections.defaultdict(int)
+    for d, user in zip(deviations, owners, strict=True):
+        per_user_y[user] += d
+        per_user_n[user] += 1
+    ys = [per_user_y[u] for u in per_user_y]
+    ns = [float(per_user_n[u]) for u in per_user_y]
+    reference = from_unit_sums(
+        UnitSums(len(ys), sum(ys), sum(ns), sum(y * y for y in ys), sum(n * n for n in ns), sum(y * n for y, n in zip(ys, ns)), level)
+    )
+    got = from_unit_sums(
+        UnitSums(latency.units, latency.moments.total, latency.moments.n, latency.unit_yy, latency.unit_nn, latency.unit_yn, latency.moments.shift)
+    )
+    assert latency.units == len(ys) and counters.units == len(ys)
+    assert got.variance_of_mean == pytest.approx(reference.variance_of_mean, rel=1e-8)
+    assert got.mean - level == pytest.approx(reference.mean - level, abs=1e-9 * level)
+
+
+def test_a_feedback_scale_around_1e12_keeps_its_variance(start_proxy: Any, redis_client: redis.Redis) -> None:
+    experiments = copy.deepcopy(BASE_EXPERIMENTS)
+    experiments["translation"]["feedback"]["revenue"] = {"min": 1e12 - 1e4, "max": 1e12 + 1e4}
+    big = start_proxy(experiments=experiments)
+    client = big.client()
+    scores = [1e12 + 0.5 * i - 7.25 for i in range(40)]
+    posted: dict[str, list[float]] = collections.defaultdict(list)
+    for i, score in enumerate(scores):
+        raw = client.chat.completions.with_raw_response.create(model="translation", messages=user_msg(f"n {i}"), user=f"rev-{i}")
+        status = urllib.request.urlopen(urllib.request.Request(
+            f"{big.url}/v1/feedback", method="POST", headers={"content-type": "application/json"},
+            data=json.dumps({"request_id": raw.headers["x-abproxy-request-id"], "name": "revenue", "score": score}).encode(),
+        ), timeout=5).status  # fmt: skip
+        assert status == 200
+        posted[raw.headers["x-abproxy-variant"]].append(score)
+    for variant, arm in arm_ids(big).items():
+        counters = store.parse_arm(arm, arm_stats(redis_client, arm), {})
+        mine = posted[variant]
+        deviations = [s - 1e12 for s in mine]
+        mean = sum(deviations) / len(deviations)
+        expected = sum((d - mean) ** 2 for d in deviations) / (len(deviations) - 1)
+        assert counters.metrics["feedback.revenue"].moments.variance == pytest.approx(expected, rel=1e-9)

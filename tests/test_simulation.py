@@ -1,9 +1,12 @@
-"""Simulations of the statistics core (fixed seeds, reproducible; well under a minute).
+"""Simulations of the statistics core (fixed seeds, reproducible; well under a minute): Johari
+et al.'s centred mixture N(0, (0.3σ)²) on its own — the fallback of ``msprt`` when the MDE gives
+no effect size — and the per-user delta method. The verdict as abproxy reaches it (the mixture
+tuned to ``stats.mde``, guardrails, the kept state) is simulated in test_verdict_simulation.py.
 
 Measured with the seeds in this file (RHO = 0.3, α = 0.05), `pytest -s` prints them again:
 
 * A/A with peeking, 1,000 experiments × 20 looks of 50 per arm (normal data): the sequential
-  path (msprt + running minimum, what ``decide(sequential=True)`` does) ever declares
+  path (msprt + running minimum) ever declares
   significance in 0.017 of experiments (bound 0.05 + 3·sqrt(0.05·0.95/1000) = 0.0707; mean over
   five other seeds 0.013); naive fixed-horizon Welch at every look in 0.258 (≈ 0.25 over seeds).
   RHO = 0.2 / 0.5 on the same data: 0.016 / 0.010.
@@ -47,7 +50,7 @@ def cumulative_looks(rng: np.random.Generator, sims: int, looks: list[int], effe
 
 
 def sequential_ever_rejects(n, s, q, alpha=ALPHA, rho=None) -> np.ndarray:
-    """The sequential path of decide(): msprt at every look, the running minimum p-value."""
+    """msprt with the centred mixture at every look, the running minimum p-value."""
     kwargs = {} if rho is None else {"rho": rho}
     sims, _, looks = s.shape
     ever = np.zeros(sims, dtype=bool)

@@ -1,51 +1,140 @@
 """From an experiment's counters to the statistics core's inputs, its verdict, and the typed
 results everything downstream reads: which estimate each metric gets (per request, per unit, or
-as a proportion) and which way is better. Pure: the counters are read elsewhere."""
+as a proportion), which way is better, the guardrails' margins, and what the look leaves for
+the next one to extend. Pure: the counters and the kept state are read (and the state saved)
+in live.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from abproxy.analysis.state import KeptState, StateUpdate, Winner
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
-from abproxy.stats.decisions import SRM_THRESHOLD
-from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
-from abproxy.stats.estimates import interval as estimate_interval
-from abproxy.stats.histogram import quantiles
-from abproxy.stats.results import ExperimentResult, MetricSummary, SampleRatio, VariantResult
-from abproxy.stats.sequential import RunningState
-from abproxy.stats.verdict import ArmInput, MetricResult, Policy, Verdict, decide
-
-PERCENTILES = (0.5, 0.95, 0.99)
 from abproxy.recording import store
 from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.stats.decisions import SRM_THRESHOLD, samples_per_arm
+from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
+from abproxy.stats.estimates import interval as estimate_interval
+from abproxy.stats.guardrails import DEFAULT_RATE_MARGIN, Guardrail
+from abproxy.stats.histogram import quantiles
+from abproxy.stats.power import sequential_samples_per_arm
+from abproxy.stats.results import ExperimentResult, MetricSummary, SampleRatio, VariantResult
+from abproxy.stats.sequential import default_mixture
+from abproxy.stats.verdict import COLLECTING, WINNER, ArmInput, MetricResult, Policy, StateKey, Verdict, decide
 
-
-def higher_is_better(metric: str) -> bool:
-    """Feedback scores should go up; latency, tokens, cost and errors down."""
-    return metric.startswith("feedback.")
+PERCENTILES = (0.5, 0.95, 0.99)
+POWER = 0.8
+DESIGN_EFFECT_WARNING = 1.5
+"""Above this, a ``unit: request`` experiment's users' requests are too correlated to pass as
+independent (the per-request intervals of the means are too narrow by its square root)."""
+UNITS_CORRELATED, CORRUPT_COUNTERS, STATE_NOT_SAVED = "units_correlated", "corrupt_counters", "state_not_saved"
 
 
 def _is_binary(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> bool:
     if metric == "error_rate":
         return True
-    if metric.startswith("feedback."):
-        bounds = plan.settings.feedback.get(metric.removeprefix("feedback."))
-        return bounds is not None and (bounds.min, bounds.max) == (0, 1) and counters.moments.total == counters.moments.total_squares
-    return False
+    if not plan.settings.is_rate(metric):
+        return False
+    # 0/1 scores only (a [0, 1] scale may carry 0.5): then Σx = Σx²
+    moments = counters.moments
+    sum_squares = moments.total_squares + moments.shift * (2 * moments.total + moments.n * moments.shift)
+    return abs(moments.sum - sum_squares) <= 1e-9 * max(1.0, moments.n)
 
 
 def estimate(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> Estimate | None:
+    if counters.corrupt:
+        return None
+    moments = counters.moments
     if plan.per_unit:
-        moments = counters.moments
         return from_unit_sums(
-            UnitSums(counters.units, moments.total, moments.n, counters.unit_yy, counters.unit_nn, counters.unit_yn)
+            UnitSums(
+                counters.units, moments.total, moments.n, counters.unit_yy, counters.unit_nn, counters.unit_yn, moments.shift
+            )
         )
     if _is_binary(plan, metric, counters):
-        return proportion_from_moments(counters.moments)
-    return from_moments(counters.moments)
+        return proportion_from_moments(moments)
+    return from_moments(moments)
+
+
+def design_effect(plan: ExperimentPlan, counters: Mapping[str, ArmCounters]) -> float | None:
+    """``unit: request`` with users: the variance of the primary metric's mean counted per user
+    (the delta method on per-user sums) over that counted per request, pooled over the arms —
+    Kish's design effect, 1 + (m − 1)·ICC for users of m requests each. None when no user sent
+    more than one request."""
+    if plan.per_unit:
+        return None
+    metric = plan.settings.primary
+    per_user = per_request = 0.0
+    for arm in plan.arms.values():
+        found = counters[arm.arm_id].metrics.get(metric)
+        if found is None or found.corrupt or not 0 < found.units < found.moments.n:
+            continue
+        moments = found.moments
+        grouped = from_unit_sums(
+            UnitSums(found.units, moments.total, moments.n, found.unit_yy, found.unit_nn, found.unit_yn, moments.shift)
+        )
+        single = estimate(plan, metric, found)
+        if grouped is None or single is None:
+            continue
+        per_user += grouped.variance_of_mean
+        per_request += single.variance_of_mean
+    return per_user / per_request if per_request > 0 else None
+
+
+def guardrails(plan: ExperimentPlan) -> tuple[Guardrail, ...]:
+    """The configured guardrails with their margins: as written, else 1 percentage point for a
+    rate and 10% of the control's mean for anything else."""
+    settings = plan.settings
+    found = []
+    for metric, margin in settings.guardrails.items():
+        if margin.margin is None and margin.relative_margin is None and settings.is_rate(metric):
+            found.append(Guardrail(metric, margin=DEFAULT_RATE_MARGIN))
+        else:
+            found.append(Guardrail(metric, margin.margin, margin.relative_margin))
+    return tuple(found)
+
+
+def policy_for(plan: ExperimentPlan, config: Config) -> Policy:
+    return Policy(
+        primary=plan.settings.primary,
+        guardrails=guardrails(plan),
+        higher_is_better=plan.settings.higher_is_better,
+        alpha=config.stats.alpha,
+        min_samples=config.stats.min_samples,
+        sequential=config.stats.sequential,
+        mde=config.stats.mde,
+    )
+
+
+def decision_context(plan: ExperimentPlan, policy: Policy) -> str:
+    """A short hash of what a winner is decided on: a declared winner holds only while these stay."""
+    described = {
+        "primary": policy.primary,
+        "control": plan.arms[plan.settings.control_name].arm_id,
+        "guardrails": [[g.metric, g.margin, g.relative_margin] for g in policy.guardrail_specs],
+        "alpha": policy.alpha,
+        "mde": policy.mde,
+        "sequential": policy.sequential,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def state_keys(plan: ExperimentPlan) -> dict[str, StateKey]:
+    """Every running state a look may keep, by its field in Redis: each treatment against the
+    control on every metric, and each pair of treatments on the primary metric."""
+    settings = plan.settings
+    control = settings.control_name
+    treatments = sorted(name for name in plan.arms if name != control)
+    keys: list[StateKey] = [(name, control, metric) for name in treatments for metric in settings.metric_names]
+    keys += [(later, earlier, settings.primary) for earlier, later in itertools.combinations(treatments, 2)]
+    return {store.sequential_field(plan.arms[a].arm_id, plan.arms[b].arm_id, metric): (a, b, metric) for a, b, metric in keys}
 
 
 @dataclass(frozen=True)
@@ -53,16 +142,39 @@ class Analysis:
     verdict: Verdict
     estimates: dict[str, dict[str, Estimate | None]]
     """variant → metric → estimate."""
+    policy: Policy
+    update: StateUpdate
+    """What this look asks Redis to keep."""
+    answered: Winner
+    """The winner record this answer stands on: what Redis keeps once ``update`` is merged."""
+    warnings: tuple[str, ...] = ()
+    corrupt: tuple[str, ...] = ()
+    design_effect: float | None = None
 
 
-def sequential_state_field(plan: ExperimentPlan, variant: str, metric: str) -> str:
-    """Where a treatment's running always-valid p-value is kept (see :func:`store.sequential_field`)."""
-    return store.sequential_field(plan.arms[variant].arm_id, plan.arms[plan.settings.control_name].arm_id, metric)
+def _corrupt(plan: ExperimentPlan, counters: Mapping[str, ArmCounters]) -> tuple[list[str], bool]:
+    """``variant/counter`` of every counter that is not a finite number, and whether one of them
+    is one a verdict would rest on (the primary metric, a guardrail, the assignment counts)."""
+    deciding = {plan.settings.primary, *plan.settings.guardrails, "requests", "units"}
+    found, decisive = [], False
+    for name, arm in plan.arms.items():
+        for counter in counters[arm.arm_id].corrupt:
+            found.append(f"{name}/{counter}")
+            metric = counter.split("|", 1)[0]
+            decisive |= metric in deciding
+    return found, decisive
 
 
 def analyse(
-    plan: ExperimentPlan, config: Config, counters: Mapping[str, ArmCounters], sequential_state: Mapping[str, str]
+    plan: ExperimentPlan,
+    config: Config,
+    counters: Mapping[str, ArmCounters],
+    kept: KeptState | None = None,
+    extend: bool = True,
 ) -> Analysis:
+    """One look: the verdict on the counters and on what earlier looks kept (None: nothing yet).
+    ``extend=False``: on the kept state alone, adding nothing of this look's (see :func:`decide`)."""
+    kept = kept if kept is not None else KeptState()
     settings = plan.settings
     estimates: dict[str, dict[str, Estimate | None]] = {}
     arms = []
@@ -81,23 +193,37 @@ def analyse(
                 estimates=estimates[name],
             )
         )
-    previous = {}
-    for name in plan.arms:
-        for metric in settings.metric_names:
-            stored = sequential_state.get(sequential_state_field(plan, name, metric))
-            state = RunningState.decode(stored) if stored is not None else None
-            if state is not None:
-                previous[(name, metric)] = state
-    policy = Policy(
-        primary=settings.primary,
-        guardrails=settings.guardrails,
-        higher_is_better=higher_is_better,
-        alpha=config.stats.alpha,
-        min_samples=config.stats.min_samples,
-        sequential=config.stats.sequential,
-        mde=config.stats.mde,
+    keys = state_keys(plan)
+    previous = {keys[name]: state for name, state in kept.running.items() if name in keys}
+    policy = policy_for(plan, config)
+    context = decision_context(plan, policy)
+    by_arm_id = {arm.arm_id: name for name, arm in plan.arms.items()}
+    declared = by_arm_id.get(kept.winner.arm or "") if kept.winner.context == context else None
+    verdict = decide(arms, policy, previous, declared, extend)
+
+    corrupt, decisive = _corrupt(plan, counters)
+    deff = design_effect(plan, counters)
+    warnings = list(verdict.warnings)
+    if deff is not None and deff > DESIGN_EFFECT_WARNING:
+        warnings.append(UNITS_CORRELATED)
+    if corrupt:
+        warnings.append(CORRUPT_COUNTERS)
+    if decisive:
+        verdict = dataclasses.replace(verdict, status=COLLECTING, winner=None)
+
+    fields = {key: name for name, key in keys.items()}
+    proposal = None
+    if verdict.status == WINNER and verdict.winner is not None and verdict.winner != declared:
+        proposal = plan.arms[verdict.winner].arm_id
+    update = StateUpdate(
+        running={fields[key]: state for key, state in verdict.running.items()},
+        fields=tuple(keys),
+        expected_generation=kept.winner.generation,
+        winner=proposal,
+        context=context,
     )
-    return Analysis(decide(arms, policy, previous), estimates)
+    answered = Winner(proposal, kept.winner.generation + 1, context) if proposal else kept.winner
+    return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff)
 
 
 def metric_summary(
@@ -108,7 +234,7 @@ def metric_summary(
     comparison = result.comparison if result else None
     return MetricSummary(
         n=int(moments.n),
-        sum=moments.total,
+        sum=moments.sum,
         mean=moments.mean,
         std=moments.variance**0.5 if moments.variance is not None else None,
         p50=p50,
@@ -116,12 +242,78 @@ def metric_summary(
         p99=p99,
         ci=interval,
         lift=comparison.lift if comparison else None,
-        lift_ci=comparison.lift_ci if comparison else None,
+        lift_ci=result.lift_ci if result else None,
         difference_ci=result.difference_ci if result else None,
         p_value=result.p_value if result else None,
         welch_p_value=comparison.p_value if comparison else None,
         adjusted_p_value=result.adjusted_p if result else None,
+        margin=result.margin if result else None,
+        non_inferior=result.non_inferior if result else None,
     )
+
+
+def _needed_per_arm(policy: Policy, metric: str, base: Estimate, other: Estimate, gap: float, alpha: float) -> float | None:
+    """Samples per arm at which ``gap`` would be detected (or, for a guardrail, the margin
+    cleared) with 80% probability, on the boundary the test actually uses."""
+    variance = base.observation_variance + other.observation_variance
+    if not policy.sequential:
+        return samples_per_arm(variance / 2, gap, alpha, POWER) if gap > 0 else None
+    mixture = policy.mixture(metric, base) or default_mixture(base, other)
+    return sequential_samples_per_arm(variance, gap, mixture, alpha, POWER)
+
+
+def _decided(result: MetricResult | None, alpha: float, effect: float) -> bool:
+    """Already significant either way, or already within ±effect: more samples change nothing."""
+    if result is None:
+        return False
+    p_value = result.adjusted_p if result.adjusted_p is not None else result.p_value
+    interval = result.difference_ci
+    significant = p_value is not None and p_value < alpha and result.direction != 0
+    return significant or (interval is not None and -effect < interval[0] and interval[1] < effect)
+
+
+def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Per variant, the samples still needed to detect an effect of ``stats.mde`` on the primary
+    metric (the first Holm step's α: α / number of treatments), 0 once its comparison is decided;
+    per (treatment, guardrail) not yet shown non-inferior, the samples still needed to show it if
+    the difference stays as it is."""
+    policy, estimates = analysis.policy, analysis.estimates
+    base = estimates[control].get(policy.primary)
+    treatments = [name for name in estimates if name != control]
+    per_variant: dict[str, float] = {}
+    per_guardrail: dict[tuple[str, str], float] = {}
+    if base is not None and base.mean != 0 and treatments:
+        alpha = policy.alpha / len(treatments)
+        effect = policy.mde * abs(base.mean)
+        for name in treatments:
+            other = estimates[name].get(policy.primary)
+            if other is None:
+                continue
+            if _decided(analysis.verdict.arms[name].metrics.get(policy.primary), policy.alpha, effect):
+                per_variant[name] = 0.0
+                continue
+            total = _needed_per_arm(policy, policy.primary, base, other, effect, alpha)
+            if total is not None:
+                per_variant[name] = max(0.0, total - other.n)
+                per_variant[control] = max(per_variant.get(control, 0.0), total - base.n)
+        if per_variant:
+            per_variant.setdefault(control, 0.0)  # every treatment it is compared with is decided
+    for name in treatments:
+        for guardrail in policy.guardrail_specs:
+            result = analysis.verdict.arms[name].metrics.get(guardrail.metric)
+            g_base, g_other = estimates[control].get(guardrail.metric), estimates[name].get(guardrail.metric)
+            if result is None or result.non_inferior or result.margin is None or g_base is None or g_other is None:
+                continue
+            difference = g_other.mean - g_base.mean
+            harm = -difference if policy.higher_is_better(guardrail.metric) else difference
+            total = _needed_per_arm(policy, guardrail.metric, g_base, g_other, result.margin - harm, policy.alpha)
+            if total is not None:
+                per_guardrail[(name, guardrail.metric)] = max(0.0, total - min(g_base.n, g_other.n))
+    return per_variant, per_guardrail
+
+
+def _ceil(value: float | None) -> int | None:
+    return None if value is None or not math.isfinite(value) else math.ceil(value)
 
 
 def summarise(
@@ -130,10 +322,12 @@ def summarise(
     counters: Mapping[str, ArmCounters],
     analysis: Analysis,
     promoted: str | None = None,
+    extra_warnings: tuple[str, ...] = (),
 ) -> ExperimentResult:
     """The typed results of one look: every variant's numbers beside the verdict."""
     settings, verdict = plan.settings, analysis.verdict
     total_weight = sum(v.weight for v in settings.variants.values())
+    needed, guardrail_needed = samples_needed(analysis, settings.control_name)
     variants = []
     for name, arm in plan.arms.items():
         arm_counters = counters[arm.arm_id]
@@ -142,9 +336,12 @@ def summarise(
         for metric in settings.metric_names:
             estimate = analysis.estimates[name].get(metric)
             interval = estimate_interval(estimate, config.stats.alpha) if estimate is not None else None
-            metrics[metric] = metric_summary(
+            summary = metric_summary(
                 arm_counters.metrics.get(metric, MetricCounters()), arm_verdict.metrics.get(metric), interval
             )
+            if (name, metric) in guardrail_needed:
+                summary = dataclasses.replace(summary, samples_needed=_ceil(guardrail_needed[(name, metric)]))
+            metrics[metric] = summary
         variants.append(
             VariantResult(
                 name=name,
@@ -156,8 +353,9 @@ def summarise(
                 cancelled=arm_counters.cancelled,
                 units=arm_counters.units,
                 prob_best=arm_verdict.prob_best,
-                samples_needed=None if arm_verdict.samples_needed is None else math.ceil(arm_verdict.samples_needed),
+                samples_needed=_ceil(needed.get(name)),
                 metrics=metrics,
+                held_back_by=arm_verdict.held_back_by,
             )
         )
     srm = verdict.srm_p_value
@@ -173,4 +371,7 @@ def summarise(
         srm=SampleRatio(srm, None if srm is None else srm >= SRM_THRESHOLD),
         variants=tuple(variants),
         promoted=promoted,
+        warnings=tuple(dict.fromkeys(analysis.warnings + extra_warnings)),
+        corrupt=analysis.corrupt,
+        design_effect=analysis.design_effect,
     )

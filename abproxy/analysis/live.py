@@ -1,17 +1,36 @@
 """Live results of an experiment, from the counters in Redis (not from MLflow): the same
-numbers and verdict the flusher writes, computed on demand, off the request path."""
+numbers and verdict the flusher writes, computed on demand, off the request path.
+
+Every look — ``GET /abproxy/experiments/{name}``, ``abproxy report``, the gauges, the flush —
+saves its always-valid state and its winner in Redis before it answers, and answers from what
+Redis then keeps (analysis/state.py): looks by any replica, in any order, extend one sequence,
+so a p-value never goes back up and a declared winner keeps its name. MLflow plays no part.
+
+When Redis reads but refuses the write (out of memory, a read-only replica, a timeout), the
+look still answers, from the state saved before it alone, adding none of its own evidence, and
+says so (``state_not_saved``): nothing it shows can be taken back by the next look."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from abproxy.analysis.analyse import Analysis, analyse, summarise
+from redis.exceptions import RedisError
+
+from abproxy.analysis import state
+from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse, summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.recording import store
 from abproxy.recording.store import ArmCounters
 from abproxy.stats.results import ExperimentResult
+
+log = logging.getLogger("abproxy.analysis.live")
+
+SAVE_ATTEMPTS = 3
+"""Looks that raced another replica's re-decide on the merged state; more would be contention
+no deployment has (each attempt is one script call)."""
 
 
 @dataclass(frozen=True)
@@ -21,17 +40,44 @@ class Snapshot:
     plan: ExperimentPlan
     counters: dict[str, ArmCounters]
     analysis: Analysis
-    sequential_state: dict[str, str]
+    kept: state.KeptState
+    """The state in Redis after this look."""
     result: ExperimentResult
+
+
+async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> state.KeptState:
+    encoded = {name: running.encode() for name, running in update.running.items()}
+    states = [(name, encoded.get(name, "")) for name in update.fields]
+    raw_states, raw_winner = await store.save_state(
+        redis, plan.name, states, update.expected_generation, update.winner, update.context
+    )
+    return state.decode(raw_states, raw_winner)
 
 
 async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Snapshot:
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
     with store.reachable():
-        counters, state = await store.read_experiment(redis, plan.name, arm_ids)
+        counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids)
         promoted = (await store.read_promotions(redis, [plan.name])).get(plan.name)
-    analysis = analyse(plan, config, counters, state)
-    return Snapshot(plan, counters, analysis, state, summarise(plan, config, counters, analysis, promoted))
+    kept = state.decode(raw_states, raw_winner)
+    warnings: tuple[str, ...] = ()
+    for _ in range(SAVE_ATTEMPTS):
+        analysis = analyse(plan, config, counters, kept)
+        try:
+            saved = await _save(redis, plan, analysis.update)
+        except (RedisError, OSError) as error:
+            log.warning("could not save experiment %s's always-valid state (%s: %s); answering from the saved one",
+                        plan.name, type(error).__name__, error)  # fmt: skip
+            analysis = analyse(plan, config, counters, kept, extend=False)
+            warnings = (STATE_NOT_SAVED,)
+            break
+        if state.agrees(saved, analysis.update, analysis.answered):
+            kept = saved
+            break
+        kept = saved  # another look came in between: decide again on what Redis keeps now
+    else:
+        analysis = analyse(plan, config, counters, kept, extend=False)
+    return Snapshot(plan, counters, analysis, kept, summarise(plan, config, counters, analysis, promoted, warnings))
 
 
 async def experiment_results(redis: Any, config: Config, plan: ExperimentPlan) -> ExperimentResult:

@@ -74,10 +74,37 @@ def headline(result: ExperimentResult) -> str:
     srm_text = f"SRM p={_p(srm)}" if srm is not None else "SRM: not enough data"
     test = "always-valid (sequential)" if result.sequential else "fixed-horizon Welch"
     promoted = f", promoted={result.promoted} (serving all new traffic)" if result.promoted else ""
+    warnings = f", WARNINGS: {', '.join(result.warnings)}" if result.warnings else ""
     return (
-        f"{result.experiment}: status={result.status}, winner={result.winner or 'none'}{promoted} "
+        f"{result.experiment}: status={result.status}, winner={result.winner or 'none'}{promoted}{warnings} "
         f"(primary {result.primary_metric}, {test} p-values, unit={result.unit}, {srm_text})"
     )
+
+
+_EXPLAINED = {
+    "effect_drift": "effect_drift: the looks contradict each other, the effect moved over time; collecting on, "
+    "no conclusion from this evidence",
+    "units_correlated": "units_correlated: a user's requests are correlated (design effect {deff}); consider unit: user",
+    "corrupt_counters": "corrupt_counters: counters that are not numbers, left out of every verdict: {corrupt}",
+    "state_not_saved": "state_not_saved: Redis refused this look's always-valid state; shown: the state saved before",
+}
+
+
+def notes(result: ExperimentResult) -> list[str]:
+    """What the table cannot say: guardrails holding a variant back, and each warning."""
+    lines = []
+    for variant in result.variants:
+        for metric in variant.held_back_by:
+            summary = variant.metric(metric)
+            more = f", about {summary.samples_needed:,} more samples per arm" if summary.samples_needed is not None else ""
+            lines.append(
+                f"{variant.name}: better on {result.primary_metric}, held back by guardrail {metric} "
+                f"(harm beyond {_fmt(summary.margin, 4)} not yet ruled out{more})"
+            )
+    deff = "-" if result.design_effect is None else f"{result.design_effect:.2f}"
+    for warning in result.warnings:
+        lines.append(_EXPLAINED.get(warning, warning).format(deff=deff, corrupt=", ".join(result.corrupt)))
+    return lines
 
 
 def markdown(result: ExperimentResult) -> str:
@@ -85,6 +112,7 @@ def markdown(result: ExperimentResult) -> str:
     lines = [f"### {headline(result)}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "`*` marks the winner. p: versus the control on the primary metric, Holm-adjusted across variants."]
+    lines += [f"- {line}" for line in notes(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +121,7 @@ def terminal(result: ExperimentResult) -> str:
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join([headline(result), line, "-" * len(line), *body]) + "\n"
+    return "\n".join([headline(result), line, "-" * len(line), *body, *notes(result)]) + "\n"
 
 
 def verdict_sentence(result: ExperimentResult) -> str:

@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import store
-from abproxy.analysis.analyse import sequential_state_field
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
@@ -147,17 +146,10 @@ class Flusher:
         async with self._mlflow_lock:
             updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
-            log.warning("flush %d lost its lock mid-way; its state is not kept", step)
+            log.warning("flush %d lost its lock mid-way; its run ids are not kept", step)
             return {"status": result.status, "winner": result.winner, "kept": False}
-        state = {
-            sequential_state_field(plan, variant, metric): running.encode()
-            for (variant, metric), running in snapshot.analysis.verdict.running.items()
-        }
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(store.runs_key(plan.name), mapping=updated)
-        if state:
-            pipe.hset(store.sequential_key(plan.name), mapping=state)
-        await pipe.execute()
+        # The always-valid state was saved by the look itself (analysis/live.py), MLflow or not.
+        await self._redis.hset(store.runs_key(plan.name), mapping=updated)
         return {
             "status": result.status,
             "winner": result.winner,

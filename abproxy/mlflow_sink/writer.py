@@ -242,7 +242,12 @@ class MlflowWriter:
         if runs.get("digest:summary") != summary_digest:
             srm = result.srm.p_value
             srm_metric = [Metric("srm_p_value", srm, now, step)] if srm is not None and _finite(srm) else []
-            verdict_tags = {"abproxy.status": result.status, "abproxy.winner": winner or "none", DESCRIPTION: description(result)}
+            verdict_tags = {
+                "abproxy.status": result.status,
+                "abproxy.winner": winner or "none",
+                "abproxy.warnings": ",".join(result.warnings) or "none",
+                DESCRIPTION: description(result),
+            }
             self.client.log_batch(summary_id, metrics=srm_metric, tags=[RunTag(k, v) for k, v in verdict_tags.items()])
             self.client.log_text(summary_id, json.dumps(shown, indent=2, ensure_ascii=False), "report.json")
             self.client.log_text(summary_id, markdown(result), "report.md")

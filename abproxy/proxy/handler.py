@@ -149,7 +149,8 @@ class Proxy:
 
     def _route(self, scope: dict[str, Any], unit_in_body: str | None, plan: ExperimentPlan) -> ExperimentRoute:
         forced = header(scope, b"x-abproxy-variant")
-        unit = (header(scope, b"x-abproxy-user") or unit_in_body or None) if plan.settings.unit == "user" else None
+        user = header(scope, b"x-abproxy-user") or unit_in_body or None
+        unit = user if plan.settings.unit == "user" else None
         if forced:
             if forced not in plan.arms:
                 raise HTTPError(400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found")
@@ -162,7 +163,7 @@ class Proxy:
         else:
             # A unit of one request: its random id's hash would be just another random draw.
             variant = plan.allocation.choose_at(self._random())
-        return ExperimentRoute(plan.name, variant, plan.arms[variant].arm_id, unit, bool(forced))
+        return ExperimentRoute(plan.name, variant, plan.arms[variant].arm_id, unit, bool(forced), user)
 
     # -- generation endpoints ---------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def metric_row(outcome: Outcome, facts: ResponseFacts | None, cost: float | None
 
 
 ANONYMOUS = -1
-"""The unit index of a request that is a unit of its own (no unit id, or ``unit: request``)."""
+"""The unit index of a request that is a unit of its own (no user, or no per-user sums kept)."""
 
 
 @dataclass(slots=True)
@@ -62,7 +62,10 @@ class ArmBatch:
     """One arm's share of a batch."""
 
     meta: str
-    per_unit: bool
+    counts_units: bool
+    """``unit: user``: ``units`` counts users (and requests without one); else every request."""
+    unit_metrics: tuple[str, ...] = ()
+    """The metrics whose per-user sums Redis keeps (``ExperimentPlan.per_user_metrics``)."""
     requests: int = 0
     cancelled: int = 0
     anonymous_units: int = 0
@@ -71,9 +74,11 @@ class ArmBatch:
     unit_index: dict[str, int] = field(default_factory=dict)
 
     def add(self, row: MetricRow | None, unit: str | None) -> None:
+        """One request; ``unit`` is its user's hash (None without one)."""
         self.requests += 1
-        if unit is None or not self.per_unit:
+        if unit is None or not self.counts_units:
             self.anonymous_units += 1
+        if unit is None or not self.unit_metrics:
             index = ANONYMOUS
         else:
             # a cancelled request still makes its user a unit of the arm
@@ -85,7 +90,9 @@ class ArmBatch:
         self.row_units.append(index)
 
     def payload(self, experiment: str, arm_id: str) -> dict[str, Any]:
-        """The arm's part of the batch script's argument."""
+        """The arm's part of the batch script's argument. Sums of squares go about each
+        metric's mean in this batch (its center), computed here in float64 where nothing
+        cancels; the script moves them to the arm's shift (see store.py)."""
         ints: dict[str, int] = {"requests": self.requests}
         if self.cancelled:
             ints["cancelled"] = self.cancelled
@@ -93,6 +100,7 @@ class ArmBatch:
             ints["units"] = self.anonymous_units
         sums: dict[str, str] = {}
         hist: dict[str, int] = {}
+        metrics: list[list[Any]] = []
         units = list(self.unit_index)
         unit_metrics: list[str] = []
         unit_dy: list[np.ndarray] = []
@@ -112,31 +120,36 @@ class ArmBatch:
                 ints[f"{metric}|n"] = int(values.size)
                 # repr of a float round-trips exactly: Redis adds the very number computed here
                 sums[f"{metric}|s"] = repr(float(values.sum()))
-                sums[f"{metric}|q"] = repr(float(np.dot(values, values)))
+                center = float(values.mean())
+                deviations = values - center
+                entry: list[Any] = [metric, int(values.size), center, float(deviations.sum()), float(np.dot(deviations, deviations)), 0, 0.0, 0.0]
+                metrics.append(entry)
                 for bucket, count in bucket_counts(values).items():
                     hist[f"{metric}|{bucket}"] = count
-                if not self.per_unit:
+                if metric not in self.unit_metrics:
                     continue
-                alone = values[~named[present]]
+                alone = deviations[~named[present]]
                 if alone.size:
                     # units of one request each: Y_u = value, N_u = 1
-                    ints[f"{metric}|uk"] = int(alone.size)
-                    sums[f"{metric}|uyy"] = repr(float(np.dot(alone, alone)))
-                    sums[f"{metric}|unn"] = repr(float(alone.size))
-                    sums[f"{metric}|uyn"] = repr(float(alone.sum()))
+                    entry[5:8] = [int(alone.size), float(alone.sum()), float(np.dot(alone, alone))]
                 if units:
                     mine = present & named
                     unit_metrics.append(metric)
-                    unit_dy.append(np.bincount(owners[mine], weights=matrix[mine, column], minlength=len(units)))
+                    unit_dy.append(
+                        np.bincount(owners[mine], weights=matrix[mine, column] - center, minlength=len(units))
+                    )
                     unit_dn.append(np.bincount(owners[mine], minlength=len(units)))
         unit_payloads: list[list[Any]] = []
-        if units:
-            dy_rows = np.column_stack(unit_dy).tolist() if unit_dy else [[] for _ in units]
-            dn_rows = np.column_stack(unit_dn).tolist() if unit_dn else [[] for _ in units]
+        if units and unit_metrics:
+            dy_rows = np.column_stack(unit_dy).tolist()
+            dn_rows = np.column_stack(unit_dn).tolist()
             unit_payloads = [
                 [store.unit_key(experiment, arm_id, unit), dy, dn]
                 for unit, dy, dn in zip(units, dy_rows, dn_rows, strict=True)
             ]
+        elif units and self.counts_units:
+            # users whose requests all failed or were cancelled are units of the arm all the same
+            unit_payloads = [[store.unit_key(experiment, arm_id, unit), [], []] for unit in units]
         return {
             "arm": arm_id,
             "meta": self.meta,
@@ -146,6 +159,8 @@ class ArmBatch:
             "ints": ints,
             "sums": sums,
             "hist": hist,
+            "metrics": metrics,
             "unit_metrics": unit_metrics,
             "units": unit_payloads,
+            "count_units": self.counts_units,
         }

@@ -93,7 +93,10 @@ class FeedbackService:
                 f"score {shown} is outside [{bounds.min:g}, {bounds.max:g}] for {name!r}", "score_out_of_range"
             )
         with store.reachable():
-            result = await self._apply(canonical_id, record, plan.per_unit, name, score)
+            # per-user sums: every metric of a unit: user experiment; the primary metric of a
+            # unit: request one, for its design effect (without counting users as units)
+            per_user = "1" if plan.per_unit else "2" if f"feedback.{name}" in plan.per_user_metrics else "0"
+            result = await self._apply(canonical_id, record, per_user, name, score)
         self._metrics.feedback.labels(record["e"], record["v"], name).inc()
         if record.get("tr") and self._on_scored_trace is not None:
             self._on_scored_trace(ScoredTrace(record["tr"], name, score))
@@ -128,7 +131,7 @@ class FeedbackService:
                 return request_id, json.loads(record)
         return None
 
-    async def _apply(self, request_id: str, record: dict[str, Any], per_unit: bool, name: str, score: float) -> int:
+    async def _apply(self, request_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
         experiment, arm, unit = record["e"], record["a"], record.get("u")
         keys = [
             store.feedback_key(experiment, request_id),
@@ -142,7 +145,7 @@ class FeedbackService:
             bucket_of(score),
             self._config.feedback_ttl_s,
             "0" if record.get("f") else "1",
-            "1" if per_unit else "0",
+            per_user,
             store.UNIT_TTL_S,
         ]
         return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args)))

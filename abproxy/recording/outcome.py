@@ -18,7 +18,11 @@ class ExperimentRoute:
     variant: str
     arm: str
     unit: str | None
+    """The unit of randomisation: the user for ``unit: user``, else None (each request its own)."""
     forced: bool
+    user: str | None = None
+    """The request's user whatever the unit: per-user sums of a ``unit: request`` experiment's
+    primary metric measure how correlated a user's requests are (its design effect)."""
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from abproxy.recording import store
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
-from abproxy.config import Config
+from abproxy.config import BUILTIN_METRICS, Config
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.interpret import ResponseFacts, response_facts
 from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
@@ -268,7 +268,8 @@ class Recorder:
             if outcome.trace_id is not None and self._trace_sink is not None:
                 self._trace_sink(_traced(outcome, route, facts))
             response_id = facts.response_id if facts else None
-            unit = _unit_hash(route.unit) if route.unit is not None else None
+            user = route.unit if route.unit is not None else route.user
+            unit = _unit_hash(user) if user is not None else None
             record = {
                 "e": route.experiment,
                 "v": route.variant,
@@ -294,7 +295,9 @@ class Recorder:
             if arm_batch is None:
                 plan = self._catalog.plans[route.experiment]
                 arm_batch = arms[(route.experiment, route.arm)] = ArmBatch(
-                    plan.arms[route.variant].metadata_json(), plan.per_unit
+                    plan.arms[route.variant].metadata_json(),
+                    counts_units=plan.per_unit,
+                    unit_metrics=tuple(m for m in plan.per_user_metrics if m in BUILTIN_METRICS),
                 )
             arm_batch.add(metric_row(outcome, facts, cost), unit)
         tally.apply(self._metrics)

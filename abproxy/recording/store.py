@@ -5,15 +5,22 @@ one Redis Cluster slot and one script call per batch writes all of it atomically
 records included (feedback, which arrives with a request id alone, looks in each experiment).
 
 Per arm (``variant@hash``), hash ``a:<arm>`` holds integer counters (``requests``, ``errors``,
-``cancelled``, ``units``) and, per metric ``m``, ``m|n``, ``m|s``, ``m|q`` (count, sum, sum of
-squares) plus the per-unit sums the delta method needs for ``unit: user`` experiments:
-``m|uk`` (units with the metric), ``m|uyy`` (Σ Y_u²), ``m|unn`` (Σ N_u²), ``m|uyn`` (Σ Y_u·N_u).
-Hash ``h:<arm>`` holds the histogram, field ``m|<bucket>``.
+``cancelled``, ``units``) and, per metric ``m``, ``m|n`` (count), ``m|s`` (Σx), and about the
+metric's shift ``m|k`` (the first batch's mean, fixed once chosen; 0 for data older than shifts)
+``m|t`` (Σ(x − k), kept only when k ≠ 0) and ``m|q`` (Σ(x − k)²), so that variances of values
+around 1e12 keep their digits; plus the per-unit sums the delta method needs for ``unit: user``
+experiments (and, for the design effect, for the primary metric of ``unit: request`` ones),
+with Y_u about the same shift: ``m|uk`` (units with the metric), ``m|uyy`` (Σ Y_u²), ``m|unn``
+(Σ N_u²), ``m|uyn`` (Σ Y_u·N_u). Hash ``h:<arm>`` holds the histogram, field ``m|<bucket>``.
+
+Between looks: hash ``seq`` holds each comparison's running always-valid state, hash ``verdict``
+the declared winner and its generation (:data:`SAVE_STATE_LUA` merges a look into both).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,6 +73,12 @@ def promoted_key(experiment: str) -> str:
     return f"{experiment_tag(experiment)}:promoted"
 
 
+def verdict_key(experiment: str) -> str:
+    """The declared winner (``winner``: its arm), ``generation`` (bumped at each declaration) and
+    ``context`` (what it was decided on: primary metric, control, guardrails, α, MDE)."""
+    return f"{experiment_tag(experiment)}:verdict"
+
+
 def runs_key(experiment: str) -> str:
     """MLflow ids: ``experiment_id``, ``summary`` and one run id per arm."""
     return f"{experiment_tag(experiment)}:runs"
@@ -84,10 +97,11 @@ def response_key(experiment: str, response_id: str) -> str:
     return f"{experiment_tag(experiment)}:resp:{response_id}"
 
 
-def sequential_field(arm: str, control_arm: str, metric: str) -> str:
-    """Field of :func:`sequential_key` for one treatment arm against the control arm on one
-    metric, so an edited arm (a new hash) starts afresh."""
-    return f"{arm}|{control_arm}|{metric}"
+def sequential_field(arm: str, other_arm: str, metric: str) -> str:
+    """Field of :func:`sequential_key` for ``arm`` − ``other_arm`` on one metric (the other arm
+    is the control, or for head-to-head comparisons another treatment), so an edited arm (a new
+    hash) starts afresh."""
+    return f"{arm}|{other_arm}|{metric}"
 
 
 # Flush coordination, shared by every experiment.
@@ -118,6 +132,18 @@ _LUA_COMMON = r"""
 -- This runs for every unit of every batch: plain arrays and inlined arithmetic, because Redis's
 -- Lua 5.1 interpreter makes a function call or a table per metric cost more than the maths.
 
+-- The shift of an arm's metric (sums of squares are kept about it): kept once chosen. A new
+-- metric takes `center`, its first batch's mean; one recorded before shifts existed keeps 0,
+-- since its sums of squares are about 0.
+local function shift_of(stats, metric, center)
+  local kept = redis.call('HGET', stats, metric .. '|k')
+  if kept then return tonumber(kept) end
+  local shift = center
+  if redis.call('HEXISTS', stats, metric .. '|n') == 1 then shift = 0 end
+  redis.call('HSET', stats, metric .. '|k', shift)
+  return shift
+end
+
 -- The running deltas of an arm's unit sums, one slot per metric of `names`: units with the
 -- metric, Σ Y_u², Σ N_u², Σ Y_u·N_u.
 local function new_sums(count)
@@ -138,12 +164,13 @@ local function move_unit(sums, i, y0, n0, y1, n1)
   sums[4][i] = sums[4][i] + y1 * n1 - y0 * n0
 end
 
--- Add deltas (dy[i], dn[i]) for metrics names[i] to a unit's running totals. They are kept as
+-- Add deltas (dy[i] + dn[i]·offset[i], dn[i]) for metrics names[i] to a unit's running totals:
+-- dy[i] is taken about the batch's center of the metric, offset[i] moves it to the shift. Kept as
 -- one MessagePack string of three parallel arrays (metric names, Y_u, N_u): one GET and one SET
 -- per unit however many metrics. Batches send every unit of an arm with the same names in the
 -- same order, so the stored order usually matches and no lookup is needed.
 -- Returns true when the unit was new; its key expires ttl after it was first seen.
-local function add_to_unit(sums, ukey, names, dy, dn, ttl)
+local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
   local count = #names
   local packed = redis.call('GET', ukey)
   local stored, ys, ns
@@ -162,7 +189,8 @@ local function add_to_unit(sums, ukey, names, dy, dn, ttl)
   if same then
     local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
     for i = 1, count do
-      local d_y, d_n = dy[i], dn[i]
+      local d_n = dn[i]
+      local d_y = dy[i] + d_n * offset[i]
       if d_y ~= 0 or d_n ~= 0 then
         local y0, n0 = ys[i], ns[i]
         local y1, n1 = y0 + d_y, n0 + d_n
@@ -181,14 +209,15 @@ local function add_to_unit(sums, ukey, names, dy, dn, ttl)
     local position = {}
     for j, metric in ipairs(stored) do position[metric] = j end
     for i, metric in ipairs(names) do
-      if dy[i] ~= 0 or dn[i] ~= 0 then
+      local d_y = dy[i] + dn[i] * offset[i]
+      if d_y ~= 0 or dn[i] ~= 0 then
         local j = position[metric]
         if not j then
           j = #stored + 1
           stored[j], ys[j], ns[j], position[metric] = metric, 0, 0, j
         end
         local y0, n0 = ys[j], ns[j]
-        ys[j], ns[j] = y0 + dy[i], n0 + dn[i]
+        ys[j], ns[j] = y0 + d_y, n0 + dn[i]
         move_unit(sums, i, y0, n0, ys[j], ns[j])
       end
     end
@@ -233,22 +262,49 @@ for _, record in ipairs(payload.records) do
   end
 end
 for _, arm in ipairs(payload.arms) do
+  local stats = arm.stats
   redis.call('HSETNX', arm.arms_key, arm.arm, arm.meta)
-  -- Sums arrive as exact decimal strings, so they are applied as they are.
-  for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', arm.stats, f, v) end
+  -- arm.metrics: {metric, count, center, Σ(x − center), Σ(x − center)², and of the requests that
+  -- are units of their own (per-unit sums only): count, Σ(x − center), Σ(x − center)²}. The shift
+  -- is read before this batch's counts land, so that a new metric is told from an old one.
+  local offsets = {}
+  for _, m in ipairs(arm.metrics) do
+    local metric, n, center, dev, sq = m[1], m[2], m[3], m[4], m[5]
+    local shift = shift_of(stats, metric, center)
+    local o = center - shift
+    offsets[metric] = o
+    if shift ~= 0 then redis.call('HINCRBYFLOAT', stats, metric .. '|t', dev + n * o) end
+    redis.call('HINCRBYFLOAT', stats, metric .. '|q', sq + 2 * o * dev + n * o * o)
+    local an = m[6]
+    if an > 0 then
+      local ad, aq = m[7], m[8]
+      redis.call('HINCRBY', stats, metric .. '|uk', an)
+      redis.call('HINCRBYFLOAT', stats, metric .. '|uyy', aq + 2 * o * ad + an * o * o)
+      redis.call('HINCRBYFLOAT', stats, metric .. '|unn', an)
+      redis.call('HINCRBYFLOAT', stats, metric .. '|uyn', ad + an * o)
+    end
+  end
+  -- Raw sums arrive as exact decimal strings, so they are applied as they are.
+  for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', stats, f, v) end
   for f, v in pairs(arm.hist) do redis.call('HINCRBY', arm.hist_key, f, v) end
-  -- arm.units: {unit key, Y deltas, N deltas}, each aligned with arm.unit_metrics
+  -- arm.units: {unit key, Y deltas about the centers, N deltas}, each aligned with arm.unit_metrics
   local names = arm.unit_metrics
   local new_units, sums = 0, new_sums(#names)
-  for _, unit in ipairs(arm.units) do
-    if add_to_unit(sums, unit[1], names, unit[2], unit[3], unit_ttl) then new_units = new_units + 1 end
+  if #arm.units > 0 then
+    local offset = {}
+    for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
+    for _, unit in ipairs(arm.units) do
+      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, unit_ttl) then new_units = new_units + 1 end
+    end
   end
+  -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
+  if not arm.count_units then new_units = 0 end
   for f, v in pairs(arm.ints) do
     if f == 'units' then v = v + new_units; new_units = 0 end
-    redis.call('HINCRBY', arm.stats, f, v)
+    redis.call('HINCRBY', stats, f, v)
   end
-  if new_units > 0 then redis.call('HINCRBY', arm.stats, 'units', new_units) end
-  if #arm.units > 0 then apply_unit_sums(arm.stats, names, sums) end
+  if new_units > 0 then redis.call('HINCRBY', stats, 'units', new_units) end
+  if #arm.units > 0 then apply_unit_sums(stats, names, sums) end
 end
 return 1
 """
@@ -258,7 +314,8 @@ RECORD_FEEDBACK_LUA = (
     _LUA_COMMON
     + r"""
 -- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or ''.
--- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('1' or '0'), unit ttl.
+-- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('0': no; '1': sums and units,
+-- for unit: user; '2': sums only, the design effect of a unit: request experiment), unit ttl.
 -- Returns 1 when recorded, 2 when it replaced an earlier score for the same name.
 local name, score, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local old = redis.call('HGET', KEYS[1], name)
@@ -267,6 +324,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '1' then return old and 2 or 1 end
 local metric = 'feedback.' .. name
 local stats, hist = KEYS[2], KEYS[3]
+local shift = shift_of(stats, metric, score)
 local old_score = 0
 if old then
   local sep = string.find(old, '|', 1, true)
@@ -275,24 +333,86 @@ if old then
 else
   redis.call('HINCRBY', stats, metric .. '|n', 1)
 end
+-- the score and the one it replaces, about the shift
+local y1, y0 = score - shift, 0
+if old then y0 = old_score - shift end
 redis.call('HINCRBYFLOAT', stats, metric .. '|s', score - old_score)
-redis.call('HINCRBYFLOAT', stats, metric .. '|q', score * score - old_score * old_score)
+if shift ~= 0 then redis.call('HINCRBYFLOAT', stats, metric .. '|t', y1 - y0) end
+redis.call('HINCRBYFLOAT', stats, metric .. '|q', y1 * y1 - y0 * y0)
 redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
-if ARGV[6] == '1' then
+if ARGV[6] ~= '0' then
   local names, sums = {metric}, new_sums(1)
   if KEYS[4] ~= '' then
-    if add_to_unit(sums, KEYS[4], names, {score - old_score}, {old and 0 or 1}, tonumber(ARGV[7])) then
+    if add_to_unit(sums, KEYS[4], names, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
       redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
     end
   else
     -- A request without a unit id is a unit of its own.
-    move_unit(sums, 1, old_score, old and 1 or 0, score, 1)
+    move_unit(sums, 1, y0, old and 1 or 0, y1, 1)
   end
   apply_unit_sums(stats, names, sums)
 end
 return old and 2 or 1
 """
 )
+
+
+SAVE_STATE_LUA = r"""
+-- KEYS[1]: the experiment's `seq` hash, KEYS[2]: its `verdict` hash.
+-- ARGV[1]: the winner's generation the look read; ARGV[2]: the winner it declares ('' for none);
+-- ARGV[3]: what that winner was decided on (the decision's context); then pairs of field and
+-- state ('' when the look adds none) for every field the look reads back.
+-- A state is 'p|lower|upper' or 'p|lower|upper|lift lower|lift upper'. Merging keeps the smaller
+-- p and the intersection of the intervals (sequential.RunningState.merge): any order of looks
+-- gives the same state. A winner is declared only against the generation the look read
+-- (analysis/state.py). Returns {generation, winner, context, the state of each field or false}.
+local function parse(text)
+  if not text then return nil end
+  local parts, count = {}, 0
+  for part in string.gmatch(text, '[^|]+') do
+    local number = tonumber(part)
+    if number == nil or number ~= number or number == math.huge or number == -math.huge then return nil end
+    count = count + 1
+    parts[count] = number
+  end
+  if count ~= 3 and count ~= 5 then return nil end
+  return parts
+end
+local function merge(a, b)
+  if not a then return b end
+  if not b then return a end
+  local merged = {math.min(a[1], b[1]), math.max(a[2], b[2]), math.min(a[3], b[3])}
+  if a[4] and b[4] then
+    merged[4], merged[5] = math.max(a[4], b[4]), math.min(a[5], b[5])
+  elseif a[4] or b[4] then
+    local lift = a[4] and a or b
+    merged[4], merged[5] = lift[4], lift[5]
+  end
+  return merged
+end
+local reply = {}
+for i = 4, #ARGV, 2 do
+  local field = ARGV[i]
+  local kept = redis.call('HGET', KEYS[1], field)
+  local merged = merge(parse(kept or nil), parse(ARGV[i + 1] ~= '' and ARGV[i + 1] or nil))
+  if merged then
+    local shown = {}
+    for j = 1, #merged do shown[j] = string.format('%.17g', merged[j]) end
+    shown = table.concat(shown, '|')
+    if shown ~= kept then redis.call('HSET', KEYS[1], field, shown) end
+    reply[#reply + 1] = shown
+  else
+    reply[#reply + 1] = false
+  end
+end
+local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0') or 0
+if ARGV[2] ~= '' and generation == tonumber(ARGV[1]) then
+  generation = generation + 1
+  redis.call('HSET', KEYS[2], 'winner', ARGV[2], 'generation', generation, 'context', ARGV[3])
+end
+local kept = redis.call('HMGET', KEYS[2], 'winner', 'context')
+return {tostring(generation), kept[1] or '', kept[2] or '', reply}
+"""
 
 
 @dataclass(slots=True)
@@ -303,8 +423,11 @@ class MetricCounters:
     histogram: dict[str, int] = field(default_factory=dict)
     units: int = 0
     unit_yy: float = 0.0
+    """Σ Y_u², with Y_u about ``moments.shift``; likewise the other two."""
     unit_nn: float = 0.0
     unit_yn: float = 0.0
+    corrupt: bool = False
+    """Some counter of it is not a finite number: nothing may be concluded from it."""
 
 
 @dataclass(slots=True)
@@ -315,53 +438,89 @@ class ArmCounters:
     cancelled: int = 0
     units: int = 0
     metrics: dict[str, MetricCounters] = field(default_factory=dict)
+    corrupt: list[str] = field(default_factory=list)
+    """Every counter of the arm that is not a finite number (``requests``, ``latency_ms|q``, …)."""
+
+
+def _finite(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCounters:
+    """The counters of one arm; a counter that is not a finite number (a hand edit, a bug) is
+    listed in ``corrupt`` and counts as 0, and its metric is marked corrupt."""
+    corrupt: list[str] = []
+
+    def count(name: str) -> int:
+        value = _finite(stats.get(name, "0"))
+        if value is None:
+            corrupt.append(name)
+            return 0
+        return int(value)
+
     counters = ArmCounters(
-        arm=arm,
-        requests=int(stats.get("requests", 0)),
-        errors=int(stats.get("errors", 0)),
-        cancelled=int(stats.get("cancelled", 0)),
-        units=int(stats.get("units", 0)),
+        arm=arm, requests=count("requests"), errors=count("errors"), cancelled=count("cancelled"), units=count("units")
     )
     raw: dict[str, dict[str, Any]] = {}
     for key, value in stats.items():
         metric, sep, part = key.rpartition("|")
         if sep:
-            raw.setdefault(metric, {})[part] = float(value)
+            parts = raw.setdefault(metric, {})
+            number = _finite(value)
+            if number is None:
+                corrupt.append(key)
+                parts["corrupt"] = True
+            else:
+                parts[part] = number
     for key, value in hist.items():
         metric, sep, bucket = key.partition("|")
-        if sep and int(value) != 0:
-            raw.setdefault(metric, {}).setdefault("hist", {})[bucket] = int(value)
+        if not sep:
+            continue
+        number = _finite(value)
+        if number is None:
+            corrupt.append(f"{metric}|h:{bucket}")
+            raw.setdefault(metric, {})["corrupt"] = True
+        elif number != 0:
+            raw.setdefault(metric, {}).setdefault("hist", {})[bucket] = int(number)
     for metric, parts in raw.items():
+        shift = parts.get("k", 0.0)
+        total = parts.get("t", 0.0) if shift != 0 else parts.get("s", 0.0)
         counters.metrics[metric] = MetricCounters(
-            moments=Moments(parts.get("n", 0.0), parts.get("s", 0.0), parts.get("q", 0.0)),
+            moments=Moments(parts.get("n", 0.0), total, parts.get("q", 0.0), shift),
             histogram=parts.get("hist", {}),
             units=int(parts.get("uk", 0)),
             unit_yy=parts.get("uyy", 0.0),
             unit_nn=parts.get("unn", 0.0),
             unit_yn=parts.get("uyn", 0.0),
+            corrupt=bool(parts.get("corrupt")),
         )
+    counters.corrupt = corrupt
     return counters
 
 
 async def read_arms(redis: Any, experiment: str, arms: list[str]) -> dict[str, ArmCounters]:
     """The counters of the given arms, in one round trip."""
-    counters, _ = await read_experiment(redis, experiment, arms)
+    counters, _, _ = await read_experiment(redis, experiment, arms)
     return counters
 
 
-async def read_experiment(redis: Any, experiment: str, arms: list[str]) -> tuple[dict[str, ArmCounters], dict[str, str]]:
-    """The counters of the given arms and the sequential state, in one round trip."""
+async def read_experiment(
+    redis: Any, experiment: str, arms: list[str]
+) -> tuple[dict[str, ArmCounters], dict[str, str], dict[str, str]]:
+    """The counters of the given arms, the running states and the declared winner, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for arm in arms:
         pipe.hgetall(stats_key(experiment, arm))
         pipe.hgetall(hist_key(experiment, arm))
     pipe.hgetall(sequential_key(experiment))
+    pipe.hgetall(verdict_key(experiment))
     replies = await pipe.execute()
     counters = {arm: parse_arm(arm, replies[2 * i], replies[2 * i + 1]) for i, arm in enumerate(arms)}
-    return counters, replies[-1]
+    return counters, replies[-2], replies[-1]
 
 
 async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
@@ -371,6 +530,34 @@ async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
         pipe.get(promoted_key(experiment))
     replies = await pipe.execute()
     return {experiment: variant for experiment, variant in zip(experiments, replies, strict=True) if variant}
+
+
+_SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
+
+
+async def save_state(
+    redis: Any,
+    experiment: str,
+    states: list[tuple[str, str]],
+    expected_generation: int,
+    winner: str | None,
+    context: str = "",
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Merge a look's running states (field, encoded state or '') and its winner into Redis
+    (:data:`SAVE_STATE_LUA`); returns what Redis keeps now, as :func:`read_experiment` reads it:
+    the states of the given fields, and the winner's hash."""
+    keys = [sequential_key(experiment), verdict_key(experiment)]
+    args: list[Any] = [expected_generation, winner or "", context]
+    for name, encoded in states:
+        args += [name, encoded]
+    try:
+        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        await redis.script_load(SAVE_STATE_LUA)  # Redis restarted, or never saw it
+        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
+    generation, kept_winner, kept_context, merged = reply
+    kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
+    return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
 
 
 T = TypeVar("T")

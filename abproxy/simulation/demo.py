@@ -51,7 +51,8 @@ def demo_settings(folder: Path, upstream_url: str, flush_interval_s: float) -> d
         "upstreams": {"simulated": {"base_url": upstream_url, "timeout_s": 30}},
         "default_upstream": "simulated",
         "prices": scenario.prices,
-        "stats": {"alpha": 0.05, "min_samples": 30, "sequential": True},
+        # the simulated users' preferences differ by 15-30%: tests tuned to find 10% lifts
+        "stats": {"alpha": 0.05, "min_samples": 30, "sequential": True, "mde": 0.10},
         "experiments": scenario.experiments,
     }
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scipy import special
+
 from abproxy.stats.summary import Moments
 
 
@@ -30,7 +32,8 @@ class Estimate:
 
 @dataclass(frozen=True, slots=True)
 class UnitSums:
-    """Per-unit sufficient statistics of a metric: K units with totals Y_u over N_u requests."""
+    """Per-unit sufficient statistics of a metric: K units with totals Y_u over N_u requests,
+    the totals taken about ``shift`` (Y_u = Σ (x − shift) over the unit's requests)."""
 
     units: float
     sum_y: float
@@ -38,18 +41,21 @@ class UnitSums:
     sum_yy: float
     sum_nn: float
     sum_yn: float
+    shift: float = 0.0
+
+
+def critical_value(alpha: float, dof: float) -> float:
+    """Two-sided critical value: Student's t on ``dof`` degrees of freedom, the normal's when
+    ``dof`` is infinite."""
+    if math.isinf(dof):
+        return float(special.ndtri(1 - alpha / 2))
+    return float(special.stdtrit(dof, 1 - alpha / 2))
 
 
 def interval(estimate: Estimate, alpha: float) -> tuple[float, float]:
     """Two-sided (1 − alpha) interval for the mean: Student's t on its degrees of freedom, or
     the normal when the estimate is a normal approximation."""
-    from scipy import stats as scipy_stats
-
-    if math.isinf(estimate.dof):
-        critical = float(scipy_stats.norm.ppf(1 - alpha / 2))
-    else:
-        critical = float(scipy_stats.t.ppf(1 - alpha / 2, estimate.dof))
-    half_width = critical * estimate.std_error
+    half_width = critical_value(alpha, estimate.dof) * estimate.std_error
     return (estimate.mean - half_width, estimate.mean + half_width)
 
 
@@ -57,15 +63,25 @@ def from_moments(moments: Moments) -> Estimate | None:
     """Per-request analysis: the sample mean and s²/n, with n - 1 degrees of freedom."""
     if moments.n < 2 or moments.variance is None:
         return None
-    return Estimate(moments.total / moments.n, moments.variance / moments.n, moments.n, moments.n - 1)
+    return Estimate(moments.mean, moments.variance / moments.n, moments.n, moments.n - 1)  # type: ignore[arg-type]
 
 
 def proportion_from_moments(moments: Moments) -> Estimate | None:
-    """A 0/1 metric (error rate, thumbs) with the normal approximation p(1 - p)/n."""
-    if moments.n < 2:
+    """A 0/1 metric (error rate, thumbs) with the normal approximation p(1 - p)/n.
+
+    At a rate of exactly 0 or 1 that variance is 0, and "no error in 30 requests" would read as
+    certainty; there the variance is taken at (x + 1)/(n + 2), the adjusted rate of Agresti &
+    Caffo ("Simple and effective confidence intervals for proportions and differences of
+    proportions result from adding two successes and two failures", The American Statistician
+    2000), about what one more error would make it."""
+    n = moments.n
+    if n < 2:
         return None
-    p = moments.total / moments.n
-    return Estimate(p, p * (1 - p) / moments.n, moments.n, math.inf)
+    successes = moments.sum
+    p = successes / n
+    at_edge = successes <= 0 or successes >= n
+    q = (successes + 1) / (n + 2) if at_edge else p
+    return Estimate(p, q * (1 - q) / n, n, math.inf)
 
 
 def from_unit_sums(sums: UnitSums) -> Estimate | None:
@@ -73,15 +89,15 @@ def from_unit_sums(sums: UnitSums) -> Estimate | None:
     by the delta method for a ratio of means (as GrowthBook and Eppo do for ratio metrics):
 
         Var(R) ≈ (σ²_Y / μ_N² − 2 μ_Y σ_YN / μ_N³ + μ_Y² σ²_N / μ_N⁴) / K
-    """
+               = Σ (Y_u − R N_u)² / ((K − 1) K μ_N²),
+
+    the second form (the variance of the linearised residual) computed from the sums as they
+    are kept, about the shift, where R is small and nothing cancels."""
     k = sums.units
     if k < 2 or sums.sum_n <= 0:
         return None
-    mean_y, mean_n = sums.sum_y / k, sums.sum_n / k
-    var_y = (sums.sum_yy - k * mean_y * mean_y) / (k - 1)
-    var_n = (sums.sum_nn - k * mean_n * mean_n) / (k - 1)
-    cov_yn = (sums.sum_yn - k * mean_y * mean_n) / (k - 1)
-    variance = (
-        var_y / mean_n**2 - 2 * mean_y * cov_yn / mean_n**3 + mean_y**2 * var_n / mean_n**4
-    ) / k
-    return Estimate(sums.sum_y / sums.sum_n, max(variance, 0.0), k, k - 1)
+    ratio = sums.sum_y / sums.sum_n
+    residual_squares = sums.sum_yy - 2 * ratio * sums.sum_yn + ratio * ratio * sums.sum_nn
+    mean_n = sums.sum_n / k
+    variance = residual_squares / ((k - 1) * k * mean_n * mean_n)
+    return Estimate(sums.shift + ratio, max(variance, 0.0), k, k - 1)

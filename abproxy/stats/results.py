@@ -36,6 +36,13 @@ class MetricSummary:
     welch_p_value: float | None = None
     adjusted_p_value: float | None = None
     """Holm-adjusted across treatments (primary metric only)."""
+    margin: float | None = None
+    """Guardrails only: the harm (in the metric's units) the interval must rule out."""
+    non_inferior: bool | None = None
+    """Guardrails only: whether ``difference_ci`` rules out harm of ``margin`` or more."""
+    samples_needed: int | None = None
+    """Guardrails only, while not ``non_inferior``: about how many more samples per arm (units
+    for ``unit: user``) until it would be, if the difference stays what it is now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +59,12 @@ class VariantResult:
     units: int
     prob_best: float | None
     samples_needed: int | None
+    """About how many more samples per arm until the always-valid test would detect an effect of
+    ``stats.mde`` on the primary metric with 80% probability; 0 once the comparison is decided."""
     metrics: Mapping[str, MetricSummary] = field(default_factory=dict)
+    held_back_by: tuple[str, ...] = ()
+    """Guardrails that keep this variant from winning although it is significantly better on
+    the primary metric: their intervals do not yet rule out harm beyond the margin."""
 
     def metric(self, name: str) -> MetricSummary:
         return self.metrics.get(name, MetricSummary())
@@ -79,6 +91,17 @@ class ExperimentResult:
     variants: tuple[VariantResult, ...]
     promoted: str | None = None
     """The variant ``abproxy promote`` made every replica serve: the test is over."""
+    warnings: tuple[str, ...] = ()
+    """``effect_drift`` (the looks contradict each other: the effect moved over time),
+    ``units_correlated`` (a ``unit: request`` experiment whose users' requests are correlated:
+    design effect above 1.5), ``corrupt_counters`` (see ``corrupt``), ``state_not_saved``
+    (Redis refused this look's always-valid state: the answer rests on the state saved before)."""
+    corrupt: tuple[str, ...] = ()
+    """``variant/counter`` of every counter in Redis that is not a finite number; none of them
+    feeds a verdict."""
+    design_effect: float | None = None
+    """``unit: request`` with users: the variance of the primary metric's mean counted per user
+    over that counted per request (1: users' requests are independent)."""
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)

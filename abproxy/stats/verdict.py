@@ -1,21 +1,24 @@
 """The verdict for one experiment: every treatment against the control on every metric, Holm
-across treatments on the primary metric, guardrails, SRM, and the status a user acts on."""
+across treatments on the primary metric, guardrails as non-inferiority, SRM, a winner that
+keeps its name once declared, and the status a user acts on."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from abproxy.stats.compare import Comparison, compare
-from abproxy.stats.decisions import SRM_THRESHOLD, holm, probability_to_be_best, samples_per_arm, srm_p_value
+from abproxy.stats.compare import Comparison, compare, lift_variance
+from abproxy.stats.decisions import SRM_THRESHOLD, holm, probability_to_be_best, srm_p_value
 from abproxy.stats.estimates import Estimate
-from abproxy.stats.sequential import RunningState, msprt
+from abproxy.stats.guardrails import Guardrail, non_inferior
+from abproxy.stats.sequential import Mixture, RunningState, msprt
 
 COLLECTING, WINNER, NO_DIFFERENCE, SRM = "collecting", "winner", "no_difference", "srm"
+EFFECT_DRIFT = "effect_drift"
 
-SEQUENTIAL_SAMPLE_FACTOR = 2.3
-"""How much more data the always-valid test needs than a fixed-horizon one for 80% power:
-measured by simulation (tests/test_simulation.py: 400 vs 175 per arm at 0.3σ)."""
+StateKey = tuple[str, str, str]
+"""(arm, the arm it is compared with, metric): the state of arm − other on that metric."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class ArmInput:
 @dataclass(frozen=True)
 class Policy:
     primary: str
-    guardrails: Sequence[str]
+    guardrails: Sequence[Guardrail | str]
     higher_is_better: Callable[[str], bool]
     alpha: float = 0.05
     min_samples: int = 30
@@ -39,12 +42,27 @@ class Policy:
     mde: float = 0.05
     """Minimal effect worth detecting, relative to the control's mean."""
 
+    @property
+    def guardrail_specs(self) -> tuple[Guardrail, ...]:
+        return tuple(g if isinstance(g, Guardrail) else Guardrail(g) for g in self.guardrails)
+
+    def mixture(self, metric: str, control: Estimate) -> Mixture | None:
+        """Where the always-valid test puts its weight: on the guardrail's margin, else on the
+        MDE; None (the fallback mixture) when that is 0."""
+        guardrail = next((g for g in self.guardrail_specs if g.metric == metric), None)
+        effect = guardrail.absolute_margin(control.mean) if guardrail else self.mde * abs(control.mean)
+        return Mixture.tuned(effect) if effect else None
+
 
 @dataclass(frozen=True)
 class MetricResult:
     comparison: Comparison | None = None
     sequential: RunningState | None = None
     adjusted_p: float | None = None
+    margin: float | None = None
+    """A guardrail's margin in the metric's units (the harm it must rule out)."""
+    non_inferior: bool | None = None
+    """A guardrail's: whether the interval rules out harm of ``margin`` or more."""
 
     @property
     def p_value(self) -> float | None:
@@ -55,9 +73,20 @@ class MetricResult:
 
     @property
     def difference_ci(self) -> tuple[float, float] | None:
+        """Interval of treatment − control; None while the looks contradict each other."""
         if self.sequential is not None:
-            return (self.sequential.lower, self.sequential.upper)
+            return self.sequential.interval
         return self.comparison.difference_ci if self.comparison else None
+
+    @property
+    def lift_ci(self) -> tuple[float, float] | None:
+        if self.sequential is not None:
+            return self.sequential.lift_interval
+        return self.comparison.lift_ci if self.comparison else None
+
+    @property
+    def drifted(self) -> bool:
+        return self.sequential is not None and self.sequential.drifted
 
     @property
     def direction(self) -> int:
@@ -66,7 +95,8 @@ class MetricResult:
             return self.sequential.direction
         if self.comparison is None:
             return 0
-        return (self.comparison.difference > 0) - (self.comparison.difference < 0)
+        low, high = self.comparison.difference_ci
+        return 1 if low > 0 else -1 if high < 0 else 0
 
 
 @dataclass(frozen=True)
@@ -74,7 +104,9 @@ class ArmVerdict:
     name: str
     metrics: dict[str, MetricResult] = field(default_factory=dict)
     prob_best: float | None = None
-    samples_needed: float | None = None
+    held_back_by: tuple[str, ...] = ()
+    """Guardrails that keep this arm from winning although it is better on the primary metric:
+    their intervals do not yet rule out harm beyond the margin."""
 
 
 @dataclass(frozen=True)
@@ -83,42 +115,84 @@ class Verdict:
     winner: str | None
     srm_p_value: float | None
     arms: dict[str, ArmVerdict]
-    running: dict[tuple[str, str], RunningState]
+    running: dict[StateKey, RunningState]
     """The always-valid p-values and intervals after this look, to keep for the next one."""
+    warnings: tuple[str, ...] = ()
 
 
-def _significantly(result: MetricResult, better: bool, alpha: float, higher_is_better: bool, adjusted: bool) -> bool:
+def _significant(result: MetricResult, alpha: float, adjusted: bool) -> int:
+    """+1 / −1: treatment − control significantly above / below 0; 0: neither."""
     p_value = result.adjusted_p if adjusted else result.p_value
-    if p_value is None or p_value >= alpha or result.direction == 0:
-        return False
-    improves = (result.direction > 0) == higher_is_better
-    return improves if better else not improves
+    if p_value is None or p_value >= alpha:
+        return 0
+    return result.direction
+
+
+def _better(sign: int, higher_is_better: bool) -> bool:
+    return sign != 0 and (sign > 0) == higher_is_better
+
+
+def _worse(sign: int, higher_is_better: bool) -> bool:
+    return sign != 0 and (sign > 0) != higher_is_better
+
+
+def _enough(estimate: Estimate | None, policy: Policy) -> bool:
+    return estimate is not None and estimate.n >= policy.min_samples
+
+
+def _compare(
+    key: StateKey,
+    base: Estimate | None,
+    other: Estimate | None,
+    policy: Policy,
+    mixture: Mixture | None,
+    previous: Mapping[StateKey, RunningState],
+    running: dict[StateKey, RunningState],
+    extend: bool,
+    with_lift: bool = True,
+) -> MetricResult:
+    """other − base at this look, and (sequential) the running state after it. The running
+    state starts only once both sides have ``min_samples``: earlier variances are too rough."""
+    comparison = compare(base, other, policy.alpha) if base is not None and other is not None else None
+    if not policy.sequential:
+        return MetricResult(comparison)
+    state = previous.get(key)
+    if extend and base is not None and other is not None and _enough(base, policy) and _enough(other, policy):
+        variance = lift_variance(base, other) if with_lift else None
+        look = msprt(base, other, policy.alpha, mixture, variance)
+        if look is not None:
+            state = state.update(look) if state is not None else RunningState.first(look)
+    if state is not None:
+        running[key] = state
+    return MetricResult(comparison, state)
 
 
 def decide(
-    arms: Sequence[ArmInput], policy: Policy, previous: Mapping[tuple[str, str], RunningState]
+    arms: Sequence[ArmInput],
+    policy: Policy,
+    previous: Mapping[StateKey, RunningState],
+    declared: str | None = None,
+    extend: bool = True,
 ) -> Verdict:
+    """The verdict at this look. ``previous``: the running states kept so far; ``declared``: the
+    winner declared at an earlier look, if any; ``extend=False`` decides on the kept states alone
+    (when this look's could not be kept, so that no answer rests on evidence the next look
+    will not have)."""
     control = next(arm for arm in arms if arm.control)
     treatments = [arm for arm in arms if not arm.control]
     metrics = sorted({metric for arm in arms for metric in arm.estimates})
-    running: dict[tuple[str, str], RunningState] = dict(previous)
+    running: dict[StateKey, RunningState] = {}
     results: dict[str, dict[str, MetricResult]] = {arm.name: {} for arm in arms}
 
     for arm in treatments:
         for metric in metrics:
             base, other = control.estimates.get(metric), arm.estimates.get(metric)
-            if base is None or other is None:
-                results[arm.name][metric] = MetricResult()
-                continue
-            comparison = compare(base, other, policy.alpha)
-            state = None
-            if policy.sequential:
-                look = msprt(base, other, policy.alpha)
-                if look is not None:
-                    key = (arm.name, metric)
-                    before = previous.get(key)
-                    state = running[key] = before.update(look) if before else RunningState.first(look)
-            results[arm.name][metric] = MetricResult(comparison, state)
+            mixture = policy.mixture(metric, base) if base is not None else None
+            results[arm.name][metric] = _compare(
+                (arm.name, control.name, metric), base, other, policy, mixture, previous, running, extend
+            )
+
+    head_to_head = _head_to_head(control, treatments, policy, previous, running, extend)
 
     primary_p = [results[arm.name][policy.primary].p_value for arm in treatments]
     if treatments and all(p is not None for p in primary_p):
@@ -126,82 +200,133 @@ def decide(
             result = results[arm.name][policy.primary]
             results[arm.name][policy.primary] = MetricResult(result.comparison, result.sequential, adjusted)
 
+    held_back = _apply_guardrails(control, treatments, results, policy)
+
     higher = policy.higher_is_better(policy.primary)
     primary_estimates = [arm.estimates.get(policy.primary) for arm in arms]
     prob_best: list[float | None] = [None] * len(arms)
     if all(e is not None for e in primary_estimates):
         prob_best = list(probability_to_be_best([e for e in primary_estimates if e is not None], higher))
 
-    needed = _samples_needed(control, arms, policy)
     verdicts = {
-        arm.name: ArmVerdict(arm.name, results[arm.name], prob_best[index], needed.get(arm.name))
+        arm.name: ArmVerdict(arm.name, results[arm.name], prob_best[index], held_back.get(arm.name, ()))
         for index, arm in enumerate(arms)
     }
     live = [arm for arm in arms if arm.weight > 0]
     srm = srm_p_value([arm.assigned for arm in live], [arm.weight for arm in live])
-    status, winner = _status(control, treatments, results, policy, srm)
-    return Verdict(status, winner, srm, verdicts, running)
+    decision_metrics = {policy.primary, *(g.metric for g in policy.guardrail_specs)}
+    drifted = any(
+        result.drifted for arm in treatments for metric, result in results[arm.name].items() if metric in decision_metrics
+    )
+    status, winner = _status(control, treatments, results, head_to_head, held_back, policy, srm, declared)
+    return Verdict(status, winner, srm, verdicts, running, (EFFECT_DRIFT,) if drifted else ())
 
 
-def _samples_needed(control: ArmInput, arms: Sequence[ArmInput], policy: Policy) -> dict[str, float]:
+def _head_to_head(
+    control: ArmInput,
+    treatments: Sequence[ArmInput],
+    policy: Policy,
+    previous: Mapping[StateKey, RunningState],
+    running: dict[StateKey, RunningState],
+    extend: bool,
+) -> dict[tuple[str, str], MetricResult]:
+    """Every pair of treatments on the primary metric, as (later − earlier by name): what it
+    takes to replace a declared winner. The MDE is relative to the control's mean."""
+    pairs: dict[tuple[str, str], MetricResult] = {}
     base = control.estimates.get(policy.primary)
-    if base is None or base.mean == 0:
-        return {}
-    needed = {}
-    for arm in arms:
-        estimate = arm.estimates.get(policy.primary)
-        if estimate is None:
-            continue
-        variance = (base.observation_variance + estimate.observation_variance) / 2
-        total = samples_per_arm(variance, policy.mde * abs(base.mean), policy.alpha)
-        if total is not None:
-            if policy.sequential:
-                total *= SEQUENTIAL_SAMPLE_FACTOR
-            needed[arm.name] = max(0.0, total - estimate.n)
-    return needed
+    mixture = policy.mixture(policy.primary, base) if base is not None else None
+    for first, second in itertools.combinations(sorted(treatments, key=lambda arm: arm.name), 2):
+        earlier, later = first.estimates.get(policy.primary), second.estimates.get(policy.primary)
+        key = (second.name, first.name, policy.primary)
+        pairs[(second.name, first.name)] = _compare(
+            key, earlier, later, policy, mixture, previous, running, extend, with_lift=False
+        )
+    return pairs
+
+
+def _apply_guardrails(
+    control: ArmInput, treatments: Sequence[ArmInput], results: dict[str, dict[str, MetricResult]], policy: Policy
+) -> dict[str, tuple[str, ...]]:
+    """Marks each guardrail result with its margin and whether harm beyond it is ruled out;
+    returns, for each treatment better on the primary metric, the guardrails still in its way."""
+    higher = policy.higher_is_better(policy.primary)
+    held_back: dict[str, tuple[str, ...]] = {}
+    for arm in treatments:
+        blocking = []
+        for guardrail in policy.guardrail_specs:
+            result = results[arm.name].get(guardrail.metric) or MetricResult()
+            base = control.estimates.get(guardrail.metric)
+            margin = guardrail.absolute_margin(base.mean if base is not None else None)
+            shown = non_inferior(result.difference_ci, margin, policy.higher_is_better(guardrail.metric))
+            results[arm.name][guardrail.metric] = MetricResult(
+                result.comparison, result.sequential, result.adjusted_p, margin, shown
+            )
+            if not shown:
+                blocking.append(guardrail.metric)
+        if blocking and _better(_significant(results[arm.name][policy.primary], policy.alpha, adjusted=True), higher):
+            held_back[arm.name] = tuple(blocking)
+    return held_back
 
 
 def _status(
     control: ArmInput,
     treatments: Sequence[ArmInput],
     results: Mapping[str, Mapping[str, MetricResult]],
+    head_to_head: Mapping[tuple[str, str], MetricResult],
+    held_back: Mapping[str, tuple[str, ...]],
     policy: Policy,
     srm: float | None,
+    declared: str | None,
 ) -> tuple[str, str | None]:
     if srm is not None and srm < SRM_THRESHOLD:
         return SRM, None
+    higher = policy.higher_is_better(policy.primary)
+    signs = {arm.name: _significant(results[arm.name][policy.primary], policy.alpha, adjusted=True) for arm in treatments}
+    candidates = [arm for arm in treatments if _better(signs[arm.name], higher) and arm.name not in held_back]
+
+    def beats(challenger: ArmInput, incumbent: str) -> bool:
+        """Significantly better than the incumbent, head to head."""
+        if incumbent == control.name:
+            return True  # a candidate is significantly better than the control
+        pair = head_to_head.get((challenger.name, incumbent))
+        if pair is not None:
+            return _better(_significant(pair, policy.alpha, adjusted=False), higher)
+        pair = head_to_head.get((incumbent, challenger.name))
+        return pair is not None and _worse(_significant(pair, policy.alpha, adjusted=False), higher)
+
+    def best(arms: Sequence[ArmInput]) -> ArmInput:
+        # Among arms none of which beats another, the best mean now; the name then sticks.
+        unbeaten = [a for a in arms if not any(beats(b, a.name) for b in arms if b is not a)] or list(arms)
+        return max(unbeaten, key=lambda arm: (1 if higher else -1) * arm.estimates[policy.primary].mean)  # type: ignore[union-attr]
+
+    if declared is not None and declared in {arm.name for arm in (control, *treatments)}:
+        challengers = [arm for arm in candidates if arm.name != declared and beats(arm, declared)]
+        return WINNER, best(challengers).name if challengers else declared
+
     enough = all(
-        (estimate := arm.estimates.get(policy.primary)) is not None and estimate.n >= policy.min_samples
-        for arm in (control, *treatments)
-        if arm.weight > 0 or arm.control
+        _enough(arm.estimates.get(policy.primary), policy) for arm in (control, *treatments) if arm.weight > 0 or arm.control
     )
     if not enough or not treatments:
         return COLLECTING, None
-    higher = policy.higher_is_better(policy.primary)
-    winners = []
-    for arm in treatments:
-        arm_results = results[arm.name]
-        if not _significantly(arm_results[policy.primary], True, policy.alpha, higher, adjusted=True):
-            continue
-        harmed = any(
-            _significantly(arm_results[g], False, policy.alpha, policy.higher_is_better(g), adjusted=False)
-            for g in policy.guardrails
-            if g in arm_results
-        )
-        if not harmed:
-            winners.append(arm)
-    if winners:
-        best = max(
-            winners,
-            key=lambda arm: (1 if higher else -1) * (arm.estimates[policy.primary].mean),  # type: ignore[union-attr]
-        )
-        return WINNER, best.name
-    if all(_significantly(results[arm.name][policy.primary], False, policy.alpha, higher, adjusted=True) for arm in treatments):
+    if candidates:
+        return WINNER, best(candidates).name
+    if all(_worse(signs[arm.name], higher) for arm in treatments):
         return WINNER, control.name
-    base = control.estimates[policy.primary]
-    if base is not None and base.mean != 0:
-        margin = policy.mde * abs(base.mean)
-        intervals = [results[arm.name][policy.primary].difference_ci for arm in treatments]
-        if all(ci is not None and -margin < ci[0] and ci[1] < margin for ci in intervals):
-            return NO_DIFFERENCE, None
+    if _no_difference(control, treatments, results, policy):
+        return NO_DIFFERENCE, None
     return COLLECTING, None
+
+
+def _no_difference(
+    control: ArmInput, treatments: Sequence[ArmInput], results: Mapping[str, Mapping[str, MetricResult]], policy: Policy
+) -> bool:
+    """Every treatment's interval lies within ±MDE of the control's mean. Never from looks that
+    contradict each other: an empty intersection is an effect that moved, not one that is 0."""
+    base = control.estimates.get(policy.primary)
+    if base is None:
+        return False
+    margin = policy.mde * abs(base.mean)
+    if margin <= 0:
+        return False
+    intervals = [results[arm.name][policy.primary].difference_ci for arm in treatments]
+    return all(ci is not None and -margin < ci[0] and ci[1] < margin for ci in intervals)

@@ -1,0 +1,82 @@
+"""What an experiment keeps between looks: the running always-valid state of every comparison
+and the declared winner. Every look merges its own into Redis (``store.SAVE_STATE_LUA``) and
+answers from the merge, so every replica and every look extends one sequence.
+
+The running states merge by minimum and intersection (commutative, idempotent: any order of
+looks gives the same state). The winner is a compare-and-set on a generation counter: a look
+proposes a new winner only against the generation it read, so two replicas declaring at once
+cannot overwrite each other; the one that loses answers with the winner that was kept.
+:func:`apply` is the same merge in Python, for the simulations and to check the Lua against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from abproxy.stats.sequential import RunningState
+
+
+@dataclass(frozen=True)
+class Winner:
+    arm: str | None = None
+    """The declared winner's arm id (``variant@hash``); None before any."""
+    generation: int = 0
+    """How many times a winner was declared: the compare-and-set's version."""
+    context: str = ""
+    """What the winner was decided on (:func:`abproxy.analysis.analyse.decision_context`): a
+    winner declared on another primary metric, control, guardrails, α or MDE is no winner now."""
+
+
+@dataclass(frozen=True)
+class KeptState:
+    running: Mapping[str, RunningState] = field(default_factory=dict)
+    """By field of ``store.sequential_key``: ``arm|other arm|metric``."""
+    winner: Winner = Winner()
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """What one look asks Redis to keep."""
+
+    running: Mapping[str, RunningState]
+    fields: tuple[str, ...]
+    """Every field the look reads back (those it has no new look for included)."""
+    expected_generation: int
+    winner: str | None = None
+    """A newly declared winner's arm id; None to leave the winner as it is."""
+    context: str = ""
+
+
+def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> KeptState:
+    """From the Redis hashes; a state that does not decode (written by hand, corrupt) is
+    dropped, as if never kept."""
+    running = {}
+    for name, text in raw_states.items():
+        state = RunningState.decode(text)
+        if state is not None:
+            running[name] = state
+    try:
+        generation = int(raw_winner.get("generation", 0))
+    except ValueError:
+        generation = 0
+    return KeptState(running, Winner(raw_winner.get("winner") or None, generation, raw_winner.get("context", "")))
+
+
+def apply(kept: KeptState, update: StateUpdate) -> KeptState:
+    """The state after ``update`` is merged into ``kept``, as ``store.SAVE_STATE_LUA`` does it."""
+    running = dict(kept.running)
+    for name, state in update.running.items():
+        before = running.get(name)
+        running[name] = before.merge(state) if before is not None else state
+    winner = kept.winner
+    if update.winner is not None and kept.winner.generation == update.expected_generation:
+        winner = Winner(update.winner, update.expected_generation + 1, update.context)
+    return KeptState(running, winner)
+
+
+def agrees(saved: KeptState, update: StateUpdate, answered: Winner) -> bool:
+    """Whether what Redis now holds is what the look answered with (no other look came in
+    between): the same states for its fields, and the same winner."""
+    if saved.winner != answered:
+        return False
+    return all(saved.running.get(name) == state for name, state in update.running.items())

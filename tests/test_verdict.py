@@ -1,0 +1,322 @@
+"""The verdict a user acts on (stats/verdict.py, analysis/analyse.py, analysis/state.py), case by
+case: guardrails as non-inferiority and what holds a winner back, a winner that keeps its name,
+drift, constant arms, the kept state and how a look extends it, directions, corrupt counters and
+the design effect. Pure: no Redis (the Lua twin of state.apply is checked in test_live_results)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from simkit import ERRORS, SCORE, experiment
+
+from abproxy.analysis import state
+from abproxy.analysis.analyse import (
+    analyse,
+    decision_context,
+    design_effect,
+    guardrails,
+    policy_for,
+    samples_needed,
+    state_keys,
+)
+from abproxy.recording.store import ArmCounters, MetricCounters, parse_arm
+from abproxy.stats.estimates import Estimate, from_moments
+from abproxy.stats.guardrails import Guardrail
+from abproxy.stats.sequential import RunningState
+from abproxy.stats.summary import Moments
+from abproxy.stats.verdict import COLLECTING, NO_DIFFERENCE, WINNER, ArmInput, Policy, decide
+
+LATENCY = "latency_ms"
+
+
+def est(mean: float, sd: float, n: int) -> Estimate:
+    return from_moments(Moments(n, n * mean, (n - 1) * sd * sd + n * mean * mean))
+
+
+def rate(p: float, n: int) -> Estimate:
+    return Estimate(p, p * (1 - p) / n, n, math.inf)
+
+
+def arm(name: str, control: bool = False, **metrics: Estimate) -> ArmInput:
+    estimates = {metric.replace("__", "."): value for metric, value in metrics.items()}
+    return ArmInput(name, control, 1.0, next(iter(estimates.values())).n, estimates)
+
+
+def policy(guardrails=(), **kwargs) -> Policy:
+    return Policy(
+        primary=SCORE, guardrails=list(guardrails), higher_is_better=lambda m: m.startswith("feedback."), **kwargs
+    )
+
+
+# -- guardrails as non-inferiority -----------------------------------------------------------------
+
+
+def test_better_but_harm_not_ruled_out_is_held_back_and_says_by_what():
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 400), error_rate=rate(0.02, 400)),
+        arm("b", feedback__score=est(3.9, 1.0, 400), error_rate=rate(0.02, 400)),
+    ]
+    verdict = decide(arms, policy([Guardrail(ERRORS, margin=0.01)]), {})
+    guard = verdict.arms["b"].metrics[ERRORS]
+    assert verdict.arms["b"].metrics[SCORE].p_value < 1e-4, "clearly better on the primary metric"
+    assert guard.margin == 0.01 and guard.non_inferior is False
+    assert guard.difference_ci[1] > 0.01, "400 per arm cannot rule out a point of harm on a 2% rate"
+    assert (verdict.status, verdict.winner) == (COLLECTING, None)
+    assert verdict.arms["b"].held_back_by == (ERRORS,)
+
+
+def test_harm_ruled_out_lets_the_winner_through():
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 20_000), error_rate=rate(0.02, 20_000)),
+        arm("b", feedback__score=est(3.9, 1.0, 20_000), error_rate=rate(0.021, 20_000)),
+    ]
+    verdict = decide(arms, policy([Guardrail(ERRORS, margin=0.01)]), {})
+    assert verdict.arms["b"].metrics[ERRORS].non_inferior is True
+    assert (verdict.status, verdict.winner) == (WINNER, "b") and verdict.arms["b"].held_back_by == ()
+
+
+def test_a_guardrail_that_should_go_up_is_harmed_by_going_down():
+    """Harm is a fall for a higher-is-better guardrail: the interval's lower end is what counts."""
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 5000), feedback__thumbs=rate(0.80, 5000)),
+        arm("b", feedback__score=est(3.9, 1.0, 5000), feedback__thumbs=rate(0.70, 5000)),
+    ]
+    verdict = decide(arms, policy([Guardrail("feedback.thumbs", margin=0.02)]), {})
+    assert verdict.arms["b"].metrics["feedback.thumbs"].non_inferior is False
+    assert verdict.arms["b"].held_back_by == ("feedback.thumbs",) and verdict.winner is None
+
+
+def test_default_margins_from_the_config():
+    plan, _ = experiment(guardrails={"error_rate": None, "latency_ms": None, "feedback.thumbs": {"margin": 0.05}})
+    assert guardrails(plan) == (
+        Guardrail("error_rate", margin=0.01),  # a rate: one percentage point
+        Guardrail("latency_ms"),  # anything else: 10% of the control's mean
+        Guardrail("feedback.thumbs", margin=0.05),
+    )
+    assert Guardrail("latency_ms").absolute_margin(700.0) == pytest.approx(70.0)
+
+
+def test_samples_needed_names_what_a_held_back_winner_is_waiting_for():
+    plan, config = experiment(guardrails=[ERRORS])
+    counters = _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400)
+    analysis = analyse(plan, config, counters)
+    needed, by_guardrail = samples_needed(analysis, "a")
+    assert analysis.verdict.arms["b"].held_back_by == (ERRORS,)
+    assert 1_000 < by_guardrail[("b", ERRORS)] < 20_000
+    # what a look at that many more samples per arm would see, with the same rates, clears the margin
+    later = analyse(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400 + int(1.3 * by_guardrail[("b", ERRORS)])))
+    assert later.verdict.arms["b"].metrics[ERRORS].non_inferior
+    assert needed["b"] == 0, "the primary metric needs nothing more"
+
+
+def _counters(plan, arms: dict[str, tuple[float, float]], n: int, sd: float = 1.0) -> dict[str, ArmCounters]:
+    """Exact means and spread: score N(mean, sd²), errors at the rate."""
+    out = {}
+    for name, (mean, errors) in arms.items():
+        arm_id = plan.arms[name].arm_id
+        ones = round(errors * n)
+        out[arm_id] = ArmCounters(
+            arm_id, requests=n, units=n,
+            metrics={
+                SCORE: MetricCounters(Moments(n, n * mean, (n - 1) * sd * sd + n * mean * mean)),
+                ERRORS: MetricCounters(Moments(n, ones, ones)),
+            },
+        )  # fmt: skip
+    return out
+
+
+# -- a winner that keeps its name ------------------------------------------------------------------------
+
+
+def test_a_declared_winner_stays_when_another_is_better_but_not_significantly_so_head_to_head():
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 600)),
+        arm("b", feedback__score=est(3.80, 1.0, 600)),
+        arm("c", feedback__score=est(3.85, 1.0, 600)),
+    ]
+    fresh = decide(arms, policy(), {})
+    assert fresh.winner == "c", "undeclared: the best mean among the significant arms"
+    kept = decide(arms, policy(), {}, declared="b")
+    assert (kept.status, kept.winner) == (WINNER, "b")
+    pair = kept.running[("c", "b", SCORE)]
+    assert pair.lower < 0 < pair.upper, "c − b is not significant head to head"
+
+
+def test_a_declared_winner_is_replaced_only_by_an_arm_significantly_better_head_to_head():
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 3000)),
+        arm("b", feedback__score=est(3.7, 1.0, 3000)),
+        arm("c", feedback__score=est(4.0, 1.0, 3000)),
+    ]
+    verdict = decide(arms, policy(), {}, declared="b")
+    assert verdict.running[("c", "b", SCORE)].lower > 0
+    assert (verdict.status, verdict.winner) == (WINNER, "c")
+
+
+def test_the_first_winner_is_one_no_other_candidate_beats():
+    """Among significant arms the best current mean, unless another beats it head to head; the
+    pairs are kept from the first look at min_samples."""
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 5000)),
+        arm("b", feedback__score=est(3.6, 1.0, 5000)),
+        arm("c", feedback__score=est(3.9, 1.0, 5000)),
+    ]
+    verdict = decide(arms, policy(), {})
+    assert verdict.winner == "c" and verdict.running[("c", "b", SCORE)].lower > 0
+
+
+def test_a_declared_control_stays_and_srm_hides_any_winner():
+    arms = [arm("a", control=True, feedback__score=est(4.0, 1.0, 2000)), arm("b", feedback__score=est(3.6, 1.0, 2000))]
+    assert decide(arms, policy(), {}).winner == "a"
+    skewed = [ArmInput("a", True, 1.0, 11_000, arms[0].estimates), ArmInput("b", False, 1.0, 9_000, arms[1].estimates)]
+    verdict = decide(skewed, policy(), {}, declared="a")
+    assert (verdict.status, verdict.winner) == ("srm", None)
+
+
+# -- drift, constants, the kept state -------------------------------------------------------------------
+
+
+def test_equal_constant_arms_end_as_no_difference_when_the_margin_allows_it():
+    constant = [arm("a", control=True, feedback__score=est(4.0, 0.0, 40)), arm("b", feedback__score=est(4.0, 0.0, 40))]
+    verdict = decide(constant, policy(), {})
+    assert verdict.status == NO_DIFFERENCE
+    assert verdict.arms["b"].metrics[SCORE].difference_ci == (0.0, 0.0)
+    # a control mean of 0 leaves no margin (stats.mde is relative to it): not decided
+    zero = [arm("a", control=True, feedback__score=est(0.0, 0.0, 40)), arm("b", feedback__score=est(0.0, 0.0, 40))]
+    assert decide(zero, policy(), {}).status == COLLECTING
+    # constant but apart: exactly different
+    apart = [arm("a", control=True, feedback__score=est(4.0, 0.0, 40)), arm("b", feedback__score=est(5.0, 0.0, 40))]
+    assert decide(apart, policy(), {}).winner == "b"
+
+
+def test_the_running_state_starts_only_at_min_samples():
+    early = [arm("a", control=True, feedback__score=est(3.0, 1.0, 20)), arm("b", feedback__score=est(4.5, 1.0, 20))]
+    verdict = decide(early, policy(min_samples=30), {})
+    assert verdict.running == {} and verdict.status == COLLECTING
+    assert verdict.arms["b"].metrics[SCORE].comparison is not None  # Welch's is still shown
+
+
+def test_a_look_that_cannot_keep_its_state_decides_on_the_kept_state_alone():
+    looks = [arm("a", control=True, feedback__score=est(3.5, 1.0, 3000)), arm("b", feedback__score=est(3.8, 1.0, 3000))]
+    kept = {("b", "a", SCORE): RunningState(0.3, -0.1, 0.4)}
+    verdict = decide(looks, policy(), kept, extend=False)
+    assert verdict.running[("b", "a", SCORE)] == kept[("b", "a", SCORE)]
+    assert verdict.status == COLLECTING, "the clear effect of this look is not used: it could not be kept"
+    assert decide(looks, policy(), kept).winner == "b"
+
+
+def test_state_apply_merges_states_and_declares_a_winner_only_against_the_generation_read():
+    empty = state.KeptState()
+    first = state.StateUpdate({"f": RunningState(0.2, -1.0, 1.0)}, ("f",), expected_generation=0, winner="b@1")
+    after = state.apply(empty, first)
+    assert after.winner == state.Winner("b@1", 1) and after.running["f"] == RunningState(0.2, -1.0, 1.0)
+    # a second replica that read generation 0 too, and would declare c: too late
+    rival = state.StateUpdate({"f": RunningState(0.1, -0.5, 2.0)}, ("f",), expected_generation=0, winner="c@1")
+    final = state.apply(after, rival)
+    assert final.winner == state.Winner("b@1", 1)
+    assert final.running["f"] == RunningState(0.1, -0.5, 1.0)
+    assert not state.agrees(final, rival, state.Winner("c@1", 1))
+    assert state.agrees(final, state.StateUpdate({"f": final.running["f"]}, ("f",), 1), state.Winner("b@1", 1))
+
+
+def test_analyse_reads_the_winner_by_arm_and_proposes_a_new_one_once():
+    plan, config = experiment()
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.9, 0.0)}, n=2000)
+    first = analyse(plan, config, counters)
+    arm_b = plan.arms["b"].arm_id
+    context = decision_context(plan, policy_for(plan, config))
+    assert first.update.winner == arm_b and first.answered == state.Winner(arm_b, 1, context)
+    assert set(first.update.running) <= set(state_keys(plan)) and first.update.running
+    kept = state.apply(state.KeptState(), first.update)
+    again = analyse(plan, config, counters, kept)
+    assert again.verdict.winner == "b" and again.update.winner is None and again.answered == kept.winner
+    # an edited arm (another hash) is not the declared winner of this plan
+    stale = state.KeptState(kept.running, state.Winner("b@000000000000", 1, context))
+    assert analyse(plan, config, counters, stale).update.winner == arm_b
+
+
+def test_a_winner_declared_on_another_primary_metric_or_guardrails_is_no_winner_now():
+    plan, config = experiment()
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.9, 0.05)}, n=2000)  # b fails 5% of requests
+    kept = state.apply(state.KeptState(), analyse(plan, config, counters).update)
+    assert analyse(plan, config, counters, kept).update.winner is None, "the same decision: kept as it is"
+    assert kept.winner.arm == plan.arms["b"].arm_id
+    guarded_plan, guarded_config = experiment(guardrails=[ERRORS])
+    guarded = analyse(guarded_plan, guarded_config, counters_for(guarded_plan, counters), kept)
+    assert guarded.verdict.winner is None, "declared before a guardrail came in: not a winner by it"
+    other_plan, other_config = experiment(primary="feedback.thumbs")
+    assert analyse(other_plan, other_config, counters_for(other_plan, counters), kept).verdict.winner is None
+
+
+# -- directions, corrupt counters, design effect ----------------------------------------------------------
+
+
+def test_a_feedback_metric_that_should_go_down_wins_by_going_down():
+    plan, config = experiment()
+    lower = experiment_with_direction(False)
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.1, 0.0)}, n=2000)
+    assert analyse(plan, config, counters).verdict.winner == "a"
+    assert analyse(lower[0], lower[1], counters_for(lower[0], counters)).verdict.winner == "b"
+
+
+def experiment_with_direction(higher: bool):
+    from abproxy.catalog import Catalog
+    from abproxy.config import parse_config
+
+    config = parse_config(
+        {
+            "upstreams": {"sim": {"base_url": "http://127.0.0.1:9/v1"}},
+            "default_upstream": "sim",
+            "experiments": {
+                "sim": {
+                    "unit": "request",
+                    "primary_metric": SCORE,
+                    "feedback": {"score": {"min": -1000, "max": 1000, "higher_is_better": higher}},
+                    "variants": {"a": {"control": True}, "b": {}},
+                }
+            },
+        },
+        environ={},
+    )
+    return Catalog(config).plans["sim"], config
+
+
+def counters_for(plan, counters: dict[str, ArmCounters]) -> dict[str, ArmCounters]:
+    """The same counters under another plan's arm ids (variants a and b)."""
+    by_variant = {arm_id.split("@")[0]: value for arm_id, value in counters.items()}
+    return {arm.arm_id: by_variant[name] for name, arm in plan.arms.items()}
+
+
+def test_counters_that_are_not_numbers_are_reported_and_never_decide():
+    plan, config = experiment()
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (4.5, 0.0)}, n=2000)
+    arm_b = plan.arms["b"].arm_id
+    raw = {"requests": "2000", "units": "2000", f"{SCORE}|n": "2000", f"{SCORE}|s": "9000", f"{SCORE}|q": "nan"}
+    counters[arm_b] = parse_arm(arm_b, raw, {f"{SCORE}|12": "inf"})
+    assert counters[arm_b].metrics[SCORE].corrupt and counters[arm_b].corrupt == [f"{SCORE}|q", f"{SCORE}|h:12"]
+    analysis = analyse(plan, config, counters)
+    assert (analysis.verdict.status, analysis.verdict.winner, analysis.update.winner) == (COLLECTING, None, None)
+    assert analysis.corrupt == (f"b/{SCORE}|q", f"b/{SCORE}|h:12") and "corrupt_counters" in analysis.warnings
+    assert parse_arm("x", {"requests": "lots"}, {}).corrupt == ["requests"]
+
+
+def test_the_design_effect_of_correlated_users_in_a_unit_request_experiment():
+    """Kish: 1 + (m − 1)·ICC for users of m requests each; above 1.5 the look warns."""
+    plan, config = experiment()
+    rng = np.random.default_rng(5)
+    counters = {}
+    for arm_plan in plan.arms.values():
+        users, per_user, icc = 400, 10, 0.2
+        y = rng.normal(0, math.sqrt(icc), (users, 1)) + rng.normal(0, math.sqrt(1 - icc), (users, per_user)) + 3.5
+        totals = y.sum(axis=1)
+        n = np.full(users, float(per_user))
+        metric = MetricCounters(
+            Moments(users * per_user, float(y.sum()), float((y * y).sum())),
+            units=users, unit_yy=float((totals**2).sum()), unit_nn=float((n**2).sum()), unit_yn=float((totals * n).sum()),
+        )  # fmt: skip
+        counters[arm_plan.arm_id] = ArmCounters(arm_plan.arm_id, requests=users * per_user, units=users * per_user, metrics={SCORE: metric})
+    deff = design_effect(plan, counters)
+    assert deff == pytest.approx(1 + 9 * 0.2, rel=0.2)
+    assert "units_correlated" in analyse(plan, config, counters).warnings
