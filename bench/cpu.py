@@ -1,15 +1,17 @@
 """CPU time per proxied request: steadier than req/s on a machine whose speed drifts.
 
     python bench/cpu.py [--duration 8] [--conns 16] [--mode json|stream] [--model bench|bench-per-request]
-                        [--rounds 3] [--compare DIR ...] [--traces]
+                        [--rounds 3] [--compare DIR ...]
+    python bench/cpu.py --traces [--rounds 3]
 
 Under the same wrk load, reads how much CPU each proxy process (and abproxy's embedded Redis)
 used, from /proc, and divides by the requests wrk completed. ``--compare DIR`` adds abproxy run
 from another checkout (e.g. a git worktree of an older commit), so a change is measured against
-what it changed, on the same machine in the same minutes. ``--traces`` adds abproxy writing 5%
-of its requests as MLflow traces (``trace_sample_rate: 0.05``, a flush every 5 s laying the
-experiment out) beside the same proxy with tracing off. Targets alternate within each round;
-the median over rounds is printed.
+what it changed, on the same machine in the same minutes. ``--traces`` measures instead abproxy
+writing 5% of its requests as MLflow traces (``trace_sample_rate: 0.05``, a flush every 5 s
+laying the experiment out; the trace writer's process counted) against the same proxy with
+tracing off, in runs of whole minutes. Targets alternate within each round; the median over
+rounds is printed.
 """
 
 from __future__ import annotations
@@ -56,12 +58,18 @@ def redis_pid(leader: int) -> int | None:
     return None
 
 
-def start_abproxy(bench: bench_run.Bench, name: str, src: Path, port: int, traces: bool = False) -> bench_run.Proc:
+def start_abproxy(
+    bench: bench_run.Bench, name: str, src: Path, port: int, trace_rate: float | None = None
+) -> bench_run.Proc:
+    """``trace_rate`` set: flushing to MLflow every 5 s (traces wait for the flush's layout) and
+    sampling that share of requests as traces."""
     data = bench.tmp / f"data-{name}"
     config = bench.tmp / f"config-{name}.yaml"
     text = (bench.tmp / "config.yaml").read_text().replace(f"{bench.tmp}/data", str(data))
-    if traces:
-        text = text.replace("flush_interval_s: 0, trace_sample_rate: 0", "flush_interval_s: 5, trace_sample_rate: 0.05")
+    if trace_rate is not None:
+        text = text.replace(
+            "flush_interval_s: 0, trace_sample_rate: 0", f"flush_interval_s: 5, trace_sample_rate: {trace_rate}"
+        )
         text = text.replace(f"{bench.tmp}/mlflow.db", f"{bench.tmp}/mlflow-{name}.db")
     config.write_text(text)
     args = [sys.executable, "-m", "abproxy", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
@@ -70,16 +78,29 @@ def start_abproxy(bench: bench_run.Bench, name: str, src: Path, port: int, trace
     return proc
 
 
+def proxy_cpu_seconds(leader: int, redis: int | None) -> dict[int, float]:
+    """CPU of the proxy's processes: itself and its children (the MLflow trace writer), not Redis."""
+    found = {}
+    for pid in group_pids(leader):
+        if pid != redis:
+            try:
+                found[pid] = cpu_seconds(pid)
+            except OSError:
+                continue
+    return found
+
+
 def measure(bench: bench_run.Bench, url: str, model: str, mode: str, conns: int, proc: bench_run.Proc) -> dict[str, float]:
     redis = redis_pid(proc.p.pid)
-    proxy_before = cpu_seconds(proc.p.pid)
+    proxy_before = proxy_cpu_seconds(proc.p.pid, redis)
     redis_before = cpu_seconds(redis) if redis else 0.0
     row = bench_run.run_wrk(url, bench.scripts[(model, mode)], conns, bench.duration)
     time.sleep(0.5)  # the recorder writes what the run left
     requests = row.get("requests") or 0
     if not requests:
         raise SystemExit(f"no requests completed against {url}: {row}")
-    proxy_us = (cpu_seconds(proc.p.pid) - proxy_before) / requests * 1e6
+    proxy_after = proxy_cpu_seconds(proc.p.pid, redis)
+    proxy_us = sum(after - proxy_before.get(pid, 0.0) for pid, after in proxy_after.items()) / requests * 1e6
     redis_us = ((cpu_seconds(redis) - redis_before) / requests * 1e6) if redis else 0.0
     return {"proxy_us": proxy_us, "redis_us": redis_us, "rps": row["rps"]}
 
@@ -93,8 +114,13 @@ def main() -> int:
                     help="the experiment: unit: user (default), or unit: request (requests carry a user)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compare", nargs="*", default=[], type=Path, help="other checkouts to measure beside this one")
-    ap.add_argument("--traces", action="store_true", help="also abproxy with trace_sample_rate 0.05")
+    ap.add_argument("--traces", action="store_true",
+                    help="instead: abproxy flushing every 5 s with trace_sample_rate 0 against 0.05, 60 s per run")
     args = ap.parse_args()
+    if args.traces:
+        # The trace budget is per minute: under saturation a replica writes its 600 at once, then
+        # none until they are a minute old. A run of whole minutes sees what a steady load pays.
+        args.duration = max(60.0, round(args.duration / 60.0) * 60.0)
 
     bench = bench_run.Bench(Path(tempfile.mkdtemp(prefix="abproxy-cpu-")), args.duration, 2.0)
     try:
@@ -102,12 +128,13 @@ def main() -> int:
         lean_port = bench_run.free_port()
         lean = bench.start_passthrough("lean", lean_port)
         targets = {"passthrough-lean": (f"http://127.0.0.1:{lean_port}/v1/chat/completions", "gpt-4o-mini", lean)}
-        runs = [("abproxy", bench_run.ROOT, False)] + [(f"abproxy@{d.name}", d.resolve(), False) for d in args.compare]
-        if args.traces:
-            runs.append(("abproxy-traces-5%", bench_run.ROOT, True))
-        for name, src, traces in runs:
+        runs: list[tuple[str, Path, float | None]] = [("abproxy", bench_run.ROOT, None)]
+        runs += [(f"abproxy@{d.name}", d.resolve(), None) for d in args.compare]
+        if args.traces:  # the same flushing on both sides: only the traces differ
+            targets, runs = {}, [("abproxy-flushing", bench_run.ROOT, 0.0), ("abproxy-traces-5%", bench_run.ROOT, 0.05)]
+        for name, src, trace_rate in runs:
             port = bench_run.free_port()
-            proc = start_abproxy(bench, name, src, port, traces)
+            proc = start_abproxy(bench, name, src, port, trace_rate)
             targets[name] = (f"http://127.0.0.1:{port}/v1/chat/completions", args.model, proc)
         for url, model, _ in targets.values():
             bench_run.run_wrk(url, bench.scripts[(model, args.mode)], args.conns, 2.0)  # warm-up
@@ -117,9 +144,9 @@ def main() -> int:
             for name, (url, model, proc) in targets.items():
                 measured = measure(bench, url, model, args.mode, args.conns, proc)
                 results[name].append(measured)
-                line.append(f"{name} {measured['proxy_us']:.0f}+{measured['redis_us']:.0f} µs")
+                line.append(f"{name} {measured['proxy_us']:.0f}+{measured['redis_us']:.0f} µs {measured['rps']:,.0f}/s")
             print(f"round {round_number}: " + "; ".join(line), flush=True)
-        print(f"\nmedian CPU per request (proxy process + its Redis), {args.conns} connections, {args.mode}, {args.model}:")
+        print(f"\nmedian CPU per request (proxy processes + its Redis), {args.conns} connections, {args.mode}, {args.model}:")
         for name, rows in results.items():
             proxy = statistics.median(r["proxy_us"] for r in rows)
             redis = statistics.median(r["redis_us"] for r in rows)

@@ -20,7 +20,9 @@ from abproxy.analysis.analyse import (
     policy_for,
     samples_needed,
     state_keys,
+    summarise,
 )
+from abproxy.analysis.report import verdict_sentence
 from abproxy.recording.store import ArmCounters, MetricCounters, parse_arm
 from abproxy.stats.estimates import Estimate, from_moments
 from abproxy.stats.guardrails import Guardrail
@@ -110,6 +112,18 @@ def test_samples_needed_names_what_a_held_back_winner_is_waiting_for():
     assert later.verdict.arms["b"].metrics[ERRORS].non_inferior
     assert needed["b"] == 0, "the primary metric needs nothing more"
 
+
+
+def test_the_one_sentence_verdict_names_the_winner_or_what_holds_it_back():
+    """The sentence MLflow's experiment description opens with (mlflow_sink/writer.py)."""
+    plan, config = experiment(guardrails=[ERRORS])
+    held = analyse(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400))
+    sentence = verdict_sentence(summarise(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400), held))
+    assert sentence.startswith("Collecting: better on feedback.score but held back by a guardrail: b by error_rate")
+    counters = _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=40_000)
+    crowned = summarise(plan, config, counters, analyse(plan, config, counters))
+    assert crowned.winner == "b"
+    assert verdict_sentence(crowned).startswith("Winner: b: feedback.score 3.900 against 3.500 for the control a (+11.4%")
 
 def _counters(plan, arms: dict[str, tuple[float, float]], n: int, sd: float = 1.0) -> dict[str, ArmCounters]:
     """Exact means and spread: score N(mean, sd²), errors at the rate."""

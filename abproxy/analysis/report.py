@@ -69,9 +69,14 @@ def table_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _p_is(value: float | None) -> str:
+    shown = _p(value)
+    return f"p{shown}" if shown.startswith("<") else f"p={shown}"
+
+
 def headline(result: ExperimentResult) -> str:
     srm = result.srm.p_value
-    srm_text = f"SRM p={_p(srm)}" if srm is not None else "SRM: not enough data"
+    srm_text = f"SRM {_p_is(srm)}" if srm is not None else "SRM: not enough data"
     test = "always-valid (sequential)" if result.sequential else "fixed-horizon Welch"
     promoted = f", promoted={result.promoted} (serving all new traffic)" if result.promoted else ""
     warnings = f", WARNINGS: {', '.join(result.warnings)}" if result.warnings else ""
@@ -131,7 +136,7 @@ def verdict_sentence(result: ExperimentResult) -> str:
     requests = sum(variant.requests for variant in result.variants)
     if result.status == "srm":
         return (
-            f"Sample-ratio mismatch (p={_p(result.srm.p_value)}): the assignment counts disagree with the "
+            f"Sample-ratio mismatch ({_p_is(result.srm.p_value)}): the assignment counts disagree with the "
             "weights, so the results cannot be trusted until that is explained."
         )
     if result.status == "winner" and result.winner is not None:
@@ -142,8 +147,15 @@ def verdict_sentence(result: ExperimentResult) -> str:
         p_value = main.adjusted_p_value if main.adjusted_p_value is not None else main.p_value
         return (
             f"Winner: {best.name}: {primary} {_fmt(main.mean, 3)} against {_fmt(base.mean, 3)} for the control "
-            f"{control.name} ({_fmt(main.lift, 1, percent=True)}, p={_p(p_value)}), after {requests:,} requests."
+            f"{control.name} ({_fmt(main.lift, 1, percent=True)}, {_p_is(p_value)}), after {requests:,} requests."
         )
     if result.status == "no_difference":
         return f"No difference: every variant is as good as the control {control.name if control else ''} on {primary}."
+    held = [variant for variant in result.variants if variant.held_back_by]
+    if held:
+        names = "; ".join(f"{variant.name} by {', '.join(variant.held_back_by)}" for variant in held)
+        return (
+            f"Collecting: better on {primary} but held back by a guardrail: {names} "
+            f"(harm not yet ruled out; {requests:,} requests so far)."
+        )
     return f"Collecting: no variant differs significantly from the control on {primary} yet ({requests:,} requests so far)."

@@ -2,7 +2,7 @@
 
 The recorder hands each sampled request over (:meth:`TraceWriter.offer`, O(1), never blocks);
 every ``interval_s`` the writer writes what is queued, in a worker thread, in one batch per
-experiment: the spans in one call, then one trace record each. Nothing here touches a request:
+experiment: one trace record each, then the spans in one call. Nothing here touches a request:
 when MLflow is away or slow, or more is sampled than ``mlflow.max_traces_per_minute`` allows, or
 the queue is full, traces are dropped and counted (``abproxy_traces_dropped_total{reason}``).
 
@@ -13,6 +13,10 @@ trace the same way.
 
 MLflow's own tracing pipeline is process-wide (one tracking URI, one tracer provider); this
 writes through a tracing client of its own, so each experiment's store is the configured one.
+With a local store (sqlite, a folder) MLflow's writes run in the Python that calls them — about
+9 ms of CPU per trace on sqlite, which in the proxy's process would hold the GIL its requests
+need — so they run in a child process of their own; a tracking server's are REST calls, made
+from a worker thread.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ import base64
 import collections
 import json
 import logging
+import multiprocessing
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 
@@ -49,22 +57,21 @@ _SPAN_NAMES = {"chat": "chat.completions", "responses": "responses", "completion
 
 
 class _Budget:
-    """A token bucket: ``per_minute`` traces, refilled continuously."""
+    """At most ``per_minute`` traces in any 60 seconds: the times of the last ``per_minute``
+    taken, the oldest dropped once a minute old."""
 
     def __init__(self, per_minute: int, clock: Any = time.monotonic):
-        self._capacity = float(per_minute)
-        self._tokens = float(per_minute)
-        self._rate = per_minute / 60.0
+        self._per_minute = per_minute
+        self._taken: collections.deque[float] = collections.deque()
         self._clock = clock
-        self._at = clock()
 
     def take(self) -> bool:
         now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens < 1.0:
+        while self._taken and now - self._taken[0] >= 60.0:
+            self._taken.popleft()
+        if len(self._taken) >= self._per_minute:
             return False
-        self._tokens -= 1.0
+        self._taken.append(now)
         return True
 
 
@@ -98,7 +105,8 @@ class TraceWriter:
         self._traces: collections.deque[TracedExchange] = collections.deque()
         self._queued_bytes = 0
         self._scores: collections.deque[_PendingScore] = collections.deque()
-        self._client: Any = None
+        self._child: ProcessPoolExecutor | None = None
+        """The process MLflow's writes run in, for a local store."""
         self._shown_uri = redact_credentials(config.mlflow.tracking_uri)
         self.written = 0
         """Traces written so far (for tests and logs)."""
@@ -141,6 +149,9 @@ class TraceWriter:
                 await self.write_pending()
         except Exception as error:
             log.warning("traces left unwritten at shutdown (%s: %s)", type(error).__name__, error)
+        if self._child is not None:
+            await asyncio.to_thread(self._child.shutdown, wait=True, cancel_futures=True)
+            self._child = None
 
     async def write_pending(self) -> int:
         """Write every queued trace whose experiment is laid out in MLflow, then the scores of
@@ -155,13 +166,41 @@ class TraceWriter:
             (ready if layout is not None and f"model:{exchange.arm}" in layout else waiting).append(exchange)
         self._traces = waiting
         self._queued_bytes = sum(len(t.sent_body) for t in waiting)
-        scores = list(self._scores)
+        pending = list(self._scores)
         self._scores.clear()
+        batch = Batch(self._config.mlflow.tracking_uri, ready, layouts, [p.score for p in pending])
         async with self._mlflow_lock:
-            written, retry = await asyncio.to_thread(self._write, ready, layouts, scores)
-        self.written += written
-        self._scores.extend(retry)
-        return written
+            done = await self._run(batch)
+        for experiment, count, problem in done.failed_experiments:
+            self._drop("mlflow_unavailable", count)
+            log.warning("could not write %d trace(s) of %s to MLflow (%s)", count, experiment, problem)
+        for index, problem in done.failed_scores:
+            score = pending[index]
+            score.attempts += 1
+            if score.attempts < MAX_ATTEMPTS:
+                self._scores.append(score)  # its trace may still be waiting in the queue
+            else:
+                self._metrics.assessments_dropped.inc()
+                log.warning("feedback on trace %s not written to MLflow (%s)", score.score.trace_id, problem)
+        self.written += done.written
+        return done.written
+
+    async def _run(self, batch: Batch) -> Written:
+        if not _local_store(batch.tracking_uri):
+            return await asyncio.to_thread(write_batch, batch)
+        if self._child is None:
+            self._child = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._child, write_batch, batch)
+        except BrokenProcessPool:  # the child died (killed, out of memory): a new one next time
+            self._child.shutdown(wait=False)
+            self._child = None
+            problem = "the MLflow writer process died"
+            return Written(
+                0,
+                [(name, count, problem) for name, count in collections.Counter(t.experiment for t in batch.traces).items()],
+                [(index, problem) for index in range(len(batch.scores))],
+            )
 
     async def _layouts(self, experiments: set[str]) -> dict[str, dict[str, str]]:
         """The MLflow ids the flusher keeps in Redis, for experiments laid out in this store."""
@@ -173,72 +212,97 @@ class TraceWriter:
                     layouts[name] = runs
         return layouts
 
-    def _tracing(self) -> Any:
-        if self._client is None:
-            from mlflow.tracing.client import TracingClient
 
-            self._client = TracingClient(self._config.mlflow.tracking_uri)
-        return self._client
+def _local_store(tracking_uri: str) -> bool:
+    """sqlite or a folder: MLflow's writes run in the caller's Python."""
+    return urlparse(tracking_uri).scheme in ("", "file", "sqlite")
 
-    def _write(
-        self, ready: list[TracedExchange], layouts: dict[str, dict[str, str]], scores: list[_PendingScore]
-    ) -> tuple[int, list[_PendingScore]]:
-        written = 0
-        by_experiment: dict[str, list[TracedExchange]] = collections.defaultdict(list)
-        for exchange in ready:
-            by_experiment[exchange.experiment].append(exchange)
-        for experiment, exchanges in by_experiment.items():
-            layout = layouts[experiment]
-            try:
-                written += self._write_traces(layout["experiment_id"], exchanges, layout)
-            except Exception as error:
-                self._drop("mlflow_unavailable", len(exchanges))
-                log.warning("could not write %d trace(s) of %s to MLflow (%s: %s)", len(exchanges), experiment, type(error).__name__, error)
-        retry = []
-        for pending in scores:
-            try:
-                self._write_score(pending.score)
-            except Exception as error:
-                pending.attempts += 1
-                if pending.attempts < MAX_ATTEMPTS:
-                    retry.append(pending)  # its trace may still be waiting in the queue
-                else:
-                    self._metrics.assessments_dropped.inc()
-                    log.warning("feedback on trace %s not written to MLflow (%s)", pending.score.trace_id, type(error).__name__)
-        return written, retry
 
-    def _write_traces(self, experiment_id: str, exchanges: list[TracedExchange], layout: dict[str, str]) -> int:
-        client = self._tracing()
-        spans, infos = [], []
-        for exchange in exchanges:
-            span, info = trace_of(exchange, experiment_id, layout.get(f"model:{exchange.arm}"))
-            spans.append(span)
-            infos.append(info)
-        client.log_spans(experiment_id, spans)
-        for info in infos:
-            client.start_trace(info)
-        return len(infos)
+@dataclass
+class Batch:
+    """One write to MLflow: what the writer process (or thread) is given."""
 
-    def _write_score(self, score: ScoredTrace) -> None:
-        """The score as the trace's human feedback; a second score of the same name replaces it."""
-        from mlflow.entities import AssessmentSource
-        from mlflow.entities.assessment import Feedback
+    tracking_uri: str
+    traces: list[TracedExchange]
+    layouts: dict[str, dict[str, str]]
+    scores: list[ScoredTrace]
 
-        client = self._tracing()
-        info = client.get_trace_info(score.trace_id)
-        user = info.trace_metadata.get("mlflow.trace.user") or "anonymous"
-        feedback = Feedback(
-            name=score.name, value=score.score, source=AssessmentSource(source_type="HUMAN", source_id=user)
-        )
-        earlier = [
-            assessment
-            for assessment in info.assessments
-            if assessment.name == score.name and assessment.source.source_type == "HUMAN"
-        ]
-        if earlier:
-            client.update_assessment(score.trace_id, earlier[-1].assessment_id, feedback)
-        else:
-            client.log_assessment(score.trace_id, feedback)
+
+@dataclass
+class Written:
+    written: int
+    failed_experiments: list[tuple[str, int, str]] = field(default_factory=list)
+    """(experiment, traces dropped, why)"""
+    failed_scores: list[tuple[int, str]] = field(default_factory=list)
+    """(index in the batch's scores, why)"""
+
+
+_clients: dict[str, Any] = {}
+
+
+def _tracing(tracking_uri: str) -> Any:
+    if tracking_uri not in _clients:
+        from mlflow.tracing.client import TracingClient
+
+        _clients[tracking_uri] = TracingClient(tracking_uri)
+    return _clients[tracking_uri]
+
+
+def _problem(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def write_batch(batch: Batch) -> Written:
+    """Write a batch's traces, one experiment at a time, then its scores; never raises."""
+    done = Written(0)
+    by_experiment: dict[str, list[TracedExchange]] = collections.defaultdict(list)
+    for exchange in batch.traces:
+        by_experiment[exchange.experiment].append(exchange)
+    for experiment, exchanges in by_experiment.items():
+        layout = batch.layouts[experiment]
+        try:
+            done.written += _write_traces(_tracing(batch.tracking_uri), layout["experiment_id"], exchanges, layout)
+        except Exception as error:
+            done.failed_experiments.append((experiment, len(exchanges), _problem(error)))
+    for index, score in enumerate(batch.scores):
+        try:
+            _write_score(_tracing(batch.tracking_uri), score)
+        except Exception as error:
+            done.failed_scores.append((index, _problem(error)))
+    return done
+
+
+def _write_traces(client: Any, experiment_id: str, exchanges: list[TracedExchange], layout: dict[str, str]) -> int:
+    spans, infos = [], []
+    for exchange in exchanges:
+        span, info = trace_of(exchange, experiment_id, layout.get(f"model:{exchange.arm}"))
+        spans.append(span)
+        infos.append(info)
+    # The records first: a span logged for a trace with no record makes the store create a
+    # bare one, which start_trace then has to merge into (4x the CPU on sqlite).
+    for info in infos:
+        client.start_trace(info)
+    client.log_spans(experiment_id, spans)
+    return len(infos)
+
+
+def _write_score(client: Any, score: ScoredTrace) -> None:
+    """The score as the trace's human feedback; a second score of the same name replaces it."""
+    from mlflow.entities import AssessmentSource
+    from mlflow.entities.assessment import Feedback
+
+    info = client.get_trace_info(score.trace_id)
+    user = info.trace_metadata.get("mlflow.trace.user") or "anonymous"
+    feedback = Feedback(name=score.name, value=score.score, source=AssessmentSource(source_type="HUMAN", source_id=user))
+    earlier = [
+        assessment
+        for assessment in info.assessments
+        if assessment.name == score.name and assessment.source.source_type == "HUMAN"
+    ]
+    if earlier:
+        client.update_assessment(score.trace_id, earlier[-1].assessment_id, feedback)
+    else:
+        client.log_assessment(score.trace_id, feedback)
 
 
 def _b64(data: bytes) -> str:
