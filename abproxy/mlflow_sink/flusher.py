@@ -109,7 +109,7 @@ class Flusher:
         started = time.perf_counter()
         try:
             with store.reachable():
-                step = int(await self._redis.incr(store.FLUSH_FENCE_KEY))
+                step = await store.next_flush_step(self._redis)
             # Building the client opens the store (sqlite runs its migrations): not on the loop.
             writer = await asyncio.to_thread(self._mlflow)
             report = FlushReport(step)

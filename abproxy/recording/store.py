@@ -104,13 +104,18 @@ def sequential_field(arm: str, other_arm: str, metric: str) -> str:
     return f"{arm}|{other_arm}|{metric}"
 
 
-# Flush coordination, shared by every experiment.
-FLUSH_LOCK_KEY = f"{PREFIX}:flush:lock"
+# Flush coordination, shared by every experiment: one hash tag of its own, so that on a Redis
+# Cluster the three keys live in one slot like an experiment's do.
+FLUSH_TAG = f"{PREFIX}:{{flush}}"
+FLUSH_LOCK_KEY = f"{FLUSH_TAG}:lock"
 """Held by the one flush running, with a TTL."""
-FLUSH_INTERVAL_KEY = f"{PREFIX}:flush:interval"
+FLUSH_INTERVAL_KEY = f"{FLUSH_TAG}:interval"
 """Taken by the one replica that flushes in this interval."""
-FLUSH_FENCE_KEY = f"{PREFIX}:flush:fence"
+FLUSH_FENCE_KEY = f"{FLUSH_TAG}:fence"
 """A counter: the fencing token of each flush, which is also MLflow's ``step``."""
+LEGACY_FLUSH_FENCE_KEY = f"{PREFIX}:flush:fence"
+"""Where the fencing token lived before the flush keys shared a hash tag: read once, by the
+first flush that finds :data:`FLUSH_FENCE_KEY` absent, so that step numbers go on."""
 
 
 @contextmanager
@@ -558,6 +563,19 @@ async def save_state(
     generation, kept_winner, kept_context, merged = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
     return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
+
+
+async def next_flush_step(redis: Any) -> int:
+    """The next fencing token; called under the flush lock. The first flush after an upgrade
+    carries the count on from :data:`LEGACY_FLUSH_FENCE_KEY` (each key touched alone: on a
+    cluster the two live in different slots, and there the legacy key never held anything)."""
+    step = int(await redis.incr(FLUSH_FENCE_KEY))
+    if step == 1:
+        legacy = await redis.get(LEGACY_FLUSH_FENCE_KEY)
+        if legacy:
+            step = int(await redis.incrby(FLUSH_FENCE_KEY, int(legacy)))
+            await redis.delete(LEGACY_FLUSH_FENCE_KEY)
+    return step
 
 
 T = TypeVar("T")
