@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from redis.exceptions import NoScriptError, RedisError
 
 from abproxy.errors import StoreUnavailable
+from abproxy.recording import connection
 
 from abproxy.stats.summary import Moments
 
@@ -537,7 +538,36 @@ async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
     return {experiment: variant for experiment, variant in zip(experiments, replies, strict=True) if variant}
 
 
-_SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
+T = TypeVar("T")
+
+
+class Script:
+    """A Lua script called by its SHA, loaded where it is missing: on first use, after a Redis
+    restart emptied the script cache, on a cluster node that never ran it (a replica that took
+    over, say)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, redis: Any, call: Callable[[str], Awaitable[T]], key: str | None = None) -> T:
+        """``call(sha)`` once, or twice if Redis had forgotten the script; ``key`` is one the
+        call touches, to find the cluster node that needs the script."""
+        try:
+            return await call(self.sha)
+        except NoScriptError:
+            await self.load(redis, key)
+            return await call(self.sha)
+
+    async def load(self, redis: Any, key: str | None) -> None:
+        if key is not None and connection.clustered(redis):
+            await redis.initialize()
+            await redis.execute_command("SCRIPT", "LOAD", self.source, target_nodes=redis.get_node_from_key(key))
+        else:
+            await redis.script_load(self.source)
+
+
+_SAVE_STATE = Script(SAVE_STATE_LUA)
 
 
 async def save_state(
@@ -555,11 +585,7 @@ async def save_state(
     args: list[Any] = [expected_generation, winner or "", context]
     for name, encoded in states:
         args += [name, encoded]
-    try:
-        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
-    except NoScriptError:
-        await redis.script_load(SAVE_STATE_LUA)  # Redis restarted, or never saw it
-        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
+    reply = await _SAVE_STATE.run(redis, lambda sha: redis.evalsha(sha, len(keys), *keys, *args), keys[0])
     generation, kept_winner, kept_context, merged = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
     return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
@@ -576,28 +602,3 @@ async def next_flush_step(redis: Any) -> int:
             step = int(await redis.incrby(FLUSH_FENCE_KEY, int(legacy)))
             await redis.delete(LEGACY_FLUSH_FENCE_KEY)
     return step
-
-
-T = TypeVar("T")
-
-
-class Script:
-    """A Lua script called by its SHA, loaded on first use and again after a Redis restart
-    emptied the script cache."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self._sha: str | None = None
-
-    async def run(self, redis: Any, call: Callable[[str], Awaitable[T]]) -> T:
-        """``call(sha)`` once, or twice if Redis had forgotten the script."""
-        for attempt in range(2):
-            if self._sha is None:
-                self._sha = await redis.script_load(self.source)
-            try:
-                return await call(self._sha)
-            except NoScriptError:
-                self._sha = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
