@@ -23,8 +23,11 @@ from redis.crc import key_slot
 log = logging.getLogger("abproxy.recording.connection")
 
 REPLICA_WAIT_MS = 1000
-"""How long a write waits for a replica's acknowledgement before it counts as unconfirmed (and
-is written again, which its dedupe key makes harmless)."""
+"""How long a recorder batch waits for a replica's acknowledgement before it counts as
+unconfirmed (and is written again, which its dedupe key makes harmless)."""
+FEEDBACK_WAIT_MS = 200
+"""The same for a feedback score, whose client waits: within the request-facing timeout. An
+unconfirmed score answers 503, and posting it again replaces it, never counts it twice."""
 
 
 def is_cluster(url: str, timeout_s: float = 2.0) -> bool | None:
@@ -89,13 +92,13 @@ def by_slot(redis: Any, items: Iterable[tuple[str, Any]]) -> list[list[Any]]:
     return list(groups.values())
 
 
-async def confirm_replicated(redis: RedisCluster, pipe: Any, key: str) -> Any:
+async def confirm_replicated(redis: RedisCluster, pipe: Any, key: str, wait_ms: int = REPLICA_WAIT_MS) -> Any:
     """Queue, at the end of ``pipe``, a ``WAIT`` for a replica of the master holding ``key``: it
     runs on the connection that carried the pipeline's writes there, so it waits for them.
     Returns the node, for :func:`replicated`."""
     await redis.initialize()
     node = redis.get_node_from_key(key)
-    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=node)
+    pipe.execute_command("WAIT", 1, wait_ms, target_nodes=node)
     return node
 
 

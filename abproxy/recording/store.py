@@ -19,6 +19,7 @@ the declared winner and its generation (:data:`SAVE_STATE_LUA` merges a look int
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from collections.abc import Awaitable, Callable, Iterator
@@ -530,12 +531,20 @@ async def read_experiment(
 
 
 async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
-    """Experiment → promoted variant, for the experiments that have one."""
-    pipe = redis.pipeline(transaction=False)
-    for experiment in experiments:
-        pipe.get(promoted_key(experiment))
-    replies = await pipe.execute()
-    return {experiment: variant for experiment, variant in zip(experiments, replies, strict=True) if variant}
+    """Experiment → promoted variant, for the experiments that have one: one pipeline per
+    cluster slot (all together on one Redis)."""
+
+    async def read(group: list[str]) -> list[str | None]:
+        pipe = redis.pipeline(transaction=False)
+        for experiment in group:
+            pipe.get(promoted_key(experiment))
+        return list(await pipe.execute())
+
+    groups = connection.by_slot(redis, ((experiment_tag(e), e) for e in experiments))
+    promoted: dict[str, str] = {}
+    for group, replies in zip(groups, await asyncio.gather(*(read(group) for group in groups)), strict=True):
+        promoted.update((experiment, variant) for experiment, variant in zip(group, replies, strict=True) if variant)
+    return promoted
 
 
 T = TypeVar("T")
