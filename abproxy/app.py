@@ -23,7 +23,7 @@ from abproxy.mlflow_sink.flusher import Flusher
 from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
-from abproxy.recording.connection import detect_cluster, open_redis
+from abproxy.recording.connection import detect_cluster, discover, open_redis
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
@@ -122,6 +122,8 @@ class ABProxyApp:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         await self.upstreams.start()
+        for client in (self.redis, self.request_redis):
+            await discover(client)
         self.recorder.start()
         loop = asyncio.get_running_loop()
         if self.config.mlflow.flush_interval_s > 0 and self.catalog.plans:

@@ -19,8 +19,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger("abproxy.recording.connection")
+
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
+"""What redis-py raises: its cluster client raises RedisClusterException, which is no
+RedisError, when no node it knows of answers."""
+UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_FAILURES, OSError)
 
 REPLICA_WAIT_MS = 1000
 """How long a recorder batch waits for a replica's acknowledgement before it counts as
@@ -78,6 +84,16 @@ def _without_password(url: str) -> str:
 
 def clustered(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
+
+
+async def discover(redis: Any) -> None:
+    """Learn every node of a cluster now, while the node named by ``redis_url`` answers: the
+    client then finds the cluster through any node it knows, should that one go down."""
+    if clustered(redis):
+        try:
+            await redis.initialize()
+        except UNAVAILABLE as error:
+            log.warning("could not reach the Redis Cluster yet (%s: %s)", type(error).__name__, error)
 
 
 def by_slot(redis: Any, items: Iterable[tuple[str, Any]]) -> list[list[Any]]:

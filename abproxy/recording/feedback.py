@@ -6,7 +6,6 @@ corrected exactly, never counted twice."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -113,17 +112,18 @@ class FeedbackService:
 
     async def _find(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
         """The request record for a request id or response id, looked up in every experiment:
-        one pipeline per cluster slot (all together on one Redis), slots side by side. A slot
-        that cannot be read fails the lookup only if the record is not found elsewhere."""
+        one pipeline per cluster slot (all together on one Redis), one slot after another (see
+        Recorder._write_pending). A slot that cannot be read fails the lookup only if the record
+        is not found elsewhere."""
         experiments = list(self._catalog.plans)
         groups = connection.by_slot(self._redis, ((store.experiment_tag(e), e) for e in experiments))
         replies: dict[str, tuple[str | None, str | None]] = {}
         errors: list[BaseException] = []
-        for group, answer in zip(groups, await asyncio.gather(*(self._look(g, request_id) for g in groups), return_exceptions=True), strict=True):
-            if isinstance(answer, BaseException):
-                errors.append(answer)
-            else:
-                replies.update(zip(group, answer, strict=True))
+        for group in groups:
+            try:
+                replies.update(zip(group, await self._look(group, request_id), strict=True))
+            except connection.UNAVAILABLE as error:
+                errors.append(error)
         for experiment in experiments:
             if experiment not in replies:
                 continue
@@ -173,7 +173,7 @@ class FeedbackService:
 
         async def confirmed(sha: str) -> int:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             node = await connection.confirm_replicated(self._redis, pipe, keys[0], connection.FEEDBACK_WAIT_MS)
             try:
                 result, acknowledged = await pipe.execute(allow_redirections=False)

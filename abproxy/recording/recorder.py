@@ -172,6 +172,8 @@ class Recorder:
         self._queue: collections.deque[Outcome] = collections.deque()
         self._pending: dict[str, collections.deque[_Part]] = {}
         """Per experiment, its batches not yet confirmed written, oldest first."""
+        self._failing: set[str] = set()
+        """Experiments whose last write failed."""
         self._pending_events = 0
         self._in_preparation = 0
         self._wakeup = asyncio.Event()
@@ -339,15 +341,19 @@ class Recorder:
 
     async def _write_pending(self) -> bool:
         """Write every experiment's pending batches, oldest first, each slot on its own: an
-        experiment whose write fails keeps its batches for the next round, the others go on."""
+        experiment whose write fails keeps its batches for the next round, the others go on.
+        Slots are written one after another, those that failed last time last: redis-py's
+        cluster client drops every connection when one node fails, which would cut short a
+        write to a healthy node made at the same moment."""
         failed: set[str] = set()
         while True:
             heads = [(queue[0].key, queue[0]) for experiment, queue in self._pending.items() if experiment not in failed]
             if not heads:
                 break
             groups = connection.by_slot(self._redis, heads)
-            outcomes = await asyncio.gather(*(self._write_group(group) for group in groups))
-            for group, error in zip(groups, outcomes, strict=True):
+            groups.sort(key=lambda group: any(part.experiment in self._failing for part in group))
+            for group in groups:
+                error = await self._write_group(group)
                 if error is not None:
                     failed.update(part.experiment for part in group)
                     self._metrics.recorder_write_errors.inc()
@@ -356,12 +362,14 @@ class Recorder:
                         ", ".join(part.experiment for part in group), type(error).__name__, error, self.buffered,
                     )  # fmt: skip
                     continue
+                self._failing.difference_update(part.experiment for part in group)
                 for part in group:
                     queue = self._pending[part.experiment]
                     queue.popleft()
                     self._pending_events -= part.events
                     if not queue:
                         del self._pending[part.experiment]
+        self._failing.update(failed)
         return not failed
 
     async def _write_group(self, parts: list[_Part]) -> Exception | None:
@@ -369,15 +377,16 @@ class Recorder:
         on a cluster, held by a replica), else the error. Written twice, a part changes nothing."""
         try:
             return await self._script.run(self._redis, lambda sha: self._try_group(parts, sha), parts[0].key)
-        except (RedisError, OSError) as error:
+        except connection.UNAVAILABLE as error:
             return error
 
     async def _try_group(self, parts: list[_Part], sha: str) -> Exception | None:
         cluster = connection.clustered(self._redis)
         pipe = self._redis.pipeline(transaction=False)
         for part in parts:
-            pipe.evalsha(
-                sha, 1, part.key, part.payload, store.BATCH_DEDUPE_TTL_S, store.UNIT_TTL_S, self._config.feedback_ttl_s
+            # execute_command: redis-py's cluster pipeline blocks its evalsha() helper, not EVALSHA
+            pipe.execute_command(
+                "EVALSHA", sha, 1, part.key, part.payload, store.BATCH_DEDUPE_TTL_S, store.UNIT_TTL_S, self._config.feedback_ttl_s
             )
         node = await connection.confirm_replicated(self._redis, pipe, parts[0].key) if cluster else None
         # No redirections: a call sent on to another node would escape the WAIT queued here.

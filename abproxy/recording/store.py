@@ -19,7 +19,6 @@ the declared winner and its generation (:data:`SAVE_STATE_LUA` merges a look int
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from abproxy.errors import StoreUnavailable
 from abproxy.recording import connection
@@ -125,7 +124,7 @@ def reachable() -> Iterator[None]:
     """Redis failing inside the block becomes :class:`~abproxy.errors.StoreUnavailable`."""
     try:
         yield
-    except (RedisError, OSError):
+    except connection.UNAVAILABLE:
         raise StoreUnavailable("Redis is unavailable; retry later") from None
 
 
@@ -542,7 +541,8 @@ async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
 
     groups = connection.by_slot(redis, ((experiment_tag(e), e) for e in experiments))
     promoted: dict[str, str] = {}
-    for group, replies in zip(groups, await asyncio.gather(*(read(group) for group in groups)), strict=True):
+    for group in groups:
+        replies = await read(group)
         promoted.update((experiment, variant) for experiment, variant in zip(group, replies, strict=True) if variant)
     return promoted
 
