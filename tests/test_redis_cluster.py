@@ -268,3 +268,24 @@ def test_a_slot_without_any_master_holds_up_no_other_experiment_and_catches_up_w
         assert totals(proxy, "sentiment", "accuracy")[0] == 40
     finally:
         cluster.stop()
+
+
+def test_on_one_redis_too_an_experiment_whose_write_fails_holds_up_no_other(
+    redis_server: Any, redis_client: Any, start_on: Callable[..., Proxy]
+) -> None:
+    """abproxy's Redis user may not touch translation's keys for a while (an ACL: Redis refuses
+    the script before it runs): translation's batches wait in memory while sentiment's are
+    written. Allowed again, nothing is lost."""
+    redis_client.execute_command("ACL", "SETUSER", "limited", "on", ">secret", "+@all", "resetkeys", "~abproxy:{sentiment}:*")
+    try:
+        proxy = start_on(redis_server.url.replace("redis://", "redis://limited:secret@"))
+        client = proxy.client()
+        for i in range(5):
+            ask(client, "translation", f"one-{i}"), ask(client, "sentiment", f"one-{i}")
+        wait_until(lambda: totals(proxy, "sentiment", "accuracy")[0] == 5, timeout=10)
+        assert proxy.app.recorder.buffered == 5
+        redis_client.execute_command("ACL", "SETUSER", "limited", "~*")
+        proxy.settle()
+        assert totals(proxy, "translation", "satisfaction")[0] == 5
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", "limited")

@@ -353,17 +353,16 @@ class Recorder:
             groups = connection.by_slot(self._redis, heads)
             groups.sort(key=lambda group: any(part.experiment in self._failing for part in group))
             for group in groups:
-                error = await self._write_group(group)
-                if error is not None:
-                    failed.update(part.experiment for part in group)
-                    self._metrics.recorder_write_errors.inc()
-                    log.warning(
-                        "Redis write for experiment(s) %s failed (%s: %.200s); %d measurements buffered",
-                        ", ".join(part.experiment for part in group), type(error).__name__, error, self.buffered,
-                    )  # fmt: skip
-                    continue
-                self._failing.difference_update(part.experiment for part in group)
-                for part in group:
+                for part, error in zip(group, await self._write_group(group), strict=True):
+                    if error is not None:
+                        failed.add(part.experiment)
+                        self._metrics.recorder_write_errors.inc()
+                        log.warning(
+                            "Redis write for experiment %s failed (%s: %.200s); %d measurements buffered",
+                            part.experiment, type(error).__name__, error, self.buffered,
+                        )  # fmt: skip
+                        continue
+                    self._failing.discard(part.experiment)
                     queue = self._pending[part.experiment]
                     queue.popleft()
                     self._pending_events -= part.events
@@ -372,15 +371,16 @@ class Recorder:
         self._failing.update(failed)
         return not failed
 
-    async def _write_group(self, parts: list[_Part]) -> Exception | None:
-        """One pipeline for parts of one slot (or of one Redis); None once all are written (and,
-        on a cluster, held by a replica), else the error. Written twice, a part changes nothing."""
+    async def _write_group(self, parts: list[_Part]) -> list[Exception | None]:
+        """One pipeline for parts of one slot (or of one Redis): per part, None once it is
+        written (and, on a cluster, held by a replica), else the error. Written twice, a part
+        changes nothing."""
         try:
             return await self._script.run(self._redis, lambda sha: self._try_group(parts, sha), parts[0].key)
         except connection.UNAVAILABLE as error:
-            return error
+            return [error] * len(parts)
 
-    async def _try_group(self, parts: list[_Part], sha: str) -> Exception | None:
+    async def _try_group(self, parts: list[_Part], sha: str) -> list[Exception | None]:
         cluster = connection.clustered(self._redis)
         pipe = self._redis.pipeline(transaction=False)
         for part in parts:
@@ -391,13 +391,14 @@ class Recorder:
         node = await connection.confirm_replicated(self._redis, pipe, parts[0].key) if cluster else None
         # No redirections: a call sent on to another node would escape the WAIT queued here.
         replies = await (pipe.execute(raise_on_error=False, allow_redirections=False) if cluster else pipe.execute(raise_on_error=False))
-        errors = [reply for reply in replies if isinstance(reply, Exception)]
-        if any(isinstance(error, NoScriptError) for error in errors):
+        if any(isinstance(reply, NoScriptError) for reply in replies):
             raise NoScriptError("script not loaded")  # load it there and try again
-        if any(isinstance(error, (MovedError, AskError)) for error in errors):
+        if any(isinstance(reply, (MovedError, AskError)) for reply in replies):
             await self._redis.nodes_manager.initialize()  # the slot moved: learn where to, retry later
-        if errors:
-            return errors[0]
-        if node is not None and not await connection.replicated(self._redis, node, int(replies[-1])):
-            return RedisError("no replica acknowledged the batch in time")
-        return None
+        errors: list[Exception | None] = [reply if isinstance(reply, Exception) else None for reply in replies[: len(parts)]]
+        if node is not None:
+            acknowledged = replies[-1]
+            if isinstance(acknowledged, Exception) or not await connection.replicated(self._redis, node, int(acknowledged)):
+                unconfirmed = acknowledged if isinstance(acknowledged, Exception) else RedisError("no replica acknowledged the batch in time")
+                errors = [error or unconfirmed for error in errors]
+        return errors
