@@ -12,8 +12,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 
 from abproxy.proxy.auth import Authorizer
 from abproxy.proxy.promotions import Promotions
@@ -24,6 +23,7 @@ from abproxy.mlflow_sink.flusher import Flusher
 from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
+from abproxy.recording.connection import detect_cluster, discover, open_redis
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
@@ -52,18 +52,6 @@ REQUEST_FACING_REDIS_TIMEOUT_S = 0.4
 Redis hangs; the recorder and the flusher, which nobody waits on, keep longer timeouts."""
 
 
-def open_redis(url: str, timeout_s: float = 5.0) -> Redis:
-    # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff:
-    # the recorder has its own, and a client waiting on an answer wants a 503, not a hang.
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=min(2.0, timeout_s),
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
 class ABProxyApp:
     def __init__(
         self,
@@ -71,8 +59,8 @@ class ABProxyApp:
         *,
         redis_url: str | None = None,
         registry: CollectorRegistry | None = None,
-        redis: Redis | None = None,
-        request_redis: Redis | None = None,
+        redis: Redis | RedisCluster | None = None,
+        request_redis: Redis | RedisCluster | None = None,
         recorder_options: Mapping[str, Any] | None = None,
         trace_options: Mapping[str, Any] | None = None,
     ):
@@ -88,8 +76,14 @@ class ABProxyApp:
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
-        self.redis = redis if redis is not None else open_redis(url)
-        self.request_redis = request_redis if request_redis is not None else open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S)
+        # A cluster node or one Redis: asked once, here (SPEC §7: no setting says which).
+        cluster = detect_cluster(url) if redis is None or request_redis is None else None
+        self.redis = redis if redis is not None else open_redis(url, cluster=cluster)
+        self.request_redis = (
+            request_redis
+            if request_redis is not None
+            else open_redis(url, REQUEST_FACING_REDIS_TIMEOUT_S, cluster=cluster)
+        )
         self.upstreams = Upstreams(config, forward_client_authorization=not config.server.api_keys)
         mlflow_lock = asyncio.Lock()  # one MLflow writer at a time in this process (sqlite stores)
         tracing = config.mlflow.trace_sample_rate > 0 and bool(self.catalog.plans)
@@ -128,6 +122,8 @@ class ABProxyApp:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         await self.upstreams.start()
+        for client in (self.redis, self.request_redis):
+            await discover(client)
         self.recorder.start()
         loop = asyncio.get_running_loop()
         if self.config.mlflow.flush_interval_s > 0 and self.catalog.plans:

@@ -140,7 +140,7 @@ def _redis_for_command(config: Config) -> tuple[str, object | None]:
 def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
     import asyncio
 
-    from redis.exceptions import RedisError
+    from abproxy.recording.connection import UNAVAILABLE
 
     from abproxy.app import open_redis
 
@@ -158,7 +158,7 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
     except StoreUnavailable as error:
         print(f"abproxy: Redis failed: {error.message}", file=sys.stderr)
         return 1
-    except (RedisError, OSError) as error:
+    except UNAVAILABLE as error:
         print(f"abproxy: Redis failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     except DomainError as error:  # MLflow away, another flush running: say so, without a traceback

@@ -31,6 +31,7 @@ from abproxy.mlflow_sink.prompts import resolve_prompts
 from abproxy.config import ConfigError, load_config, parse_config
 from abproxy.mlflow_sink.flusher import FlushBusy, Flusher, FlushReport
 from abproxy.recording.store import FLUSH_FENCE_KEY as FENCE_KEY, FLUSH_INTERVAL_KEY as INTERVAL_KEY, FLUSH_LOCK_KEY as LOCK_KEY
+from abproxy.recording.store import LEGACY_FLUSH_FENCE_KEY
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
@@ -357,6 +358,18 @@ def test_two_replicas_flushing_periodically_in_one_interval_flush_once(
     assert len(history(uri, summary.info.run_id, "srm_p_value")) <= 1
     pro = next(r for r in search(uri) if r.info.run_name == "professional")
     assert [step for step, _ in history(uri, pro.info.run_id, "requests")] == [1]
+
+
+def test_steps_go_on_from_the_fencing_token_kept_before_the_flush_keys_shared_a_hash_tag(
+    redis_client: redis.Redis, redis_server: Any, upstream_url: str, uri: str
+) -> None:
+    """Upgrading abproxy moves the fencing token to a key of the ``{flush}`` tag: MLflow's
+    steps carry on from the old count instead of starting again at 1."""
+    redis_client.set(LEGACY_FLUSH_FENCE_KEY, "41")
+    config = make_config(upstream_url, mlflow=mlflow_settings(uri))
+    assert flush_once(redis_server.url, config).step == 42
+    assert flush_once(redis_server.url, config).step == 43
+    assert redis_client.get(FENCE_KEY) == "43" and redis_client.get(LEGACY_FLUSH_FENCE_KEY) is None
 
 
 # -- 5. MLflow away ------------------------------------------------------------------------------

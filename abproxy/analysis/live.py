@@ -16,13 +16,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from abproxy.analysis import state
 from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse, summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
-from abproxy.recording import store
+from abproxy.recording import connection, store
 from abproxy.recording.store import ArmCounters
 from abproxy.stats.results import ExperimentResult
 
@@ -65,7 +63,7 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
         analysis = analyse(plan, config, counters, kept)
         try:
             saved = await _save(redis, plan, analysis.update)
-        except (RedisError, OSError) as error:
+        except connection.UNAVAILABLE as error:
             log.warning("could not save experiment %s's always-valid state (%s: %s); answering from the saved one",
                         plan.name, type(error).__name__, error)  # fmt: skip
             analysis = analyse(plan, config, counters, kept, extend=False)

@@ -17,10 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
-from abproxy.recording import store
+from abproxy.recording import connection, store
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
@@ -53,7 +51,7 @@ def _as_domain_error(error: Exception) -> DomainError:
     """Why a flush wrote nothing, as the edge reports it: Redis, or else MLflow."""
     if isinstance(error, DomainError):
         return error
-    if isinstance(error, RedisError):
+    if isinstance(error, connection.REDIS_FAILURES):
         return StoreUnavailable("Redis is unavailable; retry later")
     detail = str(error).splitlines()[0][:200] if str(error) else ""
     return MlflowUnavailable(f"flush to MLflow failed: {type(error).__name__}: {detail}")
@@ -109,7 +107,7 @@ class Flusher:
         started = time.perf_counter()
         try:
             with store.reachable():
-                step = int(await self._redis.incr(store.FLUSH_FENCE_KEY))
+                step = await store.next_flush_step(self._redis)
             # Building the client opens the store (sqlite runs its migrations): not on the loop.
             writer = await asyncio.to_thread(self._mlflow)
             report = FlushReport(step)

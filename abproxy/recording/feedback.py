@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import AskError, MovedError
+
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound
+from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
 from abproxy.metrics import ProxyMetrics
-from abproxy.recording import store
+from abproxy.recording import connection, store
 from abproxy.stats.histogram import bucket_of
 
 MAX_ID_LENGTH = 256
@@ -109,15 +111,23 @@ class FeedbackService:
         }
 
     async def _find(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
-        """The request record for a request id or response id, looked up in every experiment."""
+        """The request record for a request id or response id, looked up in every experiment:
+        one pipeline per cluster slot (all together on one Redis), one slot after another (see
+        Recorder._write_pending). A slot that cannot be read fails the lookup only if the record
+        is not found elsewhere."""
         experiments = list(self._catalog.plans)
-        pipe = self._redis.pipeline(transaction=False)
+        groups = connection.by_slot(self._redis, ((store.experiment_tag(e), e) for e in experiments))
+        replies: dict[str, tuple[str | None, str | None]] = {}
+        errors: list[BaseException] = []
+        for group in groups:
+            try:
+                replies.update(zip(group, await self._look(group, request_id), strict=True))
+            except connection.UNAVAILABLE as error:
+                errors.append(error)
         for experiment in experiments:
-            pipe.get(store.request_key(experiment, request_id))
-            pipe.get(store.response_key(experiment, request_id))
-        replies = await pipe.execute()
-        for index, experiment in enumerate(experiments):
-            record, aliased = replies[2 * index], replies[2 * index + 1]
+            if experiment not in replies:
+                continue
+            record, aliased = replies[experiment]
             if record is None and aliased == "":
                 raise Conflict(
                     f"response id {request_id!r} was returned for more than one request; "
@@ -129,7 +139,17 @@ class FeedbackService:
                 record = await self._redis.get(store.request_key(experiment, request_id))
             if record is not None:
                 return request_id, json.loads(record)
+        if errors:
+            raise errors[0]
         return None
+
+    async def _look(self, experiments: list[str], request_id: str) -> list[tuple[str | None, str | None]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for experiment in experiments:
+            pipe.get(store.request_key(experiment, request_id))
+            pipe.get(store.response_key(experiment, request_id))
+        replies = await pipe.execute()
+        return [(replies[2 * i], replies[2 * i + 1]) for i in range(len(experiments))]
 
     async def _apply(self, request_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
         experiment, arm, unit = record["e"], record["a"], record.get("u")
@@ -148,4 +168,20 @@ class FeedbackService:
             per_user,
             store.UNIT_TTL_S,
         ]
-        return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args)))
+        if not connection.clustered(self._redis):
+            return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))
+
+        async def confirmed(sha: str) -> int:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            node = await connection.confirm_replicated(self._redis, pipe, keys[0], connection.FEEDBACK_WAIT_MS)
+            try:
+                result, acknowledged = await pipe.execute(allow_redirections=False)
+            except (MovedError, AskError):
+                await self._redis.nodes_manager.initialize()  # the slot moved: the next try goes there
+                raise
+            if not await connection.replicated(self._redis, node, int(acknowledged)):
+                raise StoreUnavailable("Redis did not confirm the score in time; post it again")
+            return int(result)
+
+        return await self._script.run(self._redis, confirmed, keys[0])

@@ -1,11 +1,14 @@
 """Off-path recording: outcomes are queued by the request path in O(1), then interpreted,
 aggregated and written to Redis in batches by one background task.
 
-Each batch becomes one pipeline (one round trip) of one script call per experiment, which
-writes the batch's request records and applies its pre-aggregated deltas under a dedupe key. A batch whose
-reply was lost is replayed and changes nothing the second time. While Redis is unreachable the
-batches wait in memory (bounded: past ``max_buffered`` measurements new ones are dropped and
-counted) and are replayed, oldest first, once it is back.
+Each batch becomes one script call per experiment, which writes the batch's request records
+and applies its pre-aggregated deltas under a dedupe key; the calls go in one pipeline (one
+round trip) per Redis Cluster slot, or for all experiments on one Redis. A batch whose reply was
+lost is replayed and changes nothing the second time. Each experiment waits in its own queue:
+while its Redis (or its cluster slot) is unreachable its batches wait in memory (bounded: past
+``max_buffered`` measurements new ones are dropped and counted) and are replayed, oldest first,
+once it is back, and the other experiments' batches go on meanwhile. On a cluster a batch
+leaves memory only once a replica has it too (``WAIT``), so a master that dies cannot take it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
-from abproxy.recording import store
+from abproxy.recording import connection, store
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
 from abproxy.config import BUILTIN_METRICS, Config
@@ -40,10 +43,17 @@ otherwise hold up every request for milliseconds (visible in p99 latency)."""
 
 
 @dataclass(slots=True)
-class _Batch:
+class _Part:
+    """One experiment's share of a batch: one script call, in the experiment's slot."""
+
     batch_id: str
+    experiment: str
     events: int
-    payloads: dict[str, str]
+    payload: str
+
+    @property
+    def key(self) -> str:
+        return store.batch_key(self.experiment, self.batch_id)
 
 
 def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | None) -> TracedExchange:
@@ -160,7 +170,10 @@ class Recorder:
         self._max_buffered = max_buffered
         self._trace_sink = trace_sink
         self._queue: collections.deque[Outcome] = collections.deque()
-        self._pending: collections.deque[_Batch] = collections.deque()
+        self._pending: dict[str, collections.deque[_Part]] = {}
+        """Per experiment, its batches not yet confirmed written, oldest first."""
+        self._failing: set[str] = set()
+        """Experiments whose last write failed."""
         self._pending_events = 0
         self._in_preparation = 0
         self._wakeup = asyncio.Event()
@@ -309,13 +322,11 @@ class Recorder:
         for (experiment, arm_id), arm_batch in arms.items():
             await asyncio.sleep(0)
             payloads[experiment]["arms"].append(arm_batch.payload(experiment, arm_id))
-        batch = _Batch(
-            batch_id=secrets.token_hex(12),
-            events=count,
-            payloads={experiment: orjson.dumps(payload).decode() for experiment, payload in payloads.items()},
-        )
-        self._pending.append(batch)
-        self._pending_events += count
+        batch_id = secrets.token_hex(12)
+        for experiment, payload in payloads.items():
+            part = _Part(batch_id, experiment, len(records[experiment]), orjson.dumps(payload).decode())
+            self._pending.setdefault(experiment, collections.deque()).append(part)
+            self._pending_events += part.events
         return count
 
     def _cost(self, outcome: Outcome, facts: ResponseFacts | None) -> float | None:
@@ -329,34 +340,65 @@ class Recorder:
     # -- writing ---------------------------------------------------------------------------
 
     async def _write_pending(self) -> bool:
-        while self._pending:
-            batch = self._pending[0]
-            try:
-                await self._write(batch)
-            except (RedisError, OSError) as error:
-                self._metrics.recorder_write_errors.inc()
-                log.warning(
-                    "Redis write failed (%s: %.200s); %d measurements buffered", type(error).__name__, error, self.buffered
-                )
-                return False
-            self._pending.popleft()
-            self._pending_events -= batch.events
-        return True
+        """Write every experiment's pending batches, oldest first, each slot on its own: an
+        experiment whose write fails keeps its batches for the next round, the others go on.
+        Slots are written one after another, those that failed last time last: redis-py's
+        cluster client drops every connection when one node fails, which would cut short a
+        write to a healthy node made at the same moment."""
+        failed: set[str] = set()
+        while True:
+            heads = [(queue[0].key, queue[0]) for experiment, queue in self._pending.items() if experiment not in failed]
+            if not heads:
+                break
+            groups = connection.by_slot(self._redis, heads)
+            groups.sort(key=lambda group: any(part.experiment in self._failing for part in group))
+            for group in groups:
+                for part, error in zip(group, await self._write_group(group), strict=True):
+                    if error is not None:
+                        failed.add(part.experiment)
+                        self._metrics.recorder_write_errors.inc()
+                        log.warning(
+                            "Redis write for experiment %s failed (%s: %.200s); %d measurements buffered",
+                            part.experiment, type(error).__name__, error, self.buffered,
+                        )  # fmt: skip
+                        continue
+                    self._failing.discard(part.experiment)
+                    queue = self._pending[part.experiment]
+                    queue.popleft()
+                    self._pending_events -= part.events
+                    if not queue:
+                        del self._pending[part.experiment]
+        self._failing.update(failed)
+        return not failed
 
-    async def _write(self, batch: _Batch) -> None:
-        # A batch is idempotent, so replaying it after the script cache was emptied is safe.
-        await self._script.run(self._redis, lambda sha: self._pipeline(batch, sha).execute())
+    async def _write_group(self, parts: list[_Part]) -> list[Exception | None]:
+        """One pipeline for parts of one slot (or of one Redis): per part, None once it is
+        written (and, on a cluster, held by a replica), else the error. Written twice, a part
+        changes nothing."""
+        try:
+            return await self._script.run(self._redis, lambda sha: self._try_group(parts, sha), parts[0].key)
+        except connection.UNAVAILABLE as error:
+            return [error] * len(parts)
 
-    def _pipeline(self, batch: _Batch, sha: str) -> Any:
+    async def _try_group(self, parts: list[_Part], sha: str) -> list[Exception | None]:
+        cluster = connection.clustered(self._redis)
         pipe = self._redis.pipeline(transaction=False)
-        for experiment, payload in batch.payloads.items():
-            pipe.evalsha(
-                sha,
-                1,
-                store.batch_key(experiment, batch.batch_id),
-                payload,
-                store.BATCH_DEDUPE_TTL_S,
-                store.UNIT_TTL_S,
-                self._config.feedback_ttl_s,
+        for part in parts:
+            # execute_command: redis-py's cluster pipeline blocks its evalsha() helper, not EVALSHA
+            pipe.execute_command(
+                "EVALSHA", sha, 1, part.key, part.payload, store.BATCH_DEDUPE_TTL_S, store.UNIT_TTL_S, self._config.feedback_ttl_s
             )
-        return pipe
+        node = await connection.confirm_replicated(self._redis, pipe, parts[0].key) if cluster else None
+        # No redirections: a call sent on to another node would escape the WAIT queued here.
+        replies = await (pipe.execute(raise_on_error=False, allow_redirections=False) if cluster else pipe.execute(raise_on_error=False))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            raise NoScriptError("script not loaded")  # load it there and try again
+        if any(isinstance(reply, (MovedError, AskError)) for reply in replies):
+            await self._redis.nodes_manager.initialize()  # the slot moved: learn where to, retry later
+        errors: list[Exception | None] = [reply if isinstance(reply, Exception) else None for reply in replies[: len(parts)]]
+        if node is not None:
+            acknowledged = replies[-1]
+            if isinstance(acknowledged, Exception) or not await connection.replicated(self._redis, node, int(acknowledged)):
+                unconfirmed = acknowledged if isinstance(acknowledged, Exception) else RedisError("no replica acknowledged the batch in time")
+                errors = [error or unconfirmed for error in errors]
+        return errors

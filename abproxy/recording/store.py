@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from abproxy.errors import StoreUnavailable
+from abproxy.recording import connection
 
 from abproxy.stats.summary import Moments
 
@@ -104,13 +105,18 @@ def sequential_field(arm: str, other_arm: str, metric: str) -> str:
     return f"{arm}|{other_arm}|{metric}"
 
 
-# Flush coordination, shared by every experiment.
-FLUSH_LOCK_KEY = f"{PREFIX}:flush:lock"
+# Flush coordination, shared by every experiment: one hash tag of its own, so that on a Redis
+# Cluster the three keys live in one slot like an experiment's do.
+FLUSH_TAG = f"{PREFIX}:{{flush}}"
+FLUSH_LOCK_KEY = f"{FLUSH_TAG}:lock"
 """Held by the one flush running, with a TTL."""
-FLUSH_INTERVAL_KEY = f"{PREFIX}:flush:interval"
+FLUSH_INTERVAL_KEY = f"{FLUSH_TAG}:interval"
 """Taken by the one replica that flushes in this interval."""
-FLUSH_FENCE_KEY = f"{PREFIX}:flush:fence"
+FLUSH_FENCE_KEY = f"{FLUSH_TAG}:fence"
 """A counter: the fencing token of each flush, which is also MLflow's ``step``."""
+LEGACY_FLUSH_FENCE_KEY = f"{PREFIX}:flush:fence"
+"""Where the fencing token lived before the flush keys shared a hash tag: read once, by the
+first flush that finds :data:`FLUSH_FENCE_KEY` absent, so that step numbers go on."""
 
 
 @contextmanager
@@ -118,7 +124,7 @@ def reachable() -> Iterator[None]:
     """Redis failing inside the block becomes :class:`~abproxy.errors.StoreUnavailable`."""
     try:
         yield
-    except (RedisError, OSError):
+    except connection.UNAVAILABLE:
         raise StoreUnavailable("Redis is unavailable; retry later") from None
 
 
@@ -524,15 +530,53 @@ async def read_experiment(
 
 
 async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
-    """Experiment → promoted variant, for the experiments that have one."""
-    pipe = redis.pipeline(transaction=False)
-    for experiment in experiments:
-        pipe.get(promoted_key(experiment))
-    replies = await pipe.execute()
-    return {experiment: variant for experiment, variant in zip(experiments, replies, strict=True) if variant}
+    """Experiment → promoted variant, for the experiments that have one: one pipeline per
+    cluster slot (all together on one Redis)."""
+
+    async def read(group: list[str]) -> list[str | None]:
+        pipe = redis.pipeline(transaction=False)
+        for experiment in group:
+            pipe.get(promoted_key(experiment))
+        return list(await pipe.execute())
+
+    groups = connection.by_slot(redis, ((experiment_tag(e), e) for e in experiments))
+    promoted: dict[str, str] = {}
+    for group in groups:
+        replies = await read(group)
+        promoted.update((experiment, variant) for experiment, variant in zip(group, replies, strict=True) if variant)
+    return promoted
 
 
-_SAVE_STATE_SHA = hashlib.sha1(SAVE_STATE_LUA.encode()).hexdigest()
+T = TypeVar("T")
+
+
+class Script:
+    """A Lua script called by its SHA, loaded where it is missing: on first use, after a Redis
+    restart emptied the script cache, on a cluster node that never ran it (a replica that took
+    over, say)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, redis: Any, call: Callable[[str], Awaitable[T]], key: str | None = None) -> T:
+        """``call(sha)`` once, or twice if Redis had forgotten the script; ``key`` is one the
+        call touches, to find the cluster node that needs the script."""
+        try:
+            return await call(self.sha)
+        except NoScriptError:
+            await self.load(redis, key)
+            return await call(self.sha)
+
+    async def load(self, redis: Any, key: str | None) -> None:
+        if key is not None and connection.clustered(redis):
+            await redis.initialize()
+            await redis.execute_command("SCRIPT", "LOAD", self.source, target_nodes=redis.get_node_from_key(key))
+        else:
+            await redis.script_load(self.source)
+
+
+_SAVE_STATE = Script(SAVE_STATE_LUA)
 
 
 async def save_state(
@@ -550,36 +594,20 @@ async def save_state(
     args: list[Any] = [expected_generation, winner or "", context]
     for name, encoded in states:
         args += [name, encoded]
-    try:
-        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
-    except NoScriptError:
-        await redis.script_load(SAVE_STATE_LUA)  # Redis restarted, or never saw it
-        reply = await redis.evalsha(_SAVE_STATE_SHA, len(keys), *keys, *args)
+    reply = await _SAVE_STATE.run(redis, lambda sha: redis.evalsha(sha, len(keys), *keys, *args), keys[0])
     generation, kept_winner, kept_context, merged = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
     return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
 
 
-T = TypeVar("T")
-
-
-class Script:
-    """A Lua script called by its SHA, loaded on first use and again after a Redis restart
-    emptied the script cache."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self._sha: str | None = None
-
-    async def run(self, redis: Any, call: Callable[[str], Awaitable[T]]) -> T:
-        """``call(sha)`` once, or twice if Redis had forgotten the script."""
-        for attempt in range(2):
-            if self._sha is None:
-                self._sha = await redis.script_load(self.source)
-            try:
-                return await call(self._sha)
-            except NoScriptError:
-                self._sha = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+async def next_flush_step(redis: Any) -> int:
+    """The next fencing token; called under the flush lock. The first flush after an upgrade
+    carries the count on from :data:`LEGACY_FLUSH_FENCE_KEY` (each key touched alone: on a
+    cluster the two live in different slots, and there the legacy key never held anything)."""
+    step = int(await redis.incr(FLUSH_FENCE_KEY))
+    if step == 1:
+        legacy = await redis.get(LEGACY_FLUSH_FENCE_KEY)
+        if legacy:
+            step = int(await redis.incrby(FLUSH_FENCE_KEY, int(legacy)))
+            await redis.delete(LEGACY_FLUSH_FENCE_KEY)
+    return step

@@ -1,0 +1,215 @@
+"""A real Redis Cluster on loopback for the tests: three masters with one replica each, built
+from the same redis-server binary the rest of the suite uses, joined with CLUSTER commands
+(no redis-cli needed)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from abproxy.recording.embedded_redis import find_redis_server
+
+SLOTS = 16384
+NODE_TIMEOUT_MS = 1000
+"""How long a master may be silent before its replica takes over: short, so a failover test
+waits seconds, not the default 15."""
+
+
+def _free_cluster_port() -> int:
+    """A port that is free, and so is its cluster bus port (port + 10000)."""
+    for _ in range(200):
+        port = random.randint(20000, 29999)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterNode:
+    def __init__(self, data_dir: Path, require_full_coverage: bool = True):
+        self.data_dir = data_dir
+        self.require_full_coverage = require_full_coverage
+        self.port = _free_cluster_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                find_redis_server(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir.resolve()),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-require-full-coverage", "yes" if self.require_full_coverage else "no",
+                "--appendonly", "yes",
+                "--save", "",
+                "--logfile", "redis.log",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _until(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"cluster: {what} within {timeout_s}s")
+
+
+class RedisCluster:
+    """Masters ``nodes[0:3]`` own a third of the slots each; ``nodes[3 + i]`` replicates ``nodes[i]``."""
+
+    def __init__(self, data_dir: Path, masters: int = 3, replicas: int = 1, *, require_full_coverage: bool = True):
+        """``require_full_coverage=False``: the other slots go on serving while some slot has no
+        master at all (Redis's default refuses every query then)."""
+        self.masters = masters
+        self.nodes = [ClusterNode(data_dir / f"node{i}", require_full_coverage) for i in range(masters * (1 + replicas))]
+
+    @property
+    def url(self) -> str:
+        """Any node names the cluster: the first master's."""
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        clients = [node.client() for node in self.nodes]
+        for client in clients:
+            _until(client.ping, 10, "every node answering")
+        ids = [client.execute_command("CLUSTER", "MYID") for client in clients]
+        per_master = SLOTS // self.masters
+        for index in range(self.masters):
+            first = index * per_master
+            last = SLOTS - 1 if index == self.masters - 1 else first + per_master - 1
+            clients[index].execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+            clients[index].execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+
+        def everyone_knows_everyone() -> bool:
+            for client in clients:
+                lines = client.execute_command("CLUSTER", "NODES").strip().splitlines()
+                if len(lines) != len(self.nodes) or any("handshake" in line or "noaddr" in line for line in lines):
+                    return False
+            return True
+
+        _until(everyone_knows_everyone, 20, "all nodes meeting")
+        for index in range(self.masters, len(self.nodes)):
+            clients[index].execute_command("CLUSTER", "REPLICATE", ids[index % self.masters])
+        self.wait_healthy()
+        for client in clients:
+            client.close()
+
+    def wait_healthy(self, timeout_s: float = 30) -> None:
+        """Every running node sees the cluster ok, and every master has a replica in step."""
+
+        def healthy() -> bool:
+            running = [node for node in self.nodes if node.running]
+            masters = 0
+            for node in running:
+                client = node.client()
+                try:
+                    if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                        return False
+                    info = client.info("replication")
+                    if info["role"] == "master":
+                        if info.get("connected_slaves", 0) < 1 and len(running) == len(self.nodes):
+                            return False
+                        masters += 1
+                finally:
+                    client.close()
+            return masters >= self.masters
+
+        _until(healthy, timeout_s, "healthy")
+
+    def master_of(self, key: str) -> ClusterNode:
+        """The node that holds ``key`` now."""
+        probe = self.nodes[0].client() if self.nodes[0].running else next(n for n in self.nodes if n.running).client()
+        try:
+            slot = probe.execute_command("CLUSTER", "KEYSLOT", key)
+            for first, last, master, *_ in probe.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    port = master[1]
+                    return next(node for node in self.nodes if node.port == port)
+        finally:
+            probe.close()
+        raise AssertionError(f"no master for {key!r}")
+
+    def wait_failover(self, killed: ClusterNode, timeout_s: float = 30) -> None:
+        """Until another node serves the killed master's slots and the cluster is ok again."""
+
+        def promoted() -> bool:
+            for node in self.nodes:
+                if node is killed or not node.running:
+                    continue
+                client = node.client()
+                try:
+                    if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                        return False
+                    masters = {master[1] for _, _, master, *_ in client.execute_command("CLUSTER", "SLOTS")}
+                    if killed.port in masters:
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        _until(promoted, timeout_s, "a replica taking over")
+
+    def flushall(self) -> None:
+        for node in self.nodes:
+            if node.running:
+                client = node.client()
+                try:
+                    if client.info("replication")["role"] == "master":
+                        client.flushall()
+                finally:
+                    client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
