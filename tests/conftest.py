@@ -167,19 +167,22 @@ def start_proxy(redis_client: redis.Redis, redis_server: RedisServer, upstream_u
     def start(config: Config | None = None, *, app_options: dict[str, Any] | None = None, **overrides: Any) -> Proxy:
         """``app_options`` go to :class:`ABProxyApp` (Redis clients, recorder options)."""
         config = config or make_config(upstream_url, **overrides)
-        app = ABProxyApp(config, redis_url=redis_server.url, **(app_options or {}))
-        # As `abproxy serve` runs it (its HTTP protocol and limits), on a port of the test's.
-        options = server_options(config, host="127.0.0.1", port=0, log_level="warning")
-        options.update(timeout_graceful_shutdown=10)
-        for chosen_by_the_runner in ("host", "port"):
-            del options[chosen_by_the_runner]
-        proxy = Proxy(app, serve_in_thread(app, **options))
+        proxy = serve(ABProxyApp(config, redis_url=redis_server.url, **(app_options or {})))
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in started:
         proxy.stop()
+
+
+def serve(app: ABProxyApp) -> Proxy:
+    """The app as `abproxy serve` runs it (its HTTP protocol and limits), on a port of the test's."""
+    options = server_options(app.config, host="127.0.0.1", port=0, log_level="warning")
+    options.update(timeout_graceful_shutdown=10)
+    for chosen_by_the_runner in ("host", "port"):
+        del options[chosen_by_the_runner]
+    return Proxy(app, serve_in_thread(app, **options))
 
 
 @pytest.fixture

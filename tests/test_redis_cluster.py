@@ -19,10 +19,8 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.recording import store
-from abproxy.serving import server_options
-from abproxy.simulation.server import serve_in_thread
 from clusterkit import RedisCluster
-from conftest import BASE_EXPERIMENTS, Proxy, make_config
+from conftest import BASE_EXPERIMENTS, Proxy, make_config, serve
 from flushkit import flush, users_for
 from helpers import http_json, wait_until
 
@@ -53,12 +51,7 @@ def start_on(upstream_url: str) -> Iterator[Callable[..., Proxy]]:
         experiments = copy.deepcopy(BASE_EXPERIMENTS)
         experiments["sentiment"]["unit"] = "user"
         config = make_config(upstream_url, experiments=experiments, **overrides)
-        app = ABProxyApp(config, redis_url=redis_url)
-        options = server_options(config, host="127.0.0.1", port=0, log_level="warning")
-        options.update(timeout_graceful_shutdown=10)
-        for chosen_by_the_runner in ("host", "port"):
-            del options[chosen_by_the_runner]
-        proxy = Proxy(app, serve_in_thread(app, **options))
+        proxy = serve(ABProxyApp(config, redis_url=redis_url))
         started.append(proxy)
         return proxy
 
