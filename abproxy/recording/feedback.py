@@ -166,7 +166,7 @@ class FeedbackService:
             self._config.feedback_ttl_s,
             "0" if record.get("f") else "1",
             per_user,
-            store.UNIT_TTL_S,
+            store.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
         ]
         if not connection.clustered(self._redis):
             return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))

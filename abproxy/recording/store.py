@@ -34,10 +34,14 @@ from abproxy.recording import connection
 from abproxy.stats.summary import Moments
 
 PREFIX = "abproxy"
-BATCH_DEDUPE_TTL_S = 7 * 24 * 3600
+BATCH_DEDUPE_TTL_S = 3600
+"""A batch is replayed only after its reply was lost, at the recorder's next successful round:
+seconds later, or once Redis answers again. Kept an hour, not for as long as requests are."""
 UNIT_TTL_S = 90 * 24 * 3600
-"""Per-unit totals are kept this long after a unit is first seen; a unit returning later starts
-afresh (and counts as a new unit)."""
+"""Per-user totals of a ``unit: user`` experiment are kept this long after the user's last
+request or score: its statistics (the delta method) need a returning user's earlier totals. A
+user returning later starts afresh (and counts as a new unit). Those of a ``unit: request``
+experiment (its design effect alone) are kept ``feedback_ttl_s`` after the user's last request."""
 
 
 def experiment_tag(experiment: str) -> str:
@@ -175,7 +179,7 @@ end
 -- one MessagePack string of three parallel arrays (metric names, Y_u, N_u): one GET and one SET
 -- per unit however many metrics. Batches send every unit of an arm with the same names in the
 -- same order, so the stored order usually matches and no lookup is needed.
--- Returns true when the unit was new; its key expires ttl after it was first seen.
+-- Returns true when the unit was new; its key expires ttl after the unit's last change.
 local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
   local count = #names
   local packed = redis.call('GET', ukey)
@@ -228,12 +232,8 @@ local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
       end
     end
   end
-  if packed then
-    redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'KEEPTTL')
-    return false
-  end
   redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'EX', ttl)
-  return true
+  return not packed
 end
 
 local function apply_unit_sums(stats, names, sums)
@@ -252,7 +252,8 @@ end
 RECORD_BATCH_LUA = (
     _LUA_COMMON
     + r"""
--- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl, record ttl.
+-- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl (unit: user), record
+-- ttl (also that of the per-user sums of a unit: request experiment).
 -- A batch replayed after a lost reply finds its dedupe key and changes nothing.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 local payload = cjson.decode(ARGV[1])
@@ -299,8 +300,9 @@ for _, arm in ipairs(payload.arms) do
   if #arm.units > 0 then
     local offset = {}
     for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
+    local ttl = arm.count_units and unit_ttl or tonumber(record_ttl)
     for _, unit in ipairs(arm.units) do
-      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, unit_ttl) then new_units = new_units + 1 end
+      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
     end
   end
   -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
