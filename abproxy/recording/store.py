@@ -97,6 +97,38 @@ def request_key(experiment: str, request_id: str) -> str:
     return f"{experiment_tag(experiment)}:req:{request_id}"
 
 
+def alias_prefix(experiment: str) -> str:
+    """Hash buckets ``<prefix><hour>:<level>:<bucket>`` of the upstream's response ids: field and
+    bucket from the id's hash (ids.response_hash); value, ids.alias_value, or '' when two requests
+    got that response id. An hour's aliases fill 1, 4, 16... buckets (level 0, 1, 2...) as they
+    grow in number, so each holds at most about 48 and stays a small listpack
+    (``hash-max-listpack-entries``, 128 by default): a bucket key costs ~130 B, an entry ~60 B."""
+    return f"{experiment_tag(experiment)}:r:"
+
+
+def alias_counts_key(experiment: str) -> str:
+    """Hash: hour → aliases written in it (which bucket levels a reader must try)."""
+    return f"{experiment_tag(experiment)}:rc"
+
+
+ALIAS_FIRST_BUCKET = 64
+ALIAS_MAX_LEVEL = 8
+
+
+def alias_level(count: int) -> int:
+    """The level of an hour's ``count``-th alias: level L holds those past 64·4^(L−1) up to
+    64·4^L, in 4^L buckets."""
+    level, limit = 0, ALIAS_FIRST_BUCKET
+    while count > limit and level < ALIAS_MAX_LEVEL:
+        level += 1
+        limit *= 4
+    return level
+
+
+def alias_key(experiment: str, hour: int | str, level: int, number: int) -> str:
+    return f"{alias_prefix(experiment)}{hour}:{level}:{number % 4**level}"
+
+
 def response_key(experiment: str, response_id: str) -> str:
     """An alias: the upstream's own response id (``chatcmpl-...``) → the request id."""
     return f"{experiment_tag(experiment)}:resp:{response_id}"
@@ -266,6 +298,32 @@ for _, record in ipairs(payload.records) do
     if not redis.call('SET', record[3], record[4], 'NX', 'EX', record_ttl) then
       if redis.call('GET', record[3]) ~= record[4] then redis.call('SET', record[3], '', 'EX', record_ttl) end
     end
+  end
+end
+-- payload.aliases: {bucket number, field, alias} of response ids (ids.response_hash), written in
+-- payload.hour (unix s / 3600); the level of an hour's n-th alias as store.alias_level says.
+local aliases = payload.aliases
+if aliases and #aliases > 0 then
+  local hour, ttl = tostring(payload.hour), tonumber(record_ttl) + 3600
+  local counts = payload.alias_counts
+  local seen = redis.call('HINCRBY', counts, hour, #aliases) - #aliases
+  if seen == 0 then
+    redis.call('EXPIRE', counts, ttl)
+    local oldest = payload.hour - math.ceil(ttl / 3600)
+    for _, h in ipairs(redis.call('HKEYS', counts)) do
+      if tonumber(h) < oldest then redis.call('HDEL', counts, h) end
+    end
+  end
+  local touched = {}
+  for i, alias in ipairs(aliases) do
+    local n, level, limit = seen + i, 0, 64
+    while n > limit and level < 8 do level = level + 1; limit = limit * 4 end
+    local key = payload.alias_prefix .. hour .. ':' .. level .. ':' .. (alias[1] % (4 ^ level))
+    local field, value = alias[2], alias[3]
+    if redis.call('HSETNX', key, field, value) == 0 and redis.call('HGET', key, field) ~= value then
+      redis.call('HSET', key, field, '')  -- a response id reused: ambiguous, as for records
+    end
+    if not touched[key] then touched[key] = true; redis.call('EXPIRE', key, ttl) end
   end
 end
 for _, arm in ipairs(payload.arms) do
