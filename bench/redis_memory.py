@@ -212,9 +212,12 @@ def main() -> int:
             week = RATE * WEEK_S
             print(f"\n## Projection at {RATE} requests/s for a week ({week:,} requests), default TTLs")
             for name, r in results.items():
+                per_user_s = store.UNIT_TTL_S if EXPERIMENTS[name]["unit"] == "user" else config.feedback_ttl_s
                 print(
                     f"  {name}: users who come back: {human(r['again'] * week)}; "
-                    f"a new user on every request: {human((r['again'] + r['new_user']) * week)}; "
+                    f"a new user on every request: {human((r['again'] + r['new_user']) * week)} "
+                    f"(per-user state kept {per_user_s / 86400:.0f} d after the last request: "
+                    f"{human(r['new_user'] * RATE * per_user_s)} at steady state); "
                     f"plus {human(r['feedback'])} per feedback"
                 )
             print(f"\n({time.monotonic() - started:.0f} s)")

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 import redis
 
 from abproxy.recording import ids, store
@@ -142,3 +143,33 @@ def test_response_ids_of_thousands_of_requests_in_one_hour_all_find_their_reques
     for request_id, response_id in pairs[::37] + pairs[-3:]:
         status, body = feedback(proxy, response_id)
         assert (status, body["request_id"]) == (200, request_id), body
+
+
+@pytest.mark.slow
+def test_a_request_costs_well_under_100_bytes_of_redis_whatever_feedback_ttl_s(
+    start_proxy: Any, redis_client: redis.Redis
+) -> None:
+    """SPEC §7 on a unit: request experiment (bench/redis_memory.py measures unit: user too):
+    used_memory growth over 4,000 requests from 400 users, after a warm-up, with a 90-day TTL."""
+    proxy = start_proxy(feedback_ttl_s=90 * 24 * 3600)
+
+    async def send(users: list[str]) -> None:
+        client = proxy.async_client()
+        sem = asyncio.Semaphore(16)
+
+        async def one(user: str) -> None:
+            async with sem:
+                await client.chat.completions.create(
+                    model="sentiment", messages=[{"role": "user", "content": "hi"}], user=user,
+                    extra_body={"abproxy_variables": {"product": "tea"}},
+                )
+
+        await asyncio.gather(*(one(user) for user in users))
+
+    asyncio.run(send([f"warm-{i % 50}" for i in range(500)]))
+    proxy.settle()
+    before = int(redis_client.info("memory")["used_memory"])
+    asyncio.run(send([f"user-{i % 400}" for i in range(4000)]))
+    proxy.settle()
+    per_request = (int(redis_client.info("memory")["used_memory"]) - before) / 4000
+    assert per_request < 100 * 0.85, per_request  # measured ~60 B
