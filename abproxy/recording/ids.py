@@ -42,7 +42,7 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -119,7 +119,7 @@ class Signer:
     def verify(self, request_id: str) -> SignedId | None:
         """The id's contents, or None if it was not issued with this secret (forged, altered)."""
         try:
-            raw = _unb64(request_id[len(PREFIX) :])
+            raw = unb64(request_id[len(PREFIX) :])
         except ValueError:
             return None
         body, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
@@ -155,7 +155,7 @@ def from_alias(experiment: str, value: str, arms: Any) -> SignedId | None:
     """The request an alias points to; ``arms`` lists the experiment's arm ids (to find the arm
     by its definition hash). None if the arm is unknown."""
     encoded, sep, arm = value.partition("~")
-    forced, traced, issued, nonce, unit, rest = _parse_core(_unb64(encoded))
+    forced, traced, issued, nonce, unit, rest = _parse_core(unb64(encoded))
     if not sep:
         start = "@" + rest.hex()
         matching = {candidate for candidate in arms if "@" + candidate.rpartition("@")[2][: 2 * ALIAS_ARM_BYTES] == start}
@@ -191,4 +191,4 @@ async def load_secret(redis: Any) -> bytes:
     value = await redis.get(SECRET_KEY)
     if value is None:
         raise RuntimeError("the request id secret vanished from Redis")
-    return _unb64(value if isinstance(value, str) else value.decode())
+    return unb64(value if isinstance(value, str) else value.decode())
