@@ -201,30 +201,17 @@ class FeedbackService:
 
     async def _look(self, experiments: list[str], request_id: str) -> list[tuple[str | None, str | None, list[str]]]:
         """Per experiment: the request record, the old alias, and the aliases in hour buckets."""
+        number, field = ids.response_hash(request_id)
         pipe = self._redis.pipeline(transaction=False)
         for experiment in experiments:
             pipe.get(store.request_key(experiment, request_id))
             pipe.get(store.response_key(experiment, request_id))
-            pipe.hgetall(store.alias_counts_key(experiment))
+            # EVAL, not EVALSHA: a lookup by response id is rare, and never misses a script cache
+            pipe.execute_command(
+                "EVAL", store.FIND_ALIAS_LUA, 1, store.alias_counts_key(experiment), store.alias_prefix(experiment), number, field
+            )
         replies = await pipe.execute()
-        number, field = ids.response_hash(request_id)
-        pipe = self._redis.pipeline(transaction=False)
-        asked: list[int] = []
-        for i, experiment in enumerate(experiments):
-            counts: dict[str, str] = replies[3 * i + 2] or {}
-            asked.append(0)
-            for hour, count in counts.items():
-                for level in range(store.alias_level(int(count)) + 1):
-                    pipe.hget(store.alias_key(experiment, hour, level, number), field)
-                    asked[-1] += 1
-        hits = await pipe.execute() if sum(asked) else []
-        looked: list[tuple[str | None, str | None, list[str]]] = []
-        at = 0
-        for i in range(len(experiments)):
-            aliases = [hit for hit in hits[at : at + asked[i]] if hit is not None]
-            at += asked[i]
-            looked.append((replies[3 * i], replies[3 * i + 1], aliases))
-        return looked
+        return [(replies[3 * i], replies[3 * i + 1], list(replies[3 * i + 2] or [])) for i in range(len(experiments))]
 
     async def _apply(self, feedback_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
         experiment, arm, unit = record["e"], record["a"], record.get("u")
