@@ -23,7 +23,8 @@ from abproxy.mlflow_sink.flusher import Flusher
 from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
-from abproxy.recording.connection import detect_cluster, discover, open_redis
+from abproxy.recording.connection import UNAVAILABLE, detect_cluster, discover, open_redis
+from abproxy.recording.ids import Signers
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
 from abproxy.metrics import ProxyMetrics, exposition
@@ -102,7 +103,8 @@ class ABProxyApp:
         )
         self.auth = Authorizer(config.server)
         self.promotions = Promotions(self.catalog.plans)
-        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.promotions)
+        self.signers = Signers()
+        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.promotions, signers=self.signers)
         self.feedback = FeedbackService(
             self.request_redis,
             config,
@@ -110,6 +112,7 @@ class ABProxyApp:
             self.recorder.flush,
             self.metrics,
             on_scored_trace=self.traces.offer_score if self.traces else None,
+            signers=self.signers,
         )
         self.flusher = Flusher(self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock)
         self._background: list[asyncio.Task[None]] = []
@@ -132,6 +135,20 @@ class ABProxyApp:
             self._background.append(loop.create_task(self.traces.run(), name="abproxy-traces"))
         if self.catalog.plans:
             self._background.append(loop.create_task(self.promotions.watch(self.redis), name="abproxy-promotions"))
+            try:
+                await self.signers.load(self.redis)
+            except UNAVAILABLE:
+                self._background.append(loop.create_task(self._load_signer(), name="abproxy-request-ids"))
+
+    async def _load_signer(self) -> None:
+        """The request id secret, read from Redis (created there by the first replica): until it
+        is, requests get random ids and records, as before ids were signed."""
+        while True:
+            try:
+                await self.signers.load(self.redis)
+                return
+            except UNAVAILABLE:
+                await asyncio.sleep(1.0)
 
     async def shutdown(self) -> None:
         for task in self._background:

@@ -217,18 +217,17 @@ def test_feedback_found_when_the_recorder_writes_during_the_lookup(
     start_proxy: Any, redis_client: redis.Redis, redis_server: Any
 ) -> None:
     """Feedback posted right after its response, while the recorder's own loop happens to write the
-    batch holding the request record between the feedback's lookup and its check of the recorder's
+    batch holding the response id's alias between the feedback's lookup and its check of the recorder's
     buffer: the lookup missed, the buffer is now empty, and the record *is* in Redis. The app must
     get 200, not a 404 for a response it has just received."""
     wrapper = _RecorderWritesDuringLookup(open_redis(redis_server.url, REQUEST_FACING_REDIS_TIMEOUT_S))
     # The recorder's own loop is held back (a 30 s interval): this test decides when it writes.
     proxy = start_proxy(app_options={"request_redis": wrapper, "recorder_options": {"interval_s": 30.0}})
     wrapper.recorder = proxy.app.recorder
-    raw, _ = ask(proxy.client(), "interleaved-user")
+    raw, completion = ask(proxy.client(), "interleaved-user")
     assert proxy.app.recorder.buffered == 1, "the record must still be in the proxy's batch"
-    status, body = post_feedback(
-        proxy, {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 4}
-    )
+    # by the upstream's response id: a signed request id needs no lookup, its alias does
+    status, body = post_feedback(proxy, {"request_id": completion.id, "name": "satisfaction", "score": 4})
     assert wrapper.interleaved == 1, "the feedback service did not read through the wrapped client"
     assert status == 200, body
     stats = arm_stats(redis_client, arm_ids(proxy)[raw.headers["x-abproxy-variant"]])
@@ -357,6 +356,7 @@ def test_invalid_feedback_is_rejected_in_openai_shape_and_changes_nothing(
     rid = raw.headers["x-abproxy-request-id"]
     status, _ = post_feedback(proxy, {"request_id": rid, "name": "satisfaction", "score": 3})
     assert status == 200
+    proxy.settle()  # the request's own counts: a signed id's feedback does not wait for them
     before = aggregates(redis_client, proxy)
     prometheus_before = metrics_text(proxy.url)
 
@@ -444,6 +444,7 @@ def test_feedback_for_a_forced_variant_is_accepted_but_not_counted(proxy: Any, r
     counted_raw, _ = ask(client, "counted-user")
     status, _ = post_feedback(proxy, {"request_id": counted_raw.headers["x-abproxy-request-id"], "score": 2})
     assert status == 200
+    proxy.settle()  # the request's own counts: a signed id's feedback does not wait for them
     before = aggregates(redis_client, proxy)
 
     raw, completion = ask(client, "qa-user", extra_headers={"X-ABProxy-Variant": "professional"})

@@ -31,7 +31,7 @@ from helpers import assert_error_shape
 from abproxy.recording import store
 from abproxy.simulation.provider import FakeUpstream
 
-REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
 EXPERIMENTS = {name: tuple(experiment["variants"]) for name, experiment in BASE_EXPERIMENTS.items()}
 FEEDBACK = {
     name: {metric: (bounds["min"], bounds["max"]) for metric, bounds in experiment["feedback"].items()}

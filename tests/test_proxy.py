@@ -28,7 +28,7 @@ from abproxy.config import parse_config
 from abproxy.simulation.provider import error_body as fake_error_body
 from helpers import assert_openai_error, free_port, http, metrics_text, sample
 
-REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hello world"},

@@ -27,7 +27,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from abproxy.app import open_redis
-from abproxy.recording import store
+from abproxy.recording import ids, store
 from abproxy.catalog import Catalog
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
@@ -82,7 +82,11 @@ def user_msg(text: str) -> list[dict[str, str]]:
 
 
 def has_request_record(client: redis.Redis, request_id: str) -> bool:
-    """Whether the recorder wrote the request record feedback joins on (whatever the key layout)."""
+    """Whether feedback can find the request: a signed id verifies under the secret Redis holds
+    (it carries the request); a random one needs the record the recorder wrote."""
+    if ids.looks_signed(request_id):
+        secret = client.get(ids.SECRET_KEY)
+        return secret is not None and ids.Signer(ids.unb64(secret)).verify(request_id) is not None
     return bool(client.keys(f"{store.PREFIX}:*req:{request_id}"))
 
 

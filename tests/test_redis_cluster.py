@@ -70,7 +70,8 @@ def ask(client: Any, model: str, user: str, content: str = "hi") -> Any:
 
 def traffic(proxies: list[Proxy], prefix: str, per_variant: int = 6) -> dict[str, int]:
     """Deterministic traffic to both experiments: users chosen per variant, requests spread over
-    ``proxies`` in turn, a feedback score per request posted to the next proxy. Returns the
+    ``proxies`` in turn, a feedback score per request posted to the next proxy (by request id or
+    by response id, in turn). Returns the
     requests sent per experiment."""
     sent = {experiment: 0 for experiment in EXPERIMENTS}
     plans = proxies[0].app.catalog.plans
@@ -86,9 +87,10 @@ def traffic(proxies: list[Proxy], prefix: str, per_variant: int = 6) -> dict[str
                 feedback_to = proxies[(turn + 1) % len(proxies)]
                 if feedback_to is not proxy:
                     proxy.settle()  # another replica finds only what this one has written
+                # by the proxy's request id, or every other time by the upstream's response id
+                named = raw.headers["x-abproxy-request-id"] if i % 2 == 0 else raw.parse().id
                 status, body = http_json(
-                    "POST", f"{feedback_to.url}/v1/feedback",
-                    {"request_id": raw.headers["x-abproxy-request-id"], "name": name, "score": score},
+                    "POST", f"{feedback_to.url}/v1/feedback", {"request_id": named, "name": name, "score": score}
                 )  # fmt: skip
                 assert status == 200, body
                 turn += 1

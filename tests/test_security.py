@@ -378,7 +378,7 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
     # the search is not vacuous: each source holds what it should
     log = log_path.read_text()
     assert "flushed" in log and "failed" not in log and "Traceback" not in log, log
-    assert got.request_ids[0].encode() in collected["redis"], "request records missing from the Redis dump"
+    assert b":fb:" in collected["redis"] and b":a:" in collected["redis"], "counters and scores missing from the Redis dump"
     runs = collected["mlflow runs"].decode()
     assert "'abproxy.role': 'summary'" in runs and "'abproxy.variant': 'professional'" in runs
     assert any(p.name == "user_template.txt" for p in files) and any(p.name == "report.md" for p in files), files
@@ -386,9 +386,10 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
 
     assert keys.leaks(collected) == []
 
-    # request ids: 128 random bits in hex, one per proxied response (errors too), never twice
+    # request ids: 128 random bits in hex, or signed for experiment requests, one per proxied
+    # response (errors too), never twice
     assert len(got.request_ids) >= 25, got.request_ids
-    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in got.request_ids), got.request_ids
+    assert all(re.fullmatch(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}", rid) for rid in got.request_ids), got.request_ids
     assert len(set(got.request_ids)) == len(got.request_ids)
 
     # the upstream got the upstream key, never a client's; the keyless upstream got no key at all

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 
-from abproxy.recording import store
+from abproxy.recording import ids
 from conftest import BASE_EXPERIMENTS
 from flushkit import history, search
 from helpers import free_port, http_json, sample, wait_until
@@ -148,10 +148,9 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
                     model="translation", messages=[{"role": "user", "content": f"sentence {i}"}], user=f"user-{i}"
                 )
             served[port] += 1
-            # The request record must reach Redis (the serving replica's next recorder batch)
-            # before the other replica, which never saw the request, is asked.
-            request_key = store.request_key("translation", raw.headers["x-abproxy-request-id"])
-            wait_until(lambda: redis_client.exists(request_key), timeout=10)
+            # The other replica, which never saw the request, is asked at once: the signed id
+            # carries the request, under the secret the replicas share through Redis.
+            assert ids.looks_signed(raw.headers["x-abproxy-request-id"])
             status, body = http_json(
                 "POST", f"http://127.0.0.1:{other}/v1/feedback",
                 {"request_id": raw.headers["x-abproxy-request-id"], "name": "satisfaction", "score": 1 + i % 5},
@@ -159,8 +158,12 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
             assert status == 200, body
         assert served == {ports[0]: 20, ports[1]: 20}
 
+        def recorded() -> int:  # the serving replicas' next batches
+            arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
+            return sum(int(redis_client.hget(key, "requests") or 0) for key in arms)
+
+        wait_until(lambda: recorded() == 40, timeout=10)
         arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
-        assert sum(int(redis_client.hget(key, "requests") or 0) for key in arms) == 40
         assert sum(int(redis_client.hget(key, "feedback.satisfaction|n") or 0) for key in arms) == 40
 
         # Wait for a periodic flush that saw everything: MLflow then holds the exact totals.

@@ -5,6 +5,7 @@ statistics; response bodies are interpreted later, off this path."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from abproxy.http import (
     read_body,
     send_error,
 )
+from abproxy.recording import ids, store
+from abproxy.recording.feedback import MAX_ID_LENGTH
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
 from abproxy.proxy.sse import StreamObserver
@@ -105,6 +108,11 @@ def _unit_from_body(body: dict[str, Any]) -> str | None:
     raise HTTPError(400, f"'user' must be a string, not {type(user).__name__}", "invalid_user", param="user")
 
 
+@functools.lru_cache(maxsize=65_536)
+def _unit_hash(user: str) -> str:
+    return store.hash_unit(user)
+
+
 class Proxy:
     def __init__(
         self,
@@ -115,7 +123,9 @@ class Proxy:
         authorizer: Authorizer,
         promotions: Promotions | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        signers: ids.Signers | None = None,
     ):
+        """``signers`` signs experiment requests' ids once its secret is loaded."""
         self._config = config
         self._catalog = catalog
         self._upstreams = upstreams
@@ -126,6 +136,7 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._trace_rate = config.mlflow.trace_sample_rate
         self._ids = RequestIds()
+        self._signers = signers or ids.Signers()
         self._random = random.random
         self.in_flight = 0
         """Requests forwarded and not yet handed to the recorder (shutdown waits for them)."""
@@ -165,6 +176,17 @@ class Proxy:
             variant = plan.allocation.choose_at(self._random())
         return ExperimentRoute(plan.name, variant, plan.arms[variant].arm_id, unit, bool(forced), user)
 
+    def _sign(self, route: ExperimentRoute, traced: bool) -> tuple[str, ids.SignedId] | None:
+        """A signed id carrying the request (None before the secret is loaded, or for names too
+        long to fit an id): the request then needs no record in Redis until feedback arrives."""
+        signer = self._signers.signer
+        if signer is None:
+            return None
+        user = route.unit if route.unit is not None else route.user
+        unit = _unit_hash(user) if user is not None else None
+        signed = signer.issue(route.experiment, route.arm, unit, route.forced, traced, MAX_ID_LENGTH)
+        return (signer.encode(signed), signed) if signed is not None else None
+
     # -- generation endpoints ---------------------------------------------------------------
 
     async def generation(self, endpoint: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -178,6 +200,8 @@ class Proxy:
             unit_in_body = _unit_from_body(body)
             plan = self._plan_for(scope, body)
             route = None
+            signed: tuple[str, ids.SignedId] | None = None
+            traced = False
             upstream = self._config.default_upstream
             strip_usage = False
             extra_headers: Headers = [id_header]
@@ -191,7 +215,14 @@ class Proxy:
                     raise HTTPError(400, str(error), "template_error") from None
                 strip_usage = self._ask_for_stream_usage(endpoint, body)
                 raw = dump_json_object(body)
-                extra_headers += [
+                # Signed last: an id that carries the request is given only to one that goes upstream.
+                traced = bool(self._trace_rate) and self._random() < self._trace_rate
+                signed = self._sign(route, traced)
+                if signed is not None:
+                    request_id = signed[0]
+                    id_header = (b"x-abproxy-request-id", request_id.encode())
+                extra_headers = [
+                    id_header,
                     (b"x-abproxy-experiment", plan.name.encode()),
                     (b"x-abproxy-variant", route.variant.encode()),
                 ]
@@ -208,8 +239,11 @@ class Proxy:
             started_at=time.time(),
             route=route,
         )
-        if route is not None and self._trace_rate and self._random() < self._trace_rate:
-            outcome.trace_id = f"tr-{self._ids.next()}"  # chosen now: feedback may name it before it is written
+        if signed is not None:
+            outcome.signed = signed[1]
+        if traced:
+            # chosen now: feedback may name it before it is written
+            outcome.trace_id = signed[1].trace_id if signed is not None else f"tr-{self._ids.next()}"
             outcome.sent_body = raw
         call = _Call(outcome, started, f"/{scope['path'][4:]}", raw, body.get("stream") is True, strip_usage, extra_headers)
         self.in_flight += 1

@@ -1,6 +1,7 @@
 """``POST /v1/feedback``: join a score to an earlier response and update its arm's counters.
 
-The join uses the request record the recorder wrote; a score posted again under the same
+The join uses what a signed request id carries (:mod:`abproxy.recording.ids`), the alias of the
+upstream's response id, or for ids not signed the request record the recorder wrote; a score posted again under the same
 ``(request_id, name)`` replaces the earlier one inside one Lua script, so the aggregates are
 corrected exactly, never counted twice."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
 from abproxy.metrics import ProxyMetrics
-from abproxy.recording import connection, store
+from abproxy.recording import connection, ids, store
 from abproxy.stats.histogram import bucket_of
 
 MAX_ID_LENGTH = 256
@@ -49,6 +51,14 @@ def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
     return request_id, name, float(score)
 
 
+def _record_of(signed: ids.SignedId) -> dict[str, Any]:
+    """A signed id's contents as a request record has them."""
+    record: dict[str, Any] = {"e": signed.experiment, "v": signed.variant, "a": signed.arm, "u": signed.unit, "f": signed.forced}
+    if signed.traced:
+        record["tr"] = signed.trace_id
+    return record
+
+
 class FeedbackService:
     def __init__(
         self,
@@ -58,6 +68,7 @@ class FeedbackService:
         flush_pending: Callable[[], Awaitable[object]],
         metrics: ProxyMetrics,
         on_scored_trace: Callable[[ScoredTrace], None] | None = None,
+        signers: ids.Signers | None = None,
     ):
         """``flush_pending`` writes the request records this replica still holds in memory;
         ``on_scored_trace`` takes the scores of traced requests (it must not block)."""
@@ -67,21 +78,27 @@ class FeedbackService:
         self._flush_pending = flush_pending
         self._metrics = metrics
         self._on_scored_trace = on_scored_trace
+        self._signers = signers or ids.Signers()
         self._script = store.Script(store.RECORD_FEEDBACK_LUA)
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         request_id, name, score = parse_feedback(body)
         with store.reachable():
-            found = await self._find(request_id)
-            if found is None:
-                # The response may be so recent that its record is still in this replica's batch
-                # (or was written while we looked): write what is pending, then look once more.
-                await self._flush_pending()
+            if ids.looks_signed(request_id):
+                found = await self._verify(request_id)
+            else:
                 found = await self._find(request_id)
+                if found is None:
+                    # The response may be so recent that its record is still in this replica's
+                    # batch (or was written while we looked): write what is pending, then look again.
+                    await self._flush_pending()
+                    found = await self._find(request_id)
         if found is None:
             raise NotFound(f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
-        canonical_id, record = found
-        plan = self._catalog.plans[record["e"]]
+        canonical_id, feedback_id, record = found
+        plan = self._catalog.plans.get(record["e"])
+        if plan is None:
+            raise NotFound(f"no response with id {request_id!r} (its experiment {record['e']!r} is gone)", "request_not_found")
         metrics = plan.settings.feedback
         if not metrics:
             raise InvalidValue(f"experiment {plan.name!r} defines no feedback metrics", "unknown_feedback_name")
@@ -98,7 +115,7 @@ class FeedbackService:
             # per-user sums: every metric of a unit: user experiment; the primary metric of a
             # unit: request one, for its design effect (without counting users as units)
             per_user = "1" if plan.per_unit else "2" if f"feedback.{name}" in plan.per_user_metrics else "0"
-            result = await self._apply(canonical_id, record, per_user, name, score)
+            result = await self._apply(feedback_id, record, per_user, name, score)
         self._metrics.feedback.labels(record["e"], record["v"], name).inc()
         if record.get("tr") and self._on_scored_trace is not None:
             self._on_scored_trace(ScoredTrace(record["tr"], name, score))
@@ -110,51 +127,96 @@ class FeedbackService:
             "name": name,
         }
 
-    async def _find(self, request_id: str) -> tuple[str, dict[str, Any]] | None:
-        """The request record for a request id or response id, looked up in every experiment:
-        one pipeline per cluster slot (all together on one Redis), one slot after another (see
-        Recorder._write_pending). A slot that cannot be read fails the lookup only if the record
-        is not found elsewhere."""
+    async def _verify(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
+        """A signed id: everything is in it, once its MAC holds and it has not expired."""
+        signed = (await self._signers.load(self._redis)).verify(request_id)
+        if signed is None:
+            raise InvalidRequest(
+                f"request id {request_id!r} was not issued by this proxy (altered, or its secret in Redis was reset)",
+                "invalid_request_id",
+                param="request_id",
+            )
+        if signed.issued_at + self._config.feedback_ttl_s < time.time():
+            return None
+        return request_id, signed.feedback_id, _record_of(signed)
+
+    async def _find(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
+        """The request a request id or response id names (request ids not signed: records from
+        before signing, or written while the secret could not be read), looked up in every
+        experiment: one pipeline per cluster slot (all together on one Redis), one slot after
+        another (see Recorder._write_pending). A slot that cannot be read fails the lookup only
+        if the record is not found elsewhere."""
         experiments = list(self._catalog.plans)
         groups = connection.by_slot(self._redis, ((store.experiment_tag(e), e) for e in experiments))
-        replies: dict[str, tuple[str | None, str | None]] = {}
+        replies: dict[str, tuple[str | None, str | None, list[str]]] = {}
         errors: list[BaseException] = []
         for group in groups:
             try:
                 replies.update(zip(group, await self._look(group, request_id), strict=True))
             except connection.UNAVAILABLE as error:
                 errors.append(error)
+        ambiguous = Conflict(
+            f"response id {request_id!r} was returned for more than one request; "
+            "post feedback with the X-ABProxy-Request-Id header's value instead",
+            "ambiguous_response_id",
+        )
+        found: list[tuple[str, str, dict[str, Any]]] = []
         for experiment in experiments:
             if experiment not in replies:
                 continue
-            record, aliased = replies[experiment]
-            if record is None and aliased == "":
-                raise Conflict(
-                    f"response id {request_id!r} was returned for more than one request; "
-                    "post feedback with the X-ABProxy-Request-Id header's value instead",
-                    "ambiguous_response_id",
-                )
+            record, aliased, aliases = replies[experiment]
+            if (record is None and aliased == "") or "" in aliases:
+                raise ambiguous
             if record is None and aliased is not None:
-                request_id = aliased
-                record = await self._redis.get(store.request_key(experiment, request_id))
-            if record is not None:
-                return request_id, json.loads(record)
+                record = await self._redis.get(store.request_key(experiment, aliased))
+                if record is not None:
+                    found.append((aliased, aliased, json.loads(record)))
+            elif record is not None:
+                found.append((request_id, request_id, json.loads(record)))
+            for value in dict.fromkeys(aliases):
+                signed = await self._from_alias(experiment, value)
+                if signed is not None:
+                    canonical = (await self._signers.load(self._redis)).encode(signed)
+                    found.append((canonical, signed.feedback_id, _record_of(signed)))
+        if len(found) > 1:
+            raise ambiguous
+        if found:
+            return found[0]
         if errors:
             raise errors[0]
         return None
 
-    async def _look(self, experiments: list[str], request_id: str) -> list[tuple[str | None, str | None]]:
+    async def _from_alias(self, experiment: str, value: str) -> ids.SignedId | None:
+        plan = self._catalog.plans[experiment]
+        known = [arm.arm_id for arm in plan.arms.values()]
+        try:
+            signed = ids.from_alias(experiment, value, known)
+            if signed is None:  # an arm edited since: the experiment's arms hash knows them all
+                signed = ids.from_alias(experiment, value, await self._redis.hkeys(store.arms_key(experiment)))
+        except (ValueError, IndexError):
+            return None
+        if signed is None or signed.issued_at + self._config.feedback_ttl_s < time.time():
+            return None
+        return signed
+
+    async def _look(self, experiments: list[str], request_id: str) -> list[tuple[str | None, str | None, list[str]]]:
+        """Per experiment: the request record, the old alias, and the aliases in hour buckets."""
+        number, field = ids.response_hash(request_id)
         pipe = self._redis.pipeline(transaction=False)
         for experiment in experiments:
             pipe.get(store.request_key(experiment, request_id))
             pipe.get(store.response_key(experiment, request_id))
+            # EVAL, not EVALSHA: a lookup by response id is rare, and never misses a script cache
+            pipe.execute_command(
+                "EVAL", store.FIND_ALIAS_LUA, 1, store.alias_counts_key(experiment), store.alias_prefix(experiment), number, field
+            )
         replies = await pipe.execute()
-        return [(replies[2 * i], replies[2 * i + 1]) for i in range(len(experiments))]
+        return [(replies[3 * i], replies[3 * i + 1], list(replies[3 * i + 2] or [])) for i in range(len(experiments))]
 
-    async def _apply(self, request_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
+    async def _apply(self, feedback_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
         experiment, arm, unit = record["e"], record["a"], record.get("u")
         keys = [
-            store.feedback_key(experiment, request_id),
+            store.feedback_key(experiment, feedback_id),
             store.stats_key(experiment, arm),
             store.hist_key(experiment, arm),
             store.unit_key(experiment, arm, unit) if unit else "",
@@ -166,7 +228,7 @@ class FeedbackService:
             self._config.feedback_ttl_s,
             "0" if record.get("f") else "1",
             per_user,
-            store.UNIT_TTL_S,
+            store.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
         ]
         if not connection.clustered(self._redis):
             return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))

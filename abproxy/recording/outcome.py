@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from abproxy.recording.ids import SignedId
+
 CANCELLED_STATUS = 499
 """The status counted in Prometheus when the client went away first, or the request was cut
 at shutdown (nginx's "client closed request"). An upstream's own 499 is not a cancellation."""
@@ -47,6 +49,8 @@ class Outcome:
     """Set when this request was sampled to become an MLflow trace."""
     sent_body: bytes | None = None
     """The body as sent upstream, kept only for a traced request."""
+    signed: SignedId | None = None
+    """What ``request_id`` carries when it is a signed id: the request then needs no record."""
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
-from abproxy.recording import connection, store
+from abproxy.recording import connection, ids, store
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
 from abproxy.config import BUILTIN_METRICS, Config
@@ -258,8 +258,10 @@ class Recorder:
     async def _prepare_batch(self, limit: int) -> int:
         """Interpret up to ``limit`` queued outcomes into one pending batch; returns how many."""
         arms: dict[tuple[str, str], ArmBatch] = {}
-        records: dict[str, list[list[str]]] = {}
+        records: dict[str, tuple[list[list[str]], list[list[Any]]]] = {}
+        """Per experiment: request records (ids not signed), aliases of response ids (signed)."""
         tally = _PrometheusTally()
+        events: collections.Counter[str] = collections.Counter()
         count = 0
         limit = min(limit, self._max_batch)
         while self._queue and count < limit:
@@ -281,9 +283,10 @@ class Recorder:
             if outcome.trace_id is not None and self._trace_sink is not None:
                 self._trace_sink(_traced(outcome, route, facts))
             response_id = facts.response_id if facts else None
+            events[route.experiment] += 1
             user = route.unit if route.unit is not None else route.user
             unit = _unit_hash(user) if user is not None else None
-            record = {
+            record: dict[str, Any] = {
                 "e": route.experiment,
                 "v": route.variant,
                 "a": route.arm,
@@ -292,16 +295,23 @@ class Recorder:
                 "t": outcome.started_at,
                 "s": outcome.status,
             }
-            if outcome.trace_id is not None:
-                record["tr"] = outcome.trace_id  # feedback on it becomes the trace's assessment
-            records.setdefault(route.experiment, []).append(
-                [
-                    store.request_key(route.experiment, outcome.request_id),
-                    orjson.dumps(record).decode(),
-                    store.response_key(route.experiment, response_id) if response_id else "",
-                    outcome.request_id,
-                ]
-            )
+            if outcome.signed is not None:
+                # the id carries what feedback needs: only the response id's alias is kept
+                kept = records.setdefault(route.experiment, ([], []))
+                if response_id:
+                    number, alias_field = ids.response_hash(response_id)
+                    kept[1].append([number, alias_field, ids.alias_value(outcome.signed)])
+            else:
+                if outcome.trace_id is not None:
+                    record["tr"] = outcome.trace_id  # feedback on it becomes the trace's assessment
+                records.setdefault(route.experiment, ([], []))[0].append(
+                    [
+                        store.request_key(route.experiment, outcome.request_id),
+                        orjson.dumps(record).decode(),
+                        store.response_key(route.experiment, response_id) if response_id else "",
+                        outcome.request_id,
+                    ]
+                )
             if route.forced:
                 continue
             arm_batch = arms.get((route.experiment, route.arm))
@@ -316,15 +326,24 @@ class Recorder:
         tally.apply(self._metrics)
         if count == 0 or not records:
             return count
+        hour = int(time.time() // 3600)
         payloads: dict[str, dict[str, Any]] = {
-            experiment: {"records": experiment_records, "arms": []} for experiment, experiment_records in records.items()
+            experiment: {
+                "records": kept,
+                "aliases": aliases,
+                "hour": hour,
+                "alias_prefix": store.alias_prefix(experiment),
+                "alias_counts": store.alias_counts_key(experiment),
+                "arms": [],
+            }
+            for experiment, (kept, aliases) in records.items()
         }
         for (experiment, arm_id), arm_batch in arms.items():
             await asyncio.sleep(0)
             payloads[experiment]["arms"].append(arm_batch.payload(experiment, arm_id))
         batch_id = secrets.token_hex(12)
         for experiment, payload in payloads.items():
-            part = _Part(batch_id, experiment, len(records[experiment]), orjson.dumps(payload).decode())
+            part = _Part(batch_id, experiment, events[experiment], orjson.dumps(payload).decode())
             self._pending.setdefault(experiment, collections.deque()).append(part)
             self._pending_events += part.events
         return count

@@ -34,10 +34,14 @@ from abproxy.recording import connection
 from abproxy.stats.summary import Moments
 
 PREFIX = "abproxy"
-BATCH_DEDUPE_TTL_S = 7 * 24 * 3600
+BATCH_DEDUPE_TTL_S = 3600
+"""A batch is replayed only after its reply was lost, at the recorder's next successful round:
+seconds later, or once Redis answers again. Kept an hour, not for as long as requests are."""
 UNIT_TTL_S = 90 * 24 * 3600
-"""Per-unit totals are kept this long after a unit is first seen; a unit returning later starts
-afresh (and counts as a new unit)."""
+"""Per-user totals of a ``unit: user`` experiment are kept this long after the user's last
+request or score: its statistics (the delta method) need a returning user's earlier totals. A
+user returning later starts afresh (and counts as a new unit). Those of a ``unit: request``
+experiment (its design effect alone) are kept ``feedback_ttl_s`` after the user's last request."""
 
 
 def experiment_tag(experiment: str) -> str:
@@ -91,6 +95,38 @@ def batch_key(experiment: str, batch_id: str) -> str:
 
 def request_key(experiment: str, request_id: str) -> str:
     return f"{experiment_tag(experiment)}:req:{request_id}"
+
+
+def alias_prefix(experiment: str) -> str:
+    """Hash buckets ``<prefix><hour>:<level>:<bucket>`` of the upstream's response ids: field and
+    bucket from the id's hash (ids.response_hash); value, ids.alias_value, or '' when two requests
+    got that response id. An hour's aliases fill 1, 4, 16... buckets (level 0, 1, 2...) as they
+    grow in number, so each holds at most about 48 and stays a small listpack
+    (``hash-max-listpack-entries``, 128 by default): a bucket key costs ~130 B, an entry ~60 B."""
+    return f"{experiment_tag(experiment)}:r:"
+
+
+def alias_counts_key(experiment: str) -> str:
+    """Hash: hour → aliases written in it (which bucket levels a reader must try)."""
+    return f"{experiment_tag(experiment)}:rc"
+
+
+ALIAS_FIRST_BUCKET = 64
+ALIAS_MAX_LEVEL = 8
+
+
+def alias_level(count: int) -> int:
+    """The level of an hour's ``count``-th alias: level L holds those past 64·4^(L−1) up to
+    64·4^L, in 4^L buckets."""
+    level, limit = 0, ALIAS_FIRST_BUCKET
+    while count > limit and level < ALIAS_MAX_LEVEL:
+        level += 1
+        limit *= 4
+    return level
+
+
+def alias_key(experiment: str, hour: int | str, level: int, number: int) -> str:
+    return f"{alias_prefix(experiment)}{hour}:{level}:{number % 4**level}"
 
 
 def response_key(experiment: str, response_id: str) -> str:
@@ -175,7 +211,7 @@ end
 -- one MessagePack string of three parallel arrays (metric names, Y_u, N_u): one GET and one SET
 -- per unit however many metrics. Batches send every unit of an arm with the same names in the
 -- same order, so the stored order usually matches and no lookup is needed.
--- Returns true when the unit was new; its key expires ttl after it was first seen.
+-- Returns true when the unit was new; its key expires ttl after the unit's last change.
 local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
   local count = #names
   local packed = redis.call('GET', ukey)
@@ -228,12 +264,8 @@ local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
       end
     end
   end
-  if packed then
-    redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'KEEPTTL')
-    return false
-  end
   redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'EX', ttl)
-  return true
+  return not packed
 end
 
 local function apply_unit_sums(stats, names, sums)
@@ -252,7 +284,8 @@ end
 RECORD_BATCH_LUA = (
     _LUA_COMMON
     + r"""
--- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl, record ttl.
+-- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl (unit: user), record
+-- ttl (also that of the per-user sums of a unit: request experiment).
 -- A batch replayed after a lost reply finds its dedupe key and changes nothing.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 local payload = cjson.decode(ARGV[1])
@@ -265,6 +298,32 @@ for _, record in ipairs(payload.records) do
     if not redis.call('SET', record[3], record[4], 'NX', 'EX', record_ttl) then
       if redis.call('GET', record[3]) ~= record[4] then redis.call('SET', record[3], '', 'EX', record_ttl) end
     end
+  end
+end
+-- payload.aliases: {bucket number, field, alias} of response ids (ids.response_hash), written in
+-- payload.hour (unix s / 3600); the level of an hour's n-th alias as store.alias_level says.
+local aliases = payload.aliases
+if aliases and #aliases > 0 then
+  local hour, ttl = tostring(payload.hour), tonumber(record_ttl) + 3600
+  local counts = payload.alias_counts
+  local seen = redis.call('HINCRBY', counts, hour, #aliases) - #aliases
+  if seen == 0 then
+    redis.call('EXPIRE', counts, ttl)
+    local oldest = payload.hour - math.ceil(ttl / 3600)
+    for _, h in ipairs(redis.call('HKEYS', counts)) do
+      if tonumber(h) < oldest then redis.call('HDEL', counts, h) end
+    end
+  end
+  local touched = {}
+  for i, alias in ipairs(aliases) do
+    local n, level, limit = seen + i, 0, 64
+    while n > limit and level < 8 do level = level + 1; limit = limit * 4 end
+    local key = payload.alias_prefix .. hour .. ':' .. level .. ':' .. (alias[1] % (4 ^ level))
+    local field, value = alias[2], alias[3]
+    if redis.call('HSETNX', key, field, value) == 0 and redis.call('HGET', key, field) ~= value then
+      redis.call('HSET', key, field, '')  -- a response id reused: ambiguous, as for records
+    end
+    if not touched[key] then touched[key] = true; redis.call('EXPIRE', key, ttl) end
   end
 end
 for _, arm in ipairs(payload.arms) do
@@ -299,8 +358,9 @@ for _, arm in ipairs(payload.arms) do
   if #arm.units > 0 then
     local offset = {}
     for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
+    local ttl = arm.count_units and unit_ttl or tonumber(record_ttl)
     for _, unit in ipairs(arm.units) do
-      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, unit_ttl) then new_units = new_units + 1 end
+      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
     end
   end
   -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
@@ -361,6 +421,26 @@ end
 return old and 2 or 1
 """
 )
+
+
+FIND_ALIAS_LUA = r"""
+-- KEYS[1]: an experiment's alias counts (hour -> aliases written). ARGV: the alias prefix, the
+-- response id's bucket number and field (ids.response_hash). Returns the aliases found: one
+-- bucket per level each hour reached (store.alias_level), read here rather than sent for.
+local counts = redis.call('HGETALL', KEYS[1])
+local number, field, found = tonumber(ARGV[2]), ARGV[3], {}
+for i = 1, #counts, 2 do
+  local hour, count = counts[i], tonumber(counts[i + 1])
+  local level, limit = 0, 64
+  while true do
+    local value = redis.call('HGET', ARGV[1] .. hour .. ':' .. level .. ':' .. (number % (4 ^ level)), field)
+    if value then found[#found + 1] = value end
+    if count <= limit or level >= 8 then break end
+    level, limit = level + 1, limit * 4
+  end
+end
+return found
+"""
 
 
 SAVE_STATE_LUA = r"""

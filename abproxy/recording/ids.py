@@ -1,0 +1,206 @@
+"""Request ids that carry what feedback needs, so a request writes no record of its own.
+
+An experiment request's id is ``r1.`` and the base64url of: flags, issue time, a random nonce,
+the unit's hash (as in Redis key names: never the user id itself), the experiment and the arm,
+then a MAC (keyed BLAKE2b, 12 bytes) over all of it with a secret created once in Redis
+(``SET NX``) and shared by every replica. Feedback verifies the MAC and finds everything in the
+id; an id that fails verification is refused, and one older than ``feedback_ttl_s`` has expired.
+
+The upstream's own response id (``chatcmpl-...``) is mapped to the request through a compact
+alias (:func:`alias_value`): the id's binary part without its MAC, experiment or arm name (the
+arm's definition hash stands for it), stored in per-hour hash buckets (``store.alias_key``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "r1."
+SECRET_KEY = "abproxy:{ids}:secret"
+"""The HMAC secret: its own hash tag, read once per process."""
+MAC_BYTES = 12
+NONCE_BYTES = 6
+"""With the issue time (s), what tells requests apart (it names a request's feedback): among n
+ids issued in one second two share it with probability ~n²/2⁴⁹ — at 1,000 requests/s once in
+~18 years, at 10,000/s once in ~2 months (their scores would then count as one). Unguessable
+ids come from the MAC, not from it."""
+UNIT_BYTES = 16
+_FORCED, _TRACED, _UNIT = 1, 2, 4
+_HEAD = struct.Struct(">BI")  # flags, issued at (unix s)
+DEFINITION_HASH_BYTES = 6
+"""An arm id is ``variant@<12 hex digits>``: the alias keeps the first 3 of its 6 bytes, not the
+name; they tell the experiment's arms apart (an alias matching two arms is not used)."""
+ALIAS_ARM_BYTES = 3
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedId:
+    experiment: str
+    arm: str
+    unit: str | None
+    """The unit's hash (32 hex digits), as in the unit's Redis key."""
+    forced: bool
+    traced: bool
+    issued_at: int
+    nonce: bytes
+
+    @property
+    def variant(self) -> str:
+        return self.arm.rpartition("@")[0]
+
+    @property
+    def feedback_id(self) -> str:
+        """Short and unique: names the request's feedback hash in Redis."""
+        return "s" + _b64(self.issued_at.to_bytes(4, "big") + self.nonce)
+
+    @property
+    def trace_id(self) -> str | None:
+        if not self.traced:
+            return None
+        return "tr-" + hashlib.sha256(b"trace:" + self.feedback_id.encode()).hexdigest()[:32]
+
+    def core(self) -> bytes:
+        """Flags, issue time, nonce and unit: what the alias keeps."""
+        flags = (_FORCED if self.forced else 0) | (_TRACED if self.traced else 0) | (_UNIT if self.unit else 0)
+        unit = bytes.fromhex(self.unit) if self.unit else b""
+        return _HEAD.pack(flags, self.issued_at) + self.nonce + unit
+
+
+def _parse_core(raw: bytes) -> tuple[bool, bool, int, bytes, str | None, bytes]:
+    """(forced, traced, issued at, nonce, unit, the rest) from bytes that begin with a core."""
+    flags, issued = _HEAD.unpack_from(raw)
+    at = _HEAD.size
+    nonce = raw[at : at + NONCE_BYTES]
+    at += NONCE_BYTES
+    unit = None
+    if flags & _UNIT:
+        unit = raw[at : at + UNIT_BYTES].hex()
+        at += UNIT_BYTES
+    if len(nonce) != NONCE_BYTES or (unit is not None and len(unit) != 2 * UNIT_BYTES):
+        raise ValueError("truncated")
+    return bool(flags & _FORCED), bool(flags & _TRACED), issued, nonce, unit, raw[at:]
+
+
+class Signer:
+    """Issues and verifies request ids with the secret shared through Redis."""
+
+    def __init__(self, secret: bytes):
+        self._secret = secret[:64]
+        self._pool = b""
+        self._offset = 0
+
+    def _mac(self, body: bytes) -> bytes:
+        # keyed BLAKE2b is a MAC by design, and 4x faster here than HMAC-SHA256 (on the request path)
+        return hashlib.blake2b(body, key=self._secret, digest_size=MAC_BYTES).digest()
+
+    def _nonce(self) -> bytes:
+        """From the OS's CSPRNG, drawn in bulk (as http.RequestIds does)."""
+        if self._offset >= len(self._pool):
+            self._pool, self._offset = os.urandom(NONCE_BYTES * 256), 0
+        self._offset += NONCE_BYTES
+        return self._pool[self._offset - NONCE_BYTES : self._offset]
+
+    def issue(self, experiment: str, arm: str, unit: str | None, forced: bool, traced: bool, max_length: int) -> SignedId | None:
+        """A new id, or None if it would be longer than ``max_length`` (very long names)."""
+        # base64 of the body and MAC: 4 characters per 3 bytes
+        size = _HEAD.size + NONCE_BYTES + (UNIT_BYTES if unit else 0) + 1 + len(experiment.encode()) + len(arm.encode())
+        if len(PREFIX) + (4 * (size + MAC_BYTES) + 2) // 3 > max_length or len(experiment.encode()) > 255:
+            return None
+        return SignedId(experiment, arm, unit, forced, traced, int(time.time()), self._nonce())
+
+    def encode(self, signed: SignedId) -> str:
+        name = signed.experiment.encode()
+        body = signed.core() + bytes([len(name)]) + name + signed.arm.encode()
+        return PREFIX + _b64(body + self._mac(body))
+
+    def verify(self, request_id: str) -> SignedId | None:
+        """The id's contents, or None if it was not issued with this secret (forged, altered)."""
+        try:
+            raw = unb64(request_id[len(PREFIX) :])
+        except ValueError:
+            return None
+        body, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, self._mac(body)):
+            return None
+        try:
+            forced, traced, issued, nonce, unit, rest = _parse_core(body)
+            size = rest[0]
+            experiment, arm = rest[1 : 1 + size].decode(), rest[1 + size :].decode()
+        except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+            return None
+        return SignedId(experiment, arm, unit, forced, traced, issued, nonce)
+
+
+def looks_signed(request_id: str) -> bool:
+    return request_id.startswith(PREFIX)
+
+
+def alias_value(signed: SignedId) -> str:
+    """What the response id's alias keeps: with the experiment (its bucket's) and the secret, the
+    request id again. The arm is kept as its definition hash when it has one."""
+    _, sep, definition = signed.arm.rpartition("@")
+    try:
+        raw = bytes.fromhex(definition) if sep else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != DEFINITION_HASH_BYTES:
+        return _b64(signed.core()) + "~" + signed.arm
+    return _b64(signed.core() + raw[:ALIAS_ARM_BYTES])
+
+
+def from_alias(experiment: str, value: str, arms: Any) -> SignedId | None:
+    """The request an alias points to; ``arms`` lists the experiment's arm ids (to find the arm
+    by its definition hash). None if the arm is unknown."""
+    encoded, sep, arm = value.partition("~")
+    forced, traced, issued, nonce, unit, rest = _parse_core(unb64(encoded))
+    if not sep:
+        start = "@" + rest.hex()
+        matching = {candidate for candidate in arms if "@" + candidate.rpartition("@")[2][: 2 * ALIAS_ARM_BYTES] == start}
+        if len(matching) != 1:
+            return None
+        arm = matching.pop()
+    return SignedId(experiment, arm, unit, forced, traced, issued, nonce)
+
+
+def response_hash(response_id: str) -> tuple[int, str]:
+    """From the response id's hash: a number that picks its alias's bucket (store.alias_bucket)
+    and the alias's field (40 bits: false matches among the aliases a lookup reads are ~1e-7)."""
+    digest = hashlib.sha256(response_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big"), _b64(digest[4:9])
+
+
+class Signers:
+    """The one signer of a process, once its secret was read from Redis (None until then:
+    requests get random ids and records meanwhile)."""
+
+    def __init__(self) -> None:
+        self.signer: Signer | None = None
+
+    async def load(self, redis: Any) -> Signer:
+        if self.signer is None:
+            self.signer = Signer(await load_secret(redis))
+        return self.signer
+
+
+async def load_secret(redis: Any) -> bytes:
+    """The secret every replica signs with: created by the first to ask."""
+    await redis.set(SECRET_KEY, _b64(os.urandom(32)), nx=True)
+    value = await redis.get(SECRET_KEY)
+    if value is None:
+        raise RuntimeError("the request id secret vanished from Redis")
+    return unb64(value if isinstance(value, str) else value.decode())
