@@ -176,6 +176,7 @@ def test_sampled_requests_become_traces_per_variant_with_feedback_as_assessments
     ]
 
 
+@pytest.mark.slow
 def test_traces_are_sampled_and_bounded_per_minute(start_proxy: Any, upstream_url: str, uri: str) -> None:
     mlflow = {"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": 1.0, "max_traces_per_minute": 5}
     proxy = start_proxy(make_config(upstream_url, mlflow=mlflow), app_options={"trace_options": {"interval_s": 0.1}})

@@ -119,6 +119,7 @@ def test_ids_issued_before_the_secret_could_be_read_keep_their_record_and_take_f
     assert (status, body["status"], body["request_id"]) == (200, "updated", request_id), body
 
 
+@pytest.mark.slow
 def test_response_ids_of_thousands_of_requests_in_one_hour_all_find_their_request(
     proxy: Any, redis_client: redis.Redis
 ) -> None:
