@@ -100,13 +100,19 @@ class Signer:
     """Issues and verifies request ids with the secret shared through Redis."""
 
     def __init__(self, secret: bytes):
-        self._secret = secret[:64]
+        # keyed BLAKE2b is a MAC by design, and 4x faster here than HMAC-SHA256 (on the request
+        # path); copying a keyed state skips hashing the key block again for every id
+        self._keyed = hashlib.blake2b(key=secret[:64], digest_size=MAC_BYTES)
         self._pool = b""
         self._offset = 0
+        self._tails: dict[tuple[str, str], tuple[bytes, int] | None] = {}
+        """(experiment, arm) → the id's last part and its length before the core, or None when
+        too long for an id."""
 
     def _mac(self, body: bytes) -> bytes:
-        # keyed BLAKE2b is a MAC by design, and 4x faster here than HMAC-SHA256 (on the request path)
-        return hashlib.blake2b(body, key=self._secret, digest_size=MAC_BYTES).digest()
+        mac = self._keyed.copy()
+        mac.update(body)
+        return mac.digest()
 
     def _nonce(self) -> bytes:
         """From the OS's CSPRNG, drawn in bulk (as http.RequestIds does)."""
@@ -117,15 +123,27 @@ class Signer:
 
     def issue(self, experiment: str, arm: str, unit: str | None, forced: bool, traced: bool, max_length: int) -> SignedId | None:
         """A new id, or None if it would be longer than ``max_length`` (very long names)."""
+        tail = self._tail(experiment, arm)
+        if tail is None:
+            return None
         # base64 of the body and MAC: 4 characters per 3 bytes
-        size = _HEAD.size + NONCE_BYTES + (UNIT_BYTES if unit else 0) + 1 + len(experiment.encode()) + len(arm.encode())
-        if len(PREFIX) + (4 * (size + MAC_BYTES) + 2) // 3 > max_length or len(experiment.encode()) > 255:
+        size = _HEAD.size + NONCE_BYTES + (UNIT_BYTES if unit else 0) + tail[1]
+        if len(PREFIX) + (4 * (size + MAC_BYTES) + 2) // 3 > max_length:
             return None
         return SignedId(experiment, arm, unit, forced, traced, int(time.time()), self._nonce())
 
+    def _tail(self, experiment: str, arm: str) -> tuple[bytes, int] | None:
+        key = (experiment, arm)
+        if key not in self._tails:
+            name = experiment.encode()
+            tail = bytes([len(name)]) + name + arm.encode() if len(name) <= 255 else None
+            self._tails[key] = (tail, len(tail)) if tail is not None else None
+        return self._tails[key]
+
     def encode(self, signed: SignedId) -> str:
-        name = signed.experiment.encode()
-        body = signed.core() + bytes([len(name)]) + name + signed.arm.encode()
+        tail = self._tail(signed.experiment, signed.arm)
+        assert tail is not None, "issue() refuses names that do not fit"
+        body = signed.core() + tail[0]
         return PREFIX + _b64(body + self._mac(body))
 
     def verify(self, request_id: str) -> SignedId | None:
