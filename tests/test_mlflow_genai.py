@@ -14,12 +14,13 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import BASE_EXPERIMENTS, make_config
 from flushkit import EXP, MlflowServer, drive, flush, history, live, search
 from helpers import http_json, metrics_text, sample, wait_until
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from conftest import BASE_EXPERIMENTS, make_config
+from abproxy.mlflow_sink.traces import TraceBudget
 
 
 @pytest.fixture
@@ -174,6 +175,19 @@ def test_sampled_requests_become_traces_per_variant_with_feedback_as_assessments
     assert [(a.name, a.value, a.source.source_type, a.source.source_id) for a in assessments] == [
         ("satisfaction", 5, "HUMAN", "cy")
     ]
+
+
+def test_the_trace_budget_allows_at_most_its_number_in_any_minute() -> None:
+    now = [0.0]
+    budget = TraceBudget(5, clock=lambda: now[0])
+    taken = []
+    for step in range(240):  # a request every half second for two minutes
+        now[0] = step * 0.5
+        if budget.take():
+            taken.append(now[0])
+    assert taken[:5] == [0.0, 0.5, 1.0, 1.5, 2.0], "a burst up to the budget at once"
+    assert all(sum(1 for t in taken if start <= t < start + 60) <= 5 for start in taken)
+    assert len(taken) == 10, "and again once the first are a minute old"
 
 
 @pytest.mark.slow

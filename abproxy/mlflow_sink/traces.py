@@ -56,7 +56,7 @@ _SPAN_TYPES = {"chat": "CHAT_MODEL", "responses": "CHAT_MODEL", "completions": "
 _SPAN_NAMES = {"chat": "chat.completions", "responses": "responses", "completions": "completions"}
 
 
-class _Budget:
+class TraceBudget:
     """At most ``per_minute`` traces in any 60 seconds: the times of the last ``per_minute``
     taken, the oldest dropped once a minute old."""
 
@@ -101,7 +101,7 @@ class TraceWriter:
         self._interval_s = interval_s
         self._max_queued = max_queued
         self._mlflow_lock = mlflow_lock or asyncio.Lock()
-        self._budget = _Budget(config.mlflow.max_traces_per_minute)
+        self._budget = TraceBudget(config.mlflow.max_traces_per_minute)
         self._traces: collections.deque[TracedExchange] = collections.deque()
         self._queued_bytes = 0
         self._scores: collections.deque[_PendingScore] = collections.deque()
@@ -168,6 +168,8 @@ class TraceWriter:
         self._queued_bytes = sum(len(t.sent_body) for t in waiting)
         pending = list(self._scores)
         self._scores.clear()
+        if not ready and not pending:
+            return 0  # every trace waits for its experiment's layout: nothing for MLflow yet
         batch = Batch(self._config.mlflow.tracking_uri, ready, layouts, [p.score for p in pending])
         async with self._mlflow_lock:
             done = await self._run(batch)
