@@ -43,8 +43,10 @@ from cpu import cpu_seconds, group_pids  # noqa: E402
 
 from abproxy.recording.embedded_redis import EmbeddedRedis  # noqa: E402
 
-# Two more `unit: user` experiments: with `bench`, their hash tags land on the three masters of
-# clusterkit's layout (slots split in thirds): {bench} 2933, {bench_d} 7155, {bench_c} 11028.
+# run.py's two experiments both hash to the first master ({bench} slot 2933, {bench_per_request}
+# 4328): with them alone every write would go to one master. Two more `unit: user` experiments
+# put one experiment on each master of clusterkit's layout (slots split in thirds):
+# {bench} 2933, {bench_d} 7155, {bench_c} 11028. `bench_per_request` stays in the config, unused.
 EXTRA_EXPERIMENTS = """\
   bench_c:
     match: {{model: bench-c}}
