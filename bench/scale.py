@@ -37,11 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import run as bench_run  # noqa: E402
-from clusterkit import RedisCluster  # noqa: E402
-from cpu import cpu_seconds, group_pids  # noqa: E402
+import run as bench_run
+from clusterkit import RedisCluster
+from cpu import cpu_seconds, group_pids
 
-from abproxy.recording.embedded_redis import EmbeddedRedis  # noqa: E402
+from abproxy.recording.embedded_redis import EmbeddedRedis
 
 # run.py's two experiments both hash to the first master ({bench} slot 2933, {bench_per_request}
 # 4328): with them alone every write would go to one master. Two more `unit: user` experiments
@@ -88,11 +88,15 @@ SETUPS = [  # (label, replicas, redis)
 def start_replica(bench: bench_run.Bench, name: str, redis_url: str) -> tuple[bench_run.Proc, str]:
     config = bench.tmp / f"config-{name}.yaml"
     text = bench_run.CONFIG_TEMPLATE.format(tmp=bench.tmp, upstream_port=bench.up_port) + EXTRA_EXPERIMENTS.format()
-    text = text.replace('redis_url: ""', f'redis_url: "{redis_url}"').replace(f"{bench.tmp}/data", f"{bench.tmp}/data-{name}")
+    text = text.replace('redis_url: ""', f'redis_url: "{redis_url}"').replace(
+        f"{bench.tmp}/data", f"{bench.tmp}/data-{name}"
+    )
     config.write_text(text)
     port = bench_run.free_port()
-    proc = bench.spawn(name, [sys.executable, "-m", "abproxy", "serve", "--config", str(config),
-                              "--host", "127.0.0.1", "--port", str(port)])
+    proc = bench.spawn(
+        name,
+        [sys.executable, "-m", "abproxy", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+    )
     bench_run.wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 60)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     for model in MODELS:
@@ -131,7 +135,9 @@ def evals_per_master(cluster: RedisCluster) -> dict[int, int]:
             if client.info("replication")["role"] != "master":
                 continue
             stats = client.info("commandstats")
-            calls[node.port] = sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+            calls[node.port] = sum(
+                int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+            )
         finally:
             client.close()
     return calls
@@ -163,13 +169,15 @@ def main() -> int:
         single.start()
         cluster.start()
         placement = {e: cluster.master_of(f"abproxy:{{{e}}}:x").port for e in EXPERIMENTS}
-        print("cluster masters of the experiments: " + ", ".join(f"{e} → :{p}" for e, p in placement.items()), flush=True)
+        print(
+            "cluster masters of the experiments: " + ", ".join(f"{e} → :{p}" for e, p in placement.items()), flush=True
+        )
         replicas = {
             "single": [start_replica(bench, f"single-{i}", single.url) for i in (1, 2)],
             "cluster": [start_replica(bench, f"cluster-{i}", cluster.url) for i in (1, 2)],
         }
         redis_pids = {
-            "single": [single._process.pid],  # noqa: SLF001
+            "single": [single._process.pid],
             "cluster": [node.process.pid for node in cluster.nodes if node.process],
         }
         for kind in ("single", "cluster"):  # warm-up, both replicas
@@ -212,8 +220,10 @@ def main() -> int:
 
     base = statistics.median(r["rps"] for r in results[SETUPS[0][0]])
     lines = [
-        f"wrk -t1 -c{args.conns} per replica (two at once for 2 replicas, req/s summed), JSON, {args.duration:.0f} s runs, "
-        f"median of {args.rounds} rounds; {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        (
+            f"wrk -t1 -c{args.conns} per replica (two at once for 2 replicas, req/s summed), JSON, {args.duration:.0f} s runs, "
+            f"median of {args.rounds} rounds; {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        ),
         "",
         "| setup | req/s | vs 1 replica, one Redis | p50 ms | proxy CPU µs/req | Redis CPU µs/req | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -221,11 +231,16 @@ def main() -> int:
     for label, _, _ in SETUPS:
         rows = results[label]
         med = {key: statistics.median(r[key] for r in rows) for key in ("rps", "p50_ms", "proxy_us", "redis_us")}
-        lines.append(f"| {label} | {med['rps']:,.0f} | {med['rps'] / base:.2f}× | {med['p50_ms']:.2f} | "
-                     f"{med['proxy_us']:.0f} | {med['redis_us']:.0f} | {sum(r['errors'] for r in rows)} |")
+        lines.append(
+            f"| {label} | {med['rps']:,.0f} | {med['rps'] / base:.2f}× | {med['p50_ms']:.2f} | "
+            f"{med['proxy_us']:.0f} | {med['redis_us']:.0f} | {sum(r['errors'] for r in rows)} |"
+        )
     scripts = {port: evals_after.get(port, 0) - evals_before.get(port, 0) for port in evals_after}
-    lines += ["", "Recorder script calls per cluster master over the measured runs: "
-              + ", ".join(f":{port} {calls:,}" for port, calls in sorted(scripts.items()))]
+    lines += [
+        "",
+        "Recorder script calls per cluster master over the measured runs: "
+        + ", ".join(f":{port} {calls:,}" for port, calls in sorted(scripts.items())),
+    ]
     print()
     print("\n".join(lines))
     return 0
