@@ -158,7 +158,7 @@ class TraceWriter:
         written traces; returns how many traces were written."""
         if not self._traces and not self._scores:
             return 0
-        layouts = await self._layouts({t.experiment for t in self._traces})
+        layouts = await self._layouts({t.experiment for t in self._traces} | {p.score.experiment for p in self._scores})
         ready: list[TracedExchange] = []
         waiting: collections.deque[TracedExchange] = collections.deque()
         for exchange in self._traces:
@@ -166,8 +166,10 @@ class TraceWriter:
             (ready if layout is not None and f"model:{exchange.arm}" in layout else waiting).append(exchange)
         self._traces = waiting
         self._queued_bytes = sum(len(t.sent_body) for t in waiting)
-        pending = list(self._scores)
-        self._scores.clear()
+        # A score waits, like its trace, for its experiment's layout: nothing here touches MLflow
+        # before the flusher has (a store both would create at once races its schema migration).
+        pending = [p for p in self._scores if p.score.experiment in layouts]
+        self._scores = collections.deque(p for p in self._scores if p.score.experiment not in layouts)
         if not ready and not pending:
             return 0  # every trace waits for its experiment's layout: nothing for MLflow yet
         batch = Batch(self._config.mlflow.tracking_uri, ready, layouts, [p.score for p in pending])
@@ -200,7 +202,7 @@ class TraceWriter:
             problem = "the MLflow writer process died"
             return Written(
                 0,
-                [(name, count, problem) for name, count in collections.Counter(t.experiment for t in batch.traces).items()],
+                [(name, n, problem) for name, n in collections.Counter(t.experiment for t in batch.traces).items()],
                 [(index, problem) for index in range(len(batch.scores))],
             )
 
@@ -295,7 +297,8 @@ def _write_score(client: Any, score: ScoredTrace) -> None:
 
     info = client.get_trace_info(score.trace_id)
     user = info.trace_metadata.get("mlflow.trace.user") or "anonymous"
-    feedback = Feedback(name=score.name, value=score.score, source=AssessmentSource(source_type="HUMAN", source_id=user))
+    source = AssessmentSource(source_type="HUMAN", source_id=user)
+    feedback = Feedback(name=score.name, value=score.score, source=source)
     earlier = [
         assessment
         for assessment in info.assessments

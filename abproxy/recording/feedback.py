@@ -33,6 +33,7 @@ class ScoredTrace:
     trace_id: str
     name: str
     score: float
+    experiment: str
 
 
 def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
@@ -118,7 +119,7 @@ class FeedbackService:
             result = await self._apply(feedback_id, record, per_user, name, score)
         self._metrics.feedback.labels(record["e"], record["v"], name).inc()
         if record.get("tr") and self._on_scored_trace is not None:
-            self._on_scored_trace(ScoredTrace(record["tr"], name, score))
+            self._on_scored_trace(ScoredTrace(record["tr"], name, score, record["e"]))
         return {
             "status": "updated" if result == 2 else "recorded",
             "experiment": record["e"],
