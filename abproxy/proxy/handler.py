@@ -5,7 +5,6 @@ statistics; response bodies are interpreted later, off this path."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import time
 from collections.abc import Callable
@@ -108,11 +107,6 @@ def _unit_from_body(body: dict[str, Any]) -> str | None:
     raise HTTPError(400, f"'user' must be a string, not {type(user).__name__}", "invalid_user", param="user")
 
 
-@functools.lru_cache(maxsize=65_536)
-def _unit_hash(user: str) -> str:
-    return store.hash_unit(user)
-
-
 class Proxy:
     def __init__(
         self,
@@ -183,7 +177,7 @@ class Proxy:
         if signer is None:
             return None
         user = route.unit if route.unit is not None else route.user
-        unit = _unit_hash(user) if user is not None else None
+        unit = store.hash_unit(user) if user is not None else None
         signed = signer.issue(route.experiment, route.arm, unit, route.forced, traced, MAX_ID_LENGTH)
         return (signer.encode(signed), signed) if signed is not None else None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-import functools
 import logging
 import secrets
 import time
@@ -79,11 +78,6 @@ def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | Non
         completion_tokens=facts.completion_tokens if facts else None,
         total_tokens=facts.total_tokens if facts else None,
     )
-
-
-@functools.lru_cache(maxsize=65_536)
-def _unit_hash(unit: str) -> str:
-    return store.hash_unit(unit)
 
 
 @dataclass(slots=True)
@@ -285,16 +279,7 @@ class Recorder:
             response_id = facts.response_id if facts else None
             events[route.experiment] += 1
             user = route.unit if route.unit is not None else route.user
-            unit = _unit_hash(user) if user is not None else None
-            record: dict[str, Any] = {
-                "e": route.experiment,
-                "v": route.variant,
-                "a": route.arm,
-                "u": unit,
-                "f": route.forced,
-                "t": outcome.started_at,
-                "s": outcome.status,
-            }
+            unit = store.hash_unit(user) if user is not None else None
             if outcome.signed is not None:
                 # the id carries what feedback needs: only the response id's alias is kept
                 kept = records.setdefault(route.experiment, ([], []))
@@ -302,6 +287,15 @@ class Recorder:
                     number, alias_field = ids.response_hash(response_id)
                     kept[1].append([number, alias_field, ids.alias_value(outcome.signed)])
             else:
+                record: dict[str, Any] = {
+                    "e": route.experiment,
+                    "v": route.variant,
+                    "a": route.arm,
+                    "u": unit,
+                    "f": route.forced,
+                    "t": outcome.started_at,
+                    "s": outcome.status,
+                }
                 if outcome.trace_id is not None:
                     record["tr"] = outcome.trace_id  # feedback on it becomes the trace's assessment
                 records.setdefault(route.experiment, ([], []))[0].append(

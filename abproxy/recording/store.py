@@ -19,6 +19,7 @@ the declared winner and its generation (:data:`SAVE_STATE_LUA` merges a look int
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Awaitable, Callable, Iterator
@@ -164,6 +165,7 @@ def reachable() -> Iterator[None]:
         raise StoreUnavailable("Redis is unavailable; retry later") from None
 
 
+@functools.lru_cache(maxsize=65_536)  # the request path (signed ids) and the recorder ask for each request
 def hash_unit(unit_id: str) -> str:
     """Unit ids are the app's user ids: keep them out of key names."""
     return hashlib.sha256(unit_id.encode()).hexdigest()[:32]
