@@ -226,6 +226,20 @@ NOT_ROUND_TRIPS = {"get", "set", "hget", "hincrby", "hincrbyfloat", "hsetnx", "e
 """Commands the recorder's batch script runs inside Redis, and the bench's own."""
 
 
+def prepare_to_run() -> bool:
+    """False (said on stderr) without wrk; else SIGTERM becomes KeyboardInterrupt, so a bench
+    stopped either way shuts its processes down through its finally block."""
+    if not shutil.which("wrk"):
+        print("wrk not found (apt-get install wrk)", file=sys.stderr)
+        return False
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    return True
+
+
 def redis_commands(url_file: Path) -> dict[str, int]:
     """``{command: calls}`` from the embedded Redis's INFO commandstats (the bench reads the URL
     file abproxy writes next to its data)."""
@@ -437,15 +451,8 @@ def main() -> int:
     duration = 3.0 if args.quick else args.duration
     soak_requests = 20_000 if args.quick else args.soak_requests
 
-    if not shutil.which("wrk"):
-        print("wrk not found (apt-get install wrk)", file=sys.stderr)
+    if not prepare_to_run():
         return 2
-
-    # Ctrl-C / SIGTERM -> clean shutdown through the finally block
-    def _term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _term)
     sys.path.insert(0, str(BENCH))
 
     tmp = Path(tempfile.mkdtemp(prefix="abproxy-bench-"))

@@ -28,7 +28,6 @@ import concurrent.futures
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -149,14 +148,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", type=int, default=16, help="wrk connections per replica (default 16)")
     args = ap.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk not found (apt-get install wrk)", file=sys.stderr)
+    if not bench_run.prepare_to_run():
         return 2
-
-    def _term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _term)
     tmp = Path(tempfile.mkdtemp(prefix="abproxy-scale-"))
     bench = bench_run.Bench(tmp, args.duration, 2.0)
     script = tmp / "scale.lua"
