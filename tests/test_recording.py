@@ -807,7 +807,7 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
 def _apply_batches(client: redis.Redis, experiment: str, arm_id: str, batches: list[Any]) -> store.ArmCounters:
     """Each batch through the recorder's own reduction and Lua script, then read back."""
     for index, batch in enumerate(batches):
-        payload = {"records": [], "arms": [batch.payload(experiment, arm_id)]}
+        payload = {"records": [], "unit_schemas": store.unit_schemas_key(experiment), "arms": [batch.payload(experiment, arm_id)]}
         client.eval(
             store.RECORD_BATCH_LUA, 1, store.batch_key(experiment, f"precision-{index}"),
             json.dumps(payload), 60, 60, 60,

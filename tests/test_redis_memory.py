@@ -49,6 +49,38 @@ def test_per_user_state_expires_after_the_users_last_request(start_proxy: Any, r
     assert batches and all(0 < t <= 3600 for t in batches)
 
 
+_REWRITE_AS_BEFORE = """
+local id, ys, ns = cmsgpack.unpack(redis.call('GET', KEYS[1]))
+local names = {}
+for name in string.gmatch(redis.call('HGET', KEYS[2], id), '[^%z]+') do names[#names + 1] = name end
+redis.call('SET', KEYS[1], cmsgpack.pack(names, ys, ns), 'KEEPTTL')
+return #names
+"""
+
+
+def test_a_users_totals_name_their_metrics_once_per_experiment_and_older_keys_still_count(
+    start_proxy: Any, redis_client: redis.Redis
+) -> None:
+    """A user's key holds a 12-character id of its metric list, not the names (~100 bytes of the
+    key before). Keys written by earlier versions, names inline, go on adding up."""
+    proxy = start_proxy()
+    chat(proxy, "translation", "alice")
+    proxy.settle()
+    (user_key,) = redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:u:*")
+    schemas = store.unit_schemas_key("translation")
+    assert redis_client.eval("return type(cmsgpack.unpack(redis.call('GET', KEYS[1])))", 1, user_key) == "string"
+    size = int(redis_client.memory_usage(user_key))
+    assert redis_client.eval(_REWRITE_AS_BEFORE, 2, user_key, schemas) >= 5  # the built-in metrics, as before
+    assert size < int(redis_client.memory_usage(user_key)) - 80
+    chat(proxy, "translation", "alice")
+    proxy.settle()
+    arms = [redis_client.hgetall(key) for key in redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:a:*")]
+    (alice,) = [arm for arm in arms if arm.get("requests")]
+    # one user with two requests: one unit, Σ n_u² = 4 (read afresh, the old key would make 2 and 2)
+    assert alice["units"] == "1" and float(alice["latency_ms|unn"]) == 4
+    assert redis_client.eval("return type(cmsgpack.unpack(redis.call('GET', KEYS[1])))", 1, user_key) == "string"
+
+
 def aggregates(client: redis.Redis) -> dict[str, dict[str, str]]:
     return {key: client.hgetall(key) for key in client.scan_iter(match=f"{store.PREFIX}:*:[ah]:*")}
 

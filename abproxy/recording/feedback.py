@@ -221,6 +221,7 @@ class FeedbackService:
             store.stats_key(experiment, arm),
             store.hist_key(experiment, arm),
             store.unit_key(experiment, arm, unit) if unit else "",
+            store.unit_schemas_key(experiment),
         ]
         args = [
             name,

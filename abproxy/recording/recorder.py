@@ -328,6 +328,7 @@ class Recorder:
                 "hour": hour,
                 "alias_prefix": store.alias_prefix(experiment),
                 "alias_counts": store.alias_counts_key(experiment),
+                "unit_schemas": store.unit_schemas_key(experiment),
                 "arms": [],
             }
             for experiment, (kept, aliases) in records.items()

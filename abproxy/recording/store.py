@@ -65,6 +65,11 @@ def unit_key(experiment: str, arm: str, unit_hash: str) -> str:
     return f"{experiment_tag(experiment)}:u:{arm}:{unit_hash}"
 
 
+def unit_schemas_key(experiment: str) -> str:
+    """The metric lists per-user totals are kept for, by a short id (:data:`_LUA_COMMON`)."""
+    return f"{experiment_tag(experiment)}:us"
+
+
 def feedback_key(experiment: str, request_id: str) -> str:
     return f"{experiment_tag(experiment)}:fb:{request_id}"
 
@@ -208,27 +213,61 @@ local function move_unit(sums, i, y0, n0, y1, n1)
   sums[4][i] = sums[4][i] + y1 * n1 - y0 * n0
 end
 
+-- A unit's metric names are kept once per experiment, in the hash `schemas`, under the first 12
+-- hex digits of their SHA-1: a user's key then holds that id instead of the names (~120 bytes for
+-- the built-in metrics), its largest part. The hash only grows when an arm's metrics change.
+local schema_ids = {}
+local function schema_id(schemas, names)
+  local joined = table.concat(names, '\0')
+  local id = schema_ids[joined]
+  if not id then
+    id = string.sub(redis.sha1hex(joined), 1, 12)
+    redis.call('HSETNX', schemas, id, joined)
+    schema_ids[joined] = id
+  end
+  return id
+end
+
+-- The names a unit's totals were stored with: a schema id, or (keys written before schemas)
+-- the names themselves. An id whose names are gone (the hash deleted by hand) reads as no
+-- totals, as if the user's key had expired.
+local function schema_names(schemas, stored)
+  if type(stored) == 'table' then return stored end
+  local joined = redis.call('HGET', schemas, stored)
+  local names = {}
+  if joined then
+    for name in string.gmatch(joined, '[^%z]+') do names[#names + 1] = name end
+  end
+  return names
+end
+
 -- Add deltas (dy[i] + dn[i]·offset[i], dn[i]) for metrics names[i] to a unit's running totals:
 -- dy[i] is taken about the batch's center of the metric, offset[i] moves it to the shift. Kept as
--- one MessagePack string of three parallel arrays (metric names, Y_u, N_u): one GET and one SET
--- per unit however many metrics. Batches send every unit of an arm with the same names in the
--- same order, so the stored order usually matches and no lookup is needed.
+-- one MessagePack string (schema id, Y_u array, N_u array): one GET and one SET per unit however
+-- many metrics. Batches send every unit of an arm with the same names in the same order, so the
+-- stored schema usually matches and no lookup is needed.
 -- Returns true when the unit was new; its key expires ttl after the unit's last change.
-local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
+local function add_to_unit(sums, ukey, schemas, names, dy, dn, offset, ttl)
   local count = #names
+  local id = schema_id(schemas, names)
   local packed = redis.call('GET', ukey)
   local stored, ys, ns
+  local same = true
   if packed then
-    stored, ys, ns = cmsgpack.unpack(packed)
-  else
-    stored, ys, ns = names, {}, {}
-    for i = 1, count do ys[i], ns[i] = 0, 0 end
-  end
-  local same = #stored == count
-  if same and stored ~= names then
-    for i = 1, count do
-      if stored[i] ~= names[i] then same = false; break end
+    local kept
+    kept, ys, ns = cmsgpack.unpack(packed)
+    if kept ~= id then
+      stored = schema_names(schemas, kept)
+      if #stored == 0 then ys, ns = {}, {} end
+      same = #stored == count
+      for i = 1, count do
+        if not same then break end
+        if stored[i] ~= names[i] then same = false end
+      end
     end
+  else
+    ys, ns = {}, {}
+    for i = 1, count do ys[i], ns[i] = 0, 0 end
   end
   if same then
     local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
@@ -265,8 +304,9 @@ local function add_to_unit(sums, ukey, names, dy, dn, offset, ttl)
         move_unit(sums, i, y0, n0, ys[j], ns[j])
       end
     end
+    id = schema_id(schemas, stored)
   end
-  redis.call('SET', ukey, cmsgpack.pack(stored, ys, ns), 'EX', ttl)
+  redis.call('SET', ukey, cmsgpack.pack(id, ys, ns), 'EX', ttl)
   return not packed
 end
 
@@ -362,7 +402,7 @@ for _, arm in ipairs(payload.arms) do
     for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
     local ttl = arm.count_units and unit_ttl or tonumber(record_ttl)
     for _, unit in ipairs(arm.units) do
-      if add_to_unit(sums, unit[1], names, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
+      if add_to_unit(sums, unit[1], payload.unit_schemas, names, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
     end
   end
   -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
@@ -381,7 +421,8 @@ return 1
 RECORD_FEEDBACK_LUA = (
     _LUA_COMMON
     + r"""
--- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or ''.
+-- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or '', the
+-- experiment's unit schemas.
 -- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('0': no; '1': sums and units,
 -- for unit: user; '2': sums only, the design effect of a unit: request experiment), unit ttl.
 -- Returns 1 when recorded, 2 when it replaced an earlier score for the same name.
@@ -411,7 +452,7 @@ redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
 if ARGV[6] ~= '0' then
   local names, sums = {metric}, new_sums(1)
   if KEYS[4] ~= '' then
-    if add_to_unit(sums, KEYS[4], names, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
+    if add_to_unit(sums, KEYS[4], KEYS[5], names, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
       redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
     end
   else
