@@ -36,6 +36,9 @@ from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")
 
+REFRESH_FAILURES: tuple[type[Exception], ...] = (*UNAVAILABLE, RuntimeError)
+"""What refreshing the request id secrets may meet: Redis away, or the secret deleted while read."""
+
 EMBEDDED_REDIS_ENV = "ABPROXY_EMBEDDED_REDIS_URL"
 """Set by ``abproxy serve`` for its workers when it started an embedded Redis."""
 
@@ -64,16 +67,19 @@ class ABProxyApp:
         request_redis: Redis | RedisCluster | None = None,
         recorder_options: Mapping[str, Any] | None = None,
         trace_options: Mapping[str, Any] | None = None,
+        ids_refresh_s: float = 10.0,
     ):
         """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
         results) default to clients of ``redis_url``; ``recorder_options`` go to the
         :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``), ``trace_options``
-        to the :class:`TraceWriter` (``interval_s``, ``max_queued``)."""
+        to the :class:`TraceWriter` (``interval_s``, ``max_queued``); ``ids_refresh_s`` is how often
+        the request id secrets are compared with Redis's (:class:`Signers`)."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
         self.config = config
         self.redis_url = url
+        self._ids_refresh_s = ids_refresh_s
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
@@ -138,17 +144,19 @@ class ABProxyApp:
             try:
                 await self.signers.load(self.redis)
             except UNAVAILABLE:
-                self._background.append(loop.create_task(self._load_signer(), name="abproxy-request-ids"))
+                pass
+            self._background.append(loop.create_task(self._keep_request_ids(), name="abproxy-request-ids"))
 
-    async def _load_signer(self) -> None:
-        """The request id secret, read from Redis (created there by the first replica): until it
-        is, requests get random ids and records, as before ids were signed."""
+    async def _keep_request_ids(self) -> None:
+        """The request id secret, read from Redis (created there by the first replica), then kept
+        in step with it (:meth:`Signers.refresh`). Until it is read, requests get random ids and
+        records, as before ids were signed."""
         while True:
+            await asyncio.sleep(self._ids_refresh_s if self.signers.signer is not None else 1.0)
             try:
-                await self.signers.load(self.redis)
-                return
-            except UNAVAILABLE:
-                await asyncio.sleep(1.0)
+                await self.signers.refresh(self.redis)
+            except REFRESH_FAILURES as error:
+                log.debug("request id secrets not refreshed (%s)", error)
 
     async def shutdown(self) -> None:
         for task in self._background:

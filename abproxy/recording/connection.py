@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis as sync_redis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -83,11 +83,11 @@ def open_redis(url: str, timeout_s: float = 5.0, *, cluster: bool | None = None)
 
 
 class _AnyMasterCommandsParser(AsyncCommandsParser):
-    """redis-py's cluster client, each time it learns the layout, makes the first master it lists
-    its default node and asks that one for the command table. Redis 7 lists masters in slot order:
-    the first master down with no replica to take over failed every re-initialisation, and with
-    it every experiment on the cluster. The table is the same on every node: ask the masters in
-    turn, and make the first that answers the default node."""
+    """redis-py's cluster client, each time it re-learns the layout (after CLUSTERDOWN, say), makes
+    the first master listed (slot 0's) its default node and asks only that one for the command
+    table: with that master down and no replica taking over, every re-initialisation failed, and
+    with it every experiment on the cluster. The table is the same on every node: ask the masters
+    in turn, and make the first that answers the default node."""
 
     __slots__ = ("client",)
 

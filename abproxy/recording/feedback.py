@@ -130,10 +130,16 @@ class FeedbackService:
 
     async def _verify(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
         """A signed id: everything is in it, once its MAC holds and it has not expired."""
-        signed = (await self._signers.load(self._redis)).verify(request_id)
+        await self._signers.load(self._redis)
+        signed = self._signers.verify(request_id)
+        if signed is None:
+            # signed by a replica that came up with another secret (Redis had lost it) since
+            # this one last looked: learn the secrets Redis has now, once
+            await self._signers.refresh(self._redis)
+            signed = self._signers.verify(request_id)
         if signed is None:
             raise InvalidRequest(
-                f"request id {request_id!r} was not issued by this proxy (altered, or its secret in Redis was reset)",
+                f"request id {request_id!r} was not issued by this proxy (altered, or signed with a secret that Redis and every running replica lost)",
                 "invalid_request_id",
                 param="request_id",
             )

@@ -3,7 +3,8 @@
 An experiment request's id is ``r1.`` and the base64url of: flags, issue time, a random nonce,
 the unit's hash (as in Redis key names: never the user id itself), the experiment and the arm,
 then a MAC (keyed BLAKE2b, 12 bytes) over all of it with a secret created once in Redis
-(``SET NX``) and shared by every replica. Feedback verifies the MAC and finds everything in the
+(``SET NX``) and shared by every replica (which also keep every secret ever used, should Redis
+lose it: :class:`Signers`). Feedback verifies the MAC and finds everything in the
 id; an id that fails verification is refused, and one older than ``feedback_ttl_s`` has expired.
 
 The upstream's own response id (``chatcmpl-...``) is mapped to the request through a compact
@@ -24,7 +25,11 @@ from typing import Any
 
 PREFIX = "r1."
 SECRET_KEY = "abproxy:{ids}:secret"
-"""The HMAC secret: its own hash tag, read once per process."""
+"""The secret new ids are signed with: its own hash tag, created by the first replica to ask."""
+SECRETS_KEY = "abproxy:{ids}:secrets"
+"""Every secret an id may have been signed with (by fingerprint): each replica publishes those it
+knows, so that ids issued before Redis lost its data (a restart without persistence) and ids
+signed by a replica that came up meanwhile with a new secret all verify everywhere."""
 MAC_BYTES = 12
 NONCE_BYTES = 6
 """With the issue time (s), what tells requests apart (it names a request's feedback): among n
@@ -100,6 +105,7 @@ class Signer:
     """Issues and verifies request ids with the secret shared through Redis."""
 
     def __init__(self, secret: bytes):
+        self.secret = secret
         # keyed BLAKE2b is a MAC by design, and 4x faster here than HMAC-SHA256 (on the request
         # path); copying a keyed state skips hashing the key block again for every id
         self._keyed = hashlib.blake2b(key=secret[:64], digest_size=MAC_BYTES)
@@ -203,22 +209,53 @@ def response_hash(response_id: str) -> tuple[int, str]:
 
 
 class Signers:
-    """The one signer of a process, once its secret was read from Redis (None until then:
-    requests get random ids and records meanwhile)."""
+    """A process's signer, once its secret was read from Redis (None until then: requests get
+    random ids and records meanwhile), and every secret it knows ids were signed with.
+
+    Kept in step with Redis by :meth:`refresh`: a secret missing there (Redis restarted empty) is
+    put back, a replica that started meanwhile with another one converges on whichever Redis holds,
+    and the secrets of every replica verify on every replica."""
 
     def __init__(self) -> None:
         self.signer: Signer | None = None
+        self._known: dict[bytes, Signer] = {}
 
     async def load(self, redis: Any) -> Signer:
         if self.signer is None:
-            self.signer = Signer(await load_secret(redis))
+            await self.refresh(redis)
+        assert self.signer is not None
         return self.signer
 
+    async def refresh(self, redis: Any) -> None:
+        """Publish the secrets this process knows, learn the others', and sign with the one Redis
+        holds (put back first, if Redis lost it): one pipeline in the ``{ids}`` slot."""
+        current = self.signer.secret if self.signer is not None else os.urandom(32)
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(SECRET_KEY, _b64(current), nx=True)
+        pipe.get(SECRET_KEY)
+        for secret in self._known:
+            pipe.hsetnx(SECRETS_KEY, _fingerprint(secret), _b64(secret))
+        pipe.hgetall(SECRETS_KEY)
+        replies = await pipe.execute()
+        chosen, published = replies[1], replies[-1]
+        if chosen is None:
+            raise RuntimeError("the request id secret vanished from Redis")
+        if chosen not in published.values():  # just created, here or by another replica
+            await redis.hsetnx(SECRETS_KEY, _fingerprint(unb64(chosen if isinstance(chosen, str) else chosen.decode())), chosen)
+        for value in (chosen, *published.values()):
+            secret = unb64(value if isinstance(value, str) else value.decode())
+            if secret not in self._known:
+                self._known[secret] = Signer(secret)
+        self.signer = self._known[unb64(chosen if isinstance(chosen, str) else chosen.decode())]
 
-async def load_secret(redis: Any) -> bytes:
-    """The secret every replica signs with: created by the first to ask."""
-    await redis.set(SECRET_KEY, _b64(os.urandom(32)), nx=True)
-    value = await redis.get(SECRET_KEY)
-    if value is None:
-        raise RuntimeError("the request id secret vanished from Redis")
-    return unb64(value if isinstance(value, str) else value.decode())
+    def verify(self, request_id: str) -> SignedId | None:
+        """The id's contents if any secret known here signed it, else None."""
+        for signer in self._known.values():
+            signed = signer.verify(request_id)
+            if signed is not None:
+                return signed
+        return None
+
+
+def _fingerprint(secret: bytes) -> str:
+    return hashlib.blake2b(secret, digest_size=8).hexdigest()
