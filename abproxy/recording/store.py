@@ -246,10 +246,10 @@ end
 -- one MessagePack string (schema id, Y_u array, N_u array): one GET and one SET per unit however
 -- many metrics. Batches send every unit of an arm with the same names in the same order, so the
 -- stored schema usually matches and no lookup is needed.
+-- id is schema_id(schemas, names), found once per arm by the caller.
 -- Returns true when the unit was new; its key expires ttl after the unit's last change.
-local function add_to_unit(sums, ukey, schemas, names, dy, dn, offset, ttl)
+local function add_to_unit(sums, ukey, schemas, names, id, dy, dn, offset, ttl)
   local count = #names
-  local id = schema_id(schemas, names)
   local packed = redis.call('GET', ukey)
   local stored, ys, ns
   local same = true
@@ -401,8 +401,10 @@ for _, arm in ipairs(payload.arms) do
     local offset = {}
     for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
     local ttl = arm.count_units and unit_ttl or tonumber(record_ttl)
+    local schemas = payload.unit_schemas
+    local id = schema_id(schemas, names)
     for _, unit in ipairs(arm.units) do
-      if add_to_unit(sums, unit[1], payload.unit_schemas, names, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
+      if add_to_unit(sums, unit[1], schemas, names, id, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
     end
   end
   -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
@@ -452,7 +454,8 @@ redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
 if ARGV[6] ~= '0' then
   local names, sums = {metric}, new_sums(1)
   if KEYS[4] ~= '' then
-    if add_to_unit(sums, KEYS[4], KEYS[5], names, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
+    local id = schema_id(KEYS[5], names)
+    if add_to_unit(sums, KEYS[4], KEYS[5], names, id, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
       redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
     end
   else
