@@ -45,16 +45,24 @@ def server_binaries() -> dict[str, str]:
     return found
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_cluster_port() -> int:
-    """A port that is free, and so is its cluster bus port (port + 10000)."""
+    """A port that is free, and so is its cluster bus port (port + 10000), both below the
+    kernel's ephemeral range (32768 and up here): there, the suite's own outgoing connections
+    could take one between this check and the node's start. Never one handed out before."""
     for _ in range(200):
-        port = random.randint(20000, 29999)
+        port = random.randint(17000, 22767)
+        if port in _TAKEN:
+            continue
         try:
             for candidate in (port, port + 10000):
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     probe.bind(("127.0.0.1", candidate))
         except OSError:
             continue
+        _TAKEN.add(port)
         return port
     raise RuntimeError("no free port pair for a cluster node")
 
@@ -159,14 +167,22 @@ class RedisCluster:
         for client in clients[1:]:
             client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
 
+        met_at = [time.monotonic()] * len(clients)
+
         def everyone_knows_everyone() -> bool:
-            for client in clients:
+            complete = True
+            for index, client in enumerate(clients):
                 lines = client.execute_command("CLUSTER", "NODES").strip().splitlines()
                 if len(lines) != len(self.nodes) or any("handshake" in line or "noaddr" in line for line in lines):
-                    return False
-            return True
+                    complete = False
+                    # Redis drops a handshake not answered within the node timeout (1 s here,
+                    # easily missed on a loaded machine) and never retries it: meet again.
+                    if index and time.monotonic() - met_at[index] > 3:
+                        client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+                        met_at[index] = time.monotonic()
+            return complete
 
-        _until(everyone_knows_everyone, 20, "all nodes meeting")
+        _until(everyone_knows_everyone, 30, "all nodes meeting")
         for index in range(self.masters, len(self.nodes)):
             clients[index].execute_command("CLUSTER", "REPLICATE", ids[index % self.masters])
         self.wait_healthy()
