@@ -241,12 +241,12 @@ class Signers:
         if chosen is None:
             raise RuntimeError("the request id secret vanished from Redis")
         if chosen not in published.values():  # just created, here or by another replica
-            await redis.hsetnx(SECRETS_KEY, _fingerprint(unb64(chosen if isinstance(chosen, str) else chosen.decode())), chosen)
+            await redis.hsetnx(SECRETS_KEY, _fingerprint(_secret(chosen)), chosen)
         for value in (chosen, *published.values()):
-            secret = unb64(value if isinstance(value, str) else value.decode())
+            secret = _secret(value)
             if secret not in self._known:
                 self._known[secret] = Signer(secret)
-        self.signer = self._known[unb64(chosen if isinstance(chosen, str) else chosen.decode())]
+        self.signer = self._known[_secret(chosen)]
 
     def verify(self, request_id: str) -> SignedId | None:
         """The id's contents if any secret known here signed it, else None."""
@@ -255,6 +255,10 @@ class Signers:
             if signed is not None:
                 return signed
         return None
+
+
+def _secret(stored: str | bytes) -> bytes:
+    return unb64(stored if isinstance(stored, str) else stored.decode())
 
 
 def _fingerprint(secret: bytes) -> str:
