@@ -262,8 +262,8 @@ def test_the_client_finds_the_cluster_again_while_the_first_master_is_down(tmp_p
                 first.kill()
                 cluster.nodes[cluster.nodes.index(first) + cluster.masters].kill()
                 await client.aclose()  # what redis-py does itself on CLUSTERDOWN
-                # abproxy learns the layout before a write (a write that learns it on its own
-                # goes to a random master first: redis-py's, one retry away from the right one)
+                # as abproxy's writes do: learn the layout first (redis-py sends the command that
+                # makes it re-learn to a random master, possibly the dead one)
                 await client.initialize()
                 await client.set(elsewhere, "after")
                 return await client.get(elsewhere)
