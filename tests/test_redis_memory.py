@@ -20,6 +20,11 @@ def ttls(client: redis.Redis, pattern: str) -> list[int]:
     return [int(client.ttl(key)) for key in client.scan_iter(match=pattern, count=1000)]
 
 
+def arm_stats(client: redis.Redis, experiment: str) -> list[dict[str, str]]:
+    """The counters hash of each of the experiment's arms that Redis holds."""
+    return [client.hgetall(key) for key in client.scan_iter(match=f"{store.experiment_tag(experiment)}:a:*")]
+
+
 def chat(proxy: Any, model: str, user: str) -> Any:
     return proxy.client().chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "hi"}], user=user,
@@ -74,7 +79,7 @@ def test_a_users_totals_name_their_metrics_once_per_experiment_and_older_keys_st
     assert size < int(redis_client.memory_usage(user_key)) - 80
     chat(proxy, "translation", "alice")
     proxy.settle()
-    arms = [redis_client.hgetall(key) for key in redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:a:*")]
+    arms = arm_stats(redis_client, "translation")
     (alice,) = [arm for arm in arms if arm.get("requests")]
     # one user with two requests: one unit, Σ n_u² = 4 (read afresh, the old key would make 2 and 2)
     assert alice["units"] == "1" and float(alice["latency_ms|unn"]) == 4
@@ -155,7 +160,7 @@ def test_request_ids_keep_working_after_redis_lost_their_secret_and_a_replica_ma
     newest = chat(first, "translation", "gina").headers["x-abproxy-request-id"]
     first.settle()
     assert feedback(second, newest)[0] == 200
-    arms = [redis_client.hgetall(key) for key in redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:a:*")]
+    arms = arm_stats(redis_client, "translation")
     assert sum(int(arm.get("feedback.satisfaction|n", 0)) for arm in arms) == 3
 
 
