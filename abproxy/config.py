@@ -87,6 +87,8 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not fully received this long after its headers: 408, connection closed."""
     max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
     shutdown_grace_s: float = Field(120.0, ge=0)
     allow_open_relay: bool = False
@@ -310,6 +312,8 @@ class Experiment(_Strict):
 
 class Config(_Strict):
     redis_url: str = ""
+    redis_allow_eviction: bool = False
+    """Serve on a Redis whose ``maxmemory-policy`` may evict keys (counts may be lost or doubled)."""
     data_dir: Path = Path(".abproxy")
     feedback_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     mlflow: MlflowSettings = MlflowSettings()
