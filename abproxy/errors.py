@@ -42,5 +42,12 @@ class StoreUnavailable(DomainError):
     code = "store_unavailable"
 
 
+class CorruptCounters(StoreUnavailable):
+    """Redis holds a key of another type, or a counter that is no number, where a write must go:
+    nothing was written (an operator has to mend or delete the key)."""
+
+    code = "corrupt_counters"
+
+
 class MlflowUnavailable(DomainError):
     code = "mlflow_unavailable"

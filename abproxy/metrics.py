@@ -15,6 +15,8 @@ from abproxy.stats.results import ExperimentResult
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FLUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+DROP_REASONS = ("buffer_full", "corrupt_counters", "redis_refused", "partly_written")
+"""Why the recorder may drop measurements (``abproxy_recorder_dropped_total{reason}``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +96,14 @@ class ProxyMetrics:
         )
         self.recorder_dropped = Counter(
             "abproxy_recorder_dropped_total",
-            "Measurements dropped because the recorder's buffer was full while Redis was unreachable.",
+            "Measurements not written to Redis, by reason (buffer_full: Redis unreachable too long; "
+            "corrupt_counters: a key or counter Redis cannot add to; redis_refused: a batch Redis kept refusing; "
+            "partly_written: a batch Redis stopped partway).",
+            ("reason",),
             registry=registry,
         )
+        for reason in DROP_REASONS:
+            self.recorder_dropped.labels(reason)
         self.recorder_buffered = Gauge(
             "abproxy_recorder_buffered",
             "Measurements waiting to be written to Redis.",

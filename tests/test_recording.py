@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from abproxy.app import open_redis
 from abproxy.recording import ids, store
 from abproxy.catalog import Catalog
+from abproxy.metrics import DROP_REASONS
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
 from conftest import BASE_EXPERIMENTS, make_config
@@ -403,7 +404,7 @@ def test_redis_stopped_mid_traffic_loses_nothing(proxy: Any, redis_client: redis
 
     check = redis_server.client()
     assert _total_requests(check, proxy) == 200
-    assert sample(metrics_text(proxy.url), "abproxy_recorder_dropped_total") == 0
+    assert dropped_for_any_reason(proxy) == 0
     assert get_status(f"{proxy.url}/readyz") == 200
     missing = [rid for _, rid in traffic.sent if rid is None or not has_request_record(check, rid)]
     assert missing == [], "every request stays joinable for feedback"
@@ -441,7 +442,12 @@ def test_redis_crash_mid_traffic_counts_everything_after_restart_once(
     assert len(after_kill) <= total <= 200, total
     missing = [rid for rid in after_kill if rid is None or not has_request_record(check, rid)]
     assert missing == []
-    assert sample(metrics_text(proxy.url), "abproxy_recorder_dropped_total") == 0
+    assert dropped_for_any_reason(proxy) == 0
+
+
+def dropped_for_any_reason(proxy: Any) -> float:
+    text = metrics_text(proxy.url)
+    return sum(sample(text, "abproxy_recorder_dropped_total", reason=reason) for reason in DROP_REASONS)
 
 
 def get_status(url: str) -> int:
@@ -538,13 +544,13 @@ def test_full_buffer_drops_and_counts_the_excess_and_writes_the_rest(
             _send(client, i, failures)
         assert failures == []
         text = metrics_text(proxy.url)
-        assert sample(text, "abproxy_recorder_dropped_total") == 20
+        assert sample(text, "abproxy_recorder_dropped_total", reason="buffer_full") == 20
         assert proxy.app.recorder.buffered == 10
     finally:
         redis_server.start()
     proxy.settle(timeout_s=15)
     assert _total_requests(redis_server.client(), proxy) == 10
-    assert sample(metrics_text(proxy.url), "abproxy_recorder_dropped_total") == 20
+    assert sample(metrics_text(proxy.url), "abproxy_recorder_dropped_total", reason="buffer_full") == 20
 
 
 # -- 9. graceful shutdown of the real CLI --------------------------------------------------------------

@@ -153,15 +153,19 @@ class Analysis:
 
 
 def _corrupt(plan: ExperimentPlan, counters: Mapping[str, ArmCounters]) -> tuple[list[str], bool]:
-    """``variant/counter`` of every counter that is not a finite number, and whether one of them
-    is one a verdict would rest on (the primary metric, a guardrail, the assignment counts)."""
+    """``variant/counter`` of every counter that is not a finite number and every key Redis
+    cannot read, and whether one of them is one a verdict would rest on (the primary metric, a
+    guardrail, the assignment counts; an unreadable key holds all of them)."""
     deciding = {plan.settings.primary, *plan.settings.guardrails, "requests", "units"}
     found, decisive = [], False
     for name, arm in plan.arms.items():
-        for counter in counters[arm.arm_id].corrupt:
+        arm_counters = counters[arm.arm_id]
+        for counter in arm_counters.corrupt:
             found.append(f"{name}/{counter}")
             metric = counter.split("|", 1)[0]
             decisive |= metric in deciding
+        found += [f"{name}/{why}" for why in arm_counters.unreadable]
+        decisive |= bool(arm_counters.unreadable)
     return found, decisive
 
 

@@ -8,6 +8,7 @@ corrected exactly, never counted twice."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,12 @@ from redis.exceptions import AskError, MovedError
 
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
+from abproxy.errors import Conflict, CorruptCounters, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording import connection, ids, store
 from abproxy.stats.histogram import bucket_of
+
+log = logging.getLogger("abproxy.recording.feedback")
 
 MAX_ID_LENGTH = 256
 
@@ -66,12 +69,13 @@ class FeedbackService:
         redis: Any,
         config: Config,
         catalog: Catalog,
-        flush_pending: Callable[[], Awaitable[object]],
+        flush_pending: Callable[[], Awaitable[bool]],
         metrics: ProxyMetrics,
         on_scored_trace: Callable[[ScoredTrace], None] | None = None,
         signers: ids.Signers | None = None,
     ):
-        """``flush_pending`` writes the request records this replica still holds in memory;
+        """``flush_pending`` writes the request records this replica still holds in memory (True
+        when all of them reached Redis);
         ``on_scored_trace`` takes the scores of traced requests (it must not block)."""
         self._redis = redis
         self._config = config
@@ -92,8 +96,14 @@ class FeedbackService:
                 if found is None:
                     # The response may be so recent that its record is still in this replica's
                     # batch (or was written while we looked): write what is pending, then look again.
-                    await self._flush_pending()
+                    written = await self._flush_pending()
                     found = await self._find(request_id)
+                    if found is None and not written:
+                        # Redis has not taken every measurement yet (it was away, or full): the
+                        # response may be among them. A 404 would make the app drop the score.
+                        raise StoreUnavailable(
+                            f"response {request_id!r} is not known yet: measurements are waiting for Redis; post again"
+                        )
         if found is None:
             raise NotFound(f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
         canonical_id, feedback_id, record = found
@@ -239,7 +249,7 @@ class FeedbackService:
             store.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
         ]
         if not connection.clustered(self._redis):
-            return int(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))
+            return _applied(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))
 
         async def confirmed(sha: str) -> int:
             pipe = self._redis.pipeline(transaction=False)
@@ -252,6 +262,16 @@ class FeedbackService:
                 raise
             if not await connection.replicated(self._redis, node, int(acknowledged)):
                 raise StoreUnavailable("Redis did not confirm the score in time; post it again")
-            return int(result)
+            return _applied(result)
 
         return await self._script.run(self._redis, confirmed, keys[0])
+
+
+def _applied(reply: Any) -> int:
+    """1 recorded, 2 updated; a score the script could not write at all (RECORD_FEEDBACK_LUA's
+    {0, why}) is refused, and said where an operator looks."""
+    if isinstance(reply, list):
+        why = reply[1]
+        log.warning("feedback not recorded: %s; mend or delete that key in Redis", why)
+        raise CorruptCounters(f"the score was not recorded: {why}; the proxy's operator must mend or delete that key in Redis")
+    return int(reply)

@@ -15,30 +15,63 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
-from abproxy.recording import connection, ids, store
-from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.catalog import Catalog
 from abproxy.config import BUILTIN_METRICS, Config
-from abproxy.metrics import ProxyMetrics
+from abproxy.logs import ThrottledLog
+from abproxy.metrics import DROP_REASONS, ProxyMetrics
+from abproxy.recording import connection, ids, store
+from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.recording.interpret import ResponseFacts, response_facts
 from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
 
 log = logging.getLogger("abproxy.recording.recorder")
 
+WARNING_EVERY_S = 60.0
+"""The same problem with Redis (a corrupt key hit by every batch) is logged at most this often."""
+
 
 _OUTCOMES_PER_SLICE = 64
 """Outcomes interpreted between two yields to the event loop: a batch of thousands would
 otherwise hold up every request for milliseconds (visible in p99 latency)."""
+
+
+REFUSALS_BEFORE_DROPPING = 3
+"""Attempts at a batch that Redis refuses with an error no retry mends (anything but Redis being
+away, busy, loading, read-only or out of memory) before it is dropped and counted."""
+
+_PASSING_REFUSALS = (OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError, MovedError, AskError)
+"""Refusals of a Redis that will take the batch later: full, a replica, a cluster re-forming."""
+_PASSING_CODES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+"""Their error codes: redis-py has no class for some, and Redis 6 reports an error inside a
+script as ``ERR Error running script ...: OOM ...``, so the code is looked for in the text."""
+
+
+def _passing(error: Exception) -> bool:
+    """Whether writing again later may succeed: Redis away or slow, or refusing for a while."""
+    if not isinstance(error, ResponseError) or isinstance(error, _PASSING_REFUSALS):
+        return True
+    text = str(error)
+    return any(code in text for code in _PASSING_CODES)
 
 
 @dataclass(slots=True)
@@ -49,6 +82,9 @@ class _Part:
     experiment: str
     events: int
     payload: str
+    refusals: int = 0
+    accounted: bool = False
+    """What the script said it could not write has been counted (a replay says nothing more)."""
 
     @property
     def key(self) -> str:
@@ -176,13 +212,15 @@ class Recorder:
         self._stopping = False
         self._script = store.Script(store.RECORD_BATCH_LUA)
         self._backoff_s = 0.0
+        self._dropped = {reason: metrics.recorder_dropped.labels(reason) for reason in DROP_REASONS}
+        self._warnings = ThrottledLog(log, WARNING_EVERY_S)
 
     # -- request path ------------------------------------------------------------------
 
     def record(self, outcome: Outcome) -> None:
         """Queue an outcome; never blocks, never raises."""
         if self.buffered >= self._max_buffered:
-            self._metrics.recorder_dropped.inc()
+            self._dropped["buffer_full"].inc()
             return
         self._queue.append(outcome)
         if len(self._queue) >= self._max_batch:
@@ -367,15 +405,14 @@ class Recorder:
             groups = connection.by_slot(self._redis, heads)
             groups.sort(key=lambda group: any(part.experiment in self._failing for part in group))
             for group in groups:
-                for part, error in zip(group, await self._write_group(group), strict=True):
-                    if error is not None:
-                        failed.add(part.experiment)
+                for part, outcome in zip(group, await self._write_group(group), strict=True):
+                    if isinstance(outcome, Exception):
                         self._metrics.recorder_write_errors.inc()
-                        log.warning(
-                            "Redis write for experiment %s failed (%s: %.200s); %d measurements buffered",
-                            part.experiment, type(error).__name__, error, self.buffered,
-                        )  # fmt: skip
-                        continue
+                        if not self._refused_for_good(part, outcome):
+                            failed.add(part.experiment)
+                            continue
+                    else:
+                        self._account(part, outcome)
                     self._failing.discard(part.experiment)
                     queue = self._pending[part.experiment]
                     queue.popleft()
@@ -385,16 +422,55 @@ class Recorder:
         self._failing.update(failed)
         return not failed
 
-    async def _write_group(self, parts: list[_Part]) -> list[Exception | None]:
-        """One pipeline for parts of one slot (or of one Redis): per part, None once it is
-        written (and, on a cluster, held by a replica), else the error. Written twice, a part
-        changes nothing."""
+    def _refused_for_good(self, part: _Part, error: Exception) -> bool:
+        """Whether a part that failed is given up (dropped and counted) rather than kept for
+        the next round: Redis refused it, the same way, too often for a retry to mend it."""
+        if not _passing(error):
+            part.refusals += 1
+        if part.refusals < REFUSALS_BEFORE_DROPPING:
+            log.warning(
+                "Redis write for experiment %s failed (%s: %.200s); %d measurements buffered",
+                part.experiment, type(error).__name__, error, self.buffered,
+            )  # fmt: skip
+            return False
+        self._dropped["redis_refused"].inc(part.events)
+        log.error(
+            "Redis refused a batch of experiment %s %d times (%s: %.300s); its %d measurements are dropped",
+            part.experiment, part.refusals, type(error).__name__, error, part.events,
+        )  # fmt: skip
+        return True
+
+    def _account(self, part: _Part, reply: Any) -> None:
+        """What the batch script says it could not write (RECORD_BATCH_LUA's reply): counted
+        and logged, never silent."""
+        if part.accounted:
+            return
+        part.accounted = True
+        status, *problems = reply if isinstance(reply, list) else [reply]
+        if int(status) == -1:
+            self._dropped["partly_written"].inc(part.events)
+            log.error(
+                "an earlier attempt at a batch of experiment %s was stopped by Redis partway: "
+                "some of its %d measurements may be missing from the counters",
+                part.experiment, part.events,
+            )  # fmt: skip
+        for arm, why, measurements, aliases in problems:
+            if measurements:
+                self._dropped["corrupt_counters"].inc(int(measurements))
+            lost = f"{measurements} measurements" + (f" and {aliases} response-id aliases" if aliases else "")
+            where = f"arm {arm} of experiment {part.experiment}" if arm else f"experiment {part.experiment}"
+            self._warnings.warning((part.experiment, why), "%s: %s; %s not written; mend or delete that key", where, why, lost)
+
+    async def _write_group(self, parts: list[_Part]) -> list[Any]:
+        """One pipeline for parts of one slot (or of one Redis): per part, the script's reply
+        once it is written (and, on a cluster, held by a replica), else the error. Written
+        twice, a part changes nothing."""
         try:
             return await self._script.run(self._redis, lambda sha: self._try_group(parts, sha), parts[0].key)
         except connection.UNAVAILABLE as error:
             return [error] * len(parts)
 
-    async def _try_group(self, parts: list[_Part], sha: str) -> list[Exception | None]:
+    async def _try_group(self, parts: list[_Part], sha: str) -> list[Any]:
         cluster = connection.clustered(self._redis)
         pipe = self._redis.pipeline(transaction=False)
         for part in parts:
@@ -409,10 +485,13 @@ class Recorder:
             raise NoScriptError("script not loaded")  # load it there and try again
         if any(isinstance(reply, (MovedError, AskError)) for reply in replies):
             await self._redis.nodes_manager.initialize()  # the slot moved: learn where to, retry later
-        errors: list[Exception | None] = [reply if isinstance(reply, Exception) else None for reply in replies[: len(parts)]]
+        outcomes: list[Any] = list(replies[: len(parts)])
         if node is not None:
             acknowledged = replies[-1]
             if isinstance(acknowledged, Exception) or not await connection.replicated(self._redis, node, int(acknowledged)):
                 unconfirmed = acknowledged if isinstance(acknowledged, Exception) else RedisError("no replica acknowledged the batch in time")
-                errors = [error or unconfirmed for error in errors]
-        return errors
+                for part, outcome in zip(parts, outcomes, strict=True):
+                    if not isinstance(outcome, Exception):
+                        self._account(part, outcome)  # a replay finds the batch written and says no more
+                outcomes = [outcome if isinstance(outcome, Exception) else unconfirmed for outcome in outcomes]
+        return outcomes

@@ -25,13 +25,13 @@ import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from abproxy.errors import StoreUnavailable
 from abproxy.recording import connection
-
 from abproxy.stats.summary import Moments
 
 PREFIX = "abproxy"
@@ -176,375 +176,22 @@ def hash_unit(unit_id: str) -> str:
     return hashlib.sha256(unit_id.encode()).hexdigest()[:32]
 
 
-_LUA_COMMON = r"""
--- Numbers go to redis.call as they are: Redis formats them with %.17g, which round-trips.
--- This runs for every unit of every batch: plain arrays and inlined arithmetic, because Redis's
--- Lua 5.1 interpreter makes a function call or a table per metric cost more than the maths.
-
--- The shift of an arm's metric (sums of squares are kept about it): kept once chosen. A new
--- metric takes `center`, its first batch's mean; one recorded before shifts existed keeps 0,
--- since its sums of squares are about 0.
-local function shift_of(stats, metric, center)
-  local kept = redis.call('HGET', stats, metric .. '|k')
-  if kept then return tonumber(kept) end
-  local shift = center
-  if redis.call('HEXISTS', stats, metric .. '|n') == 1 then shift = 0 end
-  redis.call('HSET', stats, metric .. '|k', shift)
-  return shift
-end
-
--- The running deltas of an arm's unit sums, one slot per metric of `names`: units with the
--- metric, Σ Y_u², Σ N_u², Σ Y_u·N_u.
-local function new_sums(count)
-  local uk, uyy, unn, uyn = {}, {}, {}, {}
-  for i = 1, count do uk[i], uyy[i], unn[i], uyn[i] = 0, 0, 0, 0 end
-  return {uk, uyy, unn, uyn}
-end
-
--- Move slot i of the sums from a unit's old (Y_u, N_u) to its new one.
-local function move_unit(sums, i, y0, n0, y1, n1)
-  if n0 == 0 then
-    if n1 > 0 then sums[1][i] = sums[1][i] + 1 end
-  elseif n1 == 0 then
-    sums[1][i] = sums[1][i] - 1
-  end
-  sums[2][i] = sums[2][i] + y1 * y1 - y0 * y0
-  sums[3][i] = sums[3][i] + n1 * n1 - n0 * n0
-  sums[4][i] = sums[4][i] + y1 * n1 - y0 * n0
-end
-
--- A unit's metric names are kept once per experiment, in the hash `schemas`, under the first 12
--- hex digits of their SHA-1: a user's key then holds that id instead of the names (~120 bytes for
--- the built-in metrics), its largest part. The hash only grows when an arm's metrics change.
-local schema_ids = {}
-local function schema_id(schemas, names)
-  local joined = table.concat(names, '\0')
-  local id = schema_ids[joined]
-  if not id then
-    id = string.sub(redis.sha1hex(joined), 1, 12)
-    redis.call('HSETNX', schemas, id, joined)
-    schema_ids[joined] = id
-  end
-  return id
-end
-
--- The names a unit's totals were stored with: a schema id, or (keys written before schemas)
--- the names themselves. An id whose names are gone (the hash deleted by hand) reads as no
--- totals, as if the user's key had expired.
-local function schema_names(schemas, stored)
-  if type(stored) == 'table' then return stored end
-  local joined = redis.call('HGET', schemas, stored)
-  local names = {}
-  if joined then
-    for name in string.gmatch(joined, '[^%z]+') do names[#names + 1] = name end
-  end
-  return names
-end
-
--- Add deltas (dy[i] + dn[i]·offset[i], dn[i]) for metrics names[i] to a unit's running totals:
--- dy[i] is taken about the batch's center of the metric, offset[i] moves it to the shift. Kept as
--- one MessagePack string (schema id, Y_u array, N_u array): one GET and one SET per unit however
--- many metrics. Batches send every unit of an arm with the same names in the same order, so the
--- stored schema usually matches and no lookup is needed.
--- id is schema_id(schemas, names), found once per arm by the caller.
--- Returns true when the unit was new; its key expires ttl after the unit's last change.
-local function add_to_unit(sums, ukey, schemas, names, id, dy, dn, offset, ttl)
-  local count = #names
-  local packed = redis.call('GET', ukey)
-  local stored, ys, ns
-  local same = true
-  if packed then
-    local kept
-    kept, ys, ns = cmsgpack.unpack(packed)
-    if kept ~= id then
-      stored = schema_names(schemas, kept)
-      if #stored == 0 then ys, ns = {}, {} end
-      same = #stored == count
-      for i = 1, count do
-        if not same then break end
-        if stored[i] ~= names[i] then same = false end
-      end
-    end
-  else
-    ys, ns = {}, {}
-    for i = 1, count do ys[i], ns[i] = 0, 0 end
-  end
-  if same then
-    local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
-    for i = 1, count do
-      local d_n = dn[i]
-      local d_y = dy[i] + d_n * offset[i]
-      if d_y ~= 0 or d_n ~= 0 then
-        local y0, n0 = ys[i], ns[i]
-        local y1, n1 = y0 + d_y, n0 + d_n
-        ys[i], ns[i] = y1, n1
-        if n0 == 0 then
-          if n1 > 0 then uk[i] = uk[i] + 1 end
-        elseif n1 == 0 then
-          uk[i] = uk[i] - 1
-        end
-        uyy[i] = uyy[i] + y1 * y1 - y0 * y0
-        unn[i] = unn[i] + n1 * n1 - n0 * n0
-        uyn[i] = uyn[i] + y1 * n1 - y0 * n0
-      end
-    end
-  else
-    local position = {}
-    for j, metric in ipairs(stored) do position[metric] = j end
-    for i, metric in ipairs(names) do
-      local d_y = dy[i] + dn[i] * offset[i]
-      if d_y ~= 0 or dn[i] ~= 0 then
-        local j = position[metric]
-        if not j then
-          j = #stored + 1
-          stored[j], ys[j], ns[j], position[metric] = metric, 0, 0, j
-        end
-        local y0, n0 = ys[j], ns[j]
-        ys[j], ns[j] = y0 + d_y, n0 + dn[i]
-        move_unit(sums, i, y0, n0, ys[j], ns[j])
-      end
-    end
-    id = schema_id(schemas, stored)
-  end
-  redis.call('SET', ukey, cmsgpack.pack(id, ys, ns), 'EX', ttl)
-  return not packed
-end
-
-local function apply_unit_sums(stats, names, sums)
-  local uk, uyy, unn, uyn = sums[1], sums[2], sums[3], sums[4]
-  for i, metric in ipairs(names) do
-    if uk[i] ~= 0 then redis.call('HINCRBY', stats, metric .. '|uk', uk[i]) end
-    if uyy[i] ~= 0 or unn[i] ~= 0 or uyn[i] ~= 0 then
-      redis.call('HINCRBYFLOAT', stats, metric .. '|uyy', uyy[i])
-      redis.call('HINCRBYFLOAT', stats, metric .. '|unn', unn[i])
-      redis.call('HINCRBYFLOAT', stats, metric .. '|uyn', uyn[i])
-    end
-  end
-end
-"""
-
-RECORD_BATCH_LUA = (
-    _LUA_COMMON
-    + r"""
--- KEYS[1]: this batch's dedupe key. ARGV: payload JSON, dedupe ttl, unit ttl (unit: user), record
--- ttl (also that of the per-user sums of a unit: request experiment).
--- A batch replayed after a lost reply finds its dedupe key and changes nothing.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-local payload = cjson.decode(ARGV[1])
-local unit_ttl, record_ttl = tonumber(ARGV[3]), ARGV[4]
-for _, record in ipairs(payload.records) do
-  redis.call('SET', record[1], record[2], 'EX', record_ttl)
-  if record[3] ~= '' then
-    -- Some servers reuse response ids (Ollama draws them from 1,000): a second request under
-    -- the same id makes the alias ambiguous ('') rather than silently pointing elsewhere.
-    if not redis.call('SET', record[3], record[4], 'NX', 'EX', record_ttl) then
-      if redis.call('GET', record[3]) ~= record[4] then redis.call('SET', record[3], '', 'EX', record_ttl) end
-    end
-  end
-end
--- payload.aliases: {bucket number, field, alias} of response ids (ids.response_hash), written in
--- payload.hour (unix s / 3600); the level of an hour's n-th alias as store.alias_level says.
-local aliases = payload.aliases
-if aliases and #aliases > 0 then
-  local hour, ttl = tostring(payload.hour), tonumber(record_ttl) + 3600
-  local counts = payload.alias_counts
-  local seen = redis.call('HINCRBY', counts, hour, #aliases) - #aliases
-  if seen == 0 then
-    redis.call('EXPIRE', counts, ttl)
-    local oldest = payload.hour - math.ceil(ttl / 3600)
-    for _, h in ipairs(redis.call('HKEYS', counts)) do
-      if tonumber(h) < oldest then redis.call('HDEL', counts, h) end
-    end
-  end
-  local touched = {}
-  for i, alias in ipairs(aliases) do
-    local n, level, limit = seen + i, 0, 64
-    while n > limit and level < 8 do level = level + 1; limit = limit * 4 end
-    local key = payload.alias_prefix .. hour .. ':' .. level .. ':' .. (alias[1] % (4 ^ level))
-    local field, value = alias[2], alias[3]
-    if redis.call('HSETNX', key, field, value) == 0 and redis.call('HGET', key, field) ~= value then
-      redis.call('HSET', key, field, '')  -- a response id reused: ambiguous, as for records
-    end
-    if not touched[key] then touched[key] = true; redis.call('EXPIRE', key, ttl) end
-  end
-end
-for _, arm in ipairs(payload.arms) do
-  local stats = arm.stats
-  redis.call('HSETNX', arm.arms_key, arm.arm, arm.meta)
-  -- arm.metrics: {metric, count, center, Σ(x − center), Σ(x − center)², and of the requests that
-  -- are units of their own (per-unit sums only): count, Σ(x − center), Σ(x − center)²}. The shift
-  -- is read before this batch's counts land, so that a new metric is told from an old one.
-  local offsets = {}
-  for _, m in ipairs(arm.metrics) do
-    local metric, n, center, dev, sq = m[1], m[2], m[3], m[4], m[5]
-    local shift = shift_of(stats, metric, center)
-    local o = center - shift
-    offsets[metric] = o
-    if shift ~= 0 then redis.call('HINCRBYFLOAT', stats, metric .. '|t', dev + n * o) end
-    redis.call('HINCRBYFLOAT', stats, metric .. '|q', sq + 2 * o * dev + n * o * o)
-    local an = m[6]
-    if an > 0 then
-      local ad, aq = m[7], m[8]
-      redis.call('HINCRBY', stats, metric .. '|uk', an)
-      redis.call('HINCRBYFLOAT', stats, metric .. '|uyy', aq + 2 * o * ad + an * o * o)
-      redis.call('HINCRBYFLOAT', stats, metric .. '|unn', an)
-      redis.call('HINCRBYFLOAT', stats, metric .. '|uyn', ad + an * o)
-    end
-  end
-  -- Raw sums arrive as exact decimal strings, so they are applied as they are.
-  for f, v in pairs(arm.sums) do redis.call('HINCRBYFLOAT', stats, f, v) end
-  for f, v in pairs(arm.hist) do redis.call('HINCRBY', arm.hist_key, f, v) end
-  -- arm.units: {unit key, Y deltas about the centers, N deltas}, each aligned with arm.unit_metrics
-  local names = arm.unit_metrics
-  local new_units, sums = 0, new_sums(#names)
-  if #arm.units > 0 then
-    local offset = {}
-    for i, metric in ipairs(names) do offset[i] = offsets[metric] or 0 end
-    local ttl = arm.count_units and unit_ttl or tonumber(record_ttl)
-    local schemas = payload.unit_schemas
-    local id = schema_id(schemas, names)
-    for _, unit in ipairs(arm.units) do
-      if add_to_unit(sums, unit[1], schemas, names, id, unit[2], unit[3], offset, ttl) then new_units = new_units + 1 end
-    end
-  end
-  -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
-  if not arm.count_units then new_units = 0 end
-  for f, v in pairs(arm.ints) do
-    if f == 'units' then v = v + new_units; new_units = 0 end
-    redis.call('HINCRBY', stats, f, v)
-  end
-  if new_units > 0 then redis.call('HINCRBY', stats, 'units', new_units) end
-  if #arm.units > 0 then apply_unit_sums(stats, names, sums) end
-end
-return 1
-"""
-)
-
-RECORD_FEEDBACK_LUA = (
-    _LUA_COMMON
-    + r"""
--- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or '', the
--- experiment's unit schemas.
--- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('0': no; '1': sums and units,
--- for unit: user; '2': sums only, the design effect of a unit: request experiment), unit ttl.
--- Returns 1 when recorded, 2 when it replaced an earlier score for the same name.
-local name, score, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local old = redis.call('HGET', KEYS[1], name)
-redis.call('HSET', KEYS[1], name, ARGV[2] .. '|' .. bucket)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[5] ~= '1' then return old and 2 or 1 end
-local metric = 'feedback.' .. name
-local stats, hist = KEYS[2], KEYS[3]
-local shift = shift_of(stats, metric, score)
-local old_score = 0
-if old then
-  local sep = string.find(old, '|', 1, true)
-  old_score = tonumber(string.sub(old, 1, sep - 1))
-  redis.call('HINCRBY', hist, metric .. '|' .. string.sub(old, sep + 1), -1)
-else
-  redis.call('HINCRBY', stats, metric .. '|n', 1)
-end
--- the score and the one it replaces, about the shift
-local y1, y0 = score - shift, 0
-if old then y0 = old_score - shift end
-redis.call('HINCRBYFLOAT', stats, metric .. '|s', score - old_score)
-if shift ~= 0 then redis.call('HINCRBYFLOAT', stats, metric .. '|t', y1 - y0) end
-redis.call('HINCRBYFLOAT', stats, metric .. '|q', y1 * y1 - y0 * y0)
-redis.call('HINCRBY', hist, metric .. '|' .. bucket, 1)
-if ARGV[6] ~= '0' then
-  local names, sums = {metric}, new_sums(1)
-  if KEYS[4] ~= '' then
-    local id = schema_id(KEYS[5], names)
-    if add_to_unit(sums, KEYS[4], KEYS[5], names, id, {y1 - y0}, {old and 0 or 1}, {0}, tonumber(ARGV[7])) and ARGV[6] == '1' then
-      redis.call('HINCRBY', stats, 'units', 1)  -- the unit's key had expired: it starts afresh
-    end
-  else
-    -- A request without a unit id is a unit of its own.
-    move_unit(sums, 1, y0, old and 1 or 0, y1, 1)
-  end
-  apply_unit_sums(stats, names, sums)
-end
-return old and 2 or 1
-"""
-)
+def _lua(name: str) -> str:
+    return resources.files("abproxy.recording").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-FIND_ALIAS_LUA = r"""
--- KEYS[1]: an experiment's alias counts (hour -> aliases written). ARGV: the alias prefix, the
--- response id's bucket number and field (ids.response_hash). Returns the aliases found: one
--- bucket per level each hour reached (store.alias_level), read here rather than sent for.
-local counts = redis.call('HGETALL', KEYS[1])
-local number, field, found = tonumber(ARGV[2]), ARGV[3], {}
-for i = 1, #counts, 2 do
-  local hour, count = counts[i], tonumber(counts[i + 1])
-  local level, limit = 0, 64
-  while true do
-    local value = redis.call('HGET', ARGV[1] .. hour .. ':' .. level .. ':' .. (number % (4 ^ level)), field)
-    if value then found[#found + 1] = value end
-    if count <= limit or level >= 8 then break end
-    level, limit = level + 1, limit * 4
-  end
-end
-return found
-"""
+_LUA_COMMON = _lua("common.lua")
+"""Helpers the recording scripts share (lua/common.lua): per-unit totals and shifts."""
+
+RECORD_BATCH_LUA = _LUA_COMMON + _lua("record_batch.lua")
+
+RECORD_FEEDBACK_LUA = _LUA_COMMON + _lua("record_feedback.lua")
 
 
-SAVE_STATE_LUA = r"""
--- KEYS[1]: the experiment's `seq` hash, KEYS[2]: its `verdict` hash.
--- ARGV[1]: the winner's generation the look read; ARGV[2]: the winner it declares ('' for none);
--- ARGV[3]: what that winner was decided on (the decision's context); then pairs of field and
--- state ('' when the look adds none) for every field the look reads back.
--- A state is 'p|lower|upper' or 'p|lower|upper|lift lower|lift upper'. Merging keeps the smaller
--- p and the intersection of the intervals (sequential.RunningState.merge): any order of looks
--- gives the same state. A winner is declared only against the generation the look read
--- (analysis/state.py). Returns {generation, winner, context, the state of each field or false}.
-local function parse(text)
-  if not text then return nil end
-  local parts, count = {}, 0
-  for part in string.gmatch(text, '[^|]+') do
-    local number = tonumber(part)
-    if number == nil or number ~= number or number == math.huge or number == -math.huge then return nil end
-    count = count + 1
-    parts[count] = number
-  end
-  if count ~= 3 and count ~= 5 then return nil end
-  return parts
-end
-local function merge(a, b)
-  if not a then return b end
-  if not b then return a end
-  local merged = {math.min(a[1], b[1]), math.max(a[2], b[2]), math.min(a[3], b[3])}
-  if a[4] and b[4] then
-    merged[4], merged[5] = math.max(a[4], b[4]), math.min(a[5], b[5])
-  elseif a[4] or b[4] then
-    local lift = a[4] and a or b
-    merged[4], merged[5] = lift[4], lift[5]
-  end
-  return merged
-end
-local reply = {}
-for i = 4, #ARGV, 2 do
-  local field = ARGV[i]
-  local kept = redis.call('HGET', KEYS[1], field)
-  local merged = merge(parse(kept or nil), parse(ARGV[i + 1] ~= '' and ARGV[i + 1] or nil))
-  if merged then
-    local shown = {}
-    for j = 1, #merged do shown[j] = string.format('%.17g', merged[j]) end
-    shown = table.concat(shown, '|')
-    if shown ~= kept then redis.call('HSET', KEYS[1], field, shown) end
-    reply[#reply + 1] = shown
-  else
-    reply[#reply + 1] = false
-  end
-end
-local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0') or 0
-if ARGV[2] ~= '' and generation == tonumber(ARGV[1]) then
-  generation = generation + 1
-  redis.call('HSET', KEYS[2], 'winner', ARGV[2], 'generation', generation, 'context', ARGV[3])
-end
-local kept = redis.call('HMGET', KEYS[2], 'winner', 'context')
-return {tostring(generation), kept[1] or '', kept[2] or '', reply}
-"""
+FIND_ALIAS_LUA = _lua("find_alias.lua")
+
+
+SAVE_STATE_LUA = _lua("save_state.lua")
 
 
 @dataclass(slots=True)
@@ -572,6 +219,9 @@ class ArmCounters:
     metrics: dict[str, MetricCounters] = field(default_factory=dict)
     corrupt: list[str] = field(default_factory=list)
     """Every counter of the arm that is not a finite number (``requests``, ``latency_ms|q``, …)."""
+    unreadable: list[str] = field(default_factory=list)
+    """Keys of the arm that Redis could not read as hashes (a key of another type), with why:
+    nothing of the arm can be trusted."""
 
 
 def _finite(value: str) -> float | None:
@@ -583,13 +233,14 @@ def _finite(value: str) -> float | None:
 
 
 def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCounters:
-    """The counters of one arm; a counter that is not a finite number (a hand edit, a bug) is
-    listed in ``corrupt`` and counts as 0, and its metric is marked corrupt."""
+    """The counters of one arm; a counter that is not a finite number, or a count that is no
+    integer (a hand edit, a bug), is listed in ``corrupt`` and counts as 0, and its metric is
+    marked corrupt."""
     corrupt: list[str] = []
 
     def count(name: str) -> int:
         value = _finite(stats.get(name, "0"))
-        if value is None:
+        if value is None or not value.is_integer():
             corrupt.append(name)
             return 0
         return int(value)
@@ -644,15 +295,46 @@ async def read_experiment(
     redis: Any, experiment: str, arms: list[str]
 ) -> tuple[dict[str, ArmCounters], dict[str, str], dict[str, str]]:
     """The counters of the given arms, the running states and the declared winner, in one round trip."""
+    keys = [key for arm in arms for key in (stats_key(experiment, arm), hist_key(experiment, arm))]
+    # the unit schemas only to learn that they are a hash: the recorder cannot write per-user sums otherwise
+    shared = [unit_schemas_key(experiment), sequential_key(experiment), verdict_key(experiment)]
     pipe = redis.pipeline(transaction=False)
-    for arm in arms:
-        pipe.hgetall(stats_key(experiment, arm))
-        pipe.hgetall(hist_key(experiment, arm))
-    pipe.hgetall(sequential_key(experiment))
-    pipe.hgetall(verdict_key(experiment))
-    replies = await pipe.execute()
-    counters = {arm: parse_arm(arm, replies[2 * i], replies[2 * i + 1]) for i, arm in enumerate(arms)}
+    for key in keys + shared:
+        pipe.hgetall(key)
+    unreadable: set[str] = set()
+    try:
+        replies = await pipe.execute()
+    except ResponseError as error:
+        if not _wrong_type(error):
+            raise
+        replies, unreadable = await _read_hashes_one_by_one(redis, keys + shared)
+    counters = {}
+    for i, arm in enumerate(arms):
+        counters[arm] = parse_arm(arm, replies[2 * i], replies[2 * i + 1])
+        counters[arm].unreadable = [
+            f"{key} is not a hash" for key in (*keys[2 * i : 2 * i + 2], shared[0]) if key in unreadable
+        ]
     return counters, replies[-2], replies[-1]
+
+
+def _wrong_type(error: ResponseError) -> bool:
+    return "WRONGTYPE" in str(error)
+
+
+async def _read_hashes_one_by_one(redis: Any, keys: list[str]) -> tuple[list[dict[str, str]], set[str]]:
+    """Hashes read one by one, which a key of another type among them (a hand edit) makes
+    necessary: that key reads as empty and is named in the second value."""
+    hashes: list[dict[str, str]] = []
+    unreadable: set[str] = set()
+    for key in keys:
+        try:
+            hashes.append(await redis.hgetall(key))
+        except ResponseError as error:
+            if not _wrong_type(error):
+                raise
+            hashes.append({})
+            unreadable.add(key)
+    return hashes, unreadable
 
 
 async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
