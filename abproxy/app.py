@@ -26,7 +26,16 @@ from abproxy.recording import store
 from abproxy.recording.connection import UNAVAILABLE, detect_cluster, discover, open_redis
 from abproxy.recording.ids import Signers
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
-from abproxy.http import ClientGone, HTTPError, parse_json_object, read_body, send_bytes, send_error, send_json
+from abproxy.http import (
+    ClientGone,
+    HTTPError,
+    parse_json_object,
+    read_body,
+    refuse_dot_segments,
+    send_bytes,
+    send_error,
+    send_json,
+)
 from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
@@ -242,6 +251,7 @@ class ABProxyApp:
 
     async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.auth.admin(scope)
+        refuse_dot_segments(scope["path"])
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/abproxy/experiments" and method == "GET":
             results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]

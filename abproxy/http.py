@@ -73,6 +73,14 @@ def bearer_token(scope: dict[str, Any]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def refuse_dot_segments(path: str) -> None:
+    """400 for a decoded path with ``.`` or ``..`` segments (``%2e%2e`` included): a server or
+    client that resolves them would take the path for another one than the proxy routed."""
+    segments = path.split("/")
+    if "." in segments or ".." in segments:
+        raise HTTPError(400, "path segments '.' and '..' are not allowed", "invalid_path")
+
+
 def _too_large(limit: int) -> HTTPError:
     return HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
 

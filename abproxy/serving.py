@@ -1,10 +1,11 @@
 """How abproxy runs under uvicorn: the server options, and the HTTP protocol with the limits
-uvicorn's httptools protocol lacks — a bound on the size of a request's headers and on the time
-a client may take to send them (``server.max_header_bytes``, ``server.header_timeout_s``).
+uvicorn's httptools protocol lacks — a bound on the size of a request's headers, on the time
+a client may take to send them, and on the time it may take to send its body
+(``server.max_header_bytes``, ``server.header_timeout_s``, ``server.body_timeout_s``).
 
 Without them, httptools keeps an unfinished header in memory however long it grows (five
-connections each sending 100 MB of one header took the proxy from 329 to 804 MB) and a
-connection that trickles its headers (slowloris) is held for ever.
+connections each sending 100 MB of one header took the proxy from 329 to 804 MB), and a
+connection that trickles its headers or its body (slowloris) is held for ever.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from abproxy.http import error_body
 class HeadLimits:
     max_bytes: int
     timeout_s: float
+    body_timeout_s: float = 30.0
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing oversized headers (431) and dropping a client that
-    has not finished its headers within the time limit.
+    """uvicorn's httptools protocol, refusing oversized headers (431), dropping a client that
+    has not finished its headers within the time limit, and answering 408 to one that has not
+    finished its body within its own.
 
-    The time limit costs nothing per request: each connection notes when its current head began,
-    and one sweep per server and second closes those past the limit (no timer per request)."""
+    The time limits cost nothing per request: each connection notes when its current head or
+    body began, and one sweep per server and second closes those past the limit (no timer per
+    request)."""
 
     def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -39,12 +43,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_started: float | None = None
+        self._body_started: float | None = None
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_started = self.loop.time()
-        _HeadSweep.ensure(self.server_state, self.loop, self._limits.timeout_s)
+        _DeadlineSweep.ensure(self.server_state, self.loop, self._limits)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -70,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_head()  # the parser goes on through this read; the callbacks below ignore it
             return
         super().on_headers_complete()
+        self._body_started = self.loop.time()
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
@@ -81,6 +87,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self._body_started = None
         super().on_message_complete()
         self._awaiting_head = True
         self._head_bytes = 0
@@ -88,9 +95,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def head_overdue(self, now: float) -> bool:
         return self._head_started is not None and now - self._head_started > self._limits.timeout_s
 
+    def body_overdue(self, now: float) -> bool:
+        if self._body_started is None:
+            return False
+        if self.flow.read_paused:
+            # Reading stopped because the app has not taken what arrived (an upload the upstream
+            # is slow to accept, a pipelined request): the wait is the proxy's, not the client's.
+            self._body_started = now
+            return False
+        return now - self._body_started > self._limits.body_timeout_s
+
     def drop(self) -> None:
         if not self.transport.is_closing():
             self.transport.close()
+
+    def cut_slow_body(self) -> None:
+        """408 (unless the app already answered) and close. The app's request cycle, waiting on
+        the rest of the body, gets ``http.disconnect``, and whatever it sends is dropped."""
+        self._refused = True
+        self._body_started = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+            body = error_body(
+                f"request body not received within {self._limits.body_timeout_s:g} s of its headers",
+                "invalid_request_error",
+                "request_body_timeout",
+            )
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.drop()
 
     def _refuse_head(self) -> None:
         self._refused = True
@@ -105,17 +143,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class _HeadSweep:
-    """Once a second, closes the connections of one server whose request head is overdue: a new
-    connection that sent nothing, or one trickling its headers (slowloris). An idle keep-alive
-    connection between requests is not overdue: uvicorn's keep-alive timeout closes it."""
+class _DeadlineSweep:
+    """Once a second, closes the connections of one server whose request head or body is
+    overdue: a new connection that sent nothing, one trickling its headers or its body
+    (slowloris). An idle keep-alive connection between requests is not overdue: uvicorn's
+    keep-alive timeout closes it."""
 
     _ATTRIBUTE = "abproxy_head_sweep"
 
     @classmethod
-    def ensure(cls, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def ensure(cls, server_state: Any, loop: asyncio.AbstractEventLoop, limits: HeadLimits) -> None:
         if getattr(server_state, cls._ATTRIBUTE, None) is None:
-            setattr(server_state, cls._ATTRIBUTE, cls(server_state, loop, min(1.0, timeout_s / 2)))
+            every_s = min(1.0, limits.timeout_s / 2, limits.body_timeout_s / 2)
+            setattr(server_state, cls._ATTRIBUTE, cls(server_state, loop, every_s))
 
     def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, every_s: float):
         self._state = server_state
@@ -126,15 +166,20 @@ class _HeadSweep:
     def _sweep(self) -> None:
         now = self._loop.time()
         for connection in list(self._state.connections):
-            if isinstance(connection, GuardedHttpToolsProtocol) and connection.head_overdue(now):
+            if not isinstance(connection, GuardedHttpToolsProtocol):
+                continue
+            if connection.head_overdue(now):
                 connection.drop()
+            elif connection.body_overdue(now):
+                connection.cut_slow_body()
         if not self._loop.is_closed():
             self._loop.call_later(self._every_s, self._sweep)
 
 
 def server_options(config: Config, *, host: str, port: int, log_level: str = "info") -> dict[str, Any]:
     """The options of ``uvicorn.Config`` that every abproxy server runs with."""
-    limits = HeadLimits(config.server.max_header_bytes, config.server.header_timeout_s)
+    server = config.server
+    limits = HeadLimits(server.max_header_bytes, server.header_timeout_s, server.body_timeout_s)
     return dict(
         host=host,
         port=port,

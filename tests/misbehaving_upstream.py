@@ -14,6 +14,15 @@ from collections.abc import Awaitable, Callable
 Writer = asyncio.StreamWriter
 Answer = Callable[[Writer, bytes], Awaitable[None]]
 
+REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
+"""Where the ``redirect`` answer points: the discard port, where nothing listens here."""
+
+READ_BODY_LATE_S = 2.0
+"""How long the ``read-body-late`` answer leaves a request's body unread."""
+
+BIG_JSON_BYTES = 60 << 20
+"""The ``big-json`` answer's size: a completion just under ``server.max_response_bytes`` (64 MiB)."""
+
 BOMB_DECODED_BYTES = 1 << 30
 """A 1 GiB body of spaces: about 1 MB once gzipped."""
 
@@ -67,6 +76,7 @@ class MisbehavingUpstream:
     def __init__(self) -> None:
         self.received: list[str] = []
         self._bomb: bytes | None = None
+        self._big: bytes | None = None
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="misbehaving-upstream", daemon=True)
@@ -78,6 +88,12 @@ class MisbehavingUpstream:
             "stream-without-done": self._stream_without_done,
             "stream-cut-by-close": self._stream_cut_by_close,
             "usage-on-last-choice": self._usage_on_last_choice,
+            "redirect": self._redirect,
+            "html-page": self._html_page,
+            "json-that-is-not": self._json_that_is_not,
+            "stream-not-sse": self._stream_not_sse,
+            "read-body-late": self._read_body_late,
+            "big-json": self._big_json,
         }
 
     def start(self) -> MisbehavingUpstream:
@@ -112,8 +128,10 @@ class MisbehavingUpstream:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
                 mode = headers.get("x-misbehave", "")
+                if mode == "read-body-late":
+                    await asyncio.sleep(READ_BODY_LATE_S)  # meanwhile TCP pushes back on the sender
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
                 self.received.append(mode)
                 await self._answers[mode](writer, body)
                 await writer.drain()
@@ -164,3 +182,33 @@ class MisbehavingUpstream:
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
         )
+
+    async def _redirect(self, writer: Writer, body: bytes) -> None:
+        # Somewhere nothing listens: a client that follows it fails to connect.
+        page = b"Moved"
+        writer.write(
+            b"HTTP/1.1 307 Temporary Redirect\r\nlocation: %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+            % (REDIRECT_TARGET.encode(), len(page), page)
+        )
+
+    async def _html_page(self, writer: Writer, body: bytes) -> None:
+        # What a captive portal or a misconfigured ingress answers, with a 200.
+        page = b"<html><body><h1>Welcome</h1><p>Please sign in.</p></body></html>"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page))
+
+    async def _json_that_is_not(self, writer: Writer, body: bytes) -> None:
+        writer.write(_json(b"200 OK", b"upstream overloaded, try later"))
+
+    async def _stream_not_sse(self, writer: Writer, body: bytes) -> None:
+        page = b"<html><body>Please sign in.</body></html>"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page)
+        )
+
+    async def _read_body_late(self, writer: Writer, body: bytes) -> None:
+        writer.write(_json(b"200 OK", json.dumps({"received": len(body)}).encode()))
+
+    async def _big_json(self, writer: Writer, body: bytes) -> None:
+        if self._big is None:
+            self._big = _completion("x" * (BIG_JSON_BYTES - len(_completion(""))))
+        writer.write(_json(b"200 OK", self._big))

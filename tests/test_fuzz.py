@@ -657,8 +657,12 @@ def test_feedback_answers_every_body_as_the_spec_says(
 
 
 def expected_admin_status(method: str, path: str) -> int:
-    """200 for the routes of SPEC §2 (a trailing slash is tolerated), 404 for anything else."""
-    path = unquote(path).rstrip("/")
+    """200 for the routes of SPEC §2 (a trailing slash is tolerated), 400 for a path with ``.`` or
+    ``..`` segments, 404 for anything else."""
+    path = unquote(path)
+    if {".", ".."} & set(path.split("/")):
+        return 400
+    path = path.rstrip("/")
     if method == "GET" and path == "/abproxy/experiments":
         return 200
     if method == "GET" and path.removeprefix("/abproxy/experiments/") in EXPERIMENTS:

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import logging
+import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,8 @@ from abproxy.stats.results import ExperimentResult
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, run
-from helpers import ServeProcess, assert_openai_error, http, wait_until
-from misbehaving_upstream import MisbehavingUpstream
+from helpers import ServeProcess, assert_error_shape, assert_openai_error, http, wait_until
+from misbehaving_upstream import REDIRECT_TARGET, MisbehavingUpstream
 from helpers import sample
 
 USER_ONLY = [{"role": "user", "content": "The weather is lovely today."}]
@@ -94,6 +99,50 @@ def test_an_upstream_status_above_599_is_a_502_and_an_error(hostile_proxy):
     assert upstream_errors(hostile_proxy, "bad_response") == 1
     # the proxy still serves: the next request is fine
     assert hostile_proxy.client().chat.completions.create(model="gpt-4o-mini", messages=USER_ONLY).choices
+
+
+def test_a_generation_answered_with_a_redirect_or_not_json_is_a_502_and_an_error(hostile_proxy):
+    """Before, each was recorded as a success with its latency while the SDK followed the
+    redirect, returned the HTML page as the answer, failed to decode, or streamed nothing."""
+    client = hostile_proxy.client()
+    cases = [
+        ("redirect", False, "redirect (307)"),
+        ("redirect", True, "redirect (307)"),
+        ("html-page", False, "not JSON"),
+        ("json-that-is-not", False, "not JSON"),
+        ("html-page", True, "not an event stream"),
+        ("own-headers", True, "not an event stream"),  # a whole JSON answer to a stream request
+    ]
+    for mode, stream, why in cases:
+        with pytest.raises(openai.APIStatusError) as caught:
+            list(hostile(client, mode, stream=True)) if stream else hostile(client, mode)
+        error = caught.value
+        assert error.status_code == 502, (mode, stream)
+        assert error.body["code"] == "upstream_bad_response" and why in error.body["message"], error.body
+    assert arm_totals(hostile_proxy) == {"requests": len(cases), "errors": len(cases), "cancelled": 0}
+    assert upstream_errors(hostile_proxy, "bad_response") == len(cases)
+
+    # a 200 stream that is not SSE was already an error: a broken stream, which the SDK raises
+    with pytest.raises(openai.APIError) as broken:
+        list(hostile(client, "stream-not-sse", stream=True))
+    assert "incomplete" in str(broken.value) and not isinstance(broken.value, openai.APIStatusError)
+    assert arm_totals(hostile_proxy)["errors"] == len(cases) + 1
+    assert upstream_errors(hostile_proxy, "broken_stream") == 1
+
+
+def test_pass_through_forwards_redirects_and_any_body_as_the_upstream_sent_them(start_proxy, upstream_url, misbehaving):
+    proxy = start_proxy(parse_config(hostile_config(upstream_url, misbehaving.url, default_upstream="bad"), environ={}))
+    connection = HTTPConnection("127.0.0.1", proxy.running.port, timeout=10)
+    try:
+        connection.request("GET", "/v1/files/file-1/content", headers={"x-misbehave": "redirect"})
+        moved = connection.getresponse()
+        assert (moved.status, moved.getheader("location"), moved.read()) == (307, REDIRECT_TARGET, b"Moved")
+        connection.request("POST", "/v1/files", body=b"{}", headers={"x-misbehave": "html-page"})
+        page = connection.getresponse()
+        assert page.status == 200 and page.read().startswith(b"<html>")
+    finally:
+        connection.close()
+    assert upstream_errors(proxy, "bad_response") == 0
 
 
 def test_upstream_x_abproxy_headers_never_reach_the_client(hostile_proxy):
@@ -228,6 +277,52 @@ def test_a_gzip_bomb_is_a_502_with_bounded_memory_while_other_requests_go_on(
     assert "Traceback" not in serve.log()
 
 
+@pytest.mark.slow
+def test_rss_comes_back_after_big_bodies_big_answers_and_gzip_bombs(
+    tmp_path, redis_client, redis_server, upstream_url, misbehaving
+):
+    """Before, each gzip bomb left its 64 MiB of decoded slices in a reference cycle (the error
+    the response kept, its traceback, the reading frame) that only a full garbage collection
+    frees, which the proxy, tuned to collect rarely, hardly ever runs: RSS only grew."""
+    misbehaving.bomb()
+    serve = ServeProcess(tmp_path, {"redis_url": redis_server.url, **hostile_config(upstream_url, misbehaving.url)})
+    try:
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+        def small(count: int) -> None:
+            for i in range(count):
+                assert client.chat.completions.create(model="translation", messages=USER_ONLY, user=f"u{i}").choices
+
+        small(100)
+        rss_before = serve.rss_bytes()
+        big_text = "y" * (10_000_000 - 1000)  # a body just under server.max_body_bytes (10 MiB)
+        big_message = [{"role": "user", "content": big_text}]
+        rss_peak = rss_before
+        for _ in range(4):
+            echoed = client.chat.completions.create(model="translation", messages=big_message, user="big")
+            assert len(echoed.choices[0].message.content) > len(big_text)  # a 10 MB answer too
+            assert client.embeddings.create(model="text-embedding-3-small", input=big_text).data  # passed through
+            big = hostile(client, "big-json")  # a 60 MiB answer, under server.max_response_bytes
+            assert len(big.choices[0].message.content) > 50 << 20
+            with pytest.raises(openai.APIStatusError) as bomb:
+                hostile(client, "gzip-bomb")
+            assert bomb.value.body["code"] == "upstream_response_too_large"
+            rss_peak = max(rss_peak, serve.rss_bytes())
+        small(100)
+
+        def back() -> bool:
+            return serve.rss_bytes() - rss_before < 50 << 20
+
+        try:
+            wait_until(back, timeout=10, interval=0.2)  # the recorder still holds the last answers briefly
+        finally:
+            print(f"\nbig bodies: RSS {rss_before >> 20} -> peak {rss_peak >> 20} -> {serve.rss_bytes() >> 20} MiB")
+    finally:
+        serve.terminate()
+        assert serve.wait() == 0
+    assert "Traceback" not in serve.log()
+
+
 # -- hostile clients ------------------------------------------------------------------------------
 
 
@@ -301,6 +396,65 @@ def test_oversized_and_slow_request_headers_are_refused(tmp_path, redis_client, 
     finally:
         serve.terminate()
         assert serve.wait() == 0
+
+
+def _trickle_body(port: int, head: bytes, piece: bytes, every_s: float) -> bytes:
+    """Send ``head``, then ``piece`` every ``every_s`` until the server answers: its answer, read
+    to the connection's end (b"" if none came within 10 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        for _ in range(int(10 / every_s)):
+            if select.select([sock], [], [], every_s)[0]:
+                return _read_response(sock)
+            sock.sendall(piece)
+    return b""
+
+
+SLOW_BODIES = {
+    "experiment": (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{", b" "),
+    "experiment, chunked": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\n",
+        b"1\r\n \r\n",
+    ),
+    "pass-through": (b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nx", b"x"),
+}
+
+
+def test_a_body_trickled_past_body_timeout_is_a_408_and_other_clients_are_served(start_proxy, upstream, caplog):
+    """Before, a body sent a byte at a time held its connection as long as the client liked."""
+    proxy = start_proxy(server={"body_timeout_s": 0.5})
+    port = proxy.running.port
+    with ThreadPoolExecutor(len(SLOW_BODIES)) as pool:
+        trickles = {name: pool.submit(_trickle_body, port, *body, every_s=0.1) for name, body in SLOW_BODIES.items()}
+        chat = proxy.client().chat.completions
+        served = [chat.create(model="translation", messages=USER_ONLY, user=f"u{i}") for i in range(3)]
+        answers = {name: trickle.result(60) for name, trickle in trickles.items()}
+    assert all(completion.choices for completion in served)
+    for name, answer in answers.items():
+        assert answer.startswith(b"HTTP/1.1 408 "), (name, answer[:200])  # and then closed: read to its end
+        assert_error_shape(json.loads(answer.split(b"\r\n\r\n", 1)[1]))
+        assert b'"code":"request_body_timeout"' in answer, answer
+
+    # the request cycles ended without a word in the log; the experiment requests cut off were
+    # never forwarded nor counted, the pass-through one was cut off upstream too
+    wait_until(lambda: proxy.app.proxy.in_flight == 0)
+    assert arm_totals(proxy, "translation") == {"requests": 3, "errors": 0, "cancelled": 0}
+    assert [r.path for r in upstream.received].count("/v1/chat/completions") == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    assert proxy.client().chat.completions.create(model="translation", messages=USER_ONLY).choices
+
+
+@pytest.mark.slow
+def test_an_upload_held_back_by_a_slow_upstream_is_not_timed_out_as_a_slow_body(start_proxy, upstream_url, misbehaving):
+    """While the upstream does not take the upload, the proxy stops reading it from the client
+    (flow control): that wait is the proxy's, not the client's, and no body timeout."""
+    server = {"body_timeout_s": 0.5, "max_body_bytes": 64 << 20}
+    config = hostile_config(upstream_url, misbehaving.url, default_upstream="bad", server=server)
+    proxy = start_proxy(parse_config(config, environ={}))
+    payload = b"x" * (32 << 20)  # more than every socket buffer on the way holds
+    headers = {"x-misbehave": "read-body-late", "content-type": "application/octet-stream"}
+    answer = http("POST", f"{proxy.url}/v1/files", payload, headers, timeout=60)
+    assert answer.status == 200 and answer.json() == {"received": len(payload)}, answer.body[:300]
 
 
 def test_a_user_that_is_not_a_string_is_a_400_naming_it(proxy):

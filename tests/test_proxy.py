@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from abproxy.cli import open_relay_problem
 from abproxy.config import parse_config
 from abproxy.simulation.provider import error_body as fake_error_body
+from abproxy.upstream.policy import FailureLog
 from helpers import assert_openai_error, free_port, http, metrics_text, sample
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
@@ -578,6 +580,42 @@ def test_unreachable_upstream_is_502_upstream_unreachable_and_is_counted(start_p
     assert sample(metrics_text(proxy.url), "abproxy_upstream_errors_total", upstream="dead", reason="unreachable") == 2
 
 
+def test_an_unreachable_upstream_is_one_warning_in_the_log_not_one_per_request(start_proxy, caplog):
+    """Before, the client got its 502 and the log said nothing at all."""
+    port = free_port()
+    dead = f"http://user:pw-SECRET@127.0.0.1:{port}/v1"
+    upstreams = {"dead": {"base_url": dead, "api_key": "sk-up-SECRET", "timeout_s": 2}}
+    proxy = start_proxy(upstreams=upstreams, default_upstream="dead")
+    client = proxy.client()
+    with caplog.at_level(logging.WARNING, logger="abproxy"):
+        for _ in range(10):
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.chat.completions.create(model="translation", messages=USER_ONLY)
+            assert caught.value.status_code == 502
+            with pytest.raises(openai.APIStatusError):
+                client.embeddings.create(model="text-embedding-3-small", input="x")  # pass-through
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("abproxy") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"upstream 'dead' (127.0.0.1:{port}) is unreachable: connection refused" in warnings[0], warnings
+    assert "SECRET" not in warnings[0]
+
+
+def test_upstream_failure_warnings_count_what_they_left_out(caplog):
+    now = [0.0]
+    failures = FailureLog({"dead": "10.0.0.7:8000"}, every_s=10, clock=lambda: now[0])
+    refused = ConnectionRefusedError(111, "Connection refused")
+    with caplog.at_level(logging.WARNING, logger="abproxy"):
+        for second in range(25):  # one failed request a second
+            now[0] = float(second)
+            failures.failed("dead", "unreachable", refused)
+        failures.failed("dead", "timeout", TimeoutError("no response from upstream within 5 s"))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 4, warnings  # at 0, 10 and 20 s, and the first timeout
+    assert "more" not in warnings[0]
+    assert warnings[1].endswith("; 9 more like it since the last warning")
+    assert "upstream 'dead' (10.0.0.7:8000) timed out: no response from upstream within 5 s" == warnings[3]
+
+
 @pytest.mark.slow
 def test_upstream_timeout_is_504_upstream_timeout_and_is_counted(start_proxy, upstream_url):
     proxy = start_proxy(upstreams={"fake": {"base_url": upstream_url, "timeout_s": 0.5}})
@@ -722,6 +760,32 @@ def test_admin_key_protects_admin_endpoints(start_proxy):
                 headers={"Authorization": "Bearer adm"}).json()["experiment"] == "translation"
 
 
+def test_client_keys_are_never_admin_keys(start_proxy):
+    """Client keys without an admin key (the shipped config): nobody is an admin. A client key
+    could otherwise read every experiment, flush and promote."""
+    proxy = start_proxy(server={"api_keys": ["sk-client"]})
+    calls = (
+        ("GET", "/abproxy/experiments"),
+        ("GET", "/abproxy/experiments/translation"),
+        ("POST", "/abproxy/flush"),
+        ("POST", "/abproxy/experiments/translation/promote"),
+        ("DELETE", "/abproxy/experiments/translation/promote"),
+    )
+    for method, path in calls:
+        for headers in ({}, {"Authorization": "Bearer sk-client"}, {"Authorization": "Bearer wrong"}):
+            refused = http(method, proxy.url + path, b"{}" if method == "POST" else None, headers)
+            error = assert_openai_error(refused, 403, "admin_key_required")
+            assert "server.admin_key" in error["message"] and b"sk-client" not in refused.body
+    assert proxy.app.promotions.variant_for("translation") is None, "nothing was promoted"
+    # the clients still scrape /metrics and call the API with their key
+    assert http("GET", proxy.url + "/metrics", headers={"Authorization": "Bearer sk-client"}).status == 200
+    assert proxy.client(api_key="sk-client").chat.completions.create(model="translation", messages=USER_ONLY).choices
+
+    # no keys at all (a loopback set-up): the admin endpoints stay open
+    keyless = start_proxy()
+    assert http("GET", keyless.url + "/abproxy/experiments/translation").json()["experiment"] == "translation"
+
+
 def test_metrics_need_the_metrics_or_admin_key_once_the_proxy_has_keys(start_proxy):
     """/metrics publishes p-values, feedback means and the winner, which /abproxy/* protects."""
     open_proxy = start_proxy()
@@ -737,7 +801,7 @@ def test_metrics_need_the_metrics_or_admin_key_once_the_proxy_has_keys(start_pro
         scraped = http("GET", proxy.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
         assert scraped.status == 200 and b"abproxy_requests_total" in scraped.body
 
-    # Client keys alone: /metrics is for the clients, like /abproxy/*, not for anyone who can reach the port.
+    # Client keys alone: /metrics is for the clients, not for anyone who can reach the port.
     clients_only = start_proxy(server={"api_keys": ["sk-client"]})
     assert_openai_error(http("GET", clients_only.url + "/metrics"), 401)
     assert http("GET", clients_only.url + "/metrics", headers={"Authorization": "Bearer sk-client"}).status == 200
@@ -866,6 +930,21 @@ def test_live_results_leave_forced_requests_out(proxy):
     client.chat.completions.create(model="translation", messages=USER_ONLY, user="not-forced")
     proxy.settle()
     assert sum(v["requests"] for v in live_results(proxy)["variants"]) == 1
+
+
+def test_admin_paths_refuse_dot_segments_as_v1_paths_do(proxy):
+    for path in (
+        "/abproxy/experiments/../experiments",
+        "/abproxy/experiments/%2e%2e/experiments",
+        "/abproxy/experiments/%2E%2E",
+        "/abproxy/./experiments",
+        "/abproxy/experiments/./translation",
+        "/abproxy/experiments/translation/../promote",
+    ):
+        assert_openai_error(http("GET", f"{proxy.url}{path}"), 400, "invalid_path")
+    assert_openai_error(http("POST", f"{proxy.url}/abproxy/experiments/../flush", b"{}"), 400, "invalid_path")
+    # a dot inside a name is no dot segment
+    assert_openai_error(http("GET", f"{proxy.url}/abproxy/experiments/v1.2"), 404, "experiment_not_found")
 
 
 def test_live_results_for_unknown_experiment_is_404(proxy):

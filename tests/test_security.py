@@ -94,6 +94,12 @@ def _config(tmp_path: Path, redis_url: str, upstream_url: str) -> Path:
     return path
 
 
+def _port_of(tmp_path: Path, upstream: str) -> str:
+    """The port of an upstream's base URL in the config ``_config`` wrote."""
+    config = yaml.safe_load((tmp_path / "abproxy.yaml").read_text())
+    return config["upstreams"][upstream]["base_url"].split(":")[2].split("/")[0]
+
+
 def _environment(keys: Keys) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ABPROXY_", "MLFLOW_", "OPENAI_"))}
     env.update(
@@ -347,6 +353,7 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
     tmp_path: Path,
     redis_server: Any,
     upstream: Any,
+    upstream_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -377,7 +384,16 @@ def test_no_key_reaches_logs_metrics_redis_mlflow_or_any_response(
 
     # the search is not vacuous: each source holds what it should
     log = log_path.read_text()
-    assert "flushed" in log and "failed" not in log and "Traceback" not in log, log
+    # the upstreams the proxy failed to get an answer from are named (host only), once each
+    upstream_warnings = [line for line in log.splitlines() if " abproxy.upstream: " in line]
+    fake_host = upstream_url.split("/")[2]
+    assert sorted(re.search(r"abproxy\.upstream: (upstream .+?\) [^:]+):", line)[1] for line in upstream_warnings) == [
+        f"upstream 'dead' (127.0.0.1:{_port_of(tmp_path, 'dead')}) is unreachable",
+        f"upstream 'fake' ({fake_host}) broke off its answer",  # the broken stream
+        f"upstream 'slow' ({fake_host}) timed out",
+    ], upstream_warnings
+    rest = "\n".join(line for line in log.splitlines() if " abproxy.upstream: " not in line)
+    assert "flushed" in rest and "failed" not in rest and "Traceback" not in log, log
     assert b":fb:" in collected["redis"] and b":a:" in collected["redis"], "counters and scores missing from the Redis dump"
     runs = collected["mlflow runs"].decode()
     assert "'abproxy.role': 'summary'" in runs and "'abproxy.variant': 'professional'" in runs

@@ -9,6 +9,11 @@ from typing import Any
 from abproxy.config import ServerSettings
 from abproxy.http import HTTPError, bearer_token
 
+ADMIN_KEY_REQUIRED = (
+    "the admin endpoints need server.admin_key: set it, and send it as 'Authorization: Bearer <admin_key>' "
+    "(a client key from server.api_keys is never an admin key)"
+)
+
 
 def _matches(scope: dict[str, Any], keys: list[bytes]) -> bool:
     token = bearer_token(scope)
@@ -20,8 +25,10 @@ def _matches(scope: dict[str, Any], keys: list[bytes]) -> bool:
 class Authorizer:
     def __init__(self, server: ServerSettings):
         self._client_keys = [key.encode() for key in server.api_keys]
-        self._admin_keys = [server.admin_key.encode()] if server.admin_key else self._client_keys
-        """No admin key, but client keys: results and flushes are for clients, not for anyone."""
+        self._admin_keys = [server.admin_key.encode()] if server.admin_key else []
+        # Client keys but no admin key: results, flushes and promotions are for nobody, not for
+        # every client (who could otherwise promote a variant to all traffic).
+        self._admin_closed = not server.admin_key and bool(server.api_keys)
         metrics_keys = [key.encode() for key in (server.metrics_key, server.admin_key) if key]
         self._metrics_keys = metrics_keys or self._client_keys
 
@@ -30,6 +37,8 @@ class Authorizer:
             raise HTTPError(401, "missing or invalid API key for this proxy", "invalid_api_key")
 
     def admin(self, scope: dict[str, Any]) -> None:
+        if self._admin_closed:
+            raise HTTPError(403, ADMIN_KEY_REQUIRED, "admin_key_required")
         if self._admin_keys and not _matches(scope, self._admin_keys):
             raise HTTPError(401, "missing or invalid admin key", "invalid_admin_key")
 

@@ -30,6 +30,7 @@ from abproxy.http import (
     header,
     parse_json_object,
     read_body,
+    refuse_dot_segments,
     send_error,
 )
 from abproxy.recording import ids, store
@@ -39,7 +40,14 @@ from abproxy.recording.recorder import Recorder
 from abproxy.proxy.sse import StreamObserver
 from abproxy.upstream.client import StreamedBody
 from abproxy.upstream.http11 import UpstreamResponse
-from abproxy.upstream.policy import Upstreams, error_reason, response_headers, translate_failure
+from abproxy.upstream.policy import (
+    Upstreams,
+    check_generation_answer,
+    check_generation_body,
+    error_reason,
+    response_headers,
+    translate_failure,
+)
 
 _APPLY = {
     "chat": variants.apply_to_chat,
@@ -93,9 +101,7 @@ def upstream_path(scope: dict[str, Any]) -> str:
     """The path after ``/v1``, still percent-encoded as the client sent it, so that nothing it
     encoded (``%2F``, ``%3F``) changes meaning; dot segments could climb out of the upstream's
     base path with the proxy's key, so they are refused."""
-    decoded_segments = scope["path"].split("/")
-    if "." in decoded_segments or ".." in decoded_segments:
-        raise HTTPError(400, "path segments '.' and '..' are not allowed", "invalid_path")
+    refuse_dot_segments(scope["path"])
     raw = scope.get("raw_path") or scope["path"].encode()
     return raw.decode("latin-1").split("?", 1)[0][len("/v1") :]
 
@@ -268,6 +274,7 @@ class Proxy:
                 upstream, call.path, scope.get("query_string", b""), scope["headers"], call.body, call.streaming
             ) as response:
                 status = response.status
+                check_generation_answer(status, response.content_type, call.streaming)
                 headers = response_headers(response.raw_headers) + call.extra_headers
                 outcome.status = status
                 is_stream = response.content_type == "text/event-stream" and status < 400
@@ -275,6 +282,7 @@ class Proxy:
                     outcome.error_reason = error_reason(status)
                 if not is_stream:
                     data = await response.read()
+                    check_generation_body(status, data)
                     watch.stop()
                     outcome.body = data
                     headers.append((b"content-length", str(len(data)).encode()))
@@ -301,11 +309,11 @@ class Proxy:
             if not response_started:
                 outcome.status = http_error.status
             else:
-                if outcome.error_reason not in ("timeout", "too_large"):
-                    outcome.error_reason = "broken_stream"
+                outcome.error_reason = _mid_answer(outcome.error_reason)
                 http_error = HTTPError(
                     502, f"upstream stream interrupted: {http_error.message}", http_error.code, "upstream_error"
                 )
+            self._upstreams.failed(upstream, outcome.error_reason, error)
             await _tell_client(send, http_error, response_started, call.extra_headers)
         finally:
             watch.stop()
@@ -393,7 +401,9 @@ class Proxy:
             if not response_started:
                 await _tell_client(send, SHUTTING_DOWN, False, own)
         except _UPSTREAM_FAILURES as error:
-            http_error, outcome.error_reason = translate_failure(error, upstream)
+            http_error, reason = translate_failure(error, upstream)
+            outcome.error_reason = reason
+            self._upstreams.failed(upstream, _mid_answer(reason) if response_started else reason, error)
             if not response_started:
                 outcome.status = http_error.status
                 await send_error(send, http_error, own)
@@ -425,7 +435,9 @@ class Proxy:
             await send_error(send, error, [id_header])
             return
         except _UPSTREAM_FAILURES as error:
-            await send_error(send, translate_failure(error, upstream)[0], [id_header])
+            http_error, reason = translate_failure(error, upstream)
+            self._upstreams.failed(upstream, reason, error)
+            await send_error(send, http_error, [id_header])
             return
         if status < 400:
             data = self._with_experiments(data)
@@ -452,6 +464,12 @@ class Proxy:
             if name not in known:
                 models.append({"id": name, "object": "model", "created": created, "owned_by": "abproxy"})
         return orjson.dumps(listing)
+
+
+def _mid_answer(reason: str) -> str:
+    """The reason for a failure after the answer began: broken off, unless it was too slow or
+    too large."""
+    return reason if reason in ("timeout", "too_large") else "broken_stream"
 
 
 _STREAM_ENDED_EARLY = HTTPError(

@@ -397,8 +397,15 @@ class UpstreamResponse:
                 self._connection.transport.resume_reading()
 
     def release(self) -> None:
-        """The proxy is done with the response: a connection still busy with it is closed."""
+        """The proxy is done with the response: a connection still busy with it is closed.
+
+        The error it kept is let go: raised from :meth:`read`, its traceback holds the reading
+        frame, which holds this response and the body read so far (up to 64 MiB of a gzip
+        bomb). Kept, they form a cycle only a full garbage collection frees, and the proxy
+        collects rarely (:meth:`abproxy.app.ABProxyApp.startup`)."""
         self._stop_timer()
+        self._error = None
+        self._chunks.clear()
         if not self._done:
             connection = self._connection
             if connection.response is self:

@@ -4,10 +4,15 @@ take, and what a failure means for the client (status, error code) and for the m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from abproxy.config import Config, UpstreamSettings
 from abproxy.http import JSON_CONTENT_TYPE, Headers, HTTPError
+from abproxy.logs import ThrottledLog
 from abproxy.upstream.client import Exchange, OriginSettings, StreamedBody, UpstreamClient
 from abproxy.upstream.errors import UpstreamBadResponse, UpstreamResponseTooLarge
 
@@ -50,6 +55,52 @@ for the client (an upstream could otherwise claim another variant)."""
 REASONS = ("http_4xx", "http_5xx", "rate_limited", "timeout", "unreachable", "bad_response", "too_large", "broken_stream")
 """Every value of ``abproxy_upstream_errors_total{reason}``."""
 
+WARN_EVERY_S = 10.0
+
+log = logging.getLogger("abproxy.upstream")
+
+_FAILURE_WORDS = {
+    "unreachable": "is unreachable",
+    "timeout": "timed out",
+    "bad_response": "sent a response the proxy cannot read",
+    "too_large": "sent a response over server.max_response_bytes",
+    "broken_stream": "broke off its answer",
+}
+
+
+def _describe(error: BaseException) -> str:
+    """What went wrong, in words an operator can act on (never a key: only the exception)."""
+    if isinstance(error, socket.gaierror):
+        return f"DNS lookup failed ({error})"
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused ({error})"
+    text = str(error)
+    if isinstance(error, TimeoutError | ConnectionError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class FailureLog:
+    """The log's account of the upstream failures the clients get a 502 or 504 for: at most one
+    warning per upstream and reason every ``every_s`` (a dead upstream fails every request, and
+    a line each would bury the rest of the log), saying how many it left out since the last."""
+
+    def __init__(
+        self, hosts: Mapping[str, str], every_s: float = WARN_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ):
+        self._hosts = hosts
+        self._log = ThrottledLog(log, every_s, clock)
+
+    def failed(self, upstream: str, reason: str, error: BaseException) -> None:
+        words = _FAILURE_WORDS.get(reason, reason)
+        host = self._hosts.get(upstream, "?")
+        self._log.warning((upstream, reason), "upstream %r (%s) %s: %s", upstream, host, words, _describe(error))
+
+
+def _host(base_url: str) -> str:
+    """host[:port] of a base URL, without any user:password@."""
+    return urlsplit(base_url).netloc.rpartition("@")[2]
+
 
 def _connect_timeout_s(settings: UpstreamSettings) -> float:
     return min(10.0, settings.timeout_s)
@@ -64,6 +115,7 @@ class Upstreams:
         self._max_response_bytes = config.server.max_response_bytes
         self._idle_keepalive_s = idle_keepalive_s
         self._client: UpstreamClient | None = None
+        self._failures = FailureLog({name: _host(s.base_url) for name, s in self._settings.items()})
 
     async def start(self) -> None:
         origins = {
@@ -76,6 +128,11 @@ class Upstreams:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def failed(self, upstream: str, reason: str, error: BaseException) -> None:
+        """A call that failed on the proxy's side of the answer (``reason`` as counted): logged,
+        rate-limited."""
+        self._failures.failed(upstream, reason, error)
 
     def post_json(
         self, upstream: str, path: str, query: bytes, client_headers: Iterable[tuple[bytes, bytes]], body: bytes, streaming: bool
@@ -135,6 +192,34 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
         for key, value in raw
         if key not in _RESPONSE_HEADERS_DROPPED and not key.startswith(_OWN_HEADER_PREFIX)
     ]
+
+
+_BLANK = b" \t\r\n"
+
+
+def check_generation_answer(status: int, content_type: str, streaming: bool) -> None:
+    """A generation's status and type that no client could use: a redirect (the SDK would
+    follow it, to wherever the upstream says), or a success that is not the event stream a
+    stream request asked for (the SDK would return an empty stream as a whole answer)."""
+    if 300 <= status < 400:
+        raise UpstreamBadResponse(f"a redirect ({status}) where a generation was expected")
+    if streaming and status < 300 and content_type != "text/event-stream":
+        kind = content_type or "no content-type"
+        raise UpstreamBadResponse(f"a {status} of {kind} to a stream request, not an event stream")
+
+
+def check_generation_body(status: int, body: bytes) -> None:
+    """A whole generation's success must be a JSON object. Only its first and last non-blank
+    bytes are looked at, so the request path pays O(1); the recorder parses it later."""
+    if status >= 300:
+        return
+    start, end = 0, len(body)
+    while start < end and body[start] in _BLANK:
+        start += 1
+    while end > start and body[end - 1] in _BLANK:
+        end -= 1
+    if end - start < 2 or body[start] != 0x7B or body[end - 1] != 0x7D:  # { ... }
+        raise UpstreamBadResponse(f"a {status} whose body is not JSON")
 
 
 def error_reason(status: int) -> str:
