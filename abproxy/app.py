@@ -24,6 +24,7 @@ from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
 from abproxy.recording.connection import UNAVAILABLE, detect_cluster, discover, open_redis
+from abproxy.recording.eviction import watch_evictions
 from abproxy.recording.ids import Signers
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.http import (
@@ -150,6 +151,7 @@ class ABProxyApp:
             self._background.append(loop.create_task(self.traces.run(), name="abproxy-traces"))
         if self.catalog.plans:
             self._background.append(loop.create_task(self.promotions.watch(self.redis), name="abproxy-promotions"))
+            self._background.append(loop.create_task(watch_evictions(self.redis), name="abproxy-evictions"))
             try:
                 await self.signers.load(self.redis)
             except UNAVAILABLE:

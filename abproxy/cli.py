@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from abproxy.config import Config, ConfigError, load_config
+from abproxy.config import CONFIG_ENV, Config, ConfigError, ConfigNotFound, find_config_file, load_config
 from abproxy.errors import DomainError, StoreUnavailable
 from abproxy.mlflow_sink.prompts import resolve_prompts
+from abproxy.recording.eviction import startup_problem
 
 EXIT_CONFIG = 2
 
@@ -33,8 +34,12 @@ def _mlflow_fails_fast() -> None:
 
 
 def _load(path: str | None) -> Config:
+    """The config every verb runs on; exit 2 with the reason when there is none, or it is invalid."""
     try:
         return resolve_prompts(load_config(path))
+    except ConfigNotFound as error:
+        print(f"abproxy: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
     except ConfigError as error:
         print(f"abproxy: invalid config\n{error}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -67,6 +72,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)  # before the heavy imports: a config error is answered at once
+    problem = open_relay_problem(config, args.host) or (startup_problem(config) if config.redis_url else None)
+    if problem:
+        print(f"abproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+
     import uvicorn
 
     from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
@@ -74,12 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from abproxy.metrics import MULTIPROCESS_ENV
     from abproxy.serving import server_options
 
-    config = _load(args.config)
     _mlflow_fails_fast()
-    problem = open_relay_problem(config, args.host)
-    if problem:
-        print(f"abproxy: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
     embedded = None
     redis_url = config.redis_url
     if not redis_url:
@@ -97,8 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_dir = tempfile.mkdtemp(prefix="abproxy-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir
             os.environ[EMBEDDED_REDIS_ENV] = redis_url
-            if args.config:
-                os.environ["ABPROXY_CONFIG"] = os.path.abspath(args.config)
+            # Each worker loads the config again: the very file this process found.
+            os.environ[CONFIG_ENV] = str(find_config_file(args.config, os.environ).resolve())
             uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **options)
         else:
             uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **options)).run()
@@ -170,11 +176,11 @@ def _with_redis(config: Config, work: Callable[[Any], Awaitable[int]]) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    from abproxy.catalog import Catalog
-    from abproxy.mlflow_sink.flusher import Flusher
-
     config = _load(args.config)
     _mlflow_fails_fast()
+
+    from abproxy.catalog import Catalog
+    from abproxy.mlflow_sink.flusher import Flusher
 
     async def work(redis: Any) -> int:
         report = await Flusher(redis, config, Catalog(config)).flush()
@@ -187,11 +193,11 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from abproxy.catalog import Catalog
-    from abproxy.mlflow_sink.promote import promote, undo
-
     config = _load(args.config)
     _mlflow_fails_fast()
+
+    from abproxy.catalog import Catalog
+    from abproxy.mlflow_sink.promote import promote, undo
     plan = Catalog(config).plans.get(args.experiment)
     if plan is None:
         print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(config.experiments) or '-'}", file=sys.stderr)
@@ -213,12 +219,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
     from abproxy.catalog import Catalog
     from abproxy.analysis.report import terminal
     from abproxy.analysis.live import experiment_results
     from abproxy.stats.results import as_json
 
-    config = _load(args.config)
     catalog = Catalog(config)
     if args.experiment and args.experiment not in catalog.plans:
         print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(catalog.plans) or '-'}", file=sys.stderr)

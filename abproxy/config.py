@@ -10,12 +10,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from abproxy.tracking_uri import redact_credentials, tracking_uri_problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 """Experiment and variant names end up in Redis keys, MLflow names and Prometheus labels."""
@@ -33,6 +35,7 @@ BUILTIN_METRICS = (
 )
 
 DEFAULT_CONFIG_PATHS = ("config/abproxy.yaml", "abproxy.yaml")
+CONFIG_ENV = "ABPROXY_CONFIG"
 
 
 def _check_names(names: Iterable[str], kind: str) -> None:
@@ -61,21 +64,20 @@ class MlflowSettings(_Strict):
     max_traces_per_minute: int = Field(600, ge=0)
     """Per replica: the sample is thinned past this, so MLflow's load stays bounded."""
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, uri: str, info: ValidationInfo) -> str:
+        environ = (info.context or {}).get("environ", os.environ)
+        problem = tracking_uri_problem(uri, environ)
+        if problem:
+            raise ValueError(problem)
+        return uri
+
     @property
     def shown_tracking_uri(self) -> str:
         """The tracking URI as it may be printed or stored: credentials in it (``user:password@``,
         or a token as the user name) replaced by ``***``."""
         return redact_credentials(self.tracking_uri)
-
-
-def redact_credentials(uri: str) -> str:
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return uri
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class ServerSettings(_Strict):
@@ -420,9 +422,10 @@ def parse_config(data: Any, environ: dict[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([("", "the config file must be a YAML mapping")])
-    expanded = expand_env(data, dict(os.environ) if environ is None else environ)
+    env = dict(os.environ) if environ is None else environ
+    expanded = expand_env(data, env)
     try:
-        return Config.model_validate(expanded)
+        return Config.model_validate(expanded, context={"environ": env})
     except ValidationError as error:
         raise ConfigError(_problems(error)) from None
 
@@ -437,20 +440,40 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+class ConfigNotFound(ConfigError):
+    """No config file where one is looked for: never a silent run on the built-in defaults."""
+
+
+def find_config_file(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
+    """``path``, else ``$ABPROXY_CONFIG``, else the first of :data:`DEFAULT_CONFIG_PATHS` (relative
+    to the working directory) that exists."""
+    if path:
+        return Path(path)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    found = next((Path(p) for p in DEFAULT_CONFIG_PATHS if Path(p).is_file()), None)
+    if found is None:
+        looked_at = " and ".join(DEFAULT_CONFIG_PATHS)
+        message = (
+            f"no config file: looked for {looked_at} in {Path.cwd()}; name one with --config FILE or "
+            f"${CONFIG_ENV} (config/abproxy.yaml in abproxy's repository is a complete example)"
+        )
+        raise ConfigNotFound([("", message)])
+    return found
+
+
 def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``; no file at all means
-    defaults. Prompt Registry URIs stay as they are: :func:`abproxy.mlflow_sink.prompts.resolve_prompts`
-    loads them, when the caller wants MLflow asked."""
+    """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``, else ``abproxy.yaml``;
+    with none of them, :class:`ConfigNotFound` (:func:`parse_config` of ``{}`` gives the built-in
+    defaults to a caller that wants them). Prompt Registry URIs stay as they are:
+    :func:`abproxy.mlflow_sink.prompts.resolve_prompts` loads them, when the caller wants MLflow asked."""
     env = dict(os.environ) if environ is None else environ
-    chosen = path or env.get("ABPROXY_CONFIG")
-    if chosen is None:
-        chosen = next((p for p in DEFAULT_CONFIG_PATHS if Path(p).is_file()), None)
-        if chosen is None:
-            return parse_config({}, env)
+    chosen = find_config_file(path, env)
+    named_by = f" (named by ${CONFIG_ENV})" if not path and env.get(CONFIG_ENV) else ""
     try:
-        text = Path(chosen).read_text(encoding="utf-8")
+        text = chosen.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError([("", f"cannot read config file {chosen}: {error.strerror}")]) from None
+        raise ConfigError([("", f"cannot read config file {chosen}{named_by}: {error.strerror}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -44,11 +44,12 @@ def config_file(tmp_path: Path, redis_server: Any, upstream_url: str) -> Path:
     return path
 
 
-def abproxy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def abproxy(*args: str, cwd: Path, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ABPROXY_"))}
     return subprocess.run(
-        [sys.executable, "-m", "abproxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-m", "abproxy", *args], cwd=cwd, env={**env, **(environ or {})}, capture_output=True,
+        text=True, timeout=120, check=False,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -148,3 +149,31 @@ def test_cli_report_and_flush_say_when_redis_is_unreachable(tmp_path):
         )
         assert result.returncode == 1, (verb, result.stderr)
         assert "Redis failed" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["database", "server"])
+def test_a_flush_that_mlflow_fails_says_why_in_one_line(
+    store: str, config_file: Path, tmp_path: Path, redis_client: Any
+) -> None:
+    """A database MLflow cannot open (its driver missing, or nothing listening) fails while the
+    client is built; a tracking server that is down fails each experiment. Either way the user
+    reads one line with the reason, not a traceback, and not one line per experiment."""
+    from helpers import free_port
+
+    uri = {
+        "database": f"postgresql://abproxy:pa55word@127.0.0.1:{free_port()}/mlflow",
+        "server": f"http://127.0.0.1:{free_port()}",
+    }[store]
+    data = yaml.safe_load(config_file.read_text())
+    data["mlflow"]["tracking_uri"] = uri
+    config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = abproxy(
+        "flush", "--config", str(config_file), cwd=tmp_path, environ={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    failures = [line for line in result.stderr.splitlines() if "fail" in line.lower()]
+    assert len(failures) == 1, result.stderr
+    assert failures[0].startswith("abproxy: flush to MLflow failed: "), failures
+    assert len(failures[0]) < 400 and "pa55word" not in result.stderr, failures

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,175 @@ def test_proxy_keys_from_secret_files_are_stripped_too():
     assert (config.server.api_keys, config.server.admin_key, config.server.metrics_key) == (["sk-client"], "adm", "scrape")
     problem = _problem({"server": {"metrics_key": "${SCRAPE}"}}, {"SCRAPE": "a\nb"})
     assert "server.metrics_key" in problem and "one line" in problem
+
+
+# -- issue 18: no config file is an error, never a silent run with no experiments ----------------
+
+
+def _cli(
+    *args: str, cwd: Path, environ: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABPROXY_", "MLFLOW_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "abproxy", *args], cwd=cwd, env={**env, **(environ or {})},
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+# The fast lane runs two verbs; the slow one all of them (each is a process of its own).
+@pytest.mark.parametrize(
+    "verb",
+    [
+        pytest.param(("serve", "--port", "0"), id="serve"),
+        pytest.param(("check-config",), id="check-config"),
+        pytest.param(("report",), id="report", marks=pytest.mark.slow),
+        pytest.param(("flush",), id="flush", marks=pytest.mark.slow),
+        pytest.param(("promote", "translation"), id="promote", marks=pytest.mark.slow),
+    ],
+)
+def test_a_verb_run_where_there_is_no_config_file_exits_2_naming_the_paths_it_looked_at(tmp_path, verb):
+    result = _cli(*verb, cwd=tmp_path)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    message = result.stderr
+    for looked_at in ("config/abproxy.yaml", "abproxy.yaml", str(tmp_path), "$ABPROXY_CONFIG", "--config"):
+        assert looked_at in message, message
+    assert "Traceback" not in message and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing started: no embedded Redis data, no MLflow store
+
+
+def test_a_config_file_named_by_the_environment_or_found_beside_the_user_is_used(tmp_path):
+    missing = tmp_path / "elsewhere.yaml"
+    named = _cli("check-config", cwd=tmp_path, environ={"ABPROXY_CONFIG": str(missing)})
+    assert named.returncode == 2 and str(missing) in named.stderr and "ABPROXY_CONFIG" in named.stderr, named.stderr
+    (tmp_path / "abproxy.yaml").write_text(yaml.safe_dump(_experiment()))
+    found = _cli("check-config", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert "translation" in found.stdout
+
+
+def test_load_config_without_a_file_refuses_and_the_worker_factory_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ABPROXY_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ={})
+    assert "config/abproxy.yaml" in str(raised.value) and str(tmp_path) in str(raised.value)
+    # `serve --workers N` builds each worker's app this way: it must not serve no experiments.
+    from abproxy.app import app_from_env
+
+    with pytest.raises(ConfigError):
+        app_from_env()
+    assert parse_config({}, {}).experiments == {}  # built-in defaults stay available to library callers
+
+
+# -- issue 18: a misspelt MLflow tracking URI is a config error ---------------------------------
+
+
+def _tracking_problem(uri: str, environ: dict[str, str] | None = None) -> str:
+    return _problem({"mlflow": {"tracking_uri": uri}}, environ)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite//mlflow.db", "the colon is missing after 'sqlite': write sqlite:///mlflow.db"),
+        ("sqlite///{tmp}/mlflow.db", "the colon is missing after 'sqlite': write sqlite:///{tmp}/mlflow.db"),
+        ("http//mlflow:5000", "the colon is missing after 'http': write http://mlflow:5000"),
+        ("mlflw://mlflow:5000", "unknown scheme 'mlflw'"),
+        ("sqlte:///mlflow.db", "unknown scheme 'sqlte': did you mean sqlite:///mlflow.db?"),
+        (
+            "sqlite:////{tmp}/missing/dir/mlflow.db",
+            "the folder {tmp}/missing/dir of the sqlite database does not exist",
+        ),
+        ("sqlite:///missing/mlflow.db", "the folder {tmp}/missing of the sqlite database does not exist"),
+        ("sqlite:///{tmp}", "is a folder, not a database file"),
+        ("sqlite://mlflow.db", "sqlite:///mlflow.db"),
+        ("sqlite:mlflow.db", "sqlite:///mlflow.db"),
+        ("http://", "names no host"),
+        ("https://mlflow:50x0", "port"),
+        ("postgresql:/db", "postgresql://"),
+        ("postgresql+a+b://db/mlflow", "one +driver"),
+        ("databricks-uc", "databricks"),
+        ("", "must not be empty"),
+        ("{tmp}/missing/mlruns", "the folder {tmp}/missing of MLflow's file store does not exist"),
+        ("file://{tmp}/missing/mlruns", "the folder {tmp}/missing of MLflow's file store does not exist"),
+        ("{tmp}/mlruns", "MLFLOW_ALLOW_FILE_STORE=true"),
+    ],
+)
+def test_a_misspelt_tracking_uri_names_the_key_and_the_fix(tmp_path, monkeypatch, uri, expected):
+    monkeypatch.chdir(tmp_path)
+    environ = {} if "MLFLOW_ALLOW" in expected else {"MLFLOW_ALLOW_FILE_STORE": "true"}
+    problem = _tracking_problem(uri.format(tmp=tmp_path), environ)
+    assert problem.startswith("mlflow.tracking_uri: "), problem
+    assert expected.format(tmp=tmp_path) in problem, problem
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing was created on the way
+
+
+def test_a_tracking_uri_error_never_shows_its_password():
+    problem = _tracking_problem("postgresql:/abproxy:pa55word@db/mlflow")
+    assert "mlflow.tracking_uri" in problem and "pa55word" not in problem, problem
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:///{tmp}/mlflow.db",
+        "sqlite:////{tmp}/mlflow.db",
+        "sqlite:///:memory:",
+        "sqlite:///mlflow.db?timeout=20",
+        "http://mlflow:5000",
+        "http://127.0.0.1:5000/",
+        "https://user:token@mlflow.example.com/prefix",
+        "postgresql://abproxy:pw@db:5432/mlflow",
+        "postgresql+psycopg2://db/mlflow",
+        "mysql://db/mlflow",
+        "mysql+pymysql://db/mlflow",
+        "mssql+pyodbc://db/mlflow",
+        "databricks",
+        "databricks://my-profile",
+        "file://{tmp}/mlruns",
+        "{tmp}/mlruns",
+        "mlruns",
+    ],
+)
+def test_tracking_uris_mlflow_accepts_pass(tmp_path, monkeypatch, uri):
+    monkeypatch.chdir(tmp_path)
+    filled = uri.format(tmp=tmp_path)
+    config = parse_config({"mlflow": {"tracking_uri": filled}}, {"MLFLOW_ALLOW_FILE_STORE": "true"})
+    assert config.mlflow.tracking_uri == filled
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_tracking_store_plugins_scheme_passes(tmp_path, monkeypatch):
+    """MLflow builds stores of the schemes installed packages declare (entry point group
+    ``mlflow.tracking_store``): an installed plugin's scheme is no typo."""
+    assert "unknown scheme 'acme-store'" in _tracking_problem("acme-store://bucket/mlflow")
+    dist = tmp_path / "acme_mlflow_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-mlflow-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mlflow.tracking_store]\nacme-store = acme_mlflow_plugin.store:AcmeStore\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config({"mlflow": {"tracking_uri": "acme-store://bucket/mlflow"}}, {})
+    assert config.mlflow.tracking_uri == "acme-store://bucket/mlflow"
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        pytest.param(("check-config", "abproxy.yaml"), id="check-config"),
+        pytest.param(("serve", "--config", "abproxy.yaml", "--port", "0"), id="serve", marks=pytest.mark.slow),
+        pytest.param(("flush", "--config", "abproxy.yaml"), id="flush", marks=pytest.mark.slow),
+    ],
+)
+def test_check_config_serve_and_flush_refuse_a_misspelt_tracking_uri_and_create_nothing(tmp_path, verb):
+    work = tmp_path / "work"
+    work.mkdir()
+    data = {"data_dir": str(work / "data"), **_experiment()}
+    for uri, fix in ((f"sqlite///{tmp_path}/mlflow.db", f"write sqlite:///{tmp_path}/mlflow.db"),
+                     (f"sqlite:////{tmp_path}/missing/dir/mlflow.db", "does not exist")):  # fmt: skip
+        (work / "abproxy.yaml").write_text(yaml.safe_dump({**data, "mlflow": {"tracking_uri": uri}}))
+        result = _cli(*verb, cwd=work)
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        assert "mlflow.tracking_uri: " in result.stderr and fix in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["abproxy.yaml", "work"]

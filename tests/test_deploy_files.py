@@ -26,6 +26,7 @@ import pytest
 import yaml
 from flushkit import artifact_text, drive, flush, runs_by_name
 from helpers import free_port
+from outside_tools import REQUIRE_ENV, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy.config import Config, load_config
@@ -127,22 +128,22 @@ def test_prometheus_scrapes_both_replicas_and_its_config_is_valid(tmp_path):
     config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
     targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(targets) == ["abproxy-1:8080", "abproxy-2:8080"]
-    assert shutil.which("promtool"), "promtool is missing: install Debian's prometheus package (.ci/run does)"
+    promtool = require_tool("promtool", "install Debian's prometheus package (.ci/run does)")
     # promtool insists that the credentials file exists; the prometheus service writes it at start.
     etc = tmp_path / "etc"
     etc.mkdir()
     shutil.copy(ROOT / "config" / "prometheus.yml", etc / "prometheus.yml")
     (etc / config["scrape_configs"][0]["authorization"]["credentials_file"]).write_text("")
-    result = subprocess.run(["promtool", "check", "config", str(etc / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", str(etc / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def compose_cli() -> list[str]:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
-    assert shutil.which("docker-compose"), "docker-compose is missing: apt-get install docker-compose (.ci/run does)"
-    return ["docker-compose"]
+    return [require_tool("docker-compose", "apt-get install docker-compose (.ci/run does), or Docker's compose plugin")]
 
 
 def test_docker_compose_accepts_the_file_and_hands_the_metrics_key_to_the_replicas_and_prometheus():
@@ -343,8 +344,7 @@ PROMETHEUS_PATH = re.compile(r"(?<![\w./-])(/etc/prometheus|/bin/prometheus|/pro
 def prometheus_service_command(root: Path, port: int) -> list[str]:
     """The prometheus service's entrypoint and command from docker-compose.yml, with the image's
     paths under ``root``, Debian's prometheus for the image's, listening on ``port`` of the loopback."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is missing: install Debian's prometheus package (.ci/run does)"
+    binary = require_tool("prometheus", "install Debian's prometheus package (.ci/run does)")
     places = {"/etc/prometheus": root / "etc", "/prometheus": root / "data", "/bin/prometheus": Path(binary)}
 
     def here(arg: str) -> str:
@@ -474,3 +474,40 @@ def test_examples_run_against_the_proxy_and_read_the_winner_back_from_mlflow(sta
     for variant in ("[basic] (control)", "[professional]"):
         assert variant in compare.stdout, compare.stdout
     assert "satisfaction:" in compare.stdout and "tokens/req:" in compare.stdout and "cost/req:" in compare.stdout
+
+
+# --- the tests above on a machine without the programs they run --------------------------------
+
+NEEDS_TOOLS = (
+    "test_prometheus_scrapes_both_replicas_and_its_config_is_valid",
+    "test_docker_compose_accepts_the_file_and_hands_the_metrics_key_to_the_replicas_and_prometheus",
+)
+
+
+def _run_without_tools(tmp_path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    """The README's test command for the tests that need outside programs, on a PATH that has none."""
+    env = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
+    env.update(PATH=str(Path(sys.executable).parent), **environ)
+    nodes = [f"{Path(__file__).name}::{name}" for name in NEEDS_TOOLS]
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-rsf", "-p", "no:cacheprovider", *nodes],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_on_a_fresh_machine_tests_needing_outside_programs_skip_saying_why_and_in_ci_they_fail(tmp_path):
+    fresh = _run_without_tools(tmp_path)
+    assert fresh.returncode == 0, fresh.stdout[-3000:]
+    assert "2 skipped" in fresh.stdout, fresh.stdout[-3000:]
+    assert "promtool is missing: install Debian's prometheus package" in fresh.stdout
+    assert "docker-compose is missing: apt-get install docker-compose" in fresh.stdout
+
+    ci = _run_without_tools(tmp_path, **{REQUIRE_ENV: "1"})
+    assert ci.returncode == 1, ci.stdout[-3000:]
+    assert "2 failed" in ci.stdout and "promtool is missing" in ci.stdout, ci.stdout[-3000:]
+
+    # .ci/run installs the programs and requires them for the README's test command
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = script.index("pip install -e '.[test]' && python -m pytest")
+    assert f"export {REQUIRE_ENV}=1" in script[:command]

@@ -810,3 +810,89 @@ def test_flush_of_20_experiments_by_5_variants_is_fast_in_steady_state(
             assert run_.data.metrics["requests"] == 15
             assert run_.data.metrics["feedback.satisfaction.n"] == 15
             assert [step for step, _ in history(uri, run_.info.run_id, "requests")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_sqlite_folder_removed_after_start_is_not_created_again_by_the_flush(
+    start_proxy: Any, tmp_path: Path
+) -> None:
+    """MLflow creates a missing folder of a sqlite database: a volume not mounted, or a folder
+    removed, would then get an empty store of its own and the numbers would go there unseen."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    proxy = start_proxy(mlflow=mlflow_settings(f"sqlite:///{folder}/mlflow.db"))
+    folder.rmdir()
+    status, body = flush(proxy)
+    assert status == 502, body
+    error = assert_error_shape(body)["message"]
+    assert f"the folder {folder} of the sqlite database does not exist" in error, error
+    assert not folder.exists()
+
+
+# -- issue 18: MLflow's steps never go backwards, whatever Redis lost ---------------------------------
+
+
+def _snapshot(url: str) -> dict[bytes, tuple[bytes, int]]:
+    """Every key as Redis would restore it from an RDB file taken now: value and TTL."""
+    raw = redis.Redis.from_url(url)
+    try:
+        return {key: (raw.dump(key), raw.pttl(key)) for key in raw.keys("*")}
+    finally:
+        raw.close()
+
+
+def _restore(url: str, snapshot: dict[bytes, tuple[bytes, int]]) -> None:
+    """Redis started again from that older RDB file: what it held then, and nothing since."""
+    raw = redis.Redis.from_url(url)
+    try:
+        raw.flushall()
+        for key, (value, ttl) in snapshot.items():
+            raw.restore(key, max(ttl, 0), value, replace=True)
+    finally:
+        raw.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["flushall", "older_rdb"])
+def test_after_redis_lost_data_the_next_flush_logs_after_the_last_step_in_mlflow(
+    loss: str, start_proxy: Any, uri: str, redis_server: Any, redis_client: redis.Redis
+) -> None:
+    proxy = start_proxy(mlflow=mlflow_settings(uri))
+    drive(proxy, {"basic": 3, "professional": 3}, "first")
+    status, body = flush(proxy)
+    assert status == 200, body
+    older = _snapshot(redis_server.url)
+    for round in range(3):
+        drive(proxy, {"basic": 2, "professional": 2}, f"more-{round}")
+        status, body = flush(proxy)
+        assert status == 200, body
+    last = body["step"]
+    runs = body["experiments"][EXP]["runs"]
+    assert history(uri, runs["basic"], "requests")[-1] == (last, 9)
+
+    if loss == "flushall":
+        redis_client.flushall()
+        held = {"basic": 0, "professional": 0}
+    else:
+        _restore(redis_server.url, older)
+        assert int(redis_client.get(FENCE_KEY)) < last
+        held = {"basic": 3, "professional": 3}
+
+    def latest_steps_show(step: int, requests: dict[str, int]) -> None:
+        for name, count in requests.items():
+            assert history(uri, runs[name], "requests")[-1] == (step, count), history(uri, runs[name], "requests")
+            assert runs_by_name(uri)[name].data.metrics["requests"] == count  # what MLflow shows as latest
+
+    # Nothing new since the loss: MLflow's latest numbers become what Redis holds now.
+    status, body = flush(proxy)
+    assert status == 200, body
+    assert body["step"] > last, body
+    assert body["experiments"][EXP]["runs"] == runs  # the same runs, found again by their tags
+    latest_steps_show(body["step"], held)
+
+    # New traffic after the loss: logged after it, and the fencing token caught up with MLflow.
+    drive(proxy, {"basic": 4, "professional": 6}, "after")
+    status, after = flush(proxy)
+    assert status == 200, after
+    assert after["step"] == body["step"] + 1
+    latest_steps_show(after["step"], {"basic": held["basic"] + 4, "professional": held["professional"] + 6})

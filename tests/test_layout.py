@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "abproxy"
 # Lowest first. A module may import its own layer and the ones listed before it.
 LAYERS: list[tuple[str, ...]] = [
     ("abproxy.errors", "abproxy.stats", "abproxy.logs"),
-    ("abproxy.config", "abproxy.http", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics"),
+    ("abproxy.config", "abproxy.tracking_uri", "abproxy.http", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics"),
     ("abproxy.upstream",),
     ("abproxy.recording",),
     ("abproxy.proxy",),

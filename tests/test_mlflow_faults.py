@@ -202,3 +202,34 @@ def test_credentials_in_the_tracking_uri_are_used_but_never_stored_or_shown(
         assert b"s3cret" not in repr(stored).encode(), key
     runs = redis_client.hgetall(store.runs_key(EXP))
     assert runs["tracking_uri"] == mlflow_server.url.replace("http://", "http://***@")
+
+
+@pytest.mark.slow
+def test_the_periodic_flush_logs_one_line_per_failure_with_the_reason(
+    tmp_path: Path, redis_server: Any, redis_client: Any, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import BASE_EXPERIMENTS
+    from helpers import ServeProcess, free_port, wait_until
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = {
+        "redis_url": redis_server.url,
+        "mlflow": {"tracking_uri": dead, "flush_interval_s": 0.3, "trace_sample_rate": 0},
+        "upstreams": {"fake": {"base_url": upstream_url}},
+        "default_upstream": "fake",
+        "experiments": BASE_EXPERIMENTS,
+    }
+    serve = ServeProcess(tmp_path, config)
+
+    def failed_flushes() -> list[str]:
+        return [line for line in serve.log().splitlines() if "abproxy.mlflow_sink" in line]
+
+    try:
+        lines = wait_until(lambda: len(failed_flushes()) >= 3 and failed_flushes(), timeout=60, interval=0.2)
+    finally:
+        serve.kill()
+    assert "Traceback" not in serve.log()
+    for line in lines:  # one per failed flush, whatever the number of experiments
+        assert "flush to MLflow failed: " in line and line.endswith("; retrying next interval"), line
+        assert "Connection refused" in line or "Max retries" in line, line

@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from abproxy.config import parse_config
 from abproxy.simulation.provider import error_body as fake_error_body
 from abproxy.upstream.policy import FailureLog
 from helpers import assert_openai_error, free_port, http, metrics_text, sample
+from outside_tools import require_tool
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
 MESSAGES = [
@@ -887,9 +887,7 @@ def test_prometheus_exposition_passes_promtool(proxy):
         client.chat.completions.create(model="translation", messages=USER_ONLY, extra_headers={"x-fake-status": "429"})
     proxy.settle()
     text = metrics_text(proxy.url)
-    promtool = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
-    if promtool is None:
-        pytest.skip("promtool is not installed")
+    promtool = require_tool("promtool", "install Debian's prometheus package (.ci/run does)")
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
 

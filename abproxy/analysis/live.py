@@ -20,7 +20,7 @@ from abproxy.analysis import state
 from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse, summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
-from abproxy.recording import connection, store
+from abproxy.recording import connection, eviction, store
 from abproxy.recording.store import ArmCounters
 from abproxy.stats.results import ExperimentResult
 
@@ -58,7 +58,7 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
         counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids)
         promoted = (await store.read_promotions(redis, [plan.name])).get(plan.name)
     kept = state.decode(raw_states, raw_winner)
-    warnings: tuple[str, ...] = ()
+    warnings = await eviction.warnings(redis)  # Redis evicted keys: any counter may be short
     for _ in range(SAVE_ATTEMPTS):
         analysis = analyse(plan, config, counters, kept)
         try:
@@ -67,7 +67,7 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
             log.warning("could not save experiment %s's always-valid state (%s: %s); answering from the saved one",
                         plan.name, type(error).__name__, error)  # fmt: skip
             analysis = analyse(plan, config, counters, kept, extend=False)
-            warnings = (STATE_NOT_SAVED,)
+            warnings += (STATE_NOT_SAVED,)
             break
         if state.agrees(saved, analysis.update, analysis.answered):
             kept = saved

@@ -92,6 +92,8 @@ _EXPLAINED = {
     "units_correlated": "units_correlated: a user's requests are correlated (design effect {deff}); consider unit: user",
     "corrupt_counters": "corrupt_counters: counters that are not numbers, left out of every verdict: {corrupt}",
     "state_not_saved": "state_not_saved: Redis refused this look's always-valid state; shown: the state saved before",
+    "redis_evicted_keys": "redis_evicted_keys: Redis evicted keys when its memory was full (its maxmemory-policy is not "
+    "noeviction): counts, feedback and per-user sums may be missing, and a re-posted score counted as new",
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import connection, store
 from abproxy.catalog import Catalog, ExperimentPlan
-from abproxy.config import Config
+from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
 from abproxy.analysis.live import Snapshot, experiment_results, take_snapshot
 from abproxy.mlflow_sink.writer import MlflowWriter
@@ -30,6 +30,16 @@ log = logging.getLogger("abproxy.mlflow_sink.flusher")
 LOCK_TTL_MS = 5 * 60 * 1000
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RAISE_LUA = (
+    "if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end"
+)
+
+
+async def raise_flush_step(redis: Any, step: int) -> None:
+    """Make the fencing token at least ``step``: the next flush then logs after it. For a step the
+    MLflow side had to take past the token, because Redis lost its count."""
+    await redis.eval(_RAISE_LUA, 1, store.FLUSH_FENCE_KEY, step)
+
 
 class FlushBusy(Conflict):
     """Another flush holds the lock."""
@@ -47,14 +57,29 @@ class FlushReport:
         return {"step": self.step, "duration_s": round(self.duration_s, 3), "experiments": self.experiments}
 
 
-def _as_domain_error(error: Exception) -> DomainError:
+REASON_CHARS = 300
+"""How much of an error a log line or an answer quotes. MLflow's messages run long and say what
+went wrong at their end ("... Connection refused"): both ends are kept."""
+
+
+def reason(error: BaseException, secret_uri: str = "") -> str:
+    """``error`` in one line for a log or an answer, with the tracking URI's credentials masked."""
+    text = " ".join(str(error).split())
+    if secret_uri and secret_uri != redact_credentials(secret_uri):
+        text = text.replace(secret_uri, redact_credentials(secret_uri))
+    if len(text) > REASON_CHARS:
+        half = REASON_CHARS // 2
+        text = f"{text[:half]} … {text[-half:]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _as_domain_error(error: Exception, tracking_uri: str = "") -> DomainError:
     """Why a flush wrote nothing, as the edge reports it: Redis, or else MLflow."""
     if isinstance(error, DomainError):
         return error
     if isinstance(error, connection.REDIS_FAILURES):
         return StoreUnavailable("Redis is unavailable; retry later")
-    detail = str(error).splitlines()[0][:200] if str(error) else ""
-    return MlflowUnavailable(f"flush to MLflow failed: {type(error).__name__}: {detail}")
+    return MlflowUnavailable(f"flush to MLflow failed: {reason(error, tracking_uri)}")
 
 
 class Flusher:
@@ -108,20 +133,27 @@ class Flusher:
         try:
             with store.reachable():
                 step = await store.next_flush_step(self._redis)
-            # Building the client opens the store (sqlite runs its migrations): not on the loop.
-            writer = await asyncio.to_thread(self._mlflow)
+            uri = self._config.mlflow.tracking_uri
+            try:
+                # Building the client opens the store (sqlite runs its migrations): not on the loop.
+                writer = await asyncio.to_thread(self._mlflow)
+            except Exception as error:  # a database driver missing, a store that cannot be opened
+                raise _as_domain_error(error, uri) from error
             report = FlushReport(step)
-            failures = []
+            failures: dict[str, Exception] = {}
             for plan in self._catalog.plans.values():
                 try:
-                    report.experiments[plan.name] = await self._flush_experiment(writer, plan, step, token)
+                    report.experiments[plan.name], used = await self._flush_experiment(writer, plan, report.step, token)
+                    await self._catch_up(report, used)
                 except Exception as error:  # one experiment MLflow refuses must not block the others
-                    log.warning("flush of experiment %s failed: %s: %s", plan.name, type(error).__name__, error)
-                    report.experiments[plan.name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-                    failures.append(error)
+                    report.experiments[plan.name] = {"error": reason(error, uri)}
+                    failures[plan.name] = error
             report.duration_s = time.perf_counter() - started
             if failures and len(failures) == len(self._catalog.plans):
-                raise _as_domain_error(failures[0]) from failures[0]
+                first = next(iter(failures.values()))
+                raise _as_domain_error(first, uri) from first  # MLflow away: one reason, said once
+            for name, failure in failures.items():
+                log.warning("flush of experiment %s failed: %s", name, reason(failure, uri))
             if self._metrics is not None:
                 self._metrics.flush_duration.observe(report.duration_s)
                 if not failures:
@@ -137,24 +169,40 @@ class Flusher:
             with store.reachable():
                 await self._redis.eval(_RELEASE_LUA, 1, store.FLUSH_LOCK_KEY, token)
 
-    async def _flush_experiment(self, writer: MlflowWriter, plan: ExperimentPlan, step: int, token: str) -> dict[str, Any]:
+    async def _catch_up(self, report: FlushReport, used: int) -> None:
+        """An experiment logged past the flush's step, MLflow holding later steps than Redis's
+        count: Redis lost it. The rest of this flush and every later one go on from there."""
+        if used <= report.step:
+            return
+        log.warning(
+            "flush step %d is behind the steps MLflow holds (Redis lost data?): going on from %d", report.step, used
+        )
+        with store.reachable():
+            await raise_flush_step(self._redis, used)
+        report.step = used
+
+    async def _flush_experiment(
+        self, writer: MlflowWriter, plan: ExperimentPlan, step: int, token: str
+    ) -> tuple[dict[str, Any], int]:
+        """What the flush of one experiment did, and the step it logged at."""
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
         result = snapshot.result
         runs = await self._redis.hgetall(store.runs_key(plan.name))
         async with self._mlflow_lock:
-            updated = await asyncio.to_thread(writer.write, plan, result, runs, step)
+            updated, used = await asyncio.to_thread(writer.write, plan, result, runs, step)
         if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its run ids are not kept", step)
-            return {"status": result.status, "winner": result.winner, "kept": False}
+            return {"status": result.status, "winner": result.winner, "kept": False}, used
         # The always-valid state was saved by the look itself (analysis/live.py), MLflow or not.
         await self._redis.hset(store.runs_key(plan.name), mapping=updated)
-        return {
+        outcome = {
             "status": result.status,
             "winner": result.winner,
             "mlflow_experiment_id": updated["experiment_id"],
             "summary_run_id": updated["summary"],
             "runs": {name: updated[arm.arm_id] for name, arm in plan.arms.items()},
         }
+        return outcome, used
 
     async def publish_gauges(self) -> None:
         """Every replica, every interval: the statistics as Prometheus gauges, so that any
@@ -172,9 +220,13 @@ class Flusher:
                 report = await self.flush_if_due()
                 if report is not None:
                     log.info("flushed %d experiment(s) to MLflow in %.2fs (step %d)", len(report.experiments), report.duration_s, report.step)
-            except Exception as error:  # MLflow or Redis away: warn, count, retry next interval
-                log.warning("flush to MLflow failed (%s: %s); retrying next interval", type(error).__name__, error)
+            except DomainError as error:  # MLflow or Redis away: warn, count, retry next interval
+                log.warning("%s; retrying next interval", error.message)
+            except Exception as error:
+                log.warning(
+                    "flush failed (%s); retrying next interval", reason(error, self._config.mlflow.tracking_uri)
+                )
             try:
                 await self.publish_gauges()
             except Exception as error:
-                log.warning("could not refresh the statistics gauges (%s: %s)", type(error).__name__, error)
+                log.warning("could not refresh the statistics gauges (%s)", reason(error))

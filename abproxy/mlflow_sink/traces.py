@@ -39,6 +39,7 @@ import orjson
 from abproxy.catalog import Catalog
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
+from abproxy.mlflow_sink.writer import check_store
 from abproxy.recording import store
 from abproxy.recording.feedback import ScoredTrace
 from abproxy.recording.outcome import TracedExchange
@@ -248,6 +249,7 @@ def _tracing(tracking_uri: str) -> Any:
     if tracking_uri not in _clients:
         from mlflow.tracing.client import TracingClient
 
+        check_store(tracking_uri)
         _clients[tracking_uri] = TracingClient(tracking_uri)
     return _clients[tracking_uri]
 

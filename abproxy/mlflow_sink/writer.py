@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 from abproxy.analysis.report import markdown, verdict_sentence
 from abproxy.catalog import Arm, ExperimentPlan
 from abproxy.config import redact_credentials
+from abproxy.tracking_uri import tracking_uri_problem
 from abproxy.stats.results import ExperimentResult, VariantResult, as_json
 
 if TYPE_CHECKING:
@@ -44,6 +46,17 @@ _LOGGED = (
 )
 _IDS = ("tracking_uri", "experiment_id", "summary")
 """Keys of the runs hash that are not an arm's run id."""
+LAST_STEP_TAG = "abproxy.last_step"
+"""On the summary run: the highest step logged to the experiment's runs, written before them. The
+step is the flush's fencing token, a counter in Redis; should Redis lose it (FLUSHALL, a new
+empty Redis, an older RDB file), the next steps would fall below the ones MLflow shows as latest."""
+
+
+class Written(NamedTuple):
+    runs: dict[str, str]
+    """The ids and digests to keep in Redis."""
+    step: int
+    """The step logged at: the flush's, or past the summary run's last step if Redis lost count."""
 
 
 def _finite(value: Any) -> bool:
@@ -131,10 +144,24 @@ def artifact_root(tracking_uri: str) -> Path | None:
     return Path(database).resolve().parent / "mlartifacts"
 
 
+class StoreNotThere(Exception):
+    """The tracking URI no longer names a store MLflow can open (checked at start, gone since)."""
+
+
+def check_store(tracking_uri: str) -> None:
+    """The config's check again, as a client is built: MLflow creates a missing folder of a sqlite
+    database, and a folder removed since start-up (a volume not mounted) would then silently get
+    an empty store of its own."""
+    problem = tracking_uri_problem(tracking_uri, os.environ)
+    if problem:
+        raise StoreNotThere(problem)
+
+
 class MlflowWriter:
     """The synchronous MLflow side of a flush (run in a worker thread)."""
 
     def __init__(self, tracking_uri: str):
+        check_store(tracking_uri)
         from mlflow.tracking import MlflowClient
 
         self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
@@ -158,19 +185,20 @@ class MlflowWriter:
             return False  # its runs may have gone with it: everything is checked and written again
         return True
 
-    def _live_run(self, run_id: str, experiment_id: str) -> bool:
-        """Whether a cached run id is a run of this experiment in this store (restored if deleted)."""
+    def _live_run(self, run_id: str, experiment_id: str) -> Run | None:
+        """The run of a cached id if it is a run of this experiment in this store (restored if
+        deleted), else None."""
         from mlflow.exceptions import MlflowException
 
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
-            return False
+            return None
         if run.info.experiment_id != experiment_id:
-            return False
+            return None
         if run.info.lifecycle_stage == "deleted":
             self.client.restore_run(run_id)
-        return True
+        return run
 
     def _log_batch(self, run_id: str, experiment_id: str, **kwargs: Any) -> bool:
         """log_batch; False when the run is gone (deleted for good, or of another store)."""
@@ -180,7 +208,7 @@ class MlflowWriter:
             self.client.log_batch(run_id, **kwargs)
             return True
         except MlflowException:
-            if not self._live_run(run_id, experiment_id):
+            if self._live_run(run_id, experiment_id) is None:
                 return False
             self.client.log_batch(run_id, **kwargs)
             return True
@@ -201,8 +229,9 @@ class MlflowWriter:
 
     # -- one flush ----------------------------------------------------------------------------
 
-    def write(self, plan: ExperimentPlan, result: ExperimentResult, runs: dict[str, str], step: int) -> dict[str, str]:
-        """Log one experiment at ``step``; returns the ids and digests to keep (new ones included)."""
+    def write(self, plan: ExperimentPlan, result: ExperimentResult, runs: dict[str, str], step: int) -> Written:
+        """Log one experiment at ``step`` (or past the last step MLflow holds, should that be
+        higher); returns the ids and digests to keep (new ones included) and the step used."""
         from mlflow.entities import Metric, RunTag
 
         runs = dict(runs)
@@ -216,15 +245,17 @@ class MlflowWriter:
             runs["experiment_id"] = self._experiment_id(mlflow_name)
         experiment_id = runs["experiment_id"]
         winner = result.winner
-        summary_id = self._summary_run(experiment_id, plan, runs)
+        summary_id, last_step = self._summary_run(experiment_id, plan, runs)
+        step, runs = _after_last_step(step, last_step, runs)
+        arms = _arm_rows(plan, result)
+        shown = as_json(result)
+        summary_digest = _digest(shown)
+        if step > last_step and _anything_new(runs, arms, summary_digest):
+            self.client.set_tag(summary_id, LAST_STEP_TAG, str(step))  # before the steps it covers
 
         current = set()
-        for variant in result.variants:
-            arm = plan.arms[variant.name]
+        for arm, metrics, is_winner, digest in arms:
             current.add(arm.arm_id)
-            metrics = variant_metrics(variant)
-            is_winner = "true" if winner == variant.name else "false"
-            digest = _digest(metrics, is_winner)
             run_id = runs.get(arm.arm_id)
             if run_id is not None and runs.get(f"digest:{arm.arm_id}") == digest:
                 self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner)
@@ -250,8 +281,6 @@ class MlflowWriter:
                     self.client.set_logged_model_tags(runs[f"model:{key}"], {"abproxy.winner": "false", "abproxy.current": "false"})
                 runs[f"digest:{key}"] = "retired"
 
-        shown = as_json(result)
-        summary_digest = _digest(shown)
         if runs.get("digest:summary") != summary_digest:
             srm = result.srm.p_value
             srm_metric = [Metric("srm_p_value", srm, now, step)] if srm is not None and _finite(srm) else []
@@ -267,25 +296,25 @@ class MlflowWriter:
             for key, value in verdict_tags.items():
                 self.client.set_experiment_tag(experiment_id, key, value)
             runs["digest:summary"] = summary_digest
-        return runs
+        return Written(runs, step)
 
-    def _summary_run(self, experiment_id: str, plan: ExperimentPlan, runs: dict[str, str]) -> str:
-        summary_id = runs.get("summary")
-        if summary_id is not None and not self._live_run(summary_id, experiment_id):
-            summary_id = None
-        if summary_id is None:
-            found = self._find_run(experiment_id, "abproxy.summary_of", plan.name)
-            summary_id = found.info.run_id if found is not None else None
-        if summary_id is None:
-            summary_id = self.client.create_run(
+    def _summary_run(self, experiment_id: str, plan: ExperimentPlan, runs: dict[str, str]) -> tuple[str, int]:
+        """The summary run's id (found, or created) and the last step logged under it."""
+        cached = runs.get("summary")
+        run = self._live_run(cached, experiment_id) if cached is not None else None
+        if run is None:
+            run = self._find_run(experiment_id, "abproxy.summary_of", plan.name)
+        if run is None:
+            run = self.client.create_run(
                 experiment_id,
                 run_name="summary",
                 tags={"abproxy.role": "summary", "abproxy.experiment": plan.name, "abproxy.summary_of": plan.name},
-            ).info.run_id
-        if runs.get("summary") != summary_id:
+            )
+        summary_id = str(run.info.run_id)
+        if cached != summary_id:
             runs.pop("digest:summary", None)  # a new summary run: show the verdict on it
         runs["summary"] = summary_id
-        return summary_id
+        return summary_id, _last_step(run)
 
     def _variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
         """The arm's run when Redis holds no id for it: the one an earlier flush created, else a
@@ -370,3 +399,39 @@ class MlflowWriter:
             self.client.log_model_artifacts(model.model_id, folder)
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         return str(model.model_id)
+
+
+_ArmRow = tuple[Arm, dict[str, float], str, str]
+"""An arm, its metrics, whether it is the winner ("true"/"false"), their digest."""
+
+
+def _arm_rows(plan: ExperimentPlan, result: ExperimentResult) -> list[_ArmRow]:
+    rows = []
+    for variant in result.variants:
+        metrics = variant_metrics(variant)
+        is_winner = "true" if result.winner == variant.name else "false"
+        rows.append((plan.arms[variant.name], metrics, is_winner, _digest(metrics, is_winner)))
+    return rows
+
+
+def _anything_new(runs: dict[str, str], arms: list[_ArmRow], summary_digest: str) -> bool:
+    """Whether this flush logs a step: some run's numbers (or the verdict) changed since the last."""
+    return runs.get("digest:summary") != summary_digest or any(
+        arm.arm_id not in runs or runs.get(f"digest:{arm.arm_id}") != digest for arm, _, _, digest in arms
+    )
+
+
+def _after_last_step(step: int, last_step: int, runs: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """The step to log at, and the ids and digests to go by. A step at or below MLflow's last
+    means Redis lost its count, and with it what it knew was logged: go on after MLflow's last
+    step, and log every run again, so that MLflow's latest numbers are the ones Redis holds."""
+    if step > last_step:
+        return step, runs
+    return last_step + 1, {key: value for key, value in runs.items() if not key.startswith("digest:")}
+
+
+def _last_step(run: Run) -> int:
+    try:
+        return int(run.data.tags.get(LAST_STEP_TAG, 0))
+    except ValueError:  # edited by hand: the steps in Redis are all there is to go by
+        return 0

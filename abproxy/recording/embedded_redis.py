@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -51,8 +52,18 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, *, port: int | None = None, password: str | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        """``extra_args`` go on the server's command line (``--maxmemory 3mb``, say)."""
         self.data_dir = Path(data_dir)
+        self.extra_args = tuple(extra_args)
         self.port = port or free_port()
         self.password = secrets.token_hex(16) if password is None else password
         self.binary = binary or find_redis_server()
@@ -78,6 +89,7 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self._process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

@@ -176,22 +176,23 @@ def hash_unit(unit_id: str) -> str:
     return hashlib.sha256(unit_id.encode()).hexdigest()[:32]
 
 
-def _lua(name: str) -> str:
+def load_lua(name: str) -> str:
+    """A script of ``abproxy/recording/lua/``."""
     return resources.files("abproxy.recording").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-_LUA_COMMON = _lua("common.lua")
+_LUA_COMMON = load_lua("common.lua")
 """Helpers the recording scripts share (lua/common.lua): per-unit totals and shifts."""
 
-RECORD_BATCH_LUA = _LUA_COMMON + _lua("record_batch.lua")
+RECORD_BATCH_LUA = _LUA_COMMON + load_lua("record_batch.lua")
 
-RECORD_FEEDBACK_LUA = _LUA_COMMON + _lua("record_feedback.lua")
-
-
-FIND_ALIAS_LUA = _lua("find_alias.lua")
+RECORD_FEEDBACK_LUA = _LUA_COMMON + load_lua("record_feedback.lua")
 
 
-SAVE_STATE_LUA = _lua("save_state.lua")
+FIND_ALIAS_LUA = load_lua("find_alias.lua")
+
+
+SAVE_STATE_LUA = load_lua("save_state.lua")
 
 
 @dataclass(slots=True)
