@@ -125,7 +125,7 @@ class ABProxyApp:
             self.request_redis,
             config,
             self.catalog,
-            self.recorder.flush,
+            self.recorder.write_now,
             self.metrics,
             on_scored_trace=self.traces.offer_score if self.traces else None,
             signers=self.signers,

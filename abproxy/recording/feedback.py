@@ -20,11 +20,15 @@ from redis.exceptions import AskError, MovedError
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.errors import Conflict, CorruptCounters, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
+from abproxy.logs import ThrottledLog
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording import connection, ids, store
 from abproxy.stats.histogram import bucket_of
 
 log = logging.getLogger("abproxy.recording.feedback")
+
+WARNING_EVERY_S = 60.0
+"""A score refused for a broken key is logged at most this often per key (every post hits it)."""
 
 MAX_ID_LENGTH = 256
 
@@ -85,6 +89,7 @@ class FeedbackService:
         self._on_scored_trace = on_scored_trace
         self._signers = signers or ids.Signers()
         self._script = store.Script(store.RECORD_FEEDBACK_LUA)
+        self._warnings = ThrottledLog(log, WARNING_EVERY_S)
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         request_id, name, score = parse_feedback(body)
@@ -249,7 +254,9 @@ class FeedbackService:
             store.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
         ]
         if not connection.clustered(self._redis):
-            return _applied(await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0]))
+            return self._applied(
+                await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0])
+            )
 
         async def confirmed(sha: str) -> int:
             pipe = self._redis.pipeline(transaction=False)
@@ -262,16 +269,18 @@ class FeedbackService:
                 raise
             if not await connection.replicated(self._redis, node, int(acknowledged)):
                 raise StoreUnavailable("Redis did not confirm the score in time; post it again")
-            return _applied(result)
+            return self._applied(result)
 
         return await self._script.run(self._redis, confirmed, keys[0])
 
+    def _applied(self, reply: Any) -> int:
+        """1 recorded, 2 updated; a score the script could not write at all (RECORD_FEEDBACK_LUA's
+        {0, why}) is refused, and said where an operator looks."""
+        if isinstance(reply, list):
+            why = reply[1]
+            self._warnings.warning(why, "feedback not recorded: %s; mend or delete that key in Redis", why)
+            raise CorruptCounters(
+                f"the score was not recorded: {why}; the proxy's operator must mend or delete that key in Redis"
+            )
+        return int(reply)
 
-def _applied(reply: Any) -> int:
-    """1 recorded, 2 updated; a score the script could not write at all (RECORD_FEEDBACK_LUA's
-    {0, why}) is refused, and said where an operator looks."""
-    if isinstance(reply, list):
-        why = reply[1]
-        log.warning("feedback not recorded: %s; mend or delete that key in Redis", why)
-        raise CorruptCounters(f"the score was not recorded: {why}; the proxy's operator must mend or delete that key in Redis")
-    return int(reply)

@@ -48,6 +48,8 @@ log = logging.getLogger("abproxy.recording.recorder")
 
 WARNING_EVERY_S = 60.0
 """The same problem with Redis (a corrupt key hit by every batch) is logged at most this often."""
+WRITE_WARNING_EVERY_S = 10.0
+"""A failing write (Redis away, full) is logged at most this often per experiment and error."""
 
 
 _OUTCOMES_PER_SLICE = 64
@@ -214,6 +216,9 @@ class Recorder:
         self._backoff_s = 0.0
         self._dropped = {reason: metrics.recorder_dropped.labels(reason) for reason in DROP_REASONS}
         self._warnings = ThrottledLog(log, WARNING_EVERY_S)
+        self._write_warnings = ThrottledLog(log, WRITE_WARNING_EVERY_S)
+        self._retry_at = 0.0
+        """While some experiment's writes fail: when the loop tries again (see :meth:`write_now`)."""
 
     # -- request path ------------------------------------------------------------------
 
@@ -266,6 +271,14 @@ class Recorder:
             ok = await self._write_pending()
         self._metrics.recorder_buffered.set(self.buffered)
         return ok
+
+    async def write_now(self) -> bool:
+        """:meth:`flush` for a lookup that must see every measurement taken so far, unless writes
+        are failing and the loop's next try is not due (Redis away or full: trying at every
+        lookup would only add load). True when nothing is left unwritten."""
+        if self._failing and time.monotonic() < self._retry_at:
+            return False
+        return await self.flush()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -420,6 +433,8 @@ class Recorder:
                     if not queue:
                         del self._pending[part.experiment]
         self._failing.update(failed)
+        if failed:
+            self._retry_at = time.monotonic() + max(0.05, self._backoff_s)
         return not failed
 
     def _refused_for_good(self, part: _Part, error: Exception) -> bool:
@@ -428,7 +443,8 @@ class Recorder:
         if not _passing(error):
             part.refusals += 1
         if part.refusals < REFUSALS_BEFORE_DROPPING:
-            log.warning(
+            self._write_warnings.warning(
+                (part.experiment, type(error)),
                 "Redis write for experiment %s failed (%s: %.200s); %d measurements buffered",
                 part.experiment, type(error).__name__, error, self.buffered,
             )  # fmt: skip
