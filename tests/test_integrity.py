@@ -286,3 +286,26 @@ def test_unit_schemas_of_the_wrong_type_stop_the_per_user_arms_and_say_so(proxy:
     status, body = http_json("GET", f"{proxy.url}/abproxy/experiments/{EXP}")
     assert status == 200 and body["status"] == "collecting"
     assert any(schemas in entry for entry in body["corrupt"]), body["corrupt"]
+
+
+def test_a_histogram_bucket_that_is_no_integer_drops_only_its_metric(proxy: Any, redis_client: redis.Redis) -> None:
+    """Buckets are added one by one (reading them all first would cost the script a tenth of its
+    time): the first that refuses marks its metric broken for the batch, counted and left alone."""
+    arms = arm_ids(proxy)
+    client = proxy.client()
+    before = send(client, 30, "before")
+    proxy.settle()
+    hist_key = store.hist_key(EXP, arms["professional"])
+    # every request so far succeeded: error_rate's only bucket is 0's, and every new request adds to it
+    (bucket,) = [field for field in redis_client.hgetall(hist_key) if field.startswith("error_rate|")]
+    redis_client.hset(hist_key, bucket, "1.5")
+    stats_key = store.stats_key(EXP, arms["professional"])
+    kept = redis_client.hget(stats_key, "error_rate|n")
+
+    after = send(client, 40, "after")
+    proxy.settle()
+    assert redis_client.hget(stats_key, "error_rate|n") == kept
+    assert int(redis_client.hget(stats_key, "requests")) == before["professional"] + after["professional"]
+    assert dropped(proxy, "corrupt_counters") == after["professional"]
+    status, body = http_json("GET", f"{proxy.url}/abproxy/experiments/{EXP}")
+    assert status == 200 and body["corrupt"] == [f"professional/error_rate|h:{bucket.partition('|')[2]}"], body["corrupt"]

@@ -265,7 +265,7 @@ def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCount
         if not sep:
             continue
         number = _finite(value)
-        if number is None:
+        if number is None or not number.is_integer():
             corrupt.append(f"{metric}|h:{bucket}")
             raw.setdefault(metric, {})["corrupt"] = True
         elif number != 0:

@@ -40,15 +40,6 @@ for i, arm in ipairs(payload.arms) do
     for metric, field in pairs(broken_metrics(arm.stats, names)) do
       broken[metric] = arm.stats .. ' field ' .. field .. ' is not a number'
     end
-    local buckets = {}
-    for f in pairs(arm.hist) do buckets[#buckets + 1] = f end
-    local counts = hmget(arm.hist_key, buckets)
-    for j, f in ipairs(buckets) do
-      local metric = metric_of(f)
-      if not broken[metric] and not is_integer(counts[j]) then
-        broken[metric] = arm.hist_key .. ' field ' .. f .. ' is not an integer'
-      end
-    end
     for metric, why_metric in pairs(broken) do
       problems[#problems + 1] = {arm.arm, why_metric, arm.ints[metric .. '|n'] or 0, 0}
     end
@@ -118,6 +109,20 @@ for i, arm in ipairs(payload.arms) do
   local broken = writable[i]
   if broken then
     local stats = arm.stats
+    local whole = next(broken) == nil  -- nothing of the arm is broken: no counter needs looking at
+    -- The histogram first, each count on its own (reading its hundreds of buckets beforehand
+    -- would cost the script a tenth of its time): a bucket that is no integer marks its metric
+    -- broken, and the rest of that metric is left alone.
+    for f, v in pairs(arm.hist) do
+      if whole or not broken[metric_of(f)] then
+        local added = redis.pcall('HINCRBY', arm.hist_key, f, v)
+        if type(added) == 'table' then
+          local metric = metric_of(f)
+          broken[metric], whole = arm.hist_key .. ' field ' .. f .. ' is not an integer', false
+          problems[#problems + 1] = {arm.arm, broken[metric], arm.ints[metric .. '|n'] or 0, 0}
+        end
+      end
+    end
     if not arms_key_wrong then redis.call('HSETNX', arm.arms_key, arm.arm, arm.meta) end
     -- arm.metrics: {metric, count, center, Σ(x − center), Σ(x − center)², and of the requests
     -- that are units of their own (per-unit sums only): count, Σ(x − center), Σ(x − center)²}.
@@ -144,10 +149,7 @@ for i, arm in ipairs(payload.arms) do
     end
     -- Raw sums arrive as exact decimal strings, so they are applied as they are.
     for f, v in pairs(arm.sums) do
-      if not broken[metric_of(f)] then redis.call('HINCRBYFLOAT', stats, f, v) end
-    end
-    for f, v in pairs(arm.hist) do
-      if not broken[metric_of(f)] then redis.call('HINCRBY', arm.hist_key, f, v) end
+      if whole or not broken[metric_of(f)] then redis.call('HINCRBYFLOAT', stats, f, v) end
     end
     -- arm.units: {unit key, Y deltas about the centers, N deltas}, each aligned with arm.unit_metrics
     local names = arm.unit_metrics
@@ -170,8 +172,7 @@ for i, arm in ipairs(payload.arms) do
     -- a unit: request experiment keeps per-user sums for its design effect, but counts requests
     if not arm.count_units then new_units = 0 end
     for f, v in pairs(arm.ints) do
-      local metric = metric_of(f)
-      if not (metric and broken[metric]) then
+      if whole or not broken[metric_of(f) or ''] then
         if f == 'units' then v = v + new_units; new_units = 0 end
         redis.call('HINCRBY', stats, f, v)
       end
