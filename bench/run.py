@@ -222,7 +222,7 @@ def fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
-NOT_ROUND_TRIPS = {"get", "set", "hget", "hincrby", "hincrbyfloat", "hsetnx", "expire", "pexpire", "config", "info"}
+NOT_ROUND_TRIPS = {"get", "set", "hget", "hmget", "type", "hincrby", "hincrbyfloat", "hsetnx", "expire", "pexpire", "config", "info"}
 """Commands the recorder's batch script runs inside Redis, and the bench's own."""
 
 

@@ -309,3 +309,30 @@ def test_a_histogram_bucket_that_is_no_integer_drops_only_its_metric(proxy: Any,
     assert dropped(proxy, "corrupt_counters") == after["professional"]
     status, body = http_json("GET", f"{proxy.url}/abproxy/experiments/{EXP}")
     assert status == 200 and body["corrupt"] == [f"professional/error_rate|h:{bucket.partition('|')[2]}"], body["corrupt"]
+
+
+def test_an_alias_bucket_of_the_wrong_type_loses_the_response_id_not_the_measurement(
+    proxy: Any, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream's response ids go to hourly hash buckets (the first 64 of an hour to one):
+    a bucket of another type refuses them, which is logged; the request is counted all the same,
+    and its X-ABProxy-Request-Id still takes feedback."""
+    import time
+
+    client = proxy.client()
+    hour = int(time.time() // 3600)
+    for later in (hour, hour + 1):  # the hour may turn during the test
+        redis_client.set(store.alias_key(EXP, later, 0, 0), "a hand edit")
+    with caplog.at_level(logging.WARNING, logger="abproxy"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=EXP, messages=[{"role": "user", "content": "hi"}], user="aliased"
+        )
+        proxy.settle()
+    completion = raw.parse()
+    assert sum(requests_in(redis_client, arm) for arm in arm_ids(proxy).values()) == 1
+    assert dropped(proxy, "corrupt_counters") == 0
+    assert any("1 response-id aliases not written" in record.getMessage() for record in caplog.records)
+    status, _ = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": completion.id, "score": 4})
+    assert status == 404
+    status, body = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": raw.headers["x-abproxy-request-id"], "score": 4})
+    assert status == 200 and body["status"] == "recorded"
