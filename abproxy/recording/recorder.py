@@ -473,7 +473,9 @@ class Recorder:
         for arm, why, measurements, aliases in problems:
             if measurements:
                 self._dropped["corrupt_counters"].inc(int(measurements))
-            lost = f"{measurements} measurements" + (f" and {aliases} response-id aliases" if aliases else "")
+            lost = " and ".join(
+                f"{count} {what}" for count, what in ((measurements, "measurements"), (aliases, "response-id aliases")) if count
+            ) or "the arms' descriptions"  # the arms hash: no measurement depends on it
             where = f"arm {arm} of experiment {part.experiment}" if arm else f"experiment {part.experiment}"
             self._warnings.warning((part.experiment, why), "%s: %s; %s not written; mend or delete that key", where, why, lost)
 
