@@ -129,6 +129,7 @@ def test_a_broken_request_count_drops_the_arm_and_the_results_still_answer(proxy
     assert "basic/requests" in body["corrupt"]
 
 
+@pytest.mark.slow
 def test_a_user_key_of_the_wrong_type_starts_that_user_afresh(proxy: Any, redis_client: redis.Redis) -> None:
     """A unit's running totals that cannot be read are treated as expired: the user counts as a
     new unit of the arm (as after ``UNIT_TTL_S``), and nothing of the batch is lost."""
@@ -196,6 +197,7 @@ def test_feedback_on_an_arm_whose_counters_are_broken_is_refused_and_writes_noth
     assert wait_until(lambda: redis_client.hget(stats_key, "feedback.satisfaction|n") == "1")
 
 
+@pytest.mark.slow
 def test_a_batch_redis_stops_partway_is_counted_not_replayed_twice_or_skipped(
     proxy: Any, redis_client: redis.Redis, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -227,6 +229,7 @@ def test_a_batch_redis_stops_partway_is_counted_not_replayed_twice_or_skipped(
     assert total >= 1 + sum(served.values())
 
 
+@pytest.mark.slow
 def test_a_redis_that_refuses_the_script_drops_each_batch_after_three_tries_counted(
     start_proxy: Any, redis_client: redis.Redis, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -271,6 +274,7 @@ def test_feedback_by_response_id_while_redis_is_full_answers_503_not_404(proxy: 
     assert dropped(proxy, "buffer_full") + dropped(proxy, "redis_refused") == 0, "a full Redis is waited for, not given up on"
 
 
+@pytest.mark.slow
 def test_unit_schemas_of_the_wrong_type_stop_the_per_user_arms_and_say_so(proxy: Any, redis_client: redis.Redis) -> None:
     """Every arm of a ``unit: user`` experiment keeps per-user sums, named by the experiment's
     schemas hash: with that key broken none of them can be written whole."""
@@ -288,6 +292,7 @@ def test_unit_schemas_of_the_wrong_type_stop_the_per_user_arms_and_say_so(proxy:
     assert any(schemas in entry for entry in body["corrupt"]), body["corrupt"]
 
 
+@pytest.mark.slow
 def test_a_histogram_bucket_that_is_no_integer_drops_only_its_metric(proxy: Any, redis_client: redis.Redis) -> None:
     """Buckets are added one by one (reading them all first would cost the script a tenth of its
     time): the first that refuses marks its metric broken for the batch, counted and left alone."""
