@@ -303,3 +303,39 @@ def test_black_box_with_flush_interval_0_a_winner_stays_the_winner_at_the_next_l
     assert fresh.verdict.winner is None, "a look without the kept state would have taken the winner back"
     second = live(proxy)
     assert (second["status"], second["winner"]) == ("winner", "professional")
+
+
+def test_a_sample_ratio_mismatch_stays_flagged_in_redis_until_the_weights_change(
+    redis_server: Any, redis_client: redis.Redis, upstream_url: str
+) -> None:
+    """The sequential sample-ratio test keeps its running p-value in Redis beside the winner: a
+    mismatch shown at one look is still shown once the counts even out, by any replica, and a
+    change of weights starts the test afresh."""
+    config = make_config(upstream_url)
+    plan = Catalog(config).plans[EXP]
+
+    def look(config: Any = config) -> Any:
+        async def once() -> Any:
+            client = open_redis(redis_server.url)
+            try:
+                return await take_snapshot(client, config, Catalog(config).plans[EXP])
+            finally:
+                await client.aclose()
+
+        return run(once()).result
+
+    def assigned(basic: int, professional: int) -> None:
+        for name, units in (("basic", basic), ("professional", professional)):
+            redis_client.hset(store.stats_key(EXP, plan.arms[name].arm_id), mapping={"requests": units, "units": units})
+
+    assigned(5_400, 4_600)
+    flagged = look()
+    assert flagged.status == "srm" and flagged.srm.p_value < 0.001
+    assigned(100_400, 99_600)  # evened out: on its own, no mismatch
+    again = look()
+    assert again.status == "srm" and again.srm.p_value == flagged.srm.p_value
+    experiments = copy.deepcopy(BASE_EXPERIMENTS)
+    experiments[EXP]["variants"]["professional"]["weight"] = 2  # the arms stay, their shares change
+    assigned(66_700, 133_300)
+    reweighted = look(make_config(upstream_url, experiments=experiments))
+    assert reweighted.status != "srm" and reweighted.srm.p_value > 0.001

@@ -16,7 +16,7 @@ from scipy import stats
 from abproxy.analysis.analyse import estimate
 from abproxy.catalog import Catalog
 from abproxy.stats.compare import compare, relative_lift, welch_dof
-from abproxy.stats.decisions import holm, probability_to_be_best, samples_per_arm, srm_p_value
+from abproxy.stats.decisions import holm, probability_to_be_best, samples_per_arm, sequential_srm_p_value
 from abproxy.stats.estimates import (
     Estimate,
     UnitSums,
@@ -318,28 +318,30 @@ def test_holm_semantics_monotone_and_capped():
 # --------------------------------------------------------------------------- SRM
 
 
-def test_srm_equals_scipy_chisquare():
-    assert srm_p_value([5100, 4900], [1, 1]) == pytest.approx(stats.chisquare([5100, 4900]).pvalue, rel=1e-12)
-    assert srm_p_value([5100, 4900], [1, 1]) == pytest.approx(0.04550026389635842, rel=1e-9)  # χ²=4, 1 dof
+def _dirichlet_multinomial_p(counts: list[int], weights: list[float], concentration: float = 100.0) -> float:
+    """1 / BF computed independently, with scipy's distributions: the Dirichlet-multinomial
+    likelihood of the counts over the multinomial's at the weights."""
+    shares = np.array(weights, dtype=float) / sum(weights)
+    n = sum(counts)
+    log_bf = stats.dirichlet_multinomial.logpmf(counts, concentration * shares, n) - stats.multinomial.logpmf(counts, n, shares)
+    return min(1.0, math.exp(-log_bf))
 
 
-def test_srm_threshold_cases():
-    mild = srm_p_value([10_200, 9_800], [1, 1])
-    assert mild == pytest.approx(0.004677734981047266, rel=1e-9)  # χ² = 8
-    assert mild > 0.001
-    severe = srm_p_value([10_500, 9_500], [1, 1])
-    assert severe < 0.001  # χ² = 50
-    assert severe == pytest.approx(stats.chi2.sf(50, 1), rel=1e-9)
+@pytest.mark.parametrize(
+    "counts, weights",
+    [([5_100, 4_900], [1, 1]), ([10_500, 9_500], [1, 1]), ([3_100, 5_900], [1, 2]), ([120, 95, 301], [1, 1, 3]), ([7, 0], [1, 1])],
+)
+def test_sequential_srm_is_the_dirichlet_multinomial_bayes_factor(counts: list[int], weights: list[float]) -> None:
+    assert sequential_srm_p_value(counts, weights) == pytest.approx(_dirichlet_multinomial_p(counts, weights), rel=1e-9)
 
 
-def test_srm_unequal_weights():
-    # 1:2 → expected 3,000 and 6,000
-    p = srm_p_value([3_100, 5_900], [1, 2])
-    assert p == pytest.approx(stats.chisquare([3_100, 5_900], [3_000, 6_000]).pvalue, rel=1e-12)
-    assert srm_p_value([3_000, 6_000], [1, 2]) == pytest.approx(1.0)
-    assert srm_p_value([4_500, 4_500], [1, 2]) < 0.001
-    assert srm_p_value([0, 0], [1, 1]) is None
-    assert srm_p_value([10, 5], [1, 0]) == 0.0
+def test_sequential_srm_flags_a_real_mismatch_and_not_chance():
+    assert sequential_srm_p_value([10_500, 9_500], [1, 1]) < 1e-9  # 52.5 / 47.5
+    assert sequential_srm_p_value([10_200, 9_800], [1, 1]) > 0.1  # within chance for 20,000
+    assert sequential_srm_p_value([3_000, 6_000], [1, 2]) == 1.0
+    assert sequential_srm_p_value([4_500, 4_500], [1, 2]) < 1e-6
+    assert sequential_srm_p_value([0, 0], [1, 1]) is None
+    assert sequential_srm_p_value([10, 5], [1, 0]) == 0.0
 
 
 # --------------------------------------------------------------------------- probability to be best

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from abproxy.analysis.state import KeptState, StateUpdate, Winner
+from abproxy.analysis.state import KeptState, SampleRatioState, StateUpdate, Winner
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.recording import store
@@ -126,6 +126,14 @@ def decision_context(plan: ExperimentPlan, policy: Policy) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def sample_ratio_context(plan: ExperimentPlan) -> str:
+    """A short hash of what the sample-ratio test checks: the arms that get new traffic and
+    their weights. Its running p-value holds only while these stay."""
+    checked = sorted((arm.arm_id, plan.settings.variants[name].weight) for name, arm in plan.arms.items())
+    live = [[arm_id, weight] for arm_id, weight in checked if weight > 0]
+    return hashlib.sha256(json.dumps(live).encode()).hexdigest()[:12]
+
+
 def state_keys(plan: ExperimentPlan) -> dict[str, StateKey]:
     """Every running state a look may keep, by its field in Redis: each treatment against the
     control on every metric, and each pair of treatments on the primary metric."""
@@ -203,7 +211,10 @@ def analyse(
     context = decision_context(plan, policy)
     by_arm_id = {arm.arm_id: name for name, arm in plan.arms.items()}
     declared = by_arm_id.get(kept.winner.arm or "") if kept.winner.context == context else None
-    verdict = decide(arms, policy, previous, declared, extend)
+    ratio_context = sample_ratio_context(plan)
+    kept_ratio = kept.sample_ratio
+    kept_p = kept_ratio.p_value if kept_ratio is not None and kept_ratio.context == ratio_context else None
+    verdict = decide(arms, policy, previous, declared, extend, kept_p)
 
     corrupt, decisive = _corrupt(plan, counters)
     deff = design_effect(plan, counters)
@@ -225,6 +236,7 @@ def analyse(
         expected_generation=kept.winner.generation,
         winner=proposal,
         context=context,
+        sample_ratio=SampleRatioState(ratio_context, verdict.srm_p_value) if verdict.srm_p_value is not None else None,
     )
     answered = Winner(proposal, kept.winner.generation + 1, context) if proposal else kept.winner
     return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff)

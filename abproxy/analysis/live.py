@@ -46,8 +46,9 @@ class Snapshot:
 async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> state.KeptState:
     encoded = {name: running.encode() for name, running in update.running.items()}
     states = [(name, encoded.get(name, "")) for name in update.fields]
+    sample_ratio = update.sample_ratio.encode() if update.sample_ratio is not None else ""
     raw_states, raw_winner = await store.save_state(
-        redis, plan.name, states, update.expected_generation, update.winner, update.context
+        redis, plan.name, states, update.expected_generation, update.winner, update.context, sample_ratio
     )
     return state.decode(raw_states, raw_winner)
 

@@ -3,7 +3,7 @@ and the declared winner. Every look merges its own into Redis (``store.SAVE_STAT
 answers from the merge, so every replica and every look extends one sequence.
 
 The running states merge by minimum and intersection (commutative, idempotent: any order of
-looks gives the same state). The winner is a compare-and-set on a generation counter: a look
+looks gives the same state), the sample-ratio test's p-value by minimum. The winner is a compare-and-set on a generation counter: a look
 proposes a new winner only against the generation it read, so two replicas declaring at once
 cannot overwrite each other; the one that loses answers with the winner that was kept.
 :func:`apply` is the same merge in Python, for the simulations and to check the Lua against."""
@@ -28,10 +28,38 @@ class Winner:
 
 
 @dataclass(frozen=True)
+class SampleRatioState:
+    """The sequential sample-ratio test's running p-value on one context (the arms checked and
+    their weights, :func:`abproxy.analysis.analyse.sample_ratio_context`): it only goes down, so
+    an experiment flagged stays flagged until its weights change."""
+
+    context: str
+    p_value: float
+
+    def merge(self, other: SampleRatioState) -> SampleRatioState:
+        if other.context != self.context:
+            return other  # the weights changed: the test starts again on them
+        return self if self.p_value <= other.p_value else other
+
+    def encode(self) -> str:
+        return f"{self.context}|{self.p_value!r}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> SampleRatioState | None:
+        context, _, p = (text or "").partition("|")
+        try:
+            p_value = float(p)
+        except ValueError:
+            return None
+        return cls(context, p_value) if context and 0 <= p_value <= 1 else None
+
+
+@dataclass(frozen=True)
 class KeptState:
     running: Mapping[str, RunningState] = field(default_factory=dict)
     """By field of ``store.sequential_key``: ``arm|other arm|metric``."""
     winner: Winner = Winner()
+    sample_ratio: SampleRatioState | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +73,7 @@ class StateUpdate:
     winner: str | None = None
     """A newly declared winner's arm id; None to leave the winner as it is."""
     context: str = ""
+    sample_ratio: SampleRatioState | None = None
 
 
 def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> KeptState:
@@ -59,7 +88,8 @@ def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> Kept
         generation = int(raw_winner.get("generation", 0))
     except ValueError:
         generation = 0
-    return KeptState(running, Winner(raw_winner.get("winner") or None, generation, raw_winner.get("context", "")))
+    winner = Winner(raw_winner.get("winner") or None, generation, raw_winner.get("context", ""))
+    return KeptState(running, winner, SampleRatioState.decode(raw_winner.get("srm")))
 
 
 def apply(kept: KeptState, update: StateUpdate) -> KeptState:
@@ -71,12 +101,17 @@ def apply(kept: KeptState, update: StateUpdate) -> KeptState:
     winner = kept.winner
     if update.winner is not None and kept.winner.generation == update.expected_generation:
         winner = Winner(update.winner, update.expected_generation + 1, update.context)
-    return KeptState(running, winner)
+    sample_ratio = kept.sample_ratio
+    if update.sample_ratio is not None:
+        sample_ratio = sample_ratio.merge(update.sample_ratio) if sample_ratio is not None else update.sample_ratio
+    return KeptState(running, winner, sample_ratio)
 
 
 def agrees(saved: KeptState, update: StateUpdate, answered: Winner) -> bool:
     """Whether what Redis now holds is what the look answered with (no other look came in
     between): the same states for its fields, and the same winner."""
     if saved.winner != answered:
+        return False
+    if update.sample_ratio is not None and saved.sample_ratio != update.sample_ratio:
         return False
     return all(saved.running.get(name) == state for name, state in update.running.items())

@@ -395,18 +395,23 @@ async def save_state(
     expected_generation: int,
     winner: str | None,
     context: str = "",
+    srm: str = "",
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Merge a look's running states (field, encoded state or '') and its winner into Redis
-    (:data:`SAVE_STATE_LUA`); returns what Redis keeps now, as :func:`read_experiment` reads it:
-    the states of the given fields, and the winner's hash."""
+    """Merge a look's running states (field, encoded state or ''), its winner and its
+    sample-ratio state (``context|p`` or '') into Redis (:data:`SAVE_STATE_LUA`); returns what
+    Redis keeps now, as :func:`read_experiment` reads it: the states of the given fields, and
+    the verdict's hash."""
     keys = [sequential_key(experiment), verdict_key(experiment)]
-    args: list[Any] = [expected_generation, winner or "", context]
+    args: list[Any] = [expected_generation, winner or "", context, srm]
     for name, encoded in states:
         args += [name, encoded]
     reply = await _SAVE_STATE.run(redis, lambda sha: redis.evalsha(sha, len(keys), *keys, *args), keys[0])
-    generation, kept_winner, kept_context, merged = reply
+    generation, kept_winner, kept_context, merged, kept_srm = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
-    return kept, {"generation": str(generation), "winner": kept_winner, "context": kept_context}
+    verdict = {"generation": str(generation), "winner": kept_winner, "context": kept_context}
+    if kept_srm:
+        verdict["srm"] = kept_srm
+    return kept, verdict
 
 
 async def next_flush_step(redis: Any) -> int:

@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from abproxy.stats.compare import Comparison, compare, lift_variance
-from abproxy.stats.decisions import SRM_THRESHOLD, holm, probability_to_be_best, srm_p_value
+from abproxy.stats.decisions import SRM_THRESHOLD, holm, probability_to_be_best, sequential_srm_p_value
 from abproxy.stats.estimates import Estimate
 from abproxy.stats.guardrails import Guardrail, non_inferior
-from abproxy.stats.sequential import Mixture, RunningState, msprt
+from abproxy.stats.sequential import Mixture, RunningState, msprt, running_p_value
 
 COLLECTING, WINNER, NO_DIFFERENCE, SRM = "collecting", "winner", "no_difference", "srm"
 EFFECT_DRIFT = "effect_drift"
@@ -114,6 +114,7 @@ class Verdict:
     status: str
     winner: str | None
     srm_p_value: float | None
+    """The sequential sample-ratio test's running p-value after this look (keep it for the next)."""
     arms: dict[str, ArmVerdict]
     running: dict[StateKey, RunningState]
     """The always-valid p-values and intervals after this look, to keep for the next one."""
@@ -173,10 +174,12 @@ def decide(
     previous: Mapping[StateKey, RunningState],
     declared: str | None = None,
     extend: bool = True,
+    sample_ratio: float | None = None,
 ) -> Verdict:
     """The verdict at this look. ``previous``: the running states kept so far; ``declared``: the
-    winner declared at an earlier look, if any; ``extend=False`` decides on the kept states alone
-    (when this look's could not be kept, so that no answer rests on evidence the next look
+    winner declared at an earlier look, if any; ``sample_ratio``: the sample-ratio test's running
+    p-value kept so far (for these arms and weights); ``extend=False`` decides on the kept states
+    alone (when this look's could not be kept, so that no answer rests on evidence the next look
     will not have)."""
     control = next(arm for arm in arms if arm.control)
     treatments = [arm for arm in arms if not arm.control]
@@ -213,7 +216,10 @@ def decide(
         for index, arm in enumerate(arms)
     }
     live = [arm for arm in arms if arm.weight > 0]
-    srm = srm_p_value([arm.assigned for arm in live], [arm.weight for arm in live])
+    srm = sample_ratio
+    if extend:
+        now = sequential_srm_p_value([arm.assigned for arm in live], [arm.weight for arm in live])
+        srm = running_p_value(sample_ratio, now) if now is not None else sample_ratio
     decision_metrics = {policy.primary, *(g.metric for g in policy.guardrail_specs)}
     drifted = any(
         result.drifted for arm in treatments for metric, result in results[arm.name].items() if metric in decision_metrics
