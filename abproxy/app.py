@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from abproxy.proxy.auth import Authorizer
-from abproxy.proxy.promotions import Promotions
+from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.recording.feedback import FeedbackService
-from abproxy.mlflow_sink.flusher import Flusher
+from abproxy.mlflow_sink.flusher import LOOK_EVERY_S, Flusher
 from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
 from abproxy.recording import store
@@ -41,6 +41,7 @@ from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
 from abproxy.analysis.live import experiment_results
+from abproxy.analysis.stops import resume
 from abproxy.stats.results import as_json
 from abproxy.upstream.policy import Upstreams
 
@@ -78,18 +79,21 @@ class ABProxyApp:
         recorder_options: Mapping[str, Any] | None = None,
         trace_options: Mapping[str, Any] | None = None,
         ids_refresh_s: float = 10.0,
+        look_every_s: float = LOOK_EVERY_S,
     ):
         """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
         results) default to clients of ``redis_url``; ``recorder_options`` go to the
         :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``), ``trace_options``
         to the :class:`TraceWriter` (``interval_s``, ``max_queued``); ``ids_refresh_s`` is how often
-        the request id secrets are compared with Redis's (:class:`Signers`)."""
+        the request id secrets are compared with Redis's (:class:`Signers`); ``look_every_s`` the
+        longest this replica goes without looking at its experiments (:meth:`Flusher.run_periodically`)."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
         self.config = config
         self.redis_url = url
         self._ids_refresh_s = ids_refresh_s
+        self._look_every_s = look_every_s
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
@@ -118,9 +122,9 @@ class ABProxyApp:
             **(recorder_options or {}),
         )
         self.auth = Authorizer(config.server)
-        self.promotions = Promotions(self.catalog.plans)
+        self.overrides = LiveOverrides(self.catalog.plans)
         self.signers = Signers()
-        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.promotions, signers=self.signers)
+        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.overrides, signers=self.signers)
         self.feedback = FeedbackService(
             self.request_redis,
             config,
@@ -145,12 +149,13 @@ class ABProxyApp:
             await discover(client)
         self.recorder.start()
         loop = asyncio.get_running_loop()
-        if self.config.mlflow.flush_interval_s > 0 and self.catalog.plans:
-            self._background.append(loop.create_task(self.flusher.run_periodically(), name="abproxy-flusher"))
+        if self.catalog.plans:
+            looks = self.flusher.run_periodically(self._look_every_s)
+            self._background.append(loop.create_task(looks, name="abproxy-flusher"))
         if self.traces is not None:
             self._background.append(loop.create_task(self.traces.run(), name="abproxy-traces"))
         if self.catalog.plans:
-            self._background.append(loop.create_task(self.promotions.watch(self.redis), name="abproxy-promotions"))
+            self._background.append(loop.create_task(self.overrides.watch(self.redis), name="abproxy-overrides"))
             self._background.append(loop.create_task(watch_evictions(self.redis), name="abproxy-evictions"))
             try:
                 await self.signers.load(self.redis)
@@ -260,6 +265,14 @@ class ABProxyApp:
             await send_json(send, 200, {"experiments": [as_json(result) for result in results]})
         elif path.startswith("/abproxy/experiments/") and path.endswith("/promote") and method in ("POST", "DELETE"):
             await self._promote(path.removeprefix("/abproxy/experiments/").removesuffix("/promote"), scope, receive, send)
+        elif path.startswith("/abproxy/experiments/") and "/stopped/" in path and method == "DELETE":
+            name, _, variant = path.removeprefix("/abproxy/experiments/").partition("/stopped/")
+            plan = self.catalog.plans.get(name)
+            if plan is None:
+                raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
+            resumed = await resume(self.redis, plan, variant)
+            self.overrides.set_stop(plan.name, plan.arms[variant].arm_id, resumed)
+            await send_json(send, 200, {"experiment": plan.name, "resumed": variant, "stopped_for": resumed.reason})
         elif path.startswith("/abproxy/experiments/") and method == "GET":
             name = path.removeprefix("/abproxy/experiments/")
             plan = self.catalog.plans.get(name)
@@ -280,7 +293,7 @@ class ABProxyApp:
             raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
         if scope["method"] == "DELETE":
             await undo(self.redis, plan)
-            self.promotions.set(plan.name, None)
+            self.overrides.set_promoted(plan.name, None)
             await send_json(send, 200, {"experiment": plan.name, "promoted": None})
             return
         raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
@@ -291,7 +304,7 @@ class ABProxyApp:
         if not isinstance(alias, str) or not alias:
             raise HTTPError(400, "'alias' must be a non-empty string", "invalid_request", param="alias")
         promotion = await promote(self.redis, self.config, plan, variant, alias)
-        self.promotions.set(plan.name, promotion.variant)
+        self.overrides.set_promoted(plan.name, promotion.variant)
         await send_json(send, 200, promotion.as_json())
 
     async def _ready(self, send: Any) -> None:

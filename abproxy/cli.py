@@ -218,6 +218,28 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return _with_redis(config, work)
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    from abproxy.analysis.stops import resume
+    from abproxy.catalog import Catalog
+
+    plan = Catalog(config).plans.get(args.experiment)
+    if plan is None:
+        print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(config.experiments) or '-'}", file=sys.stderr)
+        return 1
+
+    async def work(redis: Any) -> int:
+        resumed = await resume(redis, plan, args.variant)
+        print(
+            f"{plan.name}: {args.variant} resumed (it was stopped for harm on {resumed.reason}): every replica gives it "
+            "its share of new traffic again within a second; it will not be stopped again on its own"
+        )
+        return 0
+
+    return _with_redis(config, work)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
@@ -299,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--alias", default="production", help="Prompt Registry alias (default production)")
     promote.add_argument("--undo", action="store_true", help="remove the promotion")
     promote.set_defaults(handler=cmd_promote)
+
+    resume_verb = verbs.add_parser("resume", help="give a variant stopped for harm its traffic back")
+    resume_verb.add_argument("experiment")
+    resume_verb.add_argument("variant")
+    resume_verb.add_argument("--config")
+    resume_verb.set_defaults(handler=cmd_resume)
 
     check = verbs.add_parser("check-config", help="validate a config file")
     check.add_argument("file", nargs="?")

@@ -237,6 +237,9 @@ class Experiment(_Strict):
     """Written as a list of metric names (default margins) or a mapping metric → margin;
     ``feedback`` is validated first, so the metric names can be checked here."""
     mlflow_experiment: str | None = None
+    stop_on_harm: bool = True
+    """A treatment whose always-valid interval shows harm beyond a guardrail's margin gets no new
+    traffic (its units go to the control) until ``abproxy resume``."""
     variants: dict[str, Variant]
 
     @field_validator("variants")

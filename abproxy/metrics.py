@@ -148,6 +148,13 @@ class ProxyMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.variant_stopped = Gauge(
+            "abproxy_variant_stopped",
+            "1 for a variant stopped for harm on a guardrail (the control serves its users), else 0.",
+            ("experiment", "variant"),
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.traces_dropped = Counter(
             "abproxy_traces_dropped_total",
             "Sampled requests not written to MLflow as traces, by reason (rate_limited, queue_full, mlflow_unavailable).",
@@ -186,8 +193,10 @@ class ProxyMetrics:
 
     def publish_results(self, result: ExperimentResult) -> None:
         """The statistics of one experiment's live results, as gauges for dashboards."""
+        stopped = {stop.variant for stop in result.stopped}
         for variant in result.variants:
             self.winner.labels(result.experiment, variant.name).set(1 if result.winner == variant.name else 0)
+            self.variant_stopped.labels(result.experiment, variant.name).set(1 if variant.name in stopped else 0)
             for metric, summary in variant.metrics.items():
                 if metric.startswith("feedback.") and summary.mean is not None:
                     self.feedback_mean.labels(result.experiment, variant.name, metric.removeprefix("feedback.")).set(summary.mean)

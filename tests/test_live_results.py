@@ -339,3 +339,33 @@ def test_a_sample_ratio_mismatch_stays_flagged_in_redis_until_the_weights_change
     assigned(66_700, 133_300)
     reweighted = look(make_config(upstream_url, experiments=experiments))
     assert reweighted.status != "srm" and reweighted.srm.p_value > 0.001
+
+
+def test_a_revoked_winner_is_kept_in_redis_and_promote_refuses_it(start_proxy: Any, redis_client: redis.Redis, upstream_url: str) -> None:
+    experiments = copy.deepcopy(BASE_EXPERIMENTS)
+    experiments[EXP]["guardrails"] = ["error_rate"]
+    proxy = start_proxy(make_config(upstream_url, experiments=experiments, mlflow={"flush_interval_s": 0}))
+    plan = proxy.app.catalog.plans[EXP]
+    config = proxy.app.config
+    basic, professional = plan.arms["basic"].arm_id, plan.arms["professional"].arm_id
+    _seed(redis_client, plan, {"basic": (3.0, 1.0, 4000), "professional": (3.4, 1.0, 4000)})
+    def errors_of(arm: str, errors: int) -> None:  # one request per user, as _seed's counters
+        fields = {"n": 4000, "s": errors, "q": errors, "uk": 4000, "uyy": errors, "unn": 4000, "uyn": errors}
+        redis_client.hset(store.stats_key(EXP, arm), mapping={f"error_rate|{k}": v for k, v in fields.items()})
+
+    errors_of(basic, 80)
+    errors_of(professional, 320)
+    context = decision_context(plan, policy_for(plan, config))
+    redis_client.hset(store.verdict_key(EXP), mapping={"winner": professional, "generation": 1, "context": context})
+
+    first = live(proxy)
+    assert first["status"] == "revoked" and first["winner"] is None
+    assert first["revoked"] == {"variant": "professional", "reason": "error_rate"}
+    assert redis_client.hget(store.verdict_key(EXP), "revoked") == "error_rate"
+    for arm in (basic, professional):  # the harm no longer shows: still revoked
+        errors_of(arm, 80)
+    assert live(proxy)["status"] == "revoked"
+
+    status, body = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
+    assert status == 409 and body["error"]["code"] == "winner_revoked", body
+    assert "professional" in body["error"]["message"]

@@ -776,7 +776,7 @@ def test_client_keys_are_never_admin_keys(start_proxy):
             refused = http(method, proxy.url + path, b"{}" if method == "POST" else None, headers)
             error = assert_openai_error(refused, 403, "admin_key_required")
             assert "server.admin_key" in error["message"] and b"sk-client" not in refused.body
-    assert proxy.app.promotions.variant_for("translation") is None, "nothing was promoted"
+    assert proxy.app.overrides.promoted("translation") is None, "nothing was promoted"
     # the clients still scrape /metrics and call the API with their key
     assert http("GET", proxy.url + "/metrics", headers={"Authorization": "Bearer sk-client"}).status == 200
     assert proxy.client(api_key="sk-client").chat.completions.create(model="translation", messages=USER_ONLY).choices

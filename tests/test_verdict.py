@@ -5,6 +5,7 @@ the design effect. Pure: no Redis (the Lua twin of state.apply is checked in tes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from abproxy.analysis.analyse import (
     summarise,
 )
 from abproxy.analysis.report import verdict_sentence
+from abproxy.recording import store
 from abproxy.recording.store import ArmCounters, MetricCounters, parse_arm
 from abproxy.stats.estimates import Estimate, from_moments
 from abproxy.stats.guardrails import Guardrail
@@ -334,3 +336,61 @@ def test_the_design_effect_of_correlated_users_in_a_unit_request_experiment():
     deff = design_effect(plan, counters)
     assert deff == pytest.approx(1 + 9 * 0.2, rel=0.2)
     assert "units_correlated" in analyse(plan, config, counters).warnings
+
+
+# -- a verdict that keeps watching: revoked winners, harm shown --------------------------------------
+
+
+def test_a_declared_winner_that_harms_a_guardrail_is_revoked():
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 4000), error_rate=rate(0.02, 4000)),
+        arm("b", feedback__score=est(3.8, 1.0, 4000), error_rate=rate(0.09, 4000)),
+    ]
+    verdict = decide(arms, policy(guardrails=[Guardrail(ERRORS, margin=0.01)]), {}, declared="b")
+    assert (verdict.status, verdict.winner, verdict.revoked) == ("revoked", None, ("b", ERRORS))
+    assert verdict.arms["b"].harmed == (ERRORS,)
+    # not yet declared: no revocation, only harm (and no crown)
+    fresh = decide(arms, policy(guardrails=[Guardrail(ERRORS, margin=0.01)]), {})
+    assert fresh.status != "revoked" and fresh.winner != "b" and fresh.arms["b"].harmed == (ERRORS,)
+
+
+def test_a_declared_winner_now_worse_on_the_primary_metric_is_revoked():
+    arms = [arm("a", control=True, feedback__score=est(3.8, 1.0, 4000)), arm("b", feedback__score=est(3.5, 1.0, 4000))]
+    verdict = decide(arms, policy(), {}, declared="b")
+    assert (verdict.status, verdict.revoked) == ("revoked", ("b", SCORE))
+    # noise around the control is no reason: the winner keeps its name
+    level = [arm("a", control=True, feedback__score=est(3.5, 1.0, 400)), arm("b", feedback__score=est(3.52, 1.0, 400))]
+    assert decide(level, policy(), {}, declared="b").status == WINNER
+
+
+def test_a_revocation_is_kept_and_stays_whatever_the_data_do_next():
+    plan, config = experiment(guardrails=[ERRORS])
+    a, b = (arm.arm_id for arm in plan.arms.values())
+
+    def counters(b_errors: float, n: int) -> dict[str, ArmCounters]:
+        def one(arm_id: str, score: float, errors: float) -> ArmCounters:
+            metrics = {
+                SCORE: MetricCounters(Moments(n, n * score, n * (1 + score * score))),
+                ERRORS: MetricCounters(Moments(n, n * errors, n * errors)),
+            }
+            return ArmCounters(arm_id, requests=n, units=n, metrics=metrics)
+
+        return {a: one(a, 3.0, 0.02), b: one(b, 3.3, b_errors)}
+
+    kept = state.KeptState()
+    first = analyse(plan, config, counters(0.02, 20_000), kept)
+    kept = state.apply(kept, first.update)
+    assert first.verdict.winner == "b"
+    # the error rate's running interval comes to show harm (as an interval that follows a moving
+    # effect would: the kept intersection of fixed-effect intervals empties instead, see issue 19)
+    field = store.sequential_field(b, a, ERRORS)
+    kept = dataclasses.replace(kept, running={**kept.running, field: RunningState(1e-6, 0.03, 0.05)})
+    harmed = analyse(plan, config, counters(0.06, 40_000), kept)
+    assert harmed.verdict.revoked == ("b", ERRORS) and harmed.update.revoked == ERRORS
+    kept = state.apply(kept, harmed.update)
+    assert kept.winner.revoked == ERRORS and kept.winner.arm == b
+    later = analyse(plan, config, counters(0.02, 40_000), kept)
+    assert later.verdict.status == "revoked" and later.update.revoked is None, "revoked once, for good"
+    result = summarise(plan, config, counters(0.02, 40_000), later)
+    assert result.revoked is not None and (result.revoked.variant, result.revoked.reason) == ("b", ERRORS)
+    assert verdict_sentence(result).startswith("Revoked: b, declared the winner, no longer stands: it now harms guardrail")

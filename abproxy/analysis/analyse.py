@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import math
+from datetime import datetime, timezone
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,14 +19,14 @@ from abproxy.analysis.state import KeptState, SampleRatioState, StateUpdate, Win
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.recording import store
-from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.recording.store import ArmCounters, MetricCounters, Stop
 from abproxy.stats.decisions import SRM_THRESHOLD, samples_per_arm
 from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
 from abproxy.stats.estimates import interval as estimate_interval
 from abproxy.stats.guardrails import DEFAULT_RATE_MARGIN, Guardrail
 from abproxy.stats.histogram import quantiles
 from abproxy.stats.power import sequential_samples_per_arm
-from abproxy.stats.results import ExperimentResult, MetricSummary, SampleRatio, VariantResult
+from abproxy.stats.results import ExperimentResult, MetricSummary, Revoked, SampleRatio, StoppedVariant, VariantResult
 from abproxy.stats.sequential import default_mixture
 from abproxy.stats.verdict import COLLECTING, WINNER, ArmInput, MetricResult, Policy, StateKey, Verdict, decide
 
@@ -126,12 +127,17 @@ def decision_context(plan: ExperimentPlan, policy: Policy) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def sample_ratio_context(plan: ExperimentPlan) -> str:
-    """A short hash of what the sample-ratio test checks: the arms that get new traffic and
-    their weights. Its running p-value holds only while these stay."""
-    checked = sorted((arm.arm_id, plan.settings.variants[name].weight) for name, arm in plan.arms.items())
+def sample_ratio_context(plan: ExperimentPlan, stopped: frozenset[str] = frozenset()) -> str:
+    """A short hash of what the sample-ratio test checks: the arms that get new traffic (not
+    stopped) and their weights. Its running p-value holds only while these stay."""
+    checked = sorted((arm.arm_id, _weight(plan, name, stopped)) for name, arm in plan.arms.items())
     live = [[arm_id, weight] for arm_id, weight in checked if weight > 0]
     return hashlib.sha256(json.dumps(live).encode()).hexdigest()[:12]
+
+
+def _weight(plan: ExperimentPlan, variant: str, stopped: frozenset[str]) -> float:
+    """The variant's weight now: 0 for an arm stopped for harm (the control serves its units)."""
+    return 0.0 if plan.arms[variant].arm_id in stopped else plan.settings.variants[variant].weight
 
 
 def state_keys(plan: ExperimentPlan) -> dict[str, StateKey]:
@@ -183,9 +189,12 @@ def analyse(
     counters: Mapping[str, ArmCounters],
     kept: KeptState | None = None,
     extend: bool = True,
+    stopped: frozenset[str] = frozenset(),
 ) -> Analysis:
     """One look: the verdict on the counters and on what earlier looks kept (None: nothing yet).
-    ``extend=False``: on the kept state alone, adding nothing of this look's (see :func:`decide`)."""
+    ``extend=False``: on the kept state alone, adding nothing of this look's (see :func:`decide`);
+    ``stopped``: the arm ids stopped for harm (they get no traffic: the sample-ratio test leaves
+    them out)."""
     kept = kept if kept is not None else KeptState()
     settings = plan.settings
     estimates: dict[str, dict[str, Estimate | None]] = {}
@@ -200,7 +209,7 @@ def analyse(
             ArmInput(
                 name=name,
                 control=name == settings.control_name,
-                weight=settings.variants[name].weight,
+                weight=_weight(plan, name, stopped),
                 assigned=arm_counters.units if plan.per_unit else arm_counters.requests,
                 estimates=estimates[name],
             )
@@ -211,10 +220,11 @@ def analyse(
     context = decision_context(plan, policy)
     by_arm_id = {arm.arm_id: name for name, arm in plan.arms.items()}
     declared = by_arm_id.get(kept.winner.arm or "") if kept.winner.context == context else None
-    ratio_context = sample_ratio_context(plan)
+    ratio_context = sample_ratio_context(plan, stopped)
     kept_ratio = kept.sample_ratio
     kept_p = kept_ratio.p_value if kept_ratio is not None and kept_ratio.context == ratio_context else None
-    verdict = decide(arms, policy, previous, declared, extend, kept_p)
+    revoked = kept.winner.revoked if declared is not None else None
+    verdict = decide(arms, policy, previous, declared, extend, kept_p, revoked)
 
     corrupt, decisive = _corrupt(plan, counters)
     deff = design_effect(plan, counters)
@@ -223,8 +233,9 @@ def analyse(
         warnings.append(UNITS_CORRELATED)
     if corrupt:
         warnings.append(CORRUPT_COUNTERS)
-    if decisive:
-        verdict = dataclasses.replace(verdict, status=COLLECTING, winner=None)
+    if decisive and not revoked:
+        verdict = dataclasses.replace(verdict, status=COLLECTING, winner=None, revoked=None)
+    revocation = verdict.revoked[1] if verdict.revoked is not None and not revoked else None
 
     fields = {key: name for name, key in keys.items()}
     proposal = None
@@ -237,8 +248,13 @@ def analyse(
         winner=proposal,
         context=context,
         sample_ratio=SampleRatioState(ratio_context, verdict.srm_p_value) if verdict.srm_p_value is not None else None,
+        revoked=revocation,
     )
-    answered = Winner(proposal, kept.winner.generation + 1, context) if proposal else kept.winner
+    answered = kept.winner
+    if proposal:
+        answered = Winner(proposal, kept.winner.generation + 1, context)
+    elif revocation:
+        answered = dataclasses.replace(kept.winner, revoked=revocation)
     return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff)
 
 
@@ -339,6 +355,7 @@ def summarise(
     analysis: Analysis,
     promoted: str | None = None,
     extra_warnings: tuple[str, ...] = (),
+    stops: Mapping[str, Stop] | None = None,
 ) -> ExperimentResult:
     """The typed results of one look: every variant's numbers beside the verdict."""
     settings, verdict = plan.settings, analysis.verdict
@@ -390,4 +407,14 @@ def summarise(
         warnings=tuple(dict.fromkeys(analysis.warnings + extra_warnings)),
         corrupt=analysis.corrupt,
         design_effect=analysis.design_effect,
+        revoked=Revoked(*verdict.revoked) if verdict.revoked is not None else None,
+        stopped=tuple(
+            StoppedVariant(stop.variant, stop.reason, _utc(stop.at))
+            for arm_id, stop in (stops or {}).items()
+            if stop.active and any(arm.arm_id == arm_id for arm in plan.arms.values())
+        ),
     )
+
+
+def _utc(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from abproxy.analysis import state
+from abproxy.analysis.stops import stop_harmful_arms
 from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse, summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
@@ -48,8 +49,9 @@ async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> 
     states = [(name, encoded.get(name, "")) for name in update.fields]
     sample_ratio = update.sample_ratio.encode() if update.sample_ratio is not None else ""
     raw_states, raw_winner = await store.save_state(
-        redis, plan.name, states, update.expected_generation, update.winner, update.context, sample_ratio
-    )
+        redis, plan.name, states, update.expected_generation, update.winner, update.context, sample_ratio,
+        update.revoked or "",
+    )  # fmt: skip
     return state.decode(raw_states, raw_winner)
 
 
@@ -57,17 +59,18 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
     with store.reachable():
         counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids)
-        promoted = (await store.read_promotions(redis, [plan.name])).get(plan.name)
+        overrides = (await store.read_overrides(redis, [plan.name])).get(plan.name, store.Overrides())
     kept = state.decode(raw_states, raw_winner)
     warnings = await eviction.warnings(redis)  # Redis evicted keys: any counter may be short
+    stopped = overrides.stopped
     for _ in range(SAVE_ATTEMPTS):
-        analysis = analyse(plan, config, counters, kept)
+        analysis = analyse(plan, config, counters, kept, stopped=stopped)
         try:
             saved = await _save(redis, plan, analysis.update)
         except connection.UNAVAILABLE as error:
             log.warning("could not save experiment %s's always-valid state (%s: %s); answering from the saved one",
                         plan.name, type(error).__name__, error)  # fmt: skip
-            analysis = analyse(plan, config, counters, kept, extend=False)
+            analysis = analyse(plan, config, counters, kept, extend=False, stopped=stopped)
             warnings += (STATE_NOT_SAVED,)
             break
         if state.agrees(saved, analysis.update, analysis.answered):
@@ -75,8 +78,10 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
             break
         kept = saved  # another look came in between: decide again on what Redis keeps now
     else:
-        analysis = analyse(plan, config, counters, kept, extend=False)
-    return Snapshot(plan, counters, analysis, kept, summarise(plan, config, counters, analysis, promoted, warnings))
+        analysis = analyse(plan, config, counters, kept, extend=False, stopped=stopped)
+    stops = await stop_harmful_arms(redis, plan, analysis, overrides.stops)
+    result = summarise(plan, config, counters, analysis, overrides.promoted, warnings, stops)
+    return Snapshot(plan, counters, analysis, kept, result)
 
 
 async def experiment_results(redis: Any, config: Config, plan: ExperimentPlan) -> ExperimentResult:

@@ -98,8 +98,13 @@ _EXPLAINED = {
 
 
 def notes(result: ExperimentResult) -> list[str]:
-    """What the table cannot say: guardrails holding a variant back, and each warning."""
-    lines = []
+    """What the table cannot say: variants stopped for harm, guardrails holding a variant back,
+    and each warning."""
+    lines = [
+        f"{stop.variant}: stopped at {stop.at} for harm on guardrail {stop.reason}: its users get the control "
+        f"(abproxy resume {result.experiment} {stop.variant} gives it its traffic back)"
+        for stop in result.stopped
+    ]
     for variant in result.variants:
         for metric in variant.held_back_by:
             summary = variant.metric(metric)
@@ -132,7 +137,16 @@ def terminal(result: ExperimentResult) -> str:
 
 
 def verdict_sentence(result: ExperimentResult) -> str:
-    """The verdict in one sentence, as MLflow's experiment description opens with it."""
+    """The verdict in one sentence, as MLflow's experiment description opens with it (and one
+    more for the variants stopped for harm)."""
+    sentence = _verdict(result)
+    if result.stopped:
+        names = ", ".join(f"{stop.variant} (on {stop.reason})" for stop in result.stopped)
+        sentence += f" Stopped for harm: {names}: the control serves their users."
+    return sentence
+
+
+def _verdict(result: ExperimentResult) -> str:
     primary = result.primary_metric
     control = next((variant for variant in result.variants if variant.control), None)
     requests = sum(variant.requests for variant in result.variants)
@@ -141,6 +155,14 @@ def verdict_sentence(result: ExperimentResult) -> str:
             f"Sample-ratio mismatch ({_p_is(result.srm.p_value)}): the assignment counts disagree with the "
             "weights, so the results cannot be trusted until that is explained."
         )
+    if result.status == "revoked" and result.revoked is not None:
+        revoked = result.revoked
+        failure = (
+            f"its {primary} is now significantly worse than the control's"
+            if revoked.reason == primary
+            else f"it now harms guardrail {revoked.reason} beyond its margin"
+        )
+        return f"Revoked: {revoked.variant}, declared the winner, no longer stands: {failure} ({requests:,} requests)."
     if result.status == "winner" and result.winner is not None:
         best = result.variant(result.winner)
         if best.control or control is None:

@@ -5,7 +5,8 @@ answers from the merge, so every replica and every look extends one sequence.
 The running states merge by minimum and intersection (commutative, idempotent: any order of
 looks gives the same state), the sample-ratio test's p-value by minimum. The winner is a compare-and-set on a generation counter: a look
 proposes a new winner only against the generation it read, so two replicas declaring at once
-cannot overwrite each other; the one that loses answers with the winner that was kept.
+cannot overwrite each other; the one that loses answers with the winner that was kept. A winner
+is revoked the same way, once, against the generation that declared it.
 :func:`apply` is the same merge in Python, for the simulations and to check the Lua against."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Winner:
     context: str = ""
     """What the winner was decided on (:func:`abproxy.analysis.analyse.decision_context`): a
     winner declared on another primary metric, control, guardrails, α or MDE is no winner now."""
+    revoked: str | None = None
+    """Why this winner was revoked (the metric it failed on), once it was: for good."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class StateUpdate:
     """A newly declared winner's arm id; None to leave the winner as it is."""
     context: str = ""
     sample_ratio: SampleRatioState | None = None
+    revoked: str | None = None
+    """The winner the look read fails (on this metric): revoke it, unless Redis keeps another."""
 
 
 def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> KeptState:
@@ -88,7 +93,9 @@ def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> Kept
         generation = int(raw_winner.get("generation", 0))
     except ValueError:
         generation = 0
-    winner = Winner(raw_winner.get("winner") or None, generation, raw_winner.get("context", ""))
+    winner = Winner(
+        raw_winner.get("winner") or None, generation, raw_winner.get("context", ""), raw_winner.get("revoked") or None
+    )
     return KeptState(running, winner, SampleRatioState.decode(raw_winner.get("srm")))
 
 
@@ -101,6 +108,8 @@ def apply(kept: KeptState, update: StateUpdate) -> KeptState:
     winner = kept.winner
     if update.winner is not None and kept.winner.generation == update.expected_generation:
         winner = Winner(update.winner, update.expected_generation + 1, update.context)
+    elif update.revoked is not None and kept.winner.generation == update.expected_generation and not winner.revoked:
+        winner = Winner(winner.arm, winner.generation, winner.context, update.revoked)
     sample_ratio = kept.sample_ratio
     if update.sample_ratio is not None:
         sample_ratio = sample_ratio.merge(update.sample_ratio) if sample_ratio is not None else update.sample_ratio

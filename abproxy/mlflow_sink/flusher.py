@@ -28,6 +28,8 @@ from abproxy.mlflow_sink.writer import MlflowWriter
 log = logging.getLogger("abproxy.mlflow_sink.flusher")
 
 LOCK_TTL_MS = 5 * 60 * 1000
+LOOK_EVERY_S = 60.0
+"""The longest a replica goes without looking at its experiments (the contract: once a minute)."""
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RAISE_LUA = (
@@ -212,12 +214,16 @@ class Flusher:
         for plan in self._catalog.plans.values():
             self._metrics.publish_results(await experiment_results(self._redis, self._config, plan))
 
-    async def run_periodically(self) -> None:
+    async def run_periodically(self, look_every_s: float = LOOK_EVERY_S) -> None:
+        """Every flush interval (at most ``look_every_s``, so that every replica looks at its
+        experiments, and stops a harmful arm, whether anyone reads the results or not): the
+        flush, when this replica has the interval, then a look that refreshes the gauges."""
         interval = self._config.mlflow.flush_interval_s
+        tick = min(interval, look_every_s) if interval > 0 else look_every_s
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
             try:
-                report = await self.flush_if_due()
+                report = await self.flush_if_due() if interval > 0 else None
                 if report is not None:
                     log.info("flushed %d experiment(s) to MLflow in %.2fs (step %d)", len(report.experiments), report.duration_s, report.step)
             except DomainError as error:  # MLflow or Redis away: warn, count, retry next interval

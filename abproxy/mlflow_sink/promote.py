@@ -4,7 +4,7 @@ The variant is registered in MLflow's Prompt Registry as a new version of the pr
 the experiment (its prompt as the template, its model and params as the model config, the
 verdict's numbers as tags), with ``alias`` pointing at it, so an app that loads
 ``prompts:/<experiment>@<alias>`` gets it. Then a key in Redis makes every replica serve it to
-all of the experiment's new traffic (see :mod:`abproxy.proxy.promotions`); those requests are
+all of the experiment's new traffic (see :mod:`abproxy.proxy.overrides`); those requests are
 counted in Prometheus but kept out of the statistics. ``undo`` removes the key.
 """
 
@@ -113,6 +113,12 @@ async def promote(
     """Register ``variant`` (default: the declared winner) and serve it to all new traffic."""
     result = await experiment_results(redis, config, plan)
     chosen = variant or (result.winner if result.status == "winner" else None)
+    if chosen is None and result.revoked is not None:
+        raise Conflict(
+            f"experiment {plan.name!r}: the winner {result.revoked.variant!r} was revoked ({result.revoked.reason} "
+            "failed after it was declared); name a variant to promote one anyway",
+            "winner_revoked",
+        )
     if chosen is None:
         raise Conflict(
             f"experiment {plan.name!r} has no winner yet (status {result.status}); name the variant to promote",

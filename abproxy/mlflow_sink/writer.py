@@ -46,6 +46,8 @@ _LOGGED = (
 )
 _IDS = ("tracking_uri", "experiment_id", "summary")
 """Keys of the runs hash that are not an arm's run id."""
+STOPPED_TAG = "abproxy.stopped"
+"""On an arm's run and LoggedModel while it is stopped for harm: the guardrail it harmed."""
 LAST_STEP_TAG = "abproxy.last_step"
 """On the summary run: the highest step logged to the experiment's runs, written before them. The
 step is the flush's fencing token, a counter in Redis; should Redis lose it (FLUSHALL, a new
@@ -254,21 +256,24 @@ class MlflowWriter:
             self.client.set_tag(summary_id, LAST_STEP_TAG, str(step))  # before the steps it covers
 
         current = set()
-        for arm, metrics, is_winner, digest in arms:
+        for arm, metrics, is_winner, stopped, digest in arms:
             current.add(arm.arm_id)
             run_id = runs.get(arm.arm_id)
             if run_id is not None and runs.get(f"digest:{arm.arm_id}") == digest:
-                self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner)
+                self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner, stopped)
                 continue  # nothing new to show: no new step
             run_id = run_id or self._variant_run(experiment_id, summary_id, plan, arm)
             logged = [Metric(name, value, now, step) for name, value in metrics.items()]
-            tags = [RunTag("abproxy.winner", is_winner)]
+            tags = [RunTag("abproxy.winner", is_winner)] + ([RunTag(STOPPED_TAG, stopped)] if stopped else [])
             if not self._log_batch(run_id, experiment_id, metrics=logged, tags=tags):
                 run_id = self._variant_run(experiment_id, summary_id, plan, arm)
                 self.client.log_batch(run_id, metrics=logged, tags=tags)
+            if not stopped and runs.get(f"stopped:{arm.arm_id}"):
+                self.client.delete_tag(run_id, STOPPED_TAG)  # resumed
             runs[arm.arm_id] = run_id
             runs[f"digest:{arm.arm_id}"] = digest
-            self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner)
+            runs[f"stopped:{arm.arm_id}"] = stopped
+            self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner, stopped)
 
         for key, run_id in list(runs.items()):
             if key in _IDS or ":" in key or key in current:
@@ -351,17 +356,23 @@ class MlflowWriter:
 
     # -- LoggedModels ---------------------------------------------------------------------------
 
-    def _arm_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm, run_id: str, runs: dict[str, str], is_winner: str) -> None:
+    def _arm_model(
+        self, experiment_id: str, plan: ExperimentPlan, arm: Arm, run_id: str, runs: dict[str, str], is_winner: str, stopped: str
+    ) -> None:
         """The arm as an MLflow LoggedModel (MLflow's "version" of a GenAI app), with its
-        params and its run as the source; its winner tag kept in step with the run's."""
+        params and its run as the source; its winner and stopped tags kept in step with the run's."""
         key = f"model:{arm.arm_id}"
         model_id = runs.get(key)
         if model_id is None:
             model_id = self._find_model(experiment_id, plan, arm) or self._create_model(experiment_id, plan, arm, run_id)
             runs[key] = model_id
-        if runs.get(f"digest:{key}") != is_winner:
-            self.client.set_logged_model_tags(model_id, {"abproxy.winner": is_winner})
-            runs[f"digest:{key}"] = is_winner
+        shown = f"{is_winner}|{stopped}"
+        before = runs.get(f"digest:{key}", "")
+        if before != shown:
+            self.client.set_logged_model_tags(model_id, {"abproxy.winner": is_winner, **({STOPPED_TAG: stopped} if stopped else {})})
+            if not stopped and before.partition("|")[2]:
+                self.client.delete_logged_model_tag(model_id, STOPPED_TAG)  # resumed
+            runs[f"digest:{key}"] = shown
 
     def _find_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm) -> str | None:
         found = self.client.search_logged_models(
@@ -401,23 +412,27 @@ class MlflowWriter:
         return str(model.model_id)
 
 
-_ArmRow = tuple[Arm, dict[str, float], str, str]
-"""An arm, its metrics, whether it is the winner ("true"/"false"), their digest."""
+_ArmRow = tuple[Arm, dict[str, float], str, str, str]
+"""An arm, its metrics, whether it is the winner ("true"/"false"), the guardrail it was stopped
+for ('' unless stopped), their digest."""
 
 
 def _arm_rows(plan: ExperimentPlan, result: ExperimentResult) -> list[_ArmRow]:
+    stopped = {stop.variant: stop.reason for stop in result.stopped}
     rows = []
     for variant in result.variants:
         metrics = variant_metrics(variant)
         is_winner = "true" if result.winner == variant.name else "false"
-        rows.append((plan.arms[variant.name], metrics, is_winner, _digest(metrics, is_winner)))
+        reason = stopped.get(variant.name, "")
+        digest = _digest(metrics, is_winner, reason) if reason else _digest(metrics, is_winner)
+        rows.append((plan.arms[variant.name], metrics, is_winner, reason, digest))
     return rows
 
 
 def _anything_new(runs: dict[str, str], arms: list[_ArmRow], summary_digest: str) -> bool:
     """Whether this flush logs a step: some run's numbers (or the verdict) changed since the last."""
     return runs.get("digest:summary") != summary_digest or any(
-        arm.arm_id not in runs or runs.get(f"digest:{arm.arm_id}") != digest for arm, _, _, digest in arms
+        arm.arm_id not in runs or runs.get(f"digest:{arm.arm_id}") != digest for arm, _, _, _, digest in arms
     )
 
 

@@ -15,7 +15,7 @@ import orjson
 
 from abproxy.proxy import variants
 from abproxy.proxy.auth import Authorizer
-from abproxy.proxy.promotions import Promotions
+from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.http import (
@@ -121,7 +121,7 @@ class Proxy:
         upstreams: Upstreams,
         recorder: Recorder,
         authorizer: Authorizer,
-        promotions: Promotions | None = None,
+        overrides: LiveOverrides | None = None,
         clock: Callable[[], float] = time.perf_counter,
         signers: ids.Signers | None = None,
     ):
@@ -131,7 +131,7 @@ class Proxy:
         self._upstreams = upstreams
         self._recorder = recorder
         self._authorize = authorizer.client
-        self._promotions = promotions or Promotions(())
+        self._overrides = overrides or LiveOverrides(())
         self._clock = clock
         self._max_body = config.server.max_body_bytes
         self._trace_rate = config.mlflow.trace_sample_rate
@@ -166,7 +166,7 @@ class Proxy:
             if forced not in plan.arms:
                 raise HTTPError(400, f"experiment {plan.name!r} has no variant {forced!r}", "variant_not_found")
             variant = forced
-        elif (promoted := self._promotions.variant_for(plan.name)) in plan.arms:
+        elif (promoted := self._overrides.promoted(plan.name)) in plan.arms:
             # The test is over: everyone gets the promoted variant, counted in Prometheus only.
             return ExperimentRoute(plan.name, promoted, plan.arms[promoted].arm_id, unit, True)
         elif unit is not None:
@@ -174,7 +174,12 @@ class Proxy:
         else:
             # A unit of one request: its random id's hash would be just another random draw.
             variant = plan.allocation.choose_at(self._random())
-        return ExperimentRoute(plan.name, variant, plan.arms[variant].arm_id, unit, bool(forced), user)
+        arm = plan.arms[variant].arm_id
+        if not forced and arm in self._overrides.stopped(plan.name):
+            # Stopped for harm: the control serves its units, counted in Prometheus only.
+            control = plan.settings.control_name
+            return ExperimentRoute(plan.name, control, plan.arms[control].arm_id, unit, True, user)
+        return ExperimentRoute(plan.name, variant, arm, unit, bool(forced), user)
 
     def _sign(self, route: ExperimentRoute, traced: bool) -> tuple[str, ids.SignedId] | None:
         """A signed id carrying the request (None before the secret is loaded, or for names too

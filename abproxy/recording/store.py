@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -82,6 +83,12 @@ def sequential_key(experiment: str) -> str:
 def promoted_key(experiment: str) -> str:
     """The variant ``abproxy promote`` made every replica serve to all new traffic."""
     return f"{experiment_tag(experiment)}:promoted"
+
+
+def stopped_key(experiment: str) -> str:
+    """Arms stopped for harm: arm id → :class:`Stop` as JSON. A resumed arm keeps its entry,
+    marked resumed: it is never stopped again on its own."""
+    return f"{experiment_tag(experiment)}:stopped"
 
 
 def verdict_key(experiment: str) -> str:
@@ -338,22 +345,90 @@ async def _read_hashes_one_by_one(redis: Any, keys: list[str]) -> tuple[list[dic
     return hashes, unreadable
 
 
-async def read_promotions(redis: Any, experiments: list[str]) -> dict[str, str]:
-    """Experiment → promoted variant, for the experiments that have one: one pipeline per
-    cluster slot (all together on one Redis)."""
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """An arm stopped for harm on a guardrail (``reason``), at Unix time ``at``; ``resumed``: when
+    ``abproxy resume`` gave it its traffic back."""
 
-    async def read(group: list[str]) -> list[str | None]:
+    variant: str
+    reason: str
+    at: float
+    resumed: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.resumed is None
+
+    def encode(self) -> str:
+        return json.dumps({"variant": self.variant, "reason": self.reason, "at": self.at, "resumed": self.resumed})
+
+    @classmethod
+    def decode(cls, text: str) -> Stop | None:
+        """None for anything but what :meth:`encode` writes (a hand edit)."""
+        try:
+            data = json.loads(text)
+            return cls(str(data["variant"]), str(data["reason"]), float(data["at"]), _optional_float(data.get("resumed")))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What every replica must know of an experiment besides its config: the variant ``abproxy
+    promote`` made serve all traffic, and the arms stopped for harm (by arm id)."""
+
+    promoted: str | None = None
+    stops: dict[str, Stop] = field(default_factory=dict)
+
+    @property
+    def stopped(self) -> frozenset[str]:
+        """The arm ids that get no new traffic now."""
+        return frozenset(arm for arm, stop in self.stops.items() if stop.active)
+
+
+async def read_overrides(redis: Any, experiments: list[str]) -> dict[str, Overrides]:
+    """Experiment → its overrides, for the experiments that have any: one pipeline per cluster
+    slot (all together on one Redis)."""
+
+    async def read(group: list[str]) -> list[Any]:
         pipe = redis.pipeline(transaction=False)
         for experiment in group:
             pipe.get(promoted_key(experiment))
+            pipe.hgetall(stopped_key(experiment))
         return list(await pipe.execute())
 
     groups = connection.by_slot(redis, ((experiment_tag(e), e) for e in experiments))
-    promoted: dict[str, str] = {}
+    found: dict[str, Overrides] = {}
     for group in groups:
         replies = await read(group)
-        promoted.update((experiment, variant) for experiment, variant in zip(group, replies, strict=True) if variant)
-    return promoted
+        for index, experiment in enumerate(group):
+            promoted, raw_stops = replies[2 * index], replies[2 * index + 1]
+            stops = {arm: stop for arm, text in raw_stops.items() if (stop := Stop.decode(text)) is not None}
+            if promoted or stops:
+                found[experiment] = Overrides(promoted or None, stops)
+    return found
+
+
+async def stop_arm(redis: Any, experiment: str, arm: str, stop: Stop) -> bool:
+    """Record that ``arm`` is stopped, unless it was stopped (or resumed) before: True when this
+    call stopped it."""
+    return bool(await redis.hsetnx(stopped_key(experiment), arm, stop.encode()))
+
+
+async def resume_arm(redis: Any, experiment: str, arm: str, now: float) -> Stop | None:
+    """Give a stopped arm its traffic back, for good (it is not stopped again on its own); None
+    when it is not stopped."""
+    kept = await redis.hget(stopped_key(experiment), arm)
+    stop = Stop.decode(kept) if kept else None
+    if stop is None or not stop.active:
+        return None
+    resumed = Stop(stop.variant, stop.reason, stop.at, now)
+    await redis.hset(stopped_key(experiment), arm, resumed.encode())
+    return resumed
 
 
 T = TypeVar("T")
@@ -396,21 +471,25 @@ async def save_state(
     winner: str | None,
     context: str = "",
     srm: str = "",
+    revoked: str = "",
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Merge a look's running states (field, encoded state or ''), its winner and its
-    sample-ratio state (``context|p`` or '') into Redis (:data:`SAVE_STATE_LUA`); returns what
+    sample-ratio state (``context|p`` or '') into Redis, and revoke the winner it read (``revoked``:
+    why, or '') (:data:`SAVE_STATE_LUA`); returns what
     Redis keeps now, as :func:`read_experiment` reads it: the states of the given fields, and
     the verdict's hash."""
     keys = [sequential_key(experiment), verdict_key(experiment)]
-    args: list[Any] = [expected_generation, winner or "", context, srm]
+    args: list[Any] = [expected_generation, winner or "", context, srm, revoked]
     for name, encoded in states:
         args += [name, encoded]
     reply = await _SAVE_STATE.run(redis, lambda sha: redis.evalsha(sha, len(keys), *keys, *args), keys[0])
-    generation, kept_winner, kept_context, merged, kept_srm = reply
+    generation, kept_winner, kept_context, merged, kept_srm, kept_revoked = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
     verdict = {"generation": str(generation), "winner": kept_winner, "context": kept_context}
     if kept_srm:
         verdict["srm"] = kept_srm
+    if kept_revoked:
+        verdict["revoked"] = kept_revoked
     return kept, verdict
 
 

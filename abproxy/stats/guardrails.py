@@ -45,3 +45,13 @@ def non_inferior(interval: tuple[float, float] | None, margin: float | None, hig
     if interval is None or margin is None or margin <= 0:
         return False
     return harm_bound(interval, higher_is_better) < margin
+
+
+def harm_shown(interval: tuple[float, float] | None, margin: float | None, higher_is_better: bool) -> bool:
+    """Whether the interval shows harm beyond ``margin``: even its most favourable end is worse
+    than the control by more than the margin (what stops an arm, or revokes a winner)."""
+    if interval is None or margin is None or margin <= 0:
+        return False
+    low, high = interval
+    least_harm = -high if higher_is_better else low
+    return least_harm > margin

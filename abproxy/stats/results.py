@@ -78,6 +78,26 @@ class SampleRatio:
 
 
 @dataclass(frozen=True, slots=True)
+class StoppedVariant:
+    """A treatment stopped for harm: the control serves its units until ``abproxy resume``."""
+
+    variant: str
+    reason: str
+    """The guardrail on which harm beyond the margin was shown."""
+    at: str
+    """When (ISO 8601, UTC)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """A declared winner that later failed: status ``revoked``, and promote refuses it."""
+
+    variant: str
+    reason: str
+    """The metric it failed on: a guardrail showing harm beyond its margin, or the primary metric."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentResult:
     experiment: str
     status: str
@@ -102,6 +122,8 @@ class ExperimentResult:
     design_effect: float | None = None
     """``unit: request`` with users: the variance of the primary metric's mean counted per user
     over that counted per request (1: users' requests are independent)."""
+    stopped: tuple[StoppedVariant, ...] = ()
+    revoked: Revoked | None = None
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)

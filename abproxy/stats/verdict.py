@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from abproxy.stats.compare import Comparison, compare, lift_variance
 from abproxy.stats.decisions import SRM_THRESHOLD, holm, probability_to_be_best, sequential_srm_p_value
 from abproxy.stats.estimates import Estimate
-from abproxy.stats.guardrails import Guardrail, non_inferior
+from abproxy.stats.guardrails import Guardrail, harm_shown, non_inferior
 from abproxy.stats.sequential import Mixture, RunningState, msprt, running_p_value
 
-COLLECTING, WINNER, NO_DIFFERENCE, SRM = "collecting", "winner", "no_difference", "srm"
+COLLECTING, WINNER, NO_DIFFERENCE, SRM, REVOKED = "collecting", "winner", "no_difference", "srm", "revoked"
 EFFECT_DRIFT = "effect_drift"
 
 StateKey = tuple[str, str, str]
@@ -107,6 +107,8 @@ class ArmVerdict:
     held_back_by: tuple[str, ...] = ()
     """Guardrails that keep this arm from winning although it is better on the primary metric:
     their intervals do not yet rule out harm beyond the margin."""
+    harmed: tuple[str, ...] = ()
+    """Guardrails on which this arm's always-valid interval shows harm beyond the margin."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ class Verdict:
     running: dict[StateKey, RunningState]
     """The always-valid p-values and intervals after this look, to keep for the next one."""
     warnings: tuple[str, ...] = ()
+    revoked: tuple[str, str] | None = None
+    """(variant, metric): the declared winner that failed, and on what: a guardrail whose
+    always-valid interval shows harm beyond its margin, or the primary metric's lying wholly on
+    the losing side."""
 
 
 def _significant(result: MetricResult, alpha: float, adjusted: bool) -> int:
@@ -175,12 +181,14 @@ def decide(
     declared: str | None = None,
     extend: bool = True,
     sample_ratio: float | None = None,
+    revoked: str | None = None,
 ) -> Verdict:
     """The verdict at this look. ``previous``: the running states kept so far; ``declared``: the
     winner declared at an earlier look, if any; ``sample_ratio``: the sample-ratio test's running
-    p-value kept so far (for these arms and weights); ``extend=False`` decides on the kept states
-    alone (when this look's could not be kept, so that no answer rests on evidence the next look
-    will not have)."""
+    p-value kept so far (for these arms and weights); ``revoked``: why the declared winner was
+    revoked at an earlier look, if it was (it stays revoked); ``extend=False`` decides on the kept
+    states alone (when this look's could not be kept, so that no answer rests on evidence the next
+    look will not have)."""
     control = next(arm for arm in arms if arm.control)
     treatments = [arm for arm in arms if not arm.control]
     metrics = sorted({metric for arm in arms for metric in arm.estimates})
@@ -203,7 +211,7 @@ def decide(
             result = results[arm.name][policy.primary]
             results[arm.name][policy.primary] = MetricResult(result.comparison, result.sequential, adjusted)
 
-    held_back = _apply_guardrails(control, treatments, results, policy)
+    held_back, harmed = _apply_guardrails(control, treatments, results, policy)
 
     higher = policy.higher_is_better(policy.primary)
     primary_estimates = [arm.estimates.get(policy.primary) for arm in arms]
@@ -212,7 +220,9 @@ def decide(
         prob_best = list(probability_to_be_best([e for e in primary_estimates if e is not None], higher))
 
     verdicts = {
-        arm.name: ArmVerdict(arm.name, results[arm.name], prob_best[index], held_back.get(arm.name, ()))
+        arm.name: ArmVerdict(
+            arm.name, results[arm.name], prob_best[index], held_back.get(arm.name, ()), harmed.get(arm.name, ())
+        )
         for index, arm in enumerate(arms)
     }
     live = [arm for arm in arms if arm.weight > 0]
@@ -224,8 +234,28 @@ def decide(
     drifted = any(
         result.drifted for arm in treatments for metric, result in results[arm.name].items() if metric in decision_metrics
     )
+    warnings = (EFFECT_DRIFT,) if drifted else ()
+    if srm is None or srm >= SRM_THRESHOLD:
+        failed = revoked or (_failure(declared, verdicts, policy) if declared != control.name else None)
+        if declared is not None and failed is not None:
+            return Verdict(REVOKED, None, srm, verdicts, running, warnings, (declared, failed))
     status, winner = _status(control, treatments, results, head_to_head, held_back, policy, srm, declared)
-    return Verdict(status, winner, srm, verdicts, running, (EFFECT_DRIFT,) if drifted else ())
+    return Verdict(status, winner, srm, verdicts, running, warnings)
+
+
+def _failure(declared: str | None, verdicts: Mapping[str, ArmVerdict], policy: Policy) -> str | None:
+    """Why the declared winner no longer stands, if it does not: a guardrail whose always-valid
+    interval shows harm beyond its margin, or the primary metric's interval wholly on the losing
+    side of the control."""
+    verdict = verdicts.get(declared) if declared is not None else None
+    if verdict is None:
+        return None
+    if verdict.harmed:
+        return verdict.harmed[0]
+    primary = verdict.metrics.get(policy.primary)
+    if primary is not None and _worse(primary.direction, policy.higher_is_better(policy.primary)):
+        return policy.primary
+    return None
 
 
 def _head_to_head(
@@ -252,13 +282,15 @@ def _head_to_head(
 
 def _apply_guardrails(
     control: ArmInput, treatments: Sequence[ArmInput], results: dict[str, dict[str, MetricResult]], policy: Policy
-) -> dict[str, tuple[str, ...]]:
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     """Marks each guardrail result with its margin and whether harm beyond it is ruled out;
-    returns, for each treatment better on the primary metric, the guardrails still in its way."""
+    returns, for each treatment better on the primary metric, the guardrails still in its way,
+    and for each treatment, the guardrails on which harm beyond the margin is shown."""
     higher = policy.higher_is_better(policy.primary)
     held_back: dict[str, tuple[str, ...]] = {}
+    harmed: dict[str, tuple[str, ...]] = {}
     for arm in treatments:
-        blocking = []
+        blocking, harm = [], []
         for guardrail in policy.guardrail_specs:
             result = results[arm.name].get(guardrail.metric) or MetricResult()
             base = control.estimates.get(guardrail.metric)
@@ -269,9 +301,13 @@ def _apply_guardrails(
             )
             if not shown:
                 blocking.append(guardrail.metric)
+            if harm_shown(result.difference_ci, margin, policy.higher_is_better(guardrail.metric)):
+                harm.append(guardrail.metric)
         if blocking and _better(_significant(results[arm.name][policy.primary], policy.alpha, adjusted=True), higher):
             held_back[arm.name] = tuple(blocking)
-    return held_back
+        if harm:
+            harmed[arm.name] = tuple(harm)
+    return held_back, harmed
 
 
 def _status(
