@@ -1,13 +1,18 @@
-"""The sample-ratio check by simulation (issue 19): sequential, so that looking often raises no
-false alarms, and sticky, so that a mismatch once shown is not forgotten as the counts grow.
+"""The verdict over time by simulation (issue 19). The sample-ratio check: sequential, so that
+looking often raises no false alarms, and sticky, so that a mismatch once shown is not forgotten
+as the counts grow. Harm that stops an arm: shown soon when it is there, never when it is not.
 
-Measured with these seeds (level 0.001, Dirichlet concentration 100):
+Measured with these seeds (sample-ratio level 0.001, Dirichlet concentration 100):
 
 * a fair 50/50 split looked at every 20 requests up to 2,000 looks (40,000 requests): flagged in
   0.1% of 1,000 runs; the χ² test the proxy used before, at p < 0.001 at every look, in 2.1%;
 * a real 52/48 split: flagged by 20,000 requests in 93.1% of 1,000 runs (median 10,180 requests);
 * a 52/48 split for 20,000 requests then a fair one: once flagged, ``srm`` at every later look,
-  although by 220,000 requests the cumulative χ² no longer sees it.
+  although by 220,000 requests the cumulative χ² no longer sees it;
+* a treatment whose error rate is 8% against the control's 2% from the start (guardrail
+  ``error_rate``, margin 1 point), looked at every 100 requests per arm: its harm shown (the arm
+  stopped) by 2,000 per arm in 100% of 300 runs, at a median of 800; with equal error rates, in
+  none.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import special
-from simkit import experiment
+from simkit import ERRORS, SCORE, binary_stream, experiment, normal_stream, replay, share
 
 from abproxy.analysis import state
 from abproxy.analysis.analyse import analyse
@@ -90,3 +95,27 @@ def test_a_mismatch_once_shown_stays_shown_while_the_counts_even_out():
     assert flagged < 100, "shown during the mismatch"
     assert set(statuses[flagged:]) == {"srm"}, "and never forgotten"
     assert special.chdtrc(1, (2 * a - n) ** 2 / n) > SRM_THRESHOLD, "though the cumulative χ² no longer sees it"
+
+
+@pytest.mark.parametrize(("treatment_rate", "bound"), [(0.08, 0.95), (0.02, 0.0)], ids=["harm", "no-harm"])
+def test_harm_from_the_start_is_shown_soon_and_never_without_it(treatment_rate: float, bound: float):
+    plan, config = experiment(guardrails=[ERRORS])
+    looks = np.arange(1, 21) * 100
+    shown, when = [], []
+    for index in range(300):
+        rng = np.random.default_rng([1903, index])
+        streams = {
+            "a": {SCORE: normal_stream(rng, looks, 3.5), ERRORS: binary_stream(rng, looks, 0.02)},
+            "b": {SCORE: normal_stream(rng, looks, 3.5), ERRORS: binary_stream(rng, looks, treatment_rate)},
+        }
+        run = replay(plan, config, streams, keep=True, stop=lambda analysis: bool(analysis.verdict.arms["b"].harmed))
+        harmed = bool(run.analyses[-1].verdict.arms["b"].harmed)
+        shown.append(harmed)
+        if harmed:
+            when.append(int(looks[len(run.analyses) - 1]))
+    median = np.median(when) if when else float("nan")
+    print(f"\nerror rate {treatment_rate:.0%} against 2%: harm shown in {share(shown):.1%} of 300 runs, median {median:.0f} per arm")
+    if bound:
+        assert share(shown) >= bound
+    else:
+        assert not any(shown), "no harm, no stop"
