@@ -122,14 +122,18 @@ def arm_id(proxy: Any, variant: str) -> str:
     return proxy.app.catalog.plans[EXP].arms[variant].arm_id
 
 
-def test_stop_on_harm_false_keeps_the_arm_running(start_proxy: Any, upstream_url: str, tmp_path: Path) -> None:
-    config = harmful_config(upstream_url, tmp_path, experiment={"stop_on_harm": False})
-    proxy = start_proxy(config)
-    plan = proxy.app.catalog.plans[EXP]
-    client = proxy.client()
+def serve_both_arms(proxy: Any) -> tuple[Any, openai.OpenAI]:
+    """30 users of each arm, each one request; the plan and the client used."""
+    plan, client = proxy.app.catalog.plans[EXP], proxy.client()
     for user in users_for(plan, "professional", 30, "harmed") + users_for(plan, "basic", 30, "fine"):
         ask(client, user)
     proxy.settle()
+    return plan, client
+
+
+def test_stop_on_harm_false_keeps_the_arm_running(start_proxy: Any, upstream_url: str, tmp_path: Path) -> None:
+    proxy = start_proxy(harmful_config(upstream_url, tmp_path, experiment={"stop_on_harm": False}))
+    plan, client = serve_both_arms(proxy)
     results = live(proxy)
     assert results["stopped"] == []
     professional = next(v for v in results["variants"] if v["name"] == "professional")
@@ -143,11 +147,7 @@ def test_a_stopped_arm_is_tagged_in_mlflow_and_the_cli_resumes_it(
 ) -> None:
     config = harmful_config(upstream_url, tmp_path)
     proxy = start_proxy(config)
-    plan = proxy.app.catalog.plans[EXP]
-    client = proxy.client()
-    for user in users_for(plan, "professional", 30, "harmed") + users_for(plan, "basic", 30, "fine"):
-        ask(client, user)
-    proxy.settle()
+    serve_both_arms(proxy)
     assert [stop["variant"] for stop in live(proxy)["stopped"]] == ["professional"]
     status, _ = http_json("POST", f"{proxy.url}/abproxy/flush", timeout=120)
     assert status == 200
