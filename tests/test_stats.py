@@ -851,3 +851,14 @@ def test_sequential_samples_per_arm_sits_on_the_boundary():
         assert 1.2 * 174.4 < n < 2.5 * 174.4
     assert sequential_samples_per_arm(variance, 0.0, Mixture.tuned(delta), alpha) is None
     assert sequential_samples_per_arm(variance, -0.1, Mixture.tuned(delta), alpha) is None
+
+
+def test_the_interval_of_a_lift_on_a_mean_near_0_is_found_not_a_crash():
+    """A control mean near 0 makes the lift's variance enormous beside the mixture (here 2.9e12
+    against 1.6e-4, from a simulated score around 0): 1/(2V) − 1/(2(V + s²)) cancels to 0 in
+    floating point, which divided by zero in every look of such an experiment."""
+    mixture = Mixture(center=0.05, spread2=0.05**2 / 16)
+    variance = 2931138114450.105
+    h = half_width(variance, mixture, 0.05)
+    assert math.isfinite(h) and h > 0
+    assert log_lambda(h, variance, mixture) == pytest.approx(math.log(1 / 0.05), rel=1e-9)

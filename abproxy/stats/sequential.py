@@ -107,7 +107,7 @@ def half_width(variance: float, mixture: Mixture, alpha: float) -> float:
     # its root therefore lies at or above h. log Λ is convex in θ̂, so Newton's method started
     # there falls monotonically onto h, in two to four steps.
     m = mixture.center
-    a = 1 / (2 * v) - 1 / (2 * (v + s2))
+    a = s2 / (2 * v * (v + s2))  # 1/(2v) − 1/(2(v + s²)), which cancels to 0 when v ≫ s² (a lift near a 0 mean)
     b = m / (v + s2)
     c = target + 0.5 * math.log((v + s2) / v) + math.log(2) + m * m / (2 * (v + s2))
     h = (-b + math.sqrt(b * b + 4 * a * c)) / (2 * a)
