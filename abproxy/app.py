@@ -40,6 +40,7 @@ from abproxy.http import (
 from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
+from abproxy.serving import return_big_buffers_to_the_os
 from abproxy.analysis.live import experiment_results
 from abproxy.analysis.stops import resume
 from abproxy.stats.results import as_json
@@ -144,6 +145,7 @@ class ABProxyApp:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        return_big_buffers_to_the_os()
         await self.upstreams.start()
         for client in (self.redis, self.request_redis):
             await discover(client)

