@@ -284,6 +284,7 @@ def test_a_verb_run_where_there_is_no_config_file_exits_2_naming_the_paths_it_lo
     assert list(tmp_path.iterdir()) == []  # nothing started: no embedded Redis data, no MLflow store
 
 
+@pytest.mark.slow
 def test_a_config_file_named_by_the_environment_or_found_beside_the_user_is_used(tmp_path):
     missing = tmp_path / "elsewhere.yaml"
     named = _cli("check-config", cwd=tmp_path, environ={"ABPROXY_CONFIG": str(missing)})

@@ -112,6 +112,7 @@ def test_a_counter_that_is_not_a_number_drops_only_that_metric(proxy: Any, redis
     assert professional["requests"] == served
 
 
+@pytest.mark.slow
 def test_a_broken_request_count_drops_the_arm_and_the_results_still_answer(proxy: Any, redis_client: redis.Redis) -> None:
     arms = arm_ids(proxy)
     client = proxy.client()
@@ -151,6 +152,7 @@ def test_a_user_key_of_the_wrong_type_starts_that_user_afresh(proxy: Any, redis_
     assert dropped(proxy, "corrupt_counters") == 0
 
 
+@pytest.mark.slow
 def test_a_wrong_type_key_leaves_other_experiments_alone(proxy: Any, redis_client: redis.Redis) -> None:
     arms = arm_ids(proxy)
     client = proxy.client()
