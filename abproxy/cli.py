@@ -213,6 +213,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
             f"{plan.name}: promoted {promotion.variant}: every replica now serves it to all new traffic.\n"
             f"Prompt Registry: {promotion.prompt_uri} (version {promotion.version}) in {config.mlflow.shown_tracking_uri}"
         )
+        for caution in promotion.cautions:
+            print(f"Note: {caution}")
         return 0
 
     return _with_redis(config, work)

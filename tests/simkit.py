@@ -72,8 +72,13 @@ def normal_stream(rng: np.random.Generator, looks: np.ndarray, mean: float | Cal
     return Stream(looks.astype(float), np.cumsum(x)[at], np.cumsum(x * x)[at])
 
 
-def binary_stream(rng: np.random.Generator, looks: np.ndarray, rate: float) -> Stream:
-    """0/1 observations at ``rate`` (cumulative counts drawn batch by batch)."""
+def binary_stream(rng: np.random.Generator, looks: np.ndarray, rate: float | Callable[[np.ndarray], np.ndarray]) -> Stream:
+    """0/1 observations at ``rate`` (cumulative counts drawn batch by batch); ``rate`` may depend
+    on the observation's index (a rate that changes)."""
+    if callable(rate):
+        x = (rng.random(int(looks[-1])) < rate(np.arange(int(looks[-1])))).astype(float)
+        ones = np.cumsum(x)[looks - 1]
+        return Stream(looks.astype(float), ones, ones)
     batches = np.diff(np.concatenate([[0], looks]))
     ones = np.cumsum(rng.binomial(batches, rate)).astype(float)
     return Stream(looks.astype(float), ones, ones)

@@ -37,12 +37,14 @@ def run(coro: Any) -> Any:
 
 
 def _random_state(rng: random.Random) -> RunningState:
+    """Intervals that often contradict each other (the sequence starts again), some of a later
+    sequence already."""
     low = rng.uniform(-2, 1)
     lift = (rng.uniform(-1, 0), rng.uniform(0, 1)) if rng.random() < 0.6 else (None, None)
-    return RunningState(rng.uniform(0, 1), low, low + rng.uniform(-0.3, 3), *lift)
+    return RunningState(rng.uniform(0, 1), low, low + rng.uniform(-0.3, 3), *lift, rng.choice([0, 0, 0, 1]))
 
 
-def test_the_lua_merge_is_the_python_merge_in_any_order(redis_server: Any, redis_client: redis.Redis) -> None:
+def test_the_lua_merge_is_the_python_merge_whatever_the_order(redis_server: Any, redis_client: redis.Redis) -> None:
     rng = random.Random(20241201)
     fields = ["b|a|m1", "b|a|m2", "c|a|m1"]
     looks = [
@@ -51,9 +53,6 @@ def test_the_lua_merge_is_the_python_merge_in_any_order(redis_server: Any, redis
         )
         for _ in range(6)
     ]
-    expected = state.KeptState()
-    for look in looks:
-        expected = state.apply(expected, look)
 
     async def merge_all(order: Iterable[int], experiment: str) -> state.KeptState:
         client = open_redis(redis_server.url)
@@ -70,6 +69,9 @@ def test_the_lua_merge_is_the_python_merge_in_any_order(redis_server: Any, redis
 
     orders = [list(range(6)), list(reversed(range(6)))] + [rng.sample(range(6), 6) for _ in range(3)]
     for number, order in enumerate(orders):
+        expected = state.KeptState()
+        for index in order:
+            expected = state.apply(expected, looks[index])
         kept = run(merge_all(order, f"merge{number}"))
         assert kept.running == expected.running, order
         stored = redis_client.hgetall(store.sequential_key(f"merge{number}"))
@@ -159,19 +161,28 @@ def test_every_look_keeps_its_state_with_mlflow_unreachable_and_p_never_goes_up(
 
 def test_two_replicas_looking_in_turn_extend_one_sequence(start_proxy: Any, redis_client: redis.Redis) -> None:
     """Looks alternate between two replicas on one Redis, while the evidence grows, then weakens:
-    the p-value each shows never goes back up, and the winner, once shown, stays."""
+    the p-value each shows never goes back up, and the winner, once shown, stays (with the
+    warning that its effect faded once what came after it is shown below the MDE)."""
     first, second = start_proxy(), start_proxy()
     plan = first.app.catalog.plans[EXP]
     stages = [(3.0, 3.15, 200), (3.0, 3.25, 600), (3.0, 3.2, 1200), (3.05, 3.15, 2400), (3.1, 3.17, 4800)]
-    shown, welch = [], []
+    shown, welch, warned = [], [], []
     for index, (control, treatment, n) in enumerate(stages):
         _seed(redis_client, plan, {"basic": (control, 1.0, n), "professional": (treatment, 1.0, n)})
         body = live(first if index % 2 == 0 else second)
         metric = body["variants"][1]["metrics"]["feedback.satisfaction"]
         shown.append((metric["p_value"], body["winner"]))
         welch.append(metric["welch_p_value"])
-        assert body["warnings"] == [], body["warnings"]
+        warned.append(body["warnings"])
     assert welch[-1] > welch[2], "the evidence weakens: a fresh look's p-value would go back up"
+    assert warned[-1] == ["effect_faded"] and not any(warned[:3]), (
+        "what came after the declaration is shown below the MDE, and said so"
+    )
+    since = body["since_declared"]
+    recent = since["metrics"]["feedback.satisfaction"]
+    assert since["variant"] == "professional" and 0 < recent["n"] < 4800
+    assert recent["lift"] < body["variants"][1]["metrics"]["feedback.satisfaction"]["lift"], "the recent effect beside the whole"
+    assert recent["difference_ci"][1] < 0.05 * 3.1, "its interval's best case short of the MDE"
     p_values = [p for p, _ in shown]
     assert p_values == sorted(p_values, reverse=True), shown
     winners = [w for _, w in shown]
@@ -369,3 +380,23 @@ def test_a_revoked_winner_is_kept_in_redis_and_promote_refuses_it(start_proxy: A
     status, body = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
     assert status == 409 and body["error"]["code"] == "winner_revoked", body
     assert "professional" in body["error"]["message"]
+
+
+def test_promoting_a_winner_whose_effect_faded_says_so(
+    start_proxy: Any, redis_client: redis.Redis, upstream_url: str, tmp_path: Any
+) -> None:
+    """Declared on a strong lead; what came after it shows an effect below the MDE: the winner
+    stands (the whole still favours it), and promote ships it with the recent effect beside the
+    whole experiment's."""
+    proxy = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": f"sqlite:///{tmp_path}/m.db", "flush_interval_s": 0}))
+    plan = proxy.app.catalog.plans[EXP]
+    _seed(redis_client, plan, {"basic": (3.0, 1.0, 600), "professional": (3.25, 1.0, 600)})
+    declared = live(proxy)
+    assert declared["winner"] == "professional" and declared["warnings"] == [] and declared["since_declared"] is None
+    _seed(redis_client, plan, {"basic": (3.1, 1.0, 4800), "professional": (3.17, 1.0, 4800)})
+    faded = live(proxy)
+    assert faded["winner"] == "professional" and faded["warnings"] == ["effect_faded"]
+    status, promotion = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
+    assert status == 200 and promotion["promoted"] == "professional", promotion
+    (caution,) = promotion["cautions"]
+    assert caution.startswith("effect_faded: since professional was declared") and "over the whole experiment" in caution

@@ -49,7 +49,7 @@ def test_promote_registers_the_winner_and_every_replica_serves_it_until_undone(
     assert status == 200, promotion
     assert promotion == {
         "experiment": EXP, "promoted": "professional", "alias": "production",
-        "version": 1, "prompt_uri": f"prompts:/{EXP}@production",
+        "version": 1, "prompt_uri": f"prompts:/{EXP}@production", "cautions": [],
     }  # fmt: skip
 
     prompt = MlflowClient(tracking_uri=uri, registry_uri=uri).load_prompt(f"prompts:/{EXP}@production")

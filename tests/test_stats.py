@@ -603,8 +603,9 @@ def test_decide_running_p_value_and_interval_stay_consistent():
     of the effect must come from that interval, not from the current point estimate. Otherwise an
     earlier look that rejected with the treatment *better* lets a later look whose estimate has
     drifted slightly negative declare the *control* the winner. When the looks contradict each
-    other outright (an empty intersection), that is an effect that moved: never
-    `no_difference`, and said as `effect_drift`; the winner declared earlier keeps its name."""
+    other outright (an empty intersection), that is an effect that moved: the sequence starts
+    again from that look, never `no_difference`, and said as `effect_drift`; the winner declared
+    earlier keeps its name."""
     early = [
         arm("a", control=True, feedback__satisfaction=est(3.5, 1.0, 200)),
         arm("b", feedback__satisfaction=est(3.9, 1.0, 200)),
@@ -620,7 +621,12 @@ def test_decide_running_p_value_and_interval_stay_consistent():
     ]
     second = decide(later, policy(), first.running, declared="b")
     result = second.arms["b"].metrics[FEEDBACK]
-    assert result.sequential.drifted and result.difference_ci is None and result.direction == 0
+    assert result.sequential.drifted and result.sequential.restarts == 1 and result.direction == 0
+    low, high = result.difference_ci
+    assert low < -0.01 < high and low > first.arms["b"].metrics[FEEDBACK].difference_ci[0] - 0.4, (
+        "the sequence starts again from the look that contradicted the others: its interval, not an empty one"
+    )
+    assert result.p_value == 1.0, "nor a p-value frozen at the early look's"
     assert (second.status, second.winner) == (WINNER, "b"), "the control must not win on the strength of an earlier look"
     assert second.warnings == ("effect_drift",)
     # without a declared winner the same evidence concludes nothing, and is not `no_difference`
@@ -793,13 +799,14 @@ def test_the_tuned_mixture_is_narrowest_where_effects_of_its_size_are_decided():
 # --------------------------------------------------------------------------- running state
 
 
-def test_running_state_merge_is_commutative_associative_and_idempotent():
+def test_running_state_merge_is_commutative_associative_and_idempotent_while_the_looks_agree():
     rng = np.random.default_rng(21)
 
     def random_state():
-        low = float(rng.normal())
-        lift = (float(rng.normal()), float(rng.normal()) + 2) if rng.random() < 0.7 else (None, None)
-        return RunningState(float(rng.uniform()), low, low + float(rng.uniform(-0.5, 3)), *lift)
+        """Intervals that all hold 0: looks of one effect, which never contradict each other."""
+        low, high = -float(rng.uniform(0, 2)), float(rng.uniform(0, 2))
+        lift = (-float(rng.uniform(0, 1)), float(rng.uniform(0, 1))) if rng.random() < 0.7 else (None, None)
+        return RunningState(float(rng.uniform()), low, high, *lift)
 
     for _ in range(500):
         a, b, c = random_state(), random_state(), random_state()
@@ -807,6 +814,19 @@ def test_running_state_merge_is_commutative_associative_and_idempotent():
         assert a.merge(b).merge(c) == a.merge(b.merge(c))
         assert a.merge(a) == a and a.merge(b).merge(b) == a.merge(b)
         assert a.merge(b).p_value == min(a.p_value, b.p_value)
+        assert a.merge(b).restarts == 0
+
+
+def test_looks_that_contradict_each_other_start_the_sequence_again_from_the_newer():
+    early = RunningState(1e-9, 0.3, 0.5, 0.1, 0.2)
+    later = RunningState(0.4, -0.1, 0.2)
+    restarted = early.merge(later)
+    assert restarted == RunningState(0.4, -0.1, 0.2, restarts=1), "the newer look's p and interval, not an empty one"
+    assert restarted.drifted and restarted.interval == (-0.1, 0.2)
+    assert restarted.merge(early) == restarted, "a look of the older sequence arriving late changes nothing"
+    assert early.merge(restarted) == restarted
+    narrower = restarted.merge(RunningState(0.3, 0.0, 0.3, restarts=1))
+    assert narrower == RunningState(0.3, 0.0, 0.2, restarts=1), "the new sequence narrows as the first did"
 
 
 def test_running_state_encoding_round_trips_and_refuses_what_is_not_a_state():
@@ -814,7 +834,9 @@ def test_running_state_encoding_round_trips_and_refuses_what_is_not_a_state():
     assert RunningState.decode(state.encode()) == state
     bare = RunningState(0.5, -1.0, 1.0)
     assert RunningState.decode(bare.encode()) == bare and bare.encode().count("|") == 2
-    for text in ("nan|0|1", "0.5|-inf|1", "0.5|0", "x|0|1", "0.5|0|1|2", "1.5|0|1", ""):
+    restarted = RunningState(0.2, -1.0, 1.0, restarts=2)
+    assert RunningState.decode(restarted.encode()) == restarted and restarted.encode().endswith("|2")
+    for text in ("nan|0|1", "0.5|-inf|1", "0.5|0", "x|0|1", "0.5|0|1|-1", "0.5|0|1|0.5", "0.5|0|1|2|3|4|5", "1.5|0|1", ""):
         assert RunningState.decode(text) is None, text
     drifted = RunningState(1e-9, 0.3, 0.1)
     assert drifted.drifted and drifted.interval is None and drifted.direction == 0

@@ -243,7 +243,9 @@ def test_analyse_reads_the_winner_by_arm_and_proposes_a_new_one_once():
     first = analyse(plan, config, counters)
     arm_b = plan.arms["b"].arm_id
     context = decision_context(plan, policy_for(plan, config))
-    assert first.update.winner == arm_b and first.answered == state.Winner(arm_b, 1, context)
+    assert first.update.winner == arm_b and first.answered == state.Winner(arm_b, 1, context, since=first.update.since)
+    since = state.decode_since(first.update.since)
+    assert since[arm_b]["feedback.score"].n == 2000, "the counters it was declared on, kept beside it"
     assert set(first.update.running) <= set(state_keys(plan)) and first.update.running
     kept = state.apply(state.KeptState(), first.update)
     again = analyse(plan, config, counters, kept)
@@ -394,3 +396,20 @@ def test_a_revocation_is_kept_and_stays_whatever_the_data_do_next():
     result = summarise(plan, config, counters(0.02, 40_000), later)
     assert result.revoked is not None and (result.revoked.variant, result.revoked.reason) == ("b", ERRORS)
     assert verdict_sentence(result).startswith("Revoked: b, declared the winner, no longer stands: it now harms guardrail")
+
+
+def test_the_verdict_sentence_says_when_the_winners_effect_faded_and_by_how_much():
+    from simkit import counters_at, normal_stream, replay
+
+    plan, config = experiment()
+    looks = np.arange(1, 81) * 50
+    rng = np.random.default_rng([2020, 1])
+    novelty = {"a": {SCORE: normal_stream(rng, looks, 3.5)}, "b": {SCORE: normal_stream(rng, looks, lambda i: 3.5 + np.where(i < 800, 0.35, 0.0))}}
+    last = replay(plan, config, novelty, keep=True).analyses[-1]
+    result = summarise(plan, config, counters_at(plan, novelty, len(looks) - 1), last)
+    assert (result.status, result.winner, result.warnings) == (WINNER, "b", ("effect_drift", "effect_faded"))
+    sentence = verdict_sentence(result)
+    assert sentence.startswith("Winner: b:") and "But its effect has faded since it was declared: lift +" in sentence
+    recent = result.since_declared.metrics[SCORE]
+    assert f"over its last {recent.n:,} samples, against +2.7% over the whole experiment" in sentence
+    assert recent.lift < result.variant("b").metric(SCORE).lift

@@ -16,9 +16,10 @@ branch point's verdict on the same data (the state kept at every look, as its fl
 * A/B at 0.2σ, 60 looks: a winner later not the winner in 0 of 1,000 runs with the state kept at
   every look; kept only every 6th look, or never, 17.3% / 35.0% of 300 runs [27.0% / 44.7%].
 * an effect that vanishes (+0.5σ for the first 300 per arm, then none): the intersection of the
-  always-valid intervals empties in 99.2% of runs; ``effect_drift`` is raised at every look from
-  then on, ``no_difference`` is never reached from it, and the winner declared before keeps its
-  name (in all 992).
+  always-valid intervals would empty in 99.2% of runs (the sequence starts again there);
+  ``effect_drift`` is raised at every look from then on, ``no_difference`` is never reached from
+  it, and the winner declared before keeps its name (in 990 of 992; the other two revoked, what
+  came after the declaration showing it worse: at most α is the price of that re-check).
 * A/A, 1,000 runs: ever a winner in 2.6% (20 looks) and 2.1% (100 looks) [1.0% of 300 runs with
   20 looks].
 * samples to decide in 80% of runs, over the fixed-horizon n (looks every 1/25 of it), at an
@@ -173,11 +174,13 @@ def test_an_effect_that_vanishes_is_drift_not_no_difference():
         winner_before = run.winners[start - 1] if start else None
         if winner_before is not None:
             held.append(all(w == winner_before for w in run.winners[start:]))
+            if not held[-1] and run.statuses[-1] != "revoked":
+                problems.append(f"run {index}: the winner declared before the drift was renamed")
     print(f"\nvanishing effect: drift detected in {share(drifted):.4f} of {SIMS} runs; a winner declared before kept "
-          f"its name in {share(held):.4f} of {len(held)}")
+          f"its name in {share(held):.4f} of {len(held)}, revoked in the others")
     assert not problems, problems[:5]
     assert share(drifted) >= 0.8
-    assert held and all(held)
+    assert held and share(held) >= 0.99, "revoked only when what came after the declaration shows it losing: at most α"
 
 
 # -- A/A ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from abproxy.analysis import state
 from abproxy.analysis.state import KeptState, SampleRatioState, StateUpdate, Winner
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
@@ -26,8 +27,17 @@ from abproxy.stats.estimates import interval as estimate_interval
 from abproxy.stats.guardrails import DEFAULT_RATE_MARGIN, Guardrail
 from abproxy.stats.histogram import quantiles
 from abproxy.stats.power import sequential_samples_per_arm
-from abproxy.stats.results import ExperimentResult, MetricSummary, Revoked, SampleRatio, StoppedVariant, VariantResult
+from abproxy.stats.results import (
+    ExperimentResult,
+    MetricSummary,
+    Revoked,
+    SampleRatio,
+    SinceDeclared,
+    StoppedVariant,
+    VariantResult,
+)
 from abproxy.stats.sequential import default_mixture
+from abproxy.stats.summary import Moments
 from abproxy.stats.verdict import COLLECTING, WINNER, ArmInput, MetricResult, Policy, StateKey, Verdict, decide
 
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -62,6 +72,36 @@ def estimate(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> Est
     if _is_binary(plan, metric, counters):
         return proportion_from_moments(moments)
     return from_moments(moments)
+
+
+def _per_request(plan: ExperimentPlan, metric: str, counters: MetricCounters, moments: Moments) -> Estimate | None:
+    if _is_binary(plan, metric, counters):
+        return proportion_from_moments(moments)
+    return from_moments(moments)
+
+
+def estimate_since(plan: ExperimentPlan, metric: str, counters: MetricCounters, then: Moments) -> Estimate | None:
+    """The estimate on what was recorded after ``then`` (the metric's moments at an earlier look):
+    the sums are additive, so the mean of the later requests is exact. Per unit, the later
+    requests' variance is scaled by the design effect of the whole (units span the two periods,
+    and their per-unit sums cannot be split). None when nothing was added, or the counters are
+    smaller than they were (Redis lost data)."""
+    if counters.corrupt:
+        return None
+    now = counters.moments
+    added = now - then
+    if added.n < 2 or then.n < 0 or added.n > now.n:
+        return None
+    recent = _per_request(plan, metric, counters, added)
+    if recent is None or not plan.per_unit:
+        return recent
+    overall, per_request = estimate(plan, metric, counters), _per_request(plan, metric, counters, now)
+    if overall is None or per_request is None or per_request.variance_of_mean <= 0:
+        return None
+    share = added.n / now.n
+    units = overall.n * share
+    design = overall.variance_of_mean / per_request.variance_of_mean
+    return Estimate(recent.mean, recent.variance_of_mean * design, units, max(units - 1, 1.0))
 
 
 def design_effect(plan: ExperimentPlan, counters: Mapping[str, ArmCounters]) -> float | None:
@@ -164,6 +204,8 @@ class Analysis:
     warnings: tuple[str, ...] = ()
     corrupt: tuple[str, ...] = ()
     design_effect: float | None = None
+    since_declared: Mapping[str, Mapping[str, Estimate | None]] | None = None
+    """variant → metric → the estimate on what came after the winner's declaration."""
 
 
 def _corrupt(plan: ExperimentPlan, counters: Mapping[str, ArmCounters]) -> tuple[list[str], bool]:
@@ -224,7 +266,9 @@ def analyse(
     kept_ratio = kept.sample_ratio
     kept_p = kept_ratio.p_value if kept_ratio is not None and kept_ratio.context == ratio_context else None
     revoked = kept.winner.revoked if declared is not None else None
-    verdict = decide(arms, policy, previous, declared, extend, kept_p, revoked)
+    deciding = (settings.primary, *settings.guardrails)
+    since = _estimates_since(plan, counters, state.decode_since(kept.winner.since), deciding) if declared else None
+    verdict = decide(arms, policy, previous, declared, extend, kept_p, revoked, since)
 
     corrupt, decisive = _corrupt(plan, counters)
     deff = design_effect(plan, counters)
@@ -249,13 +293,42 @@ def analyse(
         context=context,
         sample_ratio=SampleRatioState(ratio_context, verdict.srm_p_value) if verdict.srm_p_value is not None else None,
         revoked=revocation,
+        since=state.encode_since(_moments(plan, counters, deciding)) if proposal else "",
     )
     answered = kept.winner
     if proposal:
-        answered = Winner(proposal, kept.winner.generation + 1, context)
+        answered = Winner(proposal, kept.winner.generation + 1, context, None, update.since)
     elif revocation:
         answered = dataclasses.replace(kept.winner, revoked=revocation)
-    return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff)
+    return Analysis(verdict, estimates, policy, update, answered, tuple(warnings), tuple(corrupt), deff, since)
+
+
+def _moments(plan: ExperimentPlan, counters: Mapping[str, ArmCounters], metrics: tuple[str, ...]) -> state.Since:
+    found = {}
+    for arm in plan.arms.values():
+        arm_metrics = counters[arm.arm_id].metrics
+        found[arm.arm_id] = {metric: arm_metrics[metric].moments for metric in metrics if metric in arm_metrics}
+    return found
+
+
+def _estimates_since(
+    plan: ExperimentPlan, counters: Mapping[str, ArmCounters], since: state.Since, metrics: tuple[str, ...]
+) -> dict[str, dict[str, Estimate | None]] | None:
+    """variant → metric → the estimate on what was recorded after the winner was declared; None
+    when the declaration kept no counters (declared before abproxy kept them, or corrupt)."""
+    if not since:
+        return None
+    found: dict[str, dict[str, Estimate | None]] = {}
+    for name, arm in plan.arms.items():
+        if arm.arm_id not in since:
+            continue
+        then, arm_metrics = since[arm.arm_id], counters[arm.arm_id].metrics
+        found[name] = {
+            metric: estimate_since(plan, metric, arm_metrics[metric], then.get(metric, Moments()))
+            for metric in metrics
+            if metric in arm_metrics
+        }
+    return found
 
 
 def metric_summary(
@@ -408,12 +481,33 @@ def summarise(
         corrupt=analysis.corrupt,
         design_effect=analysis.design_effect,
         revoked=Revoked(*verdict.revoked) if verdict.revoked is not None else None,
+        since_declared=_since_declared(analysis),
         stopped=tuple(
             StoppedVariant(stop.variant, stop.reason, _utc(stop.at))
             for arm_id, stop in (stops or {}).items()
             if stop.active and any(arm.arm_id == arm_id for arm in plan.arms.values())
         ),
     )
+
+
+def _since_declared(analysis: Analysis) -> SinceDeclared | None:
+    """The declared winner (or the revoked one) against the control since its declaration."""
+    verdict = analysis.verdict
+    variant = verdict.revoked[0] if verdict.revoked is not None else verdict.winner
+    if variant is None or not verdict.since_declared or analysis.since_declared is None:
+        return None
+    metrics = {}
+    for metric, result in verdict.since_declared.items():
+        recent = analysis.since_declared.get(variant, {}).get(metric)
+        metrics[metric] = MetricSummary(
+            n=int(recent.n) if recent is not None else 0,
+            mean=recent.mean if recent is not None else None,
+            lift=result.comparison.lift if result.comparison else None,
+            lift_ci=result.lift_ci,
+            difference_ci=result.difference_ci,
+            p_value=result.p_value,
+        )
+    return SinceDeclared(variant, metrics)
 
 
 def _utc(unix_s: float) -> str:

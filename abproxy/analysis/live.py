@@ -50,7 +50,7 @@ async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> 
     sample_ratio = update.sample_ratio.encode() if update.sample_ratio is not None else ""
     raw_states, raw_winner = await store.save_state(
         redis, plan.name, states, update.expected_generation, update.winner, update.context, sample_ratio,
-        update.revoked or "",
+        update.revoked or "", update.since,
     )  # fmt: skip
     return state.decode(raw_states, raw_winner)
 

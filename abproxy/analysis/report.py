@@ -87,8 +87,10 @@ def headline(result: ExperimentResult) -> str:
 
 
 _EXPLAINED = {
-    "effect_drift": "effect_drift: the looks contradict each other, the effect moved over time; collecting on, "
-    "no conclusion from this evidence",
+    "effect_drift": "effect_drift: the looks contradicted each other, the effect moved over time; the always-valid "
+    "sequence started again from the look that showed it, and no_difference is never concluded",
+    "effect_faded": "effect_faded: since {winner} was declared, its effect on {primary} is shown smaller than the "
+    "MDE: {since}",
     "units_correlated": "units_correlated: a user's requests are correlated (design effect {deff}); consider unit: user",
     "corrupt_counters": "corrupt_counters: counters that are not numbers, left out of every verdict: {corrupt}",
     "state_not_saved": "state_not_saved: Redis refused this look's always-valid state; shown: the state saved before",
@@ -115,7 +117,12 @@ def notes(result: ExperimentResult) -> list[str]:
             )
     deff = "-" if result.design_effect is None else f"{result.design_effect:.2f}"
     for warning in result.warnings:
-        lines.append(_EXPLAINED.get(warning, warning).format(deff=deff, corrupt=", ".join(result.corrupt)))
+        lines.append(
+            _EXPLAINED.get(warning, warning).format(
+                deff=deff, corrupt=", ".join(result.corrupt), winner=result.winner, primary=result.primary_metric,
+                since=since_declared(result),
+            )
+        )
     return lines
 
 
@@ -138,12 +145,29 @@ def terminal(result: ExperimentResult) -> str:
 
 def verdict_sentence(result: ExperimentResult) -> str:
     """The verdict in one sentence, as MLflow's experiment description opens with it (and one
-    more for the variants stopped for harm)."""
+    more for a winner whose effect faded, and one for the variants stopped for harm)."""
     sentence = _verdict(result)
+    if result.status == "winner" and "effect_faded" in result.warnings:
+        sentence += f" But its effect has faded since it was declared: {since_declared(result)}."
     if result.stopped:
         names = ", ".join(f"{stop.variant} (on {stop.reason})" for stop in result.stopped)
         sentence += f" Stopped for harm: {names}: the control serves their users."
     return sentence
+
+
+def since_declared(result: ExperimentResult) -> str:
+    """The winner's lift on the primary metric since its declaration, beside the whole
+    experiment's: what an effect that faded looks like."""
+    since = result.since_declared
+    recent = since.metrics.get(result.primary_metric) if since is not None else None
+    if since is None or recent is None:
+        return ""
+    overall = result.variant(since.variant).metric(result.primary_metric)
+    interval = f" ({_fmt(recent.lift_ci[0], 1, percent=True)} to {_fmt(recent.lift_ci[1], 1, percent=True)})" if recent.lift_ci else ""
+    return (
+        f"lift {_fmt(recent.lift, 1, percent=True)}{interval} over its last {recent.n:,} samples, "
+        f"against {_fmt(overall.lift, 1, percent=True)} over the whole experiment"
+    )
 
 
 def _verdict(result: ExperimentResult) -> str:

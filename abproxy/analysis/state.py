@@ -11,10 +11,13 @@ is revoked the same way, once, against the generation that declared it.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from abproxy.stats.sequential import RunningState
+from abproxy.stats.summary import Moments
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class Winner:
     winner declared on another primary metric, control, guardrails, α or MDE is no winner now."""
     revoked: str | None = None
     """Why this winner was revoked (the metric it failed on), once it was: for good."""
+    since: str = ""
+    """The arms' counters when it was declared (:func:`encode_since`): what came after is the
+    evidence that re-checks it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,39 @@ class StateUpdate:
     sample_ratio: SampleRatioState | None = None
     revoked: str | None = None
     """The winner the look read fails (on this metric): revoke it, unless Redis keeps another."""
+    since: str = ""
+    """With a new winner: the arms' counters this look read (:func:`encode_since`)."""
+
+
+Since = Mapping[str, Mapping[str, Moments]]
+"""Arm id → metric → the metric's moments when the winner was declared."""
+
+
+def encode_since(since: Since) -> str:
+    return json.dumps(
+        {arm: {metric: [m.n, m.total, m.total_squares, m.shift] for metric, m in metrics.items()} for arm, metrics in since.items()},
+        separators=(",", ":"),
+    )
+
+
+def decode_since(text: str) -> dict[str, dict[str, Moments]]:
+    """Empty for anything that is not what :func:`encode_since` writes (written by hand, corrupt):
+    then nothing is re-checked on what came after, as before the re-check existed."""
+    try:
+        raw = json.loads(text) if text else {}
+        decoded = {
+            str(arm): {str(metric): _moments(values) for metric, values in metrics.items()} for arm, metrics in raw.items()
+        }
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return decoded
+
+
+def _moments(values: list[float]) -> Moments:
+    numbers = [float(value) for value in values]
+    if len(numbers) != 4 or not all(map(math.isfinite, numbers)):
+        raise ValueError("not the moments encode_since writes")
+    return Moments(*numbers)
 
 
 def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> KeptState:
@@ -94,7 +133,11 @@ def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> Kept
     except ValueError:
         generation = 0
     winner = Winner(
-        raw_winner.get("winner") or None, generation, raw_winner.get("context", ""), raw_winner.get("revoked") or None
+        raw_winner.get("winner") or None,
+        generation,
+        raw_winner.get("context", ""),
+        raw_winner.get("revoked") or None,
+        raw_winner.get("since", ""),
     )
     return KeptState(running, winner, SampleRatioState.decode(raw_winner.get("srm")))
 
@@ -107,9 +150,9 @@ def apply(kept: KeptState, update: StateUpdate) -> KeptState:
         running[name] = before.merge(state) if before is not None else state
     winner = kept.winner
     if update.winner is not None and kept.winner.generation == update.expected_generation:
-        winner = Winner(update.winner, update.expected_generation + 1, update.context)
+        winner = Winner(update.winner, update.expected_generation + 1, update.context, None, update.since)
     elif update.revoked is not None and kept.winner.generation == update.expected_generation and not winner.revoked:
-        winner = Winner(winner.arm, winner.generation, winner.context, update.revoked)
+        winner = Winner(winner.arm, winner.generation, winner.context, update.revoked, winner.since)
     sample_ratio = kept.sample_ratio
     if update.sample_ratio is not None:
         sample_ratio = sample_ratio.merge(update.sample_ratio) if sample_ratio is not None else update.sample_ratio

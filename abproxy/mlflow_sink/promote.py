@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from abproxy.analysis.live import experiment_results
+from abproxy.analysis.report import notes
 from abproxy.catalog import Arm, ExperimentPlan
 from abproxy.config import Config
 from abproxy.errors import Conflict, MlflowUnavailable, NotFound
@@ -22,6 +23,8 @@ from abproxy.recording import store
 from abproxy.stats.results import ExperimentResult
 
 DEFAULT_ALIAS = "production"
+CAUTIONS = ("effect_faded",)
+"""Warnings promote repeats when it ships the winner they are about."""
 _MODEL_CONFIG_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "frequency_penalty", "presence_penalty")
 
 
@@ -33,6 +36,8 @@ class Promotion:
     version: int
     prompt_uri: str
     """``prompts:/<experiment>@<alias>``: what an app loads to get the promoted prompt."""
+    cautions: tuple[str, ...] = ()
+    """What the verdict warns of that a user should read before shipping (``effect_faded``)."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +46,7 @@ class Promotion:
             "alias": self.alias,
             "version": self.version,
             "prompt_uri": self.prompt_uri,
+            "cautions": list(self.cautions),
         }
 
 
@@ -132,7 +138,8 @@ async def promote(
         raise MlflowUnavailable(f"registering the prompt in MLflow failed: {type(error).__name__}: {error}") from error
     with store.reachable():
         await redis.set(store.promoted_key(plan.name), chosen)
-    return Promotion(plan.name, chosen, alias, version, f"prompts:/{plan.name}@{alias}")
+    cautions = tuple(line for line in notes(result) if line.startswith(CAUTIONS)) if chosen == result.winner else ()
+    return Promotion(plan.name, chosen, alias, version, f"prompts:/{plan.name}@{alias}", cautions)
 
 
 async def undo(redis: Any, plan: ExperimentPlan) -> None:

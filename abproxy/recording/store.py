@@ -92,8 +92,9 @@ def stopped_key(experiment: str) -> str:
 
 
 def verdict_key(experiment: str) -> str:
-    """The declared winner (``winner``: its arm), ``generation`` (bumped at each declaration) and
-    ``context`` (what it was decided on: primary metric, control, guardrails, α, MDE)."""
+    """The declared winner (``winner``: its arm), ``generation`` (bumped at each declaration),
+    ``context`` (what it was decided on: primary metric, control, guardrails, α, MDE), ``since``
+    (the arms' counters when it was declared), ``revoked`` and the sample-ratio test's ``srm``."""
     return f"{experiment_tag(experiment)}:verdict"
 
 
@@ -472,24 +473,28 @@ async def save_state(
     context: str = "",
     srm: str = "",
     revoked: str = "",
+    since: str = "",
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Merge a look's running states (field, encoded state or ''), its winner and its
     sample-ratio state (``context|p`` or '') into Redis, and revoke the winner it read (``revoked``:
-    why, or '') (:data:`SAVE_STATE_LUA`); returns what
+    why, or ''), keeping ``since`` (the counters the declaring look read) with a new winner
+    (:data:`SAVE_STATE_LUA`); returns what
     Redis keeps now, as :func:`read_experiment` reads it: the states of the given fields, and
     the verdict's hash."""
     keys = [sequential_key(experiment), verdict_key(experiment)]
-    args: list[Any] = [expected_generation, winner or "", context, srm, revoked]
+    args: list[Any] = [expected_generation, winner or "", context, srm, revoked, since]
     for name, encoded in states:
         args += [name, encoded]
     reply = await _SAVE_STATE.run(redis, lambda sha: redis.evalsha(sha, len(keys), *keys, *args), keys[0])
-    generation, kept_winner, kept_context, merged, kept_srm, kept_revoked = reply
+    generation, kept_winner, kept_context, merged, kept_srm, kept_revoked, kept_since = reply
     kept = {name: value for (name, _), value in zip(states, merged, strict=True) if value}
     verdict = {"generation": str(generation), "winner": kept_winner, "context": kept_context}
     if kept_srm:
         verdict["srm"] = kept_srm
     if kept_revoked:
         verdict["revoked"] = kept_revoked
+    if kept_since:
+        verdict["since"] = kept_since
     return kept, verdict
 
 

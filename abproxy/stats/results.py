@@ -98,6 +98,17 @@ class Revoked:
 
 
 @dataclass(frozen=True, slots=True)
+class SinceDeclared:
+    """The declared winner against the control on what came after its declaration alone: the
+    recent effect, beside the cumulative one in ``variants``."""
+
+    variant: str
+    metrics: Mapping[str, MetricSummary] = field(default_factory=dict)
+    """The primary metric and the guardrails: ``n`` (the winner's samples since), ``mean``, ``lift``,
+    ``lift_ci``, ``difference_ci`` and ``p_value`` of a sequence that starts at the declaration."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentResult:
     experiment: str
     status: str
@@ -112,7 +123,9 @@ class ExperimentResult:
     promoted: str | None = None
     """The variant ``abproxy promote`` made every replica serve: the test is over."""
     warnings: tuple[str, ...] = ()
-    """``effect_drift`` (the looks contradict each other: the effect moved over time),
+    """``effect_drift`` (the looks contradicted each other: the effect moved over time),
+    ``effect_faded`` (since it was declared, the winner's effect is shown smaller than the MDE:
+    see ``since_declared``),
     ``units_correlated`` (a ``unit: request`` experiment whose users' requests are correlated:
     design effect above 1.5), ``corrupt_counters`` (see ``corrupt``), ``state_not_saved``
     (Redis refused this look's always-valid state: the answer rests on the state saved before)."""
@@ -124,6 +137,7 @@ class ExperimentResult:
     over that counted per request (1: users' requests are independent)."""
     stopped: tuple[StoppedVariant, ...] = ()
     revoked: Revoked | None = None
+    since_declared: SinceDeclared | None = None
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)

@@ -35,6 +35,7 @@ simulated A/A rates (2.1–2.6% ever significant at α = 5%, up to 100 looks) bo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -186,54 +187,68 @@ class RunningState:
     running intersection of the always-valid intervals of the difference (Johari et al. pair
     them this way: p ≤ α exactly when 0 lies outside the intersection) and of the lift.
 
-    Merging is a minimum and an intersection, so it is commutative, associative and idempotent:
-    looks by several replicas, merged in Redis in any order (store.py does the same in Lua),
-    extend one sequence."""
+    While the effect holds still the intersection only narrows. When the looks contradict each
+    other outright (the intersection empties), the effect moved: no single effect fits every
+    look, and an empty interval could never show anything again. The sequence then starts anew
+    from the look that contradicted the others (``restarts`` counts how often): its p-value and
+    interval are that look's, and the sequence goes on from there, as Optimizely's Stats Engine
+    resets when it detects the effect has changed. The restart is sticky in ``restarts``, so the
+    verdict still says the effect moved.
+
+    Merging is a minimum and an intersection within one sequence (commutative, associative and
+    idempotent while they agree), and the later sequence outright: looks by several replicas,
+    merged in Redis (store.py does the same in Lua), extend one sequence."""
 
     p_value: float
     lower: float
     upper: float
     lift_lower: float | None = None
     lift_upper: float | None = None
+    restarts: int = 0
 
     @classmethod
-    def first(cls, look: SequentialResult) -> RunningState:
-        lift = look.lift_ci
-        return cls(look.p_value, look.difference_ci[0], look.difference_ci[1], *(lift if lift else (None, None)))
+    def first(cls, look: SequentialResult, restarts: int = 0) -> RunningState:
+        low, high = look.lift_ci or (None, None)
+        return cls(look.p_value, look.difference_ci[0], look.difference_ci[1], low, high, restarts)
 
     def merge(self, other: RunningState) -> RunningState:
-        return RunningState(
+        """``other`` is the newer: it starts the sequence again when the two contradict."""
+        if self.restarts != other.restarts:
+            return self if self.restarts > other.restarts else other
+        merged = RunningState(
             min(self.p_value, other.p_value),
             max(self.lower, other.lower),
             min(self.upper, other.upper),
             _lower(self.lift_lower, other.lift_lower),
             _upper(self.lift_upper, other.lift_upper),
+            self.restarts,
         )
+        if merged.lower > merged.upper:
+            return dataclasses.replace(other, restarts=self.restarts + 1)
+        return merged
 
     def update(self, look: SequentialResult) -> RunningState:
-        return self.merge(RunningState.first(look))
+        return self.merge(RunningState.first(look, self.restarts))
 
     @property
     def drifted(self) -> bool:
-        """The looks contradict each other (an empty intersection): the effect moved over time,
-        so no single effect fits all of them."""
-        return self.lower > self.upper
+        """The looks contradicted each other at some point: the effect moved over time."""
+        return self.restarts > 0 or self.lower > self.upper
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return None if self.drifted else (self.lower, self.upper)
+        return None if self.lower > self.upper else (self.lower, self.upper)
 
     @property
     def lift_interval(self) -> tuple[float, float] | None:
-        if self.lift_lower is None or self.lift_upper is None or self.lift_lower > self.lift_upper or self.drifted:
+        if self.lift_lower is None or self.lift_upper is None or self.lift_lower > self.lift_upper:
             return None
         return (self.lift_lower, self.lift_upper)
 
     @property
     def direction(self) -> int:
-        """+1 or −1 when the interval excludes 0 on one side; 0 when it holds 0, or when the looks
-        contradict each other."""
-        if self.drifted:
+        """+1 or −1 when the interval excludes 0 on one side; 0 when it holds 0 (or is empty)."""
+        if self.lower > self.upper:
             return 0
         if self.lower > 0:
             return 1
@@ -242,16 +257,26 @@ class RunningState:
         return 0
 
     def encode(self) -> str:
-        parts = [self.p_value, self.lower, self.upper]
+        """``p|lower|upper``, then ``|lift lower|lift upper`` when there is a lift interval, then
+        ``|restarts`` when the sequence started again."""
+        parts: list[float] = [self.p_value, self.lower, self.upper]
         if self.lift_lower is not None and self.lift_upper is not None:
             parts += [self.lift_lower, self.lift_upper]
-        return "|".join(repr(float(part)) for part in parts)
+        text = "|".join(repr(float(part)) for part in parts)
+        return f"{text}|{self.restarts}" if self.restarts else text
 
     @classmethod
     def decode(cls, text: str) -> RunningState | None:
-        """None for anything but 3 or 5 finite numbers (a state written by hand, or corrupt)."""
+        """None for anything but 3 or 5 finite numbers and an optional count of restarts (a state
+        written by hand, or corrupt)."""
         parts = text.split("|")
-        if len(parts) not in (3, 5):
+        restarts = 0
+        if len(parts) in (4, 6):
+            try:
+                restarts = int(parts.pop())
+            except ValueError:
+                return None
+        if len(parts) not in (3, 5) or restarts < 0:
             return None
         try:
             numbers = [float(part) for part in parts]
@@ -259,4 +284,5 @@ class RunningState:
             return None
         if not all(math.isfinite(number) for number in numbers) or not 0 <= numbers[0] <= 1:
             return None
-        return cls(*numbers)
+        low, high = (numbers[3], numbers[4]) if len(numbers) == 5 else (None, None)
+        return cls(numbers[0], numbers[1], numbers[2], low, high, restarts)

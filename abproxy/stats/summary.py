@@ -58,3 +58,11 @@ class Moments:
     def __add__(self, other: Moments) -> Moments:
         other = other.about(self.shift)
         return Moments(self.n + other.n, self.total + other.total, self.total_squares + other.total_squares, self.shift)
+
+    def __sub__(self, earlier: Moments) -> Moments:
+        """What was added since ``earlier`` (the same sample when it was smaller): the sums are
+        additive, so the difference is the later observations' own moments."""
+        earlier = earlier.about(self.shift)
+        return Moments(
+            self.n - earlier.n, self.total - earlier.total, self.total_squares - earlier.total_squares, self.shift
+        )

@@ -15,7 +15,7 @@ from abproxy.stats.guardrails import Guardrail, harm_shown, non_inferior
 from abproxy.stats.sequential import Mixture, RunningState, msprt, running_p_value
 
 COLLECTING, WINNER, NO_DIFFERENCE, SRM, REVOKED = "collecting", "winner", "no_difference", "srm", "revoked"
-EFFECT_DRIFT = "effect_drift"
+EFFECT_DRIFT, EFFECT_FADED = "effect_drift", "effect_faded"
 
 StateKey = tuple[str, str, str]
 """(arm, the arm it is compared with, metric): the state of arm − other on that metric."""
@@ -124,7 +124,10 @@ class Verdict:
     revoked: tuple[str, str] | None = None
     """(variant, metric): the declared winner that failed, and on what: a guardrail whose
     always-valid interval shows harm beyond its margin, or the primary metric's lying wholly on
-    the losing side."""
+    the losing side — over the whole experiment, or since the winner was declared."""
+    since_declared: Mapping[str, MetricResult] = field(default_factory=dict)
+    """The declared winner against the control on what came after its declaration alone, by
+    metric (the primary and the guardrails): a sequence of its own, started at the declaration."""
 
 
 def _significant(result: MetricResult, alpha: float, adjusted: bool) -> int:
@@ -182,11 +185,14 @@ def decide(
     extend: bool = True,
     sample_ratio: float | None = None,
     revoked: str | None = None,
+    since_declared: Mapping[str, Mapping[str, Estimate | None]] | None = None,
 ) -> Verdict:
     """The verdict at this look. ``previous``: the running states kept so far; ``declared``: the
     winner declared at an earlier look, if any; ``sample_ratio``: the sample-ratio test's running
     p-value kept so far (for these arms and weights); ``revoked``: why the declared winner was
-    revoked at an earlier look, if it was (it stays revoked); ``extend=False`` decides on the kept
+    revoked at an earlier look, if it was (it stays revoked); ``since_declared``: each arm's
+    estimates on what came after the declaration (the winner is re-checked on them, and its
+    effect there compared with the MDE); ``extend=False`` decides on the kept
     states alone (when this look's could not be kept, so that no answer rests on evidence the next
     look will not have)."""
     control = next(arm for arm in arms if arm.control)
@@ -234,26 +240,81 @@ def decide(
     drifted = any(
         result.drifted for arm in treatments for metric, result in results[arm.name].items() if metric in decision_metrics
     )
-    warnings = (EFFECT_DRIFT,) if drifted else ()
+    warnings: tuple[str, ...] = (EFFECT_DRIFT,) if drifted else ()
+    since: dict[str, MetricResult] = {}
+    if declared is not None and declared != control.name and since_declared:
+        since = _since_declared(declared, control, since_declared, policy)
     if srm is None or srm >= SRM_THRESHOLD:
-        failed = revoked or (_failure(declared, verdicts, policy) if declared != control.name else None)
+        failed = revoked or (_failure(declared, verdicts, since, control, policy) if declared != control.name else None)
         if declared is not None and failed is not None:
-            return Verdict(REVOKED, None, srm, verdicts, running, warnings, (declared, failed))
+            return Verdict(REVOKED, None, srm, verdicts, running, warnings, (declared, failed), since)
     status, winner = _status(control, treatments, results, head_to_head, held_back, policy, srm, declared)
-    return Verdict(status, winner, srm, verdicts, running, warnings)
+    if winner is not None and winner == declared and _faded(since.get(policy.primary), control, policy):
+        warnings += (EFFECT_FADED,)
+    return Verdict(status, winner, srm, verdicts, running, warnings, None, since)
 
 
-def _failure(declared: str | None, verdicts: Mapping[str, ArmVerdict], policy: Policy) -> str | None:
+def _since_declared(
+    declared: str, control: ArmInput, estimates: Mapping[str, Mapping[str, Estimate | None]], policy: Policy
+) -> dict[str, MetricResult]:
+    """The declared winner against the control on the primary metric and the guardrails, on
+    what came after the declaration: one always-valid look of a sequence that starts there. A
+    look of an always-valid sequence needs no state of its own to be valid at every look; the
+    running intersection only sharpens it, and here it would keep what an effect that moves
+    has left behind."""
+    results: dict[str, MetricResult] = {}
+    metrics = (policy.primary, *(g.metric for g in policy.guardrail_specs))
+    for metric in metrics:
+        base, other = estimates.get(control.name, {}).get(metric), estimates.get(declared, {}).get(metric)
+        if base is None or other is None or not _enough(base, policy) or not _enough(other, policy):
+            continue
+        overall = control.estimates.get(metric)
+        mixture = policy.mixture(metric, overall if overall is not None else base)
+        look = msprt(base, other, policy.alpha, mixture, lift_variance(base, other))
+        if look is not None:
+            results[metric] = MetricResult(compare(base, other, policy.alpha), RunningState.first(look))
+    return results
+
+
+def _faded(result: MetricResult | None, control: ArmInput, policy: Policy) -> bool:
+    """Since the declaration, the winner's effect on the primary metric is shown smaller than
+    the MDE: its interval's most favourable end falls short of it."""
+    overall = control.estimates.get(policy.primary)
+    if result is None or result.difference_ci is None or overall is None:
+        return False
+    effect = policy.mde * abs(overall.mean)
+    low, high = result.difference_ci
+    best_case = high if policy.higher_is_better(policy.primary) else -low
+    return effect > 0 and best_case < effect
+
+
+def _failure(
+    declared: str | None,
+    verdicts: Mapping[str, ArmVerdict],
+    since: Mapping[str, MetricResult],
+    control: ArmInput,
+    policy: Policy,
+) -> str | None:
     """Why the declared winner no longer stands, if it does not: a guardrail whose always-valid
     interval shows harm beyond its margin, or the primary metric's interval wholly on the losing
-    side of the control."""
+    side of the control — over the whole experiment, or since it was declared (a winner that
+    turns harmful later is diluted in the whole by what came before)."""
     verdict = verdicts.get(declared) if declared is not None else None
     if verdict is None:
         return None
     if verdict.harmed:
         return verdict.harmed[0]
+    higher = policy.higher_is_better(policy.primary)
     primary = verdict.metrics.get(policy.primary)
-    if primary is not None and _worse(primary.direction, policy.higher_is_better(policy.primary)):
+    if primary is not None and _worse(primary.direction, higher):
+        return policy.primary
+    for guardrail in policy.guardrail_specs:
+        result, overall = since.get(guardrail.metric), control.estimates.get(guardrail.metric)
+        margin = guardrail.absolute_margin(overall.mean if overall is not None else None)
+        if result is not None and harm_shown(result.difference_ci, margin, policy.higher_is_better(guardrail.metric)):
+            return guardrail.metric
+    recent = since.get(policy.primary)
+    if recent is not None and _worse(recent.direction, higher):
         return policy.primary
     return None
 
@@ -362,13 +423,16 @@ def _status(
 def _no_difference(
     control: ArmInput, treatments: Sequence[ArmInput], results: Mapping[str, Mapping[str, MetricResult]], policy: Policy
 ) -> bool:
-    """Every treatment's interval lies within ±MDE of the control's mean. Never from looks that
-    contradict each other: an empty intersection is an effect that moved, not one that is 0."""
+    """Every treatment's interval lies within ±MDE of the control's mean. Never once the looks
+    contradicted each other: an effect that moved is not one that is 0."""
     base = control.estimates.get(policy.primary)
     if base is None:
         return False
     margin = policy.mde * abs(base.mean)
     if margin <= 0:
         return False
-    intervals = [results[arm.name][policy.primary].difference_ci for arm in treatments]
+    primary = [results[arm.name][policy.primary] for arm in treatments]
+    if any(result.drifted for result in primary):
+        return False
+    intervals = [result.difference_ci for result in primary]
     return all(ci is not None and -margin < ci[0] and ci[1] < margin for ci in intervals)
