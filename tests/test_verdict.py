@@ -413,3 +413,36 @@ def test_the_verdict_sentence_says_when_the_winners_effect_faded_and_by_how_much
     recent = result.since_declared.metrics[SCORE]
     assert f"over its last {recent.n:,} samples, against +2.7% over the whole experiment" in sentence
     assert recent.lift < result.variant("b").metric(SCORE).lift
+
+
+def test_of_arms_within_the_mde_the_cheaper_wins_and_the_verdict_says_so():
+    from simkit import counters_at, normal_stream, replay
+
+    plan, config = experiment(arms=("a", "b", "c"))
+    mde = 0.05 * 3.5
+    looks = np.arange(1, 61) * 50
+    rng = np.random.default_rng([1934, 3])
+    streams = {
+        name: {SCORE: normal_stream(rng, looks, 3.5 + lift), "cost_usd": normal_stream(rng, looks, cost, cost / 10)}
+        for name, lift, cost in (("a", 0.0, 0.001), ("b", 2 * mde, 0.001), ("c", 2 * mde, 0.01))
+    }
+    run = replay(plan, config, streams, keep=True)
+    result = summarise(plan, config, counters_at(plan, streams, len(looks) - 1), run.analyses[-1])
+    assert (result.status, result.winner, result.cheaper_than) == (WINNER, "b", ("c",))
+    assert "c ($0.01 per request) is within the MDE of it on feedback.score but cost more (b: $0.000998 per request)" in (
+        verdict_sentence(result)
+    )
+
+
+def test_while_no_arm_is_yet_shown_the_best_of_several_better_ones_the_verdict_names_them():
+    """Two treatments better than the control, one better than the other by about the MDE: early
+    on, which is best is not settled, and the sentence says which arms are in the running."""
+    mde = 0.05 * 3.5
+    arms = [
+        arm("a", control=True, feedback__score=est(3.5, 1.0, 150)),
+        arm("b", feedback__score=est(3.5 + 3 * mde, 1.0, 150)),
+        arm("c", feedback__score=est(3.5 + 4 * mde, 1.0, 150)),
+    ]
+    verdict = decide(arms, policy(), {})
+    assert all(verdict.arms[name].metrics[SCORE].adjusted_p < 0.05 for name in ("b", "c")), "both beat the control"
+    assert (verdict.status, verdict.winner, verdict.unsettled) == (COLLECTING, None, ("b", "c"))

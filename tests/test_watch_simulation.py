@@ -200,3 +200,48 @@ def test_an_effect_that_fades_after_the_winner_is_declared_is_said_to_have(effec
     assert crowned == 300
     assert faded_at_least <= faded / 300 <= faded_at_most
     assert covered / 300 >= 0.95
+
+
+COST = "cost_usd"
+
+
+def test_among_many_arms_the_best_wins_and_one_that_leads_by_chance_early_does_not():
+    """Three arms looked at every 50 per arm up to 3,000: t1 = +2×MDE, t2 = +1×MDE over the
+    control. A candidate wins only once no other arm can still be better than it by the MDE."""
+    plan, config = experiment(arms=("a", "t1", "t2"))
+    looks = np.arange(1, 61) * 50
+    t2_ever = t1_final = 0
+    for index in range(300):
+        rng = np.random.default_rng([1933, index])
+        streams = {
+            "a": {SCORE: normal_stream(rng, looks, 3.5)},
+            "t1": {SCORE: normal_stream(rng, looks, 3.5 + 2 * MDE)},
+            "t2": {SCORE: normal_stream(rng, looks, 3.5 + MDE)},
+        }
+        run = replay(plan, config, streams)
+        t2_ever += "t2" in run.winners
+        t1_final += run.winners[-1] == "t1"
+    print(f"\nthree arms: t2 shown as the winner at some look in {t2_ever / 300:.1%}; t1 the final winner in {t1_final / 300:.1%}")
+    assert t2_ever / 300 <= 0.02
+    assert t1_final / 300 >= 0.95
+
+
+def test_of_two_arms_within_the_mde_of_each_other_the_cheaper_wins():
+    """b and c equally better than the control (+2×MDE), c ten times b's cost per request."""
+    plan, config = experiment(arms=("a", "b", "c"))
+    looks = np.arange(1, 61) * 50
+    cheaper = costlier = 0
+    for index in range(200):
+        rng = np.random.default_rng([1934, index])
+        streams = {
+            name: {SCORE: normal_stream(rng, looks, 3.5 + lift), COST: normal_stream(rng, looks, cost, cost / 10)}
+            for name, lift, cost in (("a", 0.0, 0.001), ("b", 2 * MDE, 0.001), ("c", 2 * MDE, 0.01))
+        }
+        run = replay(plan, config, streams, keep=True)
+        last = run.analyses[-1]
+        cheaper += run.winners[-1] == "b" and last.verdict.cheaper_than == ("c",)
+        costlier += "c" in run.winners
+    print(f"\ntwo equal arms: the cheaper the winner, the costlier named beside it, in {cheaper / 200:.1%}; "
+          f"the costlier crowned at some look in {costlier / 200:.1%} (beating its twin head to head by chance)")  # fmt: skip
+    assert cheaper / 200 >= 0.95
+    assert costlier / 200 <= 0.02

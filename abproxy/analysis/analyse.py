@@ -482,6 +482,8 @@ def summarise(
         design_effect=analysis.design_effect,
         revoked=Revoked(*verdict.revoked) if verdict.revoked is not None else None,
         since_declared=_since_declared(analysis),
+        cheaper_than=verdict.cheaper_than,
+        unsettled=verdict.unsettled,
         stopped=tuple(
             StoppedVariant(stop.variant, stop.reason, _utc(stop.at))
             for arm_id, stop in (stops or {}).items()

@@ -101,7 +101,7 @@ _EXPLAINED = {
 
 def notes(result: ExperimentResult) -> list[str]:
     """What the table cannot say: variants stopped for harm, guardrails holding a variant back,
-    and each warning."""
+    variants better than the control of which none is yet the best, and each warning."""
     lines = [
         f"{stop.variant}: stopped at {stop.at} for harm on guardrail {stop.reason}: its users get the control "
         f"(abproxy resume {result.experiment} {stop.variant} gives it its traffic back)"
@@ -115,6 +115,11 @@ def notes(result: ExperimentResult) -> list[str]:
                 f"{variant.name}: better on {result.primary_metric}, held back by guardrail {metric} "
                 f"(harm beyond {_fmt(summary.margin, 4)} not yet ruled out{more})"
             )
+    if result.unsettled:
+        lines.append(
+            f"{', '.join(result.unsettled)}: each better than the control on {result.primary_metric}; not yet settled "
+            "which is best (better than the others by the MDE, or as good and cheaper)"
+        )
     deff = "-" if result.design_effect is None else f"{result.design_effect:.2f}"
     for warning in result.warnings:
         lines.append(
@@ -147,6 +152,13 @@ def verdict_sentence(result: ExperimentResult) -> str:
     """The verdict in one sentence, as MLflow's experiment description opens with it (and one
     more for a winner whose effect faded, and one for the variants stopped for harm)."""
     sentence = _verdict(result)
+    if result.status == "winner" and result.winner is not None and result.cheaper_than:
+        others = " and ".join(f"{name}{_cost(result, name)}" for name in result.cheaper_than)
+        verb = "is" if len(result.cheaper_than) == 1 else "are"
+        sentence += (
+            f" {others} {verb} within the MDE of it on {result.primary_metric} but cost more "
+            f"({result.winner}: {_cost(result, result.winner).strip(' ()')}): among arms that good, the cheaper wins."
+        )
     if result.status == "winner" and "effect_faded" in result.warnings:
         sentence += f" But its effect has faded since it was declared: {since_declared(result)}."
     if result.stopped:
@@ -168,6 +180,11 @@ def since_declared(result: ExperimentResult) -> str:
         f"lift {_fmt(recent.lift, 1, percent=True)}{interval} over its last {recent.n:,} samples, "
         f"against {_fmt(overall.lift, 1, percent=True)} over the whole experiment"
     )
+
+
+def _cost(result: ExperimentResult, variant: str) -> str:
+    cost = result.variant(variant).metric("cost_usd").mean
+    return f" (${cost:.3g} per request)" if cost is not None else ""
 
 
 def _verdict(result: ExperimentResult) -> str:
@@ -199,6 +216,13 @@ def _verdict(result: ExperimentResult) -> str:
         )
     if result.status == "no_difference":
         return f"No difference: every variant is as good as the control {control.name if control else ''} on {primary}."
+    if result.unsettled:
+        names = " and ".join(f"{name}{_cost(result, name)}" for name in result.unsettled)
+        return (
+            f"Collecting: {names} {'are each' if len(result.unsettled) > 1 else 'is'} better than the control on "
+            f"{primary}; not yet settled which is best (better by the MDE, or as good and cheaper) "
+            f"({requests:,} requests so far)."
+        )
     held = [variant for variant in result.variants if variant.held_back_by]
     if held:
         names = "; ".join(f"{variant.name} by {', '.join(variant.held_back_by)}" for variant in held)

@@ -138,6 +138,12 @@ class ExperimentResult:
     stopped: tuple[StoppedVariant, ...] = ()
     revoked: Revoked | None = None
     since_declared: SinceDeclared | None = None
+    cheaper_than: tuple[str, ...] = ()
+    """Variants shown within ``stats.mde`` of the winner on the primary metric, head to head,
+    that cost more per request: among arms that good, the cheaper wins."""
+    unsettled: tuple[str, ...] = ()
+    """While collecting: variants each significantly better than the control (and held back by
+    no guardrail), of which none is yet shown the best."""
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)

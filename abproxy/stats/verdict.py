@@ -128,6 +128,12 @@ class Verdict:
     since_declared: Mapping[str, MetricResult] = field(default_factory=dict)
     """The declared winner against the control on what came after its declaration alone, by
     metric (the primary and the guardrails): a sequence of its own, started at the declaration."""
+    cheaper_than: tuple[str, ...] = ()
+    """Treatments shown within the MDE of the winner on the primary metric (both ways, head to
+    head) that cost more per request: what the winner was chosen over, or would be."""
+    unsettled: tuple[str, ...] = ()
+    """While collecting: treatments each better than the control, none yet shown the best (no
+    other may be better by the MDE, or cheaper and within it)."""
 
 
 def _significant(result: MetricResult, alpha: float, adjusted: bool) -> int:
@@ -249,9 +255,11 @@ def decide(
         if declared is not None and failed is not None:
             return Verdict(REVOKED, None, srm, verdicts, running, warnings, (declared, failed), since)
     status, winner = _status(control, treatments, results, head_to_head, held_back, policy, srm, declared)
+    cheaper_than = _costlier_equals(winner, treatments, head_to_head, control, policy) if status == WINNER else ()
+    unsettled = tuple(arm.name for arm in _candidates(treatments, results, held_back, policy)) if status == COLLECTING else ()
     if winner is not None and winner == declared and _faded(since.get(policy.primary), control, policy):
         warnings += (EFFECT_FADED,)
-    return Verdict(status, winner, srm, verdicts, running, warnings, None, since)
+    return Verdict(status, winner, srm, verdicts, running, warnings, None, since, cheaper_than, unsettled)
 
 
 def _since_declared(
@@ -385,7 +393,7 @@ def _status(
         return SRM, None
     higher = policy.higher_is_better(policy.primary)
     signs = {arm.name: _significant(results[arm.name][policy.primary], policy.alpha, adjusted=True) for arm in treatments}
-    candidates = [arm for arm in treatments if _better(signs[arm.name], higher) and arm.name not in held_back]
+    candidates = _candidates(treatments, results, held_back, policy)
 
     def beats(challenger: ArmInput, incumbent: str) -> bool:
         """Significantly better than the incumbent, head to head."""
@@ -412,12 +420,115 @@ def _status(
     if not enough or not treatments:
         return COLLECTING, None
     if candidates:
-        return WINNER, best(candidates).name
+        effect = _mde(control, policy)
+        if effect is None:
+            return WINNER, best(candidates).name
+        # Best of many: a candidate wins only once no other live treatment can still be better
+        # than it by the MDE or more (head to head), so an arm that leads early by chance is not
+        # crowned over a better one still collecting.
+        live = [arm for arm in treatments if arm.weight > 0]
+        settled = [
+            arm for arm in candidates if all(_settled(head_to_head, arm, other, effect, higher) for other in live if other is not arm)
+        ]
+        # Among arms that good, the cheaper wins: a costlier one waits for each cheaper arm to be
+        # settled beside it (then the cheapest of them wins) or beaten by it head to head.
+        eligible = [
+            arm
+            for arm in settled
+            if all(other in settled or beats(arm, other.name) for other in live if _cheaper(other, arm))
+        ]
+        if not eligible:
+            return COLLECTING, None
+        return WINNER, _cheapest(eligible, policy.primary, higher).name
     if all(_worse(signs[arm.name], higher) for arm in treatments):
         return WINNER, control.name
     if _no_difference(control, treatments, results, policy):
         return NO_DIFFERENCE, None
     return COLLECTING, None
+
+
+def _candidates(
+    treatments: Sequence[ArmInput],
+    results: Mapping[str, Mapping[str, MetricResult]],
+    held_back: Mapping[str, tuple[str, ...]],
+    policy: Policy,
+) -> list[ArmInput]:
+    """Treatments significantly better than the control on the primary metric (Holm) and held
+    back by no guardrail: each would win if it were the only one."""
+    higher = policy.higher_is_better(policy.primary)
+    return [
+        arm
+        for arm in treatments
+        if _better(_significant(results[arm.name][policy.primary], policy.alpha, adjusted=True), higher)
+        and arm.name not in held_back
+    ]
+
+
+def _mde(control: ArmInput, policy: Policy) -> float | None:
+    base = control.estimates.get(policy.primary)
+    effect = policy.mde * abs(base.mean) if base is not None else 0.0
+    return effect if effect > 0 else None
+
+
+def _pair_interval(head_to_head: Mapping[tuple[str, str], MetricResult], arm: str, other: str) -> tuple[float, float] | None:
+    """The always-valid interval of ``other`` − ``arm`` on the primary metric."""
+    pair = head_to_head.get((other, arm))
+    if pair is not None:
+        return pair.difference_ci
+    pair = head_to_head.get((arm, other))
+    if pair is None or pair.difference_ci is None:
+        return None
+    low, high = pair.difference_ci
+    return (-high, -low)
+
+
+def _settled(head_to_head: Mapping[tuple[str, str], MetricResult], arm: ArmInput, other: ArmInput, effect: float, higher: bool) -> bool:
+    """Whether ``other`` is shown not better than ``arm`` by ``effect`` or more, head to head."""
+    interval = _pair_interval(head_to_head, arm.name, other.name)
+    if interval is None:
+        return False
+    best_case = interval[1] if higher else -interval[0]
+    return best_case < effect
+
+
+COST = "cost_usd"
+
+
+def _cheaper(arm: ArmInput, than: ArmInput) -> bool:
+    cost, other = arm.estimates.get(COST), than.estimates.get(COST)
+    return cost is not None and other is not None and cost.mean < other.mean
+
+
+def _cheapest(arms: Sequence[ArmInput], primary: str, higher: bool) -> ArmInput:
+    """Among arms shown within the MDE of each other on the primary metric: the one that costs
+    least per request (where every one has a cost), else the best mean now."""
+    costs = [arm.estimates.get(COST) for arm in arms]
+    if all(cost is not None for cost in costs):
+        return min(arms, key=lambda arm: arm.estimates[COST].mean)  # type: ignore[union-attr]
+    return max(arms, key=lambda arm: (1 if higher else -1) * arm.estimates[primary].mean)  # type: ignore[union-attr]
+
+
+def _costlier_equals(
+    winner: str | None,
+    treatments: Sequence[ArmInput],
+    head_to_head: Mapping[tuple[str, str], MetricResult],
+    control: ArmInput,
+    policy: Policy,
+) -> tuple[str, ...]:
+    chosen = next((arm for arm in treatments if arm.name == winner), None)
+    effect = _mde(control, policy)
+    cost = chosen.estimates.get(COST) if chosen is not None else None
+    if chosen is None or effect is None or cost is None:
+        return ()
+    higher = policy.higher_is_better(policy.primary)
+    found = []
+    for other in treatments:
+        other_cost = other.estimates.get(COST)
+        if other is chosen or other.weight <= 0 or other_cost is None or other_cost.mean <= cost.mean:
+            continue
+        if _settled(head_to_head, chosen, other, effect, higher) and _settled(head_to_head, other, chosen, effect, higher):
+            found.append(other.name)
+    return tuple(found)
 
 
 def _no_difference(
