@@ -19,9 +19,10 @@ from abproxy.analysis.analyse import Analysis, analyse
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config, parse_config
 from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.stats.histogram import bucket_counts
 from abproxy.stats.summary import Moments
 
-SCORE, THUMBS, ERRORS = "feedback.score", "feedback.thumbs", "error_rate"
+SCORE, THUMBS, ERRORS, LATENCY = "feedback.score", "feedback.thumbs", "error_rate", "latency_ms"
 
 
 def experiment(
@@ -55,11 +56,20 @@ def experiment(
 
 @dataclass
 class Stream:
-    """One metric of one arm over a run's looks: cumulative n, Σy, Σy² at each look."""
+    """One metric of one arm over a run's looks: cumulative n, Σy, Σy² at each look (and the
+    histogram, for a metric whose tail matters)."""
 
     n: np.ndarray
     s: np.ndarray
     q: np.ndarray
+    hist: list[dict[str, int]] | None = None
+
+
+def lognormal_stream(rng: np.random.Generator, looks: np.ndarray, median: float, sigma: float) -> Stream:
+    """Heavy-tailed durations, with their histogram at each look as Redis keeps it."""
+    x = median * rng.lognormal(0.0, sigma, int(looks[-1]))
+    at = looks - 1
+    return Stream(looks.astype(float), np.cumsum(x)[at], np.cumsum(x * x)[at], [bucket_counts(x[:n]) for n in looks])
 
 
 def normal_stream(rng: np.random.Generator, looks: np.ndarray, mean: float | Callable[[np.ndarray], np.ndarray], sd: float = 1.0) -> Stream:
@@ -88,7 +98,10 @@ def counters_at(plan: ExperimentPlan, streams: dict[str, dict[str, Stream]], loo
     counters = {}
     for name, arm in plan.arms.items():
         metrics = {
-            metric: MetricCounters(Moments(float(stream.n[look]), float(stream.s[look]), float(stream.q[look])))
+            metric: MetricCounters(
+                Moments(float(stream.n[look]), float(stream.s[look]), float(stream.q[look])),
+                stream.hist[look] if stream.hist is not None else {},
+            )
             for metric, stream in streams[name].items()
         }
         requests = int(max(stream.n[look] for stream in streams[name].values()))

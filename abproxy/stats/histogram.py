@@ -55,6 +55,24 @@ def quantiles(counts: Mapping[str, int], qs: Iterable[float]) -> list[float | No
     return results
 
 
+def capped_moments(counts: Mapping[str, int], cap: float) -> tuple[float, float, float]:
+    """n, mean and sample variance of the histogram's values with each counted at most ``cap``
+    (winsorised from above), every value taken as its bucket's representative (within 1%)."""
+    n = total = 0.0
+    points = []
+    for key, count in counts.items():
+        if count > 0:
+            value = min(bucket_value(key), cap)
+            points.append((value, count))
+            n += count
+            total += value * count
+    if n < 2:
+        return n, math.nan, math.nan
+    mean = total / n
+    variance = sum(count * (value - mean) ** 2 for value, count in points) / (n - 1)
+    return n, mean, variance
+
+
 def bucket_counts(values: np.ndarray) -> dict[str, int]:
     """``{bucket key: count}`` for many values at once (the vectorised :func:`bucket_of`)."""
     import numpy as np

@@ -40,6 +40,10 @@ class MetricSummary:
     """Guardrails only: the harm (in the metric's units) the interval must rule out."""
     non_inferior: bool | None = None
     """Guardrails only: whether ``difference_ci`` rules out harm of ``margin`` or more."""
+    capped_at: float | None = None
+    """Duration guardrails (``latency_ms``, ``ttft_ms``): the comparison with the control (lift,
+    intervals, p-value, margin) is on values capped at this, the control's 95th percentile, as
+    heavy tails would otherwise drown any difference; the distribution columns are uncapped."""
     samples_needed: int | None = None
     """Guardrails only, while not ``non_inferior``: about how many more samples per arm (units
     for ``unit: user``) until it would be, if the difference stays what it is now."""

@@ -4,6 +4,7 @@ keeps its name once declared, and the status a user acts on."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -336,8 +337,11 @@ def _head_to_head(
     extend: bool,
 ) -> dict[tuple[str, str], MetricResult]:
     """Every pair of treatments on the primary metric, as (later − earlier by name): what it
-    takes to replace a declared winner. The MDE is relative to the control's mean."""
+    takes to replace a declared winner, or to be the best of several. The MDE is relative to the
+    control's mean; α is Bonferroni-corrected across the other treatments each one is compared
+    with (:func:`_pair_alpha`)."""
     pairs: dict[tuple[str, str], MetricResult] = {}
+    policy = dataclasses.replace(policy, alpha=_pair_alpha(policy, treatments))
     base = control.estimates.get(policy.primary)
     mixture = policy.mixture(policy.primary, base) if base is not None else None
     for first, second in itertools.combinations(sorted(treatments, key=lambda arm: arm.name), 2):
@@ -347,6 +351,12 @@ def _head_to_head(
             key, earlier, later, policy, mixture, previous, running, extend, with_lift=False
         )
     return pairs
+
+
+def _pair_alpha(policy: Policy, treatments: Sequence[ArmInput]) -> float:
+    """α for one head-to-head comparison: a treatment is the best of k once it is settled
+    against each of the other k − 1, so each of those comparisons gets α / (k − 1)."""
+    return policy.alpha / max(1, len(treatments) - 1)
 
 
 def _apply_guardrails(
@@ -399,11 +409,12 @@ def _status(
         """Significantly better than the incumbent, head to head."""
         if incumbent == control.name:
             return True  # a candidate is significantly better than the control
+        pair_alpha = _pair_alpha(policy, treatments)
         pair = head_to_head.get((challenger.name, incumbent))
         if pair is not None:
-            return _better(_significant(pair, policy.alpha, adjusted=False), higher)
+            return _better(_significant(pair, pair_alpha, adjusted=False), higher)
         pair = head_to_head.get((incumbent, challenger.name))
-        return pair is not None and _worse(_significant(pair, policy.alpha, adjusted=False), higher)
+        return pair is not None and _worse(_significant(pair, pair_alpha, adjusted=False), higher)
 
     def best(arms: Sequence[ArmInput]) -> ArmInput:
         # Among arms none of which beats another, the best mean now; the name then sticks.
