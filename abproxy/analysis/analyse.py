@@ -26,7 +26,7 @@ from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_
 from abproxy.stats.estimates import interval as estimate_interval
 from abproxy.stats.guardrails import DEFAULT_RATE_MARGIN, Guardrail
 from abproxy.stats.histogram import capped_moments, quantiles
-from abproxy.stats.power import sequential_samples_per_arm
+from abproxy.stats.power import conditional_samples_per_arm, sequential_samples_per_arm
 from abproxy.stats.results import (
     ExperimentResult,
     MetricSummary,
@@ -42,6 +42,10 @@ from abproxy.stats.verdict import COLLECTING, WINNER, ArmInput, MetricResult, Po
 
 PERCENTILES = (0.5, 0.95, 0.99)
 POWER = 0.8
+FORECAST_POWER = 0.7
+"""The boundary-crossing probability at the forecast's single look that makes it hold in about
+80% of runs: the looks before it cross too, and the running intersection narrows what one look
+alone would show (measured: tests/test_watch_simulation.py)."""
 DESIGN_EFFECT_WARNING = 1.5
 """Above this, a ``unit: request`` experiment's users' requests are too correlated to pass as
 independent (the per-request intervals of the means are too narrow by its square root)."""
@@ -416,6 +420,18 @@ def _needed_per_arm(policy: Policy, metric: str, base: Estimate, other: Estimate
     return sequential_samples_per_arm(variance, gap, mixture, alpha, POWER)
 
 
+def _forecast_per_arm(policy: Policy, base: Estimate, other: Estimate, effect: float, alpha: float) -> float | None:
+    """Samples per arm by which the primary metric's comparison decides with 80% probability,
+    given the difference seen so far and an effect of ``effect`` in what is still to come (the
+    always-valid test); the fixed-horizon test's n for ``effect`` otherwise."""
+    if not policy.sequential:
+        return _needed_per_arm(policy, policy.primary, base, other, effect, alpha)
+    variance = base.observation_variance + other.observation_variance
+    mixture = policy.mixture(policy.primary, base) or default_mixture(base, other)
+    n = min(base.n, other.n)
+    return conditional_samples_per_arm(n, other.mean - base.mean, variance, effect, mixture, alpha, FORECAST_POWER)
+
+
 def _decided(result: MetricResult | None, alpha: float, effect: float) -> bool:
     """Already significant either way, or already within ±effect: more samples change nothing."""
     if result is None:
@@ -428,7 +444,8 @@ def _decided(result: MetricResult | None, alpha: float, effect: float) -> bool:
 
 def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """Per variant, the samples still needed to detect an effect of ``stats.mde`` on the primary
-    metric (the first Holm step's α: α / number of treatments), 0 once its comparison is decided;
+    metric (the first Holm step's α: α / number of treatments), given what has been seen, 0 once
+    its comparison is decided (never 0 before);
     per (treatment, guardrail) not yet shown non-inferior, the samples still needed to show it if
     the difference stays as it is."""
     policy, estimates = analysis.policy, analysis.estimates
@@ -443,12 +460,13 @@ def samples_needed(analysis: Analysis, control: str) -> tuple[dict[str, float], 
             other = estimates[name].get(policy.primary)
             if other is None:
                 continue
-            if _decided(analysis.verdict.arms[name].metrics.get(policy.primary), policy.alpha, effect):
+            enough = min(base.n, other.n) >= policy.min_samples  # before, the verdict acts on nothing
+            if enough and _decided(analysis.verdict.arms[name].metrics.get(policy.primary), policy.alpha, effect):
                 per_variant[name] = 0.0
                 continue
-            total = _needed_per_arm(policy, policy.primary, base, other, effect, alpha)
+            total = _forecast_per_arm(policy, base, other, effect, alpha)
             if total is not None:
-                per_variant[name] = max(0.0, total - other.n)
+                per_variant[name] = max(1.0, total - other.n)  # not decided: never 0
                 per_variant[control] = max(per_variant.get(control, 0.0), total - base.n)
         if per_variant:
             per_variant.setdefault(control, 0.0)  # every treatment it is compared with is decided

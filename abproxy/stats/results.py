@@ -63,8 +63,9 @@ class VariantResult:
     units: int
     prob_best: float | None
     samples_needed: int | None
-    """About how many more samples per arm until the always-valid test would detect an effect of
-    ``stats.mde`` on the primary metric with 80% probability; 0 once the comparison is decided."""
+    """A forecast: about how many more samples per arm until the primary metric's comparison
+    decides, in about 80% of cases, given what has been seen and an effect of ``stats.mde`` in
+    what is to come; 0 once it is decided, never before."""
     metrics: Mapping[str, MetricSummary] = field(default_factory=dict)
     held_back_by: tuple[str, ...] = ()
     """Guardrails that keep this variant from winning although it is significantly better on
