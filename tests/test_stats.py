@@ -739,21 +739,30 @@ def test_a_rate_of_exactly_0_or_1_is_not_taken_for_certainty():
 
 
 def test_tuned_mixture_likelihood_ratio_matches_numerical_integration():
-    """Λ = ∫ exp(θθ̂/V − θ²/(2V)) dH(θ) for H = ½N(−δ, s²) + ½N(δ, s²), s = δ/4, against scipy's quad."""
+    """Λ = ∫ exp(θθ̂/V − θ²/(2V)) dH(θ) for H = Σ wₖ (½N(−cₖδ, sₖ²) + ½N(cₖδ, sₖ²)), sₖ = cₖδ/4,
+    against scipy's quad."""
     from scipy import integrate
 
+    from abproxy.stats.sequential import SCALES
+
     def integrand(theta, observed, variance, delta):
-        density = 0.5 * (stats.norm.pdf(theta, delta, delta / 4) + stats.norm.pdf(theta, -delta, delta / 4))
+        density = sum(
+            weight * 0.5 * (stats.norm.pdf(theta, c * delta, c * delta / 4) + stats.norm.pdf(theta, -c * delta, c * delta / 4))
+            for c, weight in SCALES
+        )
         return math.exp(theta * observed / variance - theta * theta / (2 * variance)) * density
 
+    assert sum(weight for _, weight in SCALES) == pytest.approx(1.0)
     for observed, variance, delta in [(0.3, 0.01, 0.2), (-0.05, 0.004, 0.1), (0.0, 0.02, 0.3), (1.2, 0.05, 0.25)]:
         mixture = Mixture.tuned(delta)
-        assert mixture.spread2 == pytest.approx((delta / 4) ** 2)
+        assert [k.center for k in mixture.components] == pytest.approx([c * delta for c, _ in SCALES])
+        assert mixture.components[2].spread2 == pytest.approx((delta / 4) ** 2)
+        points = sorted({sign * c * delta for c, _ in SCALES for sign in (1, -1)} | {0.0})
         numeric, _ = integrate.quad(
-            integrand, -12 * delta, 12 * delta, args=(observed, variance, delta), points=[-delta, 0.0, delta],
-            epsabs=0, epsrel=1e-12,
+            integrand, -24 * delta, 24 * delta, args=(observed, variance, delta), points=points,
+            epsabs=0, epsrel=1e-12, limit=200,
         )  # fmt: skip
-        assert math.exp(log_lambda(observed, variance, mixture)) == pytest.approx(numeric, rel=1e-9)
+        assert math.exp(log_lambda(observed, variance, mixture)) == pytest.approx(numeric, rel=1e-8)
     # centred on 0 it is Johari et al.'s N(0, τ²)
     v, tau2, x = 0.01, 0.09, 0.25
     johari = 0.5 * math.log(v / (v + tau2)) + x * x * tau2 / (2 * v * (v + tau2))
@@ -783,17 +792,21 @@ def test_tuned_mixture_interval_is_where_lambda_reaches_one_over_alpha_and_agree
     assert checked > 1990
 
 
-def test_the_tuned_mixture_is_narrowest_where_effects_of_its_size_are_decided():
-    """Against Johari's N(0, τ²) tuned as well as it can be for the same δ (τ = δ), the interval
-    is narrower around the fixed-horizon sample size for δ, the price paid far beyond it."""
+def test_the_tuned_mixture_pays_little_at_its_effect_and_wins_much_at_others():
+    """Against a mixture sharp at ±δ alone (½N(±δ, (δ/4)²), abproxy's before), the interval is at
+    most 8% wider where effects of δ are decided (1×–2× their fixed horizon), and much narrower
+    where effects of δ/4 (16× it) and 4δ (1/16 of it) are."""
+    from abproxy.stats.sequential import Component
+
     delta, alpha = 1.0, 0.05
     fixed = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) ** 2 / delta**2  # n with V = 1/n
-    tuned, normal = Mixture.tuned(delta), Mixture.normal(delta**2)
+    tuned, sharp = Mixture.tuned(delta), Mixture((Component(1.0, delta, (delta / 4) ** 2),))
     for ratio in (1.0, 1.5, 2.0):
         v = 1 / (ratio * fixed)
-        assert half_width(v, tuned, alpha) < half_width(v, normal, alpha)
-    v = 1 / (100 * fixed)
-    assert half_width(v, tuned, alpha) > half_width(v, normal, alpha)
+        assert half_width(v, tuned, alpha) < 1.08 * half_width(v, sharp, alpha)
+    for ratio in (16.0, 1 / 16):
+        v = 1 / (ratio * fixed)
+        assert half_width(v, tuned, alpha) < 0.9 * half_width(v, sharp, alpha)
 
 
 # --------------------------------------------------------------------------- running state
@@ -879,7 +892,7 @@ def test_the_interval_of_a_lift_on_a_mean_near_0_is_found_not_a_crash():
     """A control mean near 0 makes the lift's variance enormous beside the mixture (here 2.9e12
     against 1.6e-4, from a simulated score around 0): 1/(2V) − 1/(2(V + s²)) cancels to 0 in
     floating point, which divided by zero in every look of such an experiment."""
-    mixture = Mixture(center=0.05, spread2=0.05**2 / 16)
+    mixture = Mixture.tuned(0.05)
     variance = 2931138114450.105
     h = half_width(variance, mixture, 0.05)
     assert math.isfinite(h) and h > 0

@@ -11,18 +11,27 @@ Measured with these seeds (sample-ratio level 0.001, Dirichlet concentration 100
   although by 220,000 requests the cumulative χ² no longer sees it;
 * a treatment whose error rate is 8% against the control's 2% from the start (guardrail
   ``error_rate``, margin 1 point), looked at every 100 requests per arm: its harm shown (the arm
-  stopped) by 2,000 per arm in 100% of 300 runs, at a median of 800; with equal error rates, in
+  stopped) by 2,000 per arm in 100% of 300 runs, at a median of 500; with equal error rates, in
   none;
 * a winner (+2×MDE on feedback.score) declared before its error rate rises from 2% to 8% at
-  8,000 requests per arm, looked at every 200 up to 20,000: revoked in 192 of 192 runs, a median
+  8,000 requests per arm, looked at every 200 up to 20,000: revoked in 189 of 189 runs, a median
   of 2,200 per arm after the rise; when its error rate stays at 2%, in none. On the cumulative
-  interval alone (no re-check on what came after the declaration): 192 of 192, median 3,200;
+  interval alone (no re-check on what came after the declaration): 189 of 189, median 3,200;
   before an emptied intersection started the sequence again, 0 of 31 (the emptied interval
   could never show harm);
 * a novelty effect (+2×MDE for the first 20% of 4,000 requests per arm, then none), looked at
-  every 50: crowned in 300 of 300 runs, and ``effect_faded`` at the end in 94.0% (88% at 3,000
+  every 50: crowned in 300 of 300 runs, and ``effect_faded`` at the end in 95.0% (88.7% at 3,000
   per arm); a steady effect of 1× or 2× the MDE: crowned in all, said to fade in none; the
-  interval since the declaration covers the true effect since then in 100% of runs in all three.
+  interval since the declaration covers the true effect since then in 100% of runs in all three;
+* three arms, t1 = +2×MDE and t2 = +1×MDE, looked at every 50 per arm: t2 shown as the winner at
+  some look in 0.3% of 300 runs (choosing against the control alone: 3.0%), t1 the final winner
+  in 100%; two arms equally better, one ten times the other's cost: the cheaper wins, the
+  costlier named beside it, in 99.0% of 200 runs; the costlier crowned at some look in 1.0%;
+* a lognormal latency (σ = 1.5) as guardrail with no true difference: non-inferior by 5,000 per
+  arm in 85.0% of 300 runs (compared on values capped at the control's 95th percentile); 25%
+  slower: never;
+* ``samples_needed`` with a true effect of the MDE: runs still collecting at ½×, 1×, 2× the fixed
+  horizon decide within it in 78.7%, 78.1%, 80.3% (of 1,658 / 972 / 244).
 """
 
 from __future__ import annotations

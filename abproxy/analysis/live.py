@@ -4,7 +4,8 @@ numbers and verdict the flusher writes, computed on demand, off the request path
 Every look — ``GET /abproxy/experiments/{name}``, ``abproxy report``, the gauges, the flush —
 saves its always-valid state and its winner in Redis before it answers, and answers from what
 Redis then keeps (analysis/state.py): looks by any replica, in any order, extend one sequence,
-so a p-value never goes back up and a declared winner keeps its name. MLflow plays no part.
+so a p-value never goes back up (unless the effect moved and the sequence started again) and
+a declared winner keeps its name. MLflow plays no part.
 
 When Redis reads but refuses the write (out of memory, a read-only replica, a timeout), the
 look still answers, from the state saved before it alone, adding none of its own evidence, and

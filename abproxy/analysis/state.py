@@ -2,8 +2,10 @@
 and the declared winner. Every look merges its own into Redis (``store.SAVE_STATE_LUA``) and
 answers from the merge, so every replica and every look extends one sequence.
 
-The running states merge by minimum and intersection (commutative, idempotent: any order of
-looks gives the same state), the sample-ratio test's p-value by minimum. The winner is a compare-and-set on a generation counter: a look
+The running states merge by minimum and intersection (commutative and idempotent while the
+looks agree; a look that contradicts them starts the sequence again), the sample-ratio test's
+p-value by minimum. The winner is kept with the counters it was declared on, so that later looks
+can re-check it on what came after. The winner is a compare-and-set on a generation counter: a look
 proposes a new winner only against the generation it read, so two replicas declaring at once
 cannot overwrite each other; the one that loses answers with the winner that was kept. A winner
 is revoked the same way, once, against the generation that declared it.

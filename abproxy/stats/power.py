@@ -70,7 +70,7 @@ def conditional_samples_per_arm(
     low = math.log(n) + 1e-9
     if surplus(low) >= 0:
         return n + 1.0
-    grid = [low + step * 0.05 for step in range(1, int((math.log(MAX_SAMPLES) - low) / 0.05) + 1)]
+    grid = [low + step * 0.1 for step in range(1, int((math.log(MAX_SAMPLES) - low) / 0.1) + 1)]
     previous = low
     for point in grid:
         if surplus(point) >= 0:
