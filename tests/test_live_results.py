@@ -382,6 +382,7 @@ def test_a_revoked_winner_is_kept_in_redis_and_promote_refuses_it(start_proxy: A
     assert "professional" in body["error"]["message"]
 
 
+@pytest.mark.slow
 def test_promoting_a_winner_whose_effect_faded_says_so(
     start_proxy: Any, redis_client: redis.Redis, upstream_url: str, tmp_path: Any
 ) -> None:

@@ -74,6 +74,7 @@ def naive_ever_rejects(n, s, q, alpha=ALPHA) -> np.ndarray:
     return (p < alpha).any(axis=1)
 
 
+@pytest.mark.slow
 def test_aa_with_peeking_sequential_holds_alpha_naive_inflates():
     rng = np.random.default_rng(20240601)
     looks = list(range(50, 1001, 50))  # 20 looks, 50 per arm per batch
@@ -103,6 +104,7 @@ def sequential_power(n_max: int, effect: float, sims: int, seed: int) -> float:
     return float(sequential_ever_rejects(n, s, q).mean())
 
 
+@pytest.mark.slow
 def test_sequential_power_for_a_third_of_a_standard_deviation():
     fixed_horizon = 2 * (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) ** 2 / 0.3**2
     assert math.ceil(fixed_horizon) == 175
