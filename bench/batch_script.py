@@ -23,11 +23,11 @@ import orjson
 import redis
 
 from abproxy.config import BUILTIN_METRICS
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.recording.aggregate import ArmBatch
 from abproxy.recording.embedded_redis import EmbeddedRedis
 
-ARGS = (store.BATCH_DEDUPE_TTL_S, store.UNIT_TTL_S, 7 * 24 * 3600)
+ARGS = (layout.BATCH_DEDUPE_TTL_S, layout.UNIT_TTL_S, 7 * 24 * 3600)
 
 
 def script_of(checkout: Path) -> str:
@@ -50,10 +50,10 @@ def batch(experiment: str, rng: random.Random) -> str:
         for _ in range(500):
             row = (0.0, rng.lognormvariate(5, 0.5), float("nan"), float(rng.randrange(10, 400)),
                    float(rng.randrange(2, 80)), 20.0, float(rng.randrange(5, 100)), 100.0, 1e-4 * rng.random())  # fmt: skip
-            arm.add(row, store.hash_unit(f"user{rng.randrange(3000)}"))
+            arm.add(row, layout.hash_unit(f"user{rng.randrange(3000)}"))
         arms.append(arm.payload(experiment, arm_id))
-    payload = {"records": [], "aliases": [], "hour": 1, "alias_prefix": store.alias_prefix(experiment),
-               "alias_counts": store.alias_counts_key(experiment), "unit_schemas": store.unit_schemas_key(experiment),
+    payload = {"records": [], "aliases": [], "hour": 1, "alias_prefix": layout.alias_prefix(experiment),
+               "alias_counts": layout.alias_counts_key(experiment), "unit_schemas": layout.unit_schemas_key(experiment),
                "arms": arms}  # fmt: skip
     return orjson.dumps(payload).decode()
 
@@ -82,7 +82,7 @@ def main() -> int:
                 client.config_resetstat()
             for index, payload in enumerate(batches):
                 for name in names if index % 2 else reversed(names):
-                    clients[name].evalsha(shas[name], 1, store.batch_key("x", f"{round_}-{index}"), payload, *ARGS)
+                    clients[name].evalsha(shas[name], 1, layout.batch_key("x", f"{round_}-{index}"), payload, *ARGS)
             took = {name: clients[name].info("commandstats")["cmdstat_evalsha"]["usec_per_call"] for name in names}
             ratios.append(took["this"] / took[names[1]])
             shown = ", ".join(f"{name} {value / 1000:.2f} ms" for name, value in took.items())

@@ -32,7 +32,7 @@ import redis
 
 from abproxy.app import ABProxyApp
 from abproxy.config import parse_config
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.recording.embedded_redis import EmbeddedRedis
 from abproxy.serving import server_options
 from abproxy.simulation.provider import FakeUpstream
@@ -123,7 +123,7 @@ class Harness:
 def key_kinds(client: redis.Redis, experiment: str, sample: int = 200) -> dict[str, tuple[int, float, int]]:
     """Per kind of key of an experiment (req, resp, batch, u, fb, ...): (count, mean MEMORY USAGE
     of a sample, TTL of one in s)."""
-    prefix = store.experiment_tag(experiment) + ":"
+    prefix = layout.experiment_tag(experiment) + ":"
     names: dict[str, list[str]] = defaultdict(list)
     count: dict[str, int] = defaultdict(int)
     for key in client.scan_iter(match=prefix + "*", count=1000):
@@ -212,7 +212,7 @@ def main() -> int:
             week = RATE * WEEK_S
             print(f"\n## Projection at {RATE} requests/s for a week ({week:,} requests), default TTLs")
             for name, r in results.items():
-                per_user_s = store.UNIT_TTL_S if EXPERIMENTS[name]["unit"] == "user" else config.feedback_ttl_s
+                per_user_s = layout.UNIT_TTL_S if EXPERIMENTS[name]["unit"] == "user" else config.feedback_ttl_s
                 print(
                     f"  {name}: users who come back: {human(r['again'] * week)}; "
                     f"a new user on every request: {human((r['again'] + r['new_user']) * week)} "

@@ -52,7 +52,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy.catalog import Catalog
 from abproxy.config import parse_config
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 from abproxy.simulation.provider import FakeUpstream
 from abproxy.simulation.server import serve_in_thread
@@ -292,7 +292,7 @@ def main() -> int:
     time.sleep(half)
     enter("poisoned")
     experiment, variant = POISONED
-    hist = store.hist_key(experiment, arms[POISONED])
+    hist = layout.hist_key(experiment, arms[POISONED])
     client.rename(hist, hist + ":kept")
     client.set(hist, "a hand edit")
     time.sleep(half)
@@ -347,7 +347,7 @@ def main() -> int:
     reported = int(sum(dropped.values()))
     for key, arm in arms.items():
         experiment, variant = key
-        stats = client.hgetall(store.stats_key(experiment, arm))
+        stats = client.hgetall(layout.stats_key(experiment, arm))
         recorded = int(stats.get("requests", 0))
         sent = tally.sent[key]
         name = FEEDBACK[experiment][0]
@@ -364,7 +364,7 @@ def main() -> int:
           f"| {totals['accepted']} | {totals['counted']} |")  # fmt: skip
     print()
     for experiment in ("translation", "sentiment"):
-        units = sum(int(client.hget(store.stats_key(experiment, arm), "units") or 0) for (e, _), arm in arms.items() if e == experiment)
+        units = sum(int(client.hget(layout.stats_key(experiment, arm), "units") or 0) for (e, _), arm in arms.items() if e == experiment)
         unit = EXPERIMENTS[experiment]["unit"]
         expected = len(tally.users[experiment]) if unit == "user" else sum(v for (e, _), v in tally.sent.items() if e == experiment)
         print(f"{experiment} (unit: {unit}): units counted {units}, expected {expected} "

@@ -1,6 +1,6 @@
 """Simulated experiments through the verdict code itself: counters as Redis would hold them at
 each look, :func:`abproxy.analysis.analyse.analyse` on them, and the look's state merged as
-``store.SAVE_STATE_LUA`` merges it (:func:`abproxy.analysis.state.apply`, checked against the
+``scripts.SAVE_STATE_LUA`` merges it (:func:`abproxy.analysis.state.apply`, checked against the
 Lua in tests/test_live_state.py). Seeded; vectorised where the data are made, one analysis per
 look where the verdict is."""
 
@@ -18,7 +18,7 @@ from abproxy.analysis import state
 from abproxy.analysis.analyse import Analysis, analyse
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config, parse_config
-from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.recording.counters import ArmCounters, MetricCounters
 from abproxy.stats.histogram import bucket_counts
 from abproxy.stats.summary import Moments
 

@@ -21,7 +21,7 @@ from helpers import assert_error_shape
 from helpers import about_zero, metrics_text, sample
 
 from abproxy.app import REQUEST_FACING_REDIS_TIMEOUT_S, open_redis
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.stats.histogram import bucket_of
 
 EXP = "translation"
@@ -55,7 +55,7 @@ def arm_ids(proxy: Any, experiment: str = EXP) -> dict[str, str]:
 
 
 def arm_stats(client: redis.Redis, arm: str, experiment: str = EXP) -> dict[str, str]:
-    return client.hgetall(store.stats_key(experiment, arm))
+    return client.hgetall(layout.stats_key(experiment, arm))
 
 
 def num(stats: dict[str, str], field: str) -> float:
@@ -67,7 +67,7 @@ def feedback_hist(client: redis.Redis, arm: str, name: str, experiment: str = EX
     prefix = f"feedback.{name}|"
     return {
         key[len(prefix) :]: int(value)
-        for key, value in client.hgetall(store.hist_key(experiment, arm)).items()
+        for key, value in client.hgetall(layout.hist_key(experiment, arm)).items()
         if key.startswith(prefix) and int(value) != 0
     }
 
@@ -75,7 +75,7 @@ def feedback_hist(client: redis.Redis, arm: str, name: str, experiment: str = EX
 def aggregates(client: redis.Redis, proxy: Any, experiment: str = EXP) -> dict[str, Any]:
     """Everything the statistics read for an experiment's arms."""
     return {
-        arm: (client.hgetall(store.stats_key(experiment, arm)), client.hgetall(store.hist_key(experiment, arm)))
+        arm: (client.hgetall(layout.stats_key(experiment, arm)), client.hgetall(layout.hist_key(experiment, arm)))
         for arm in arm_ids(proxy, experiment).values()
     }
 

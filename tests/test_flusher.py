@@ -24,14 +24,14 @@ from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, li
 from helpers import assert_error_shape, free_port, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient
 
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
 from abproxy.mlflow_sink.prompts import resolve_prompts
 from abproxy.config import ConfigError, load_config, parse_config
 from abproxy.mlflow_sink.flusher import FlushBusy, Flusher, FlushReport
-from abproxy.recording.store import FLUSH_FENCE_KEY as FENCE_KEY, FLUSH_INTERVAL_KEY as INTERVAL_KEY, FLUSH_LOCK_KEY as LOCK_KEY
-from abproxy.recording.store import LEGACY_FLUSH_FENCE_KEY
+from abproxy.recording.layout import FLUSH_FENCE_KEY as FENCE_KEY, FLUSH_INTERVAL_KEY as INTERVAL_KEY, FLUSH_LOCK_KEY as LOCK_KEY
+from abproxy.recording.layout import LEGACY_FLUSH_FENCE_KEY
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
@@ -422,7 +422,7 @@ def test_run_ids_lost_before_reaching_redis_are_found_again_not_duplicated(
     drive(proxy, {"basic": 30, "professional": 30}, "crash")
     status, first = flush(proxy)
     assert status == 200, first
-    redis_client.delete(store.runs_key(EXP))
+    redis_client.delete(layout.runs_key(EXP))
 
     drive(proxy, {"basic": 2, "professional": 2}, "crash-b")
     status, second = flush(proxy)
@@ -455,11 +455,11 @@ def test_a_flush_that_lost_its_lock_keeps_no_run_ids(
         arm = Catalog(config).plans[EXP].arms[name].arm_id
         q = 99 + 100 * mean * mean  # one request per user, sd 1
         moments = {"n": 100, "s": 100 * mean, "q": q, "uk": 100, "uyy": q, "unn": 100, "uyn": 100 * mean}
-        redis_client.hset(store.stats_key(EXP, arm), mapping={f"feedback.satisfaction|{k}": v for k, v in moments.items()})
+        redis_client.hset(layout.stats_key(EXP, arm), mapping={f"feedback.satisfaction|{k}": v for k, v in moments.items()})
     report = flush_once(redis_server.url, config, writer_factory=SlowWriter)
     assert report.experiments[EXP]["kept"] is False
-    assert redis_client.hgetall(store.runs_key(EXP)) == {}
-    assert redis_client.hlen(store.sequential_key(EXP)) > 0
+    assert redis_client.hgetall(layout.runs_key(EXP)) == {}
+    assert redis_client.hlen(layout.sequential_key(EXP)) > 0
     assert redis_client.get(LOCK_KEY) == "a-later-flusher"  # not released by the one that lost it
 
     redis_client.delete(LOCK_KEY)
@@ -474,7 +474,7 @@ def test_warnings_reach_the_summary_run_as_a_tag(
 ) -> None:
     config = make_config(upstream_url, mlflow=mlflow_settings(uri))
     arm = Catalog(config).plans[EXP].arms["professional"].arm_id
-    redis_client.hset(store.stats_key(EXP, arm), mapping={"requests": 5, "feedback.satisfaction|n": "nan"})
+    redis_client.hset(layout.stats_key(EXP, arm), mapping={"requests": 5, "feedback.satisfaction|n": "nan"})
     report = flush_once(redis_server.url, config)
     assert report.experiments[EXP]["status"] == "collecting"
     summary = runs_by_name(uri)["summary"]

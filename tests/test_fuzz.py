@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import assert_error_shape
 
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.simulation.provider import FakeUpstream
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
@@ -340,7 +340,7 @@ def assert_request_id(reply: Reply) -> None:
 def recorded_requests(client: redis.Redis, proxy: Any) -> int:
     """Requests counted in Redis over every arm of every experiment."""
     return sum(
-        int(client.hget(store.stats_key(name, arm.arm_id), "requests") or 0)
+        int(client.hget(layout.stats_key(name, arm.arm_id), "requests") or 0)
         for name, plan in proxy.app.catalog.plans.items()
         for arm in plan.arms.values()
     )

@@ -12,7 +12,7 @@ import openai
 import pytest
 import redis
 
-from abproxy.recording import store
+from abproxy.recording import layout
 
 from helpers import http_json, metrics_text, sample, wait_until
 
@@ -39,7 +39,7 @@ def send(client: openai.OpenAI, count: int, prefix: str, experiment: str = EXP) 
 
 
 def requests_in(client: redis.Redis, arm: str, experiment: str = EXP) -> int:
-    return int(client.hget(store.stats_key(experiment, arm), "requests") or 0)
+    return int(client.hget(layout.stats_key(experiment, arm), "requests") or 0)
 
 
 def dropped(proxy: Any, reason: str) -> float:
@@ -54,7 +54,7 @@ def test_an_arm_key_of_the_wrong_type_drops_that_arm_counted_and_writes_the_rest
     before = send(client, 40, "before")
     proxy.settle()
     assert set(before) == set(arms), "both arms need traffic before one is broken"
-    broken_key = store.hist_key(EXP, arms["professional"])
+    broken_key = layout.hist_key(EXP, arms["professional"])
     redis_client.delete(broken_key)
     redis_client.set(broken_key, "a string where a hash belongs")
 
@@ -89,7 +89,7 @@ def test_a_counter_that_is_not_a_number_drops_only_that_metric(proxy: Any, redis
     client = proxy.client()
     before = send(client, 40, "before")
     proxy.settle()
-    stats_key = store.stats_key(EXP, arms["professional"])
+    stats_key = layout.stats_key(EXP, arms["professional"])
     kept = redis_client.hgetall(stats_key)
     redis_client.hset(stats_key, "latency_ms|q", "not a number")
 
@@ -118,7 +118,7 @@ def test_a_broken_request_count_drops_the_arm_and_the_results_still_answer(proxy
     client = proxy.client()
     send(client, 20, "before")
     proxy.settle()
-    stats_key = store.stats_key(EXP, arms["basic"])
+    stats_key = layout.stats_key(EXP, arms["basic"])
     redis_client.hset(stats_key, "requests", "12.5")  # HINCRBY refuses a float
 
     after = send(client, 40, "after")
@@ -139,13 +139,13 @@ def test_a_user_key_of_the_wrong_type_starts_that_user_afresh(proxy: Any, redis_
     first = send(client, 1, "returning")
     proxy.settle()
     (variant,) = first
-    unit_key = store.unit_key(EXP, arms[variant], store.hash_unit("returning-0"))
+    unit_key = layout.unit_key(EXP, arms[variant], layout.hash_unit("returning-0"))
     assert redis_client.exists(unit_key)
     redis_client.delete(unit_key)
     redis_client.hset(unit_key, "oops", "1")
     send(client, 1, "returning")
     proxy.settle()
-    stats = redis_client.hgetall(store.stats_key(EXP, arms[variant]))
+    stats = redis_client.hgetall(layout.stats_key(EXP, arms[variant]))
     assert int(stats["requests"]) == 2
     assert int(stats["units"]) == 2, "the user whose totals were unreadable counts afresh"
     assert redis_client.type(unit_key) == "string", "its key is written anew"
@@ -159,8 +159,8 @@ def test_a_wrong_type_key_leaves_other_experiments_alone(proxy: Any, redis_clien
     send(client, 10, "warm")
     proxy.settle()
     for arm in arms.values():
-        redis_client.delete(store.stats_key(EXP, arm))
-        redis_client.rpush(store.stats_key(EXP, arm), "x")
+        redis_client.delete(layout.stats_key(EXP, arm))
+        redis_client.rpush(layout.stats_key(EXP, arm), "x")
     sentiment = send(client, 20, "other", experiment="sentiment")
     broken = send(client, 20, "broken")
     proxy.settle()
@@ -184,14 +184,14 @@ def test_feedback_on_an_arm_whose_counters_are_broken_is_refused_and_writes_noth
     )
     request_id, variant = raw.headers["x-abproxy-request-id"], raw.headers["x-abproxy-variant"]
     proxy.settle()
-    stats_key = store.stats_key(EXP, arms[variant])
+    stats_key = layout.stats_key(EXP, arms[variant])
     redis_client.hset(stats_key, "feedback.satisfaction|q", "garbage")
     status, body = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": request_id, "score": 4})
     assert status == 503, body
     assert body["error"]["code"] == "corrupt_counters"
     assert "feedback.satisfaction|q" in body["error"]["message"]
     assert redis_client.hget(stats_key, "feedback.satisfaction|n") is None
-    assert not redis_client.keys(store.feedback_key(EXP, "*")), "the score is not kept half-written"
+    assert not redis_client.keys(layout.feedback_key(EXP, "*")), "the score is not kept half-written"
 
     redis_client.hdel(stats_key, "feedback.satisfaction|q")
     status, body = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": request_id, "score": 4})
@@ -210,7 +210,7 @@ def test_a_batch_redis_stops_partway_is_counted_not_replayed_twice_or_skipped(
     client = proxy.client()
     (variant,) = send(client, 1, "odd")
     proxy.settle()
-    unit_key = store.unit_key(EXP, arms[variant], store.hash_unit("odd-0"))
+    unit_key = layout.unit_key(EXP, arms[variant], layout.hash_unit("odd-0"))
     raw = redis.Redis.from_url(redis_server.url)
     packed = raw.get(unit_key)
     assert packed is not None and packed[0] == 0xAC and packed[13] & 0xF0 == 0x90, packed
@@ -283,7 +283,7 @@ def test_unit_schemas_of_the_wrong_type_stop_the_per_user_arms_and_say_so(proxy:
     client = proxy.client()
     send(client, 10, "before")
     proxy.settle()
-    schemas = store.unit_schemas_key(EXP)
+    schemas = layout.unit_schemas_key(EXP)
     redis_client.delete(schemas)
     redis_client.sadd(schemas, "not a hash")
     after = send(client, 20, "after")
@@ -302,11 +302,11 @@ def test_a_histogram_bucket_that_is_no_integer_drops_only_its_metric(proxy: Any,
     client = proxy.client()
     before = send(client, 30, "before")
     proxy.settle()
-    hist_key = store.hist_key(EXP, arms["professional"])
+    hist_key = layout.hist_key(EXP, arms["professional"])
     # every request so far succeeded: error_rate's only bucket is 0's, and every new request adds to it
     (bucket,) = [field for field in redis_client.hgetall(hist_key) if field.startswith("error_rate|")]
     redis_client.hset(hist_key, bucket, "1.5")
-    stats_key = store.stats_key(EXP, arms["professional"])
+    stats_key = layout.stats_key(EXP, arms["professional"])
     kept = redis_client.hget(stats_key, "error_rate|n")
 
     after = send(client, 40, "after")
@@ -329,7 +329,7 @@ def test_an_alias_bucket_of_the_wrong_type_loses_the_response_id_not_the_measure
     client = proxy.client()
     hour = int(time.time() // 3600)
     for later in (hour, hour + 1):  # the hour may turn during the test
-        redis_client.set(store.alias_key(EXP, later, 0, 0), "a hand edit")
+        redis_client.set(layout.alias_key(EXP, later, 0, 0), "a hand edit")
     with caplog.at_level(logging.WARNING, logger="abproxy"):
         raw = client.chat.completions.with_raw_response.create(
             model=EXP, messages=[{"role": "user", "content": "hi"}], user="aliased"

@@ -104,3 +104,15 @@ def test_aiohttp_is_gone_from_the_package():
 def test_the_package_type_checks():
     checked = subprocess.run([sys.executable, "-m", "mypy"], cwd=PACKAGE.parent, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_what_the_statistics_read_of_redis_is_parsed_without_a_redis_client():
+    """Key names, counter parsing, the request record and the overrides are pure modules: the
+    analysis reads them, and so do tests of the statistics, without the I/O of store.py."""
+    pure = ("abproxy.recording.layout", "abproxy.recording.counters", "abproxy.recording.overrides", "abproxy.recording.record")
+    found = modules()
+    for module in pure:
+        source = found[module].read_text()
+        assert "import redis" not in source and "from redis" not in source, module
+        assert "abproxy.recording.store" not in imports_of(found[module]), module
+    assert "abproxy.recording.store" not in imports_of(found["abproxy.analysis.analyse"])

@@ -1,4 +1,4 @@
-"""Live results keep their word (analysis/live.py, analysis/state.py, store.SAVE_STATE_LUA):
+"""Live results keep their word (analysis/live.py, analysis/state.py, scripts.SAVE_STATE_LUA):
 every look saves its always-valid state and its winner in Redis, MLflow or not, and answers from
 what Redis keeps; the Lua merge is the Python one; a write Redis refuses still gets an answer;
 corrupt counters are reported. Black-box, through the proxy with the real SDK: a guardrail-harmed
@@ -26,7 +26,8 @@ from abproxy.analysis.analyse import analyse, decision_context, policy_for
 from abproxy.analysis.live import take_snapshot
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
-from abproxy.recording import store
+from abproxy.recording import layout, store
+from abproxy.recording.counters import parse_arm
 from abproxy.stats.sequential import RunningState
 
 EXP = "translation"
@@ -74,7 +75,7 @@ def test_the_lua_merge_is_the_python_merge_whatever_the_order(redis_server: Any,
             expected = state.apply(expected, looks[index])
         kept = run(merge_all(order, f"merge{number}"))
         assert kept.running == expected.running, order
-        stored = redis_client.hgetall(store.sequential_key(f"merge{number}"))
+        stored = redis_client.hgetall(layout.sequential_key(f"merge{number}"))
         assert {f: RunningState.decode(v) for f, v in stored.items()} == expected.running
 
 
@@ -89,14 +90,14 @@ def test_the_winner_is_declared_once_against_the_generation_read(redis_server: A
     assert run(declare("b@1", 0)).winner == state.Winner("b@1", 1)
     assert run(declare("c@1", 0)).winner == state.Winner("b@1", 1), "a rival that read generation 0 is too late"
     assert run(declare("c@1", 1)).winner == state.Winner("c@1", 2), "one that read generation 1 replaces it"
-    assert redis_client.hgetall(store.verdict_key("cas")) == {"winner": "c@1", "generation": "2", "context": ""}
+    assert redis_client.hgetall(layout.verdict_key("cas")) == {"winner": "c@1", "generation": "2", "context": ""}
 
 
 def _seed(redis_client: redis.Redis, plan: Any, scores: dict[str, tuple[float, float, int]]) -> None:
     """Counters for ``feedback.satisfaction`` (mean, sd, n per arm, one request per user) straight
     into Redis, as the recorder would leave them."""
     for name, (mean, sd, n) in scores.items():
-        key = store.stats_key(plan.name, plan.arms[name].arm_id)
+        key = layout.stats_key(plan.name, plan.arms[name].arm_id)
         metric = "feedback.satisfaction"
         redis_client.hset(
             key,
@@ -126,7 +127,7 @@ def test_a_look_answers_with_the_winner_redis_keeps(redis_server: Any, redis_cli
     plan = Catalog(config).plans[EXP]
     _seed(redis_client, plan, {"basic": (3.0, 1.0, 2000), "professional": (3.62, 1.0, 2000), "context_aware": (3.6, 1.0, 2000)})
     context = decision_context(plan, policy_for(plan, config))
-    redis_client.hset(store.verdict_key(EXP), mapping={"winner": plan.arms["context_aware"].arm_id, "generation": 1, "context": context})
+    redis_client.hset(layout.verdict_key(EXP), mapping={"winner": plan.arms["context_aware"].arm_id, "generation": 1, "context": context})
 
     async def look() -> Any:
         client = open_redis(redis_server.url)
@@ -135,12 +136,12 @@ def test_a_look_answers_with_the_winner_redis_keeps(redis_server: Any, redis_cli
         finally:
             await client.aclose()
 
-    fresh = analyse(plan, config, {arm.arm_id: store.parse_arm(arm.arm_id, redis_client.hgetall(store.stats_key(EXP, arm.arm_id)), {}) for arm in plan.arms.values()})
+    fresh = analyse(plan, config, {arm.arm_id: parse_arm(arm.arm_id, redis_client.hgetall(layout.stats_key(EXP, arm.arm_id)), {}) for arm in plan.arms.values()})
     assert fresh.verdict.winner == "professional"
     snapshot = run(look())
     assert (snapshot.result.status, snapshot.result.winner) == ("winner", "context_aware")
     assert snapshot.kept.winner == state.Winner(plan.arms["context_aware"].arm_id, 1, context)
-    assert redis_client.hlen(store.sequential_key(EXP)) > 0, "the look kept its state"
+    assert redis_client.hlen(layout.sequential_key(EXP)) > 0, "the look kept its state"
 
 
 def test_every_look_keeps_its_state_with_mlflow_unreachable_and_p_never_goes_up(start_proxy: Any, redis_client: redis.Redis) -> None:
@@ -149,8 +150,8 @@ def test_every_look_keeps_its_state_with_mlflow_unreachable_and_p_never_goes_up(
     _seed(redis_client, plan, {"basic": (3.0, 1.0, 300), "professional": (3.4, 1.0, 300)})
     first = live(proxy)
     p_first = first["variants"][1]["metrics"]["feedback.satisfaction"]["p_value"]
-    field = store.sequential_field(plan.arms["professional"].arm_id, plan.arms["basic"].arm_id, "feedback.satisfaction")
-    assert RunningState.decode(redis_client.hget(store.sequential_key(EXP), field)).p_value == pytest.approx(p_first, rel=1e-6)
+    field = layout.sequential_field(plan.arms["professional"].arm_id, plan.arms["basic"].arm_id, "feedback.satisfaction")
+    assert RunningState.decode(redis_client.hget(layout.sequential_key(EXP), field)).p_value == pytest.approx(p_first, rel=1e-6)
     # more data that on its own says less: the kept p-value does not go back up
     _seed(redis_client, plan, {"basic": (3.1, 1.0, 600), "professional": (3.2, 1.0, 600)})
     second = live(proxy)
@@ -217,7 +218,7 @@ def test_counters_that_are_not_numbers_are_reported_not_decided(start_proxy: Any
     proxy = start_proxy()
     plan = proxy.app.catalog.plans[EXP]
     _seed(redis_client, plan, {"basic": (3.0, 1.0, 3000), "professional": (3.5, 1.0, 3000)})
-    redis_client.hset(store.stats_key(EXP, plan.arms["professional"].arm_id), "feedback.satisfaction|q", "nan")
+    redis_client.hset(layout.stats_key(EXP, plan.arms["professional"].arm_id), "feedback.satisfaction|q", "nan")
     body = live(proxy)
     assert (body["status"], body["winner"]) == ("collecting", None)
     assert body["corrupt"] == ["professional/feedback.satisfaction|q"]
@@ -309,7 +310,7 @@ def test_black_box_with_flush_interval_0_a_winner_stays_the_winner_at_the_next_l
     # then a run of data in which professional is hardly better
     send(proxy, "basic", 40, "fi0b", (3, 4, 4, 3, 4))  # 3.6
     send(proxy, "professional", 40, "fi0b", (3, 3, 4, 4, 3))  # 3.4
-    counters = {arm.arm_id: store.parse_arm(arm.arm_id, redis_client.hgetall(store.stats_key(EXP, arm.arm_id)), {}) for arm in plan.arms.values()}
+    counters = {arm.arm_id: parse_arm(arm.arm_id, redis_client.hgetall(layout.stats_key(EXP, arm.arm_id)), {}) for arm in plan.arms.values()}
     fresh = analyse(plan, proxy.app.config, counters)
     assert fresh.verdict.winner is None, "a look without the kept state would have taken the winner back"
     second = live(proxy)
@@ -337,7 +338,7 @@ def test_a_sample_ratio_mismatch_stays_flagged_in_redis_until_the_weights_change
 
     def assigned(basic: int, professional: int) -> None:
         for name, units in (("basic", basic), ("professional", professional)):
-            redis_client.hset(store.stats_key(EXP, plan.arms[name].arm_id), mapping={"requests": units, "units": units})
+            redis_client.hset(layout.stats_key(EXP, plan.arms[name].arm_id), mapping={"requests": units, "units": units})
 
     assigned(5_400, 4_600)
     flagged = look()
@@ -362,17 +363,17 @@ def test_a_revoked_winner_is_kept_in_redis_and_promote_refuses_it(start_proxy: A
     _seed(redis_client, plan, {"basic": (3.0, 1.0, 4000), "professional": (3.4, 1.0, 4000)})
     def errors_of(arm: str, errors: int) -> None:  # one request per user, as _seed's counters
         fields = {"n": 4000, "s": errors, "q": errors, "uk": 4000, "uyy": errors, "unn": 4000, "uyn": errors}
-        redis_client.hset(store.stats_key(EXP, arm), mapping={f"error_rate|{k}": v for k, v in fields.items()})
+        redis_client.hset(layout.stats_key(EXP, arm), mapping={f"error_rate|{k}": v for k, v in fields.items()})
 
     errors_of(basic, 80)
     errors_of(professional, 320)
     context = decision_context(plan, policy_for(plan, config))
-    redis_client.hset(store.verdict_key(EXP), mapping={"winner": professional, "generation": 1, "context": context})
+    redis_client.hset(layout.verdict_key(EXP), mapping={"winner": professional, "generation": 1, "context": context})
 
     first = live(proxy)
     assert first["status"] == "revoked" and first["winner"] is None
     assert first["revoked"] == {"variant": "professional", "reason": "error_rate"}
-    assert redis_client.hget(store.verdict_key(EXP), "revoked") == "error_rate"
+    assert redis_client.hget(layout.verdict_key(EXP), "revoked") == "error_rate"
     for arm in (basic, professional):  # the harm no longer shows: still revoked
         errors_of(arm, 80)
     assert live(proxy)["status"] == "revoked"

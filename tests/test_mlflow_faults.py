@@ -19,7 +19,7 @@ from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, ru
 from mlflow.tracking import MlflowClient
 from helpers import assert_error_shape
 
-from abproxy.recording import store
+from abproxy.recording import layout
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +49,8 @@ def counters(client: redis.Redis, proxy: Any) -> dict[str, dict[str, str]]:
     state = {}
     for plan in proxy.app.catalog.plans.values():
         for arm in plan.arms.values():
-            state[store.stats_key(plan.name, arm.arm_id)] = client.hgetall(store.stats_key(plan.name, arm.arm_id))
-            state[store.hist_key(plan.name, arm.arm_id)] = client.hgetall(store.hist_key(plan.name, arm.arm_id))
+            state[layout.stats_key(plan.name, arm.arm_id)] = client.hgetall(layout.stats_key(plan.name, arm.arm_id))
+            state[layout.hist_key(plan.name, arm.arm_id)] = client.hgetall(layout.hist_key(plan.name, arm.arm_id))
     return state
 
 
@@ -120,7 +120,7 @@ def assert_complete(uri: str, proxy: Any, client: redis.Redis, report: dict[str,
             for field, text in prompts.items():
                 assert params[field] == text
                 assert artifact_text(uri, run.info.run_id, f"prompt/{field}.txt") == text
-            held = client.hgetall(store.stats_key(name, arm.arm_id))
+            held = client.hgetall(layout.stats_key(name, arm.arm_id))
             requests = int(held.get("requests", 0))
             assert metrics["requests"] == requests
             assert history(uri, run.info.run_id, "requests")[-1] == (report["step"], requests)
@@ -153,7 +153,7 @@ def test_mlflow_server_killed_mid_flush_then_the_next_flush_is_complete(
     assert not flushing.is_alive()
     assert_failed_cleanly(*answer[0])
     assert counters(redis_client, proxy) == before  # nothing lost, nothing counted twice
-    assert redis_client.hgetall(store.runs_key(EXP)) == {}  # no run ids of a flush that failed
+    assert redis_client.hgetall(layout.runs_key(EXP)) == {}  # no run ids of a flush that failed
 
     print(f"\nmlflow server restarted in {mlflow_server.start():.1f}s")
     status, report = flush(proxy)
@@ -200,7 +200,7 @@ def test_credentials_in_the_tracking_uri_are_used_but_never_stored_or_shown(
         kind = raw.type(key)
         stored = raw.hgetall(key) if kind == b"hash" else raw.get(key) if kind == b"string" else b""
         assert b"s3cret" not in repr(stored).encode(), key
-    runs = redis_client.hgetall(store.runs_key(EXP))
+    runs = redis_client.hgetall(layout.runs_key(EXP))
     assert runs["tracking_uri"] == mlflow_server.url.replace("http://", "http://***@")
 
 

@@ -27,7 +27,8 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from abproxy.app import open_redis
-from abproxy.recording import ids, store
+from abproxy.recording import ids, layout, scripts, store
+from abproxy.recording.counters import ArmCounters, parse_arm
 from abproxy.catalog import Catalog
 from abproxy.metrics import DROP_REASONS
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
@@ -48,11 +49,11 @@ def arm_ids(proxy: Any, experiment: str = EXP) -> dict[str, str]:
 
 
 def arm_stats(client: redis.Redis, arm: str, experiment: str = EXP) -> dict[str, str]:
-    return client.hgetall(store.stats_key(experiment, arm))
+    return client.hgetall(layout.stats_key(experiment, arm))
 
 
 def arm_hist(client: redis.Redis, arm: str, experiment: str = EXP) -> dict[str, str]:
-    return client.hgetall(store.hist_key(experiment, arm))
+    return client.hgetall(layout.hist_key(experiment, arm))
 
 
 def num(stats: dict[str, str], field: str) -> float:
@@ -63,8 +64,8 @@ def hist_count(hist: dict[str, str], metric: str) -> int:
     return sum(int(v) for k, v in hist.items() if k.partition("|")[0] == metric)
 
 
-def read_arms(url: str, arms: list[str], experiment: str = EXP) -> dict[str, store.ArmCounters]:
-    async def main() -> dict[str, store.ArmCounters]:
+def read_arms(url: str, arms: list[str], experiment: str = EXP) -> dict[str, ArmCounters]:
+    async def main() -> dict[str, ArmCounters]:
         client = AsyncRedis.from_url(url, decode_responses=True)
         try:
             return await store.read_arms(client, experiment, arms)
@@ -88,7 +89,7 @@ def has_request_record(client: redis.Redis, request_id: str) -> bool:
     if ids.looks_signed(request_id):
         secret = client.get(ids.SECRET_KEY)
         return secret is not None and ids.Signer(ids.unb64(secret)).verify(request_id) is not None
-    return bool(client.keys(f"{store.PREFIX}:*req:{request_id}"))
+    return bool(client.keys(f"{layout.PREFIX}:*req:{request_id}"))
 
 
 def get_json(url: str) -> Any:
@@ -681,7 +682,7 @@ def _drain_during_sigterm(proc: subprocess.Popen[bytes], base: str) -> dict[str,
 def _requests_in(client: redis.Redis, variants: dict[str, str], upstream_url: str) -> dict[str, int]:
     plan = Catalog(make_config(upstream_url)).plans[EXP]
     return {
-        name: int(client.hget(store.stats_key(EXP, arm.arm_id), "requests") or 0) for name, arm in plan.arms.items()
+        name: int(client.hget(layout.stats_key(EXP, arm.arm_id), "requests") or 0) for name, arm in plan.arms.items()
     }
 
 
@@ -810,15 +811,15 @@ def test_per_user_sums_match_brute_force(proxy: Any, redis_client: redis.Redis) 
 # -- 11. precision: values around 1e8–1e12 -------------------------------------------------------------
 
 
-def _apply_batches(client: redis.Redis, experiment: str, arm_id: str, batches: list[Any]) -> store.ArmCounters:
+def _apply_batches(client: redis.Redis, experiment: str, arm_id: str, batches: list[Any]) -> ArmCounters:
     """Each batch through the recorder's own reduction and Lua script, then read back."""
     for index, batch in enumerate(batches):
-        payload = {"records": [], "unit_schemas": store.unit_schemas_key(experiment), "arms": [batch.payload(experiment, arm_id)]}
+        payload = {"records": [], "unit_schemas": layout.unit_schemas_key(experiment), "arms": [batch.payload(experiment, arm_id)]}
         client.eval(
-            store.RECORD_BATCH_LUA, 1, store.batch_key(experiment, f"precision-{index}"),
+            scripts.RECORD_BATCH_LUA, 1, layout.batch_key(experiment, f"precision-{index}"),
             json.dumps(payload), 60, 60, 60,
         )  # fmt: skip
-    return store.parse_arm(arm_id, client.hgetall(store.stats_key(experiment, arm_id)), {})
+    return parse_arm(arm_id, client.hgetall(layout.stats_key(experiment, arm_id)), {})
 
 
 @pytest.mark.parametrize("level", [1e8, 1e10, 1e12])
@@ -890,7 +891,7 @@ def test_a_feedback_scale_around_1e12_keeps_its_variance(start_proxy: Any, redis
         assert status == 200
         posted[raw.headers["x-abproxy-variant"]].append(score)
     for variant, arm in arm_ids(big).items():
-        counters = store.parse_arm(arm, arm_stats(redis_client, arm), {})
+        counters = parse_arm(arm, arm_stats(redis_client, arm), {})
         mine = posted[variant]
         deviations = [s - 1e12 for s in mine]
         mean = sum(deviations) / len(deviations)

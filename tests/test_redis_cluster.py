@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from abproxy.app import ABProxyApp, open_redis
-from abproxy.recording import store
+from abproxy.recording import layout
 from clusterkit import RedisCluster, server_binaries
 from conftest import BASE_EXPERIMENTS, Proxy, make_config, serve
 from flushkit import flush, users_for
@@ -140,10 +140,10 @@ def test_cluster_mode_is_told_from_any_node_and_the_keys_of_a_flush_share_a_slot
         clients = [open_redis(clean_cluster.nodes[0].url), open_redis(clean_cluster.nodes[-1].url), open_redis(redis_server.url)]
         try:
             for client in clients:
-                await client.set(store.FLUSH_LOCK_KEY, "x")
-                await client.set(store.FLUSH_FENCE_KEY, "1")
-                await client.set(store.FLUSH_INTERVAL_KEY, "x")
-                await client.delete(store.FLUSH_LOCK_KEY, store.FLUSH_FENCE_KEY, store.FLUSH_INTERVAL_KEY)  # one slot, or it fails
+                await client.set(layout.FLUSH_LOCK_KEY, "x")
+                await client.set(layout.FLUSH_FENCE_KEY, "1")
+                await client.set(layout.FLUSH_INTERVAL_KEY, "x")
+                await client.delete(layout.FLUSH_LOCK_KEY, layout.FLUSH_FENCE_KEY, layout.FLUSH_INTERVAL_KEY)  # one slot, or it fails
             return [type(client) for client in clients]
         finally:
             for client in clients:
@@ -157,7 +157,7 @@ def test_traffic_feedback_and_flush_on_a_cluster_give_exact_totals_and_the_mlflo
     clean_cluster: RedisCluster, redis_server: Any, redis_client: Any, start_on: Callable[..., Proxy], tmp_path: Path
 ) -> None:
     # The two experiments live on different masters, the flush keys on one of them.
-    masters = {clean_cluster.master_of(store.experiment_tag(e)).port for e in EXPERIMENTS}
+    masters = {clean_cluster.master_of(layout.experiment_tag(e)).port for e in EXPERIMENTS}
     assert len(masters) == 2
     uris = {}
     for where, url in (("cluster", clean_cluster.nodes[-1].url), ("one redis", redis_server.url)):
@@ -205,7 +205,7 @@ def test_a_master_killed_under_traffic_loses_nothing_and_doubles_nothing(
     cluster.start()
     try:
         proxy = start_on(cluster.url)
-        victim = cluster.master_of(store.experiment_tag("translation"))
+        victim = cluster.master_of(layout.experiment_tag("translation"))
         answered = {experiment: 0 for experiment in EXPERIMENTS}
         scored = {experiment: 0 for experiment in EXPERIMENTS}
         stop = threading.Event()
@@ -285,9 +285,9 @@ def test_a_slot_without_any_master_holds_up_no_other_experiment_and_catches_up_w
     cluster.start()
     try:
         proxy = start_on(cluster.url)
-        master = cluster.master_of(store.experiment_tag("translation"))
+        master = cluster.master_of(layout.experiment_tag("translation"))
         replica = cluster.nodes[cluster.nodes.index(master) + cluster.masters]
-        assert cluster.master_of(store.experiment_tag("sentiment")) is not master
+        assert cluster.master_of(layout.experiment_tag("sentiment")) is not master
         client = proxy.client()
         for i in range(10):
             ask(client, "translation", f"down-{i}"), ask(client, "sentiment", f"down-{i}")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from abproxy.recording import ids, store
-from abproxy.recording.feedback import MAX_ID_LENGTH
+from abproxy.recording import ids, layout
+
 
 from helpers import http_json
 
@@ -22,7 +22,7 @@ def ttls(client: redis.Redis, pattern: str) -> list[int]:
 
 def arm_stats(client: redis.Redis, experiment: str) -> list[dict[str, str]]:
     """The counters hash of each of the experiment's arms that Redis holds."""
-    return [client.hgetall(key) for key in client.scan_iter(match=f"{store.experiment_tag(experiment)}:a:*")]
+    return [client.hgetall(key) for key in client.scan_iter(match=f"{layout.experiment_tag(experiment)}:a:*")]
 
 
 def chat(proxy: Any, model: str, user: str) -> Any:
@@ -41,16 +41,16 @@ def test_per_user_state_expires_after_the_users_last_request(start_proxy: Any, r
         status, _ = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": request_id, "score": 1})
         assert status == 200
     proxy.settle()
-    user_keys = {exp: ttls(redis_client, f"{store.experiment_tag(exp)}:u:*") for exp in ("translation", "sentiment")}
+    user_keys = {exp: ttls(redis_client, f"{layout.experiment_tag(exp)}:u:*") for exp in ("translation", "sentiment")}
     # unit: user — its statistics need a returning user's totals: kept 90 days after the last request
-    assert user_keys["translation"] and all(store.UNIT_TTL_S - 60 < t <= store.UNIT_TTL_S for t in user_keys["translation"])
+    assert user_keys["translation"] and all(layout.UNIT_TTL_S - 60 < t <= layout.UNIT_TTL_S for t in user_keys["translation"])
     # unit: request — only the design effect: kept feedback_ttl_s after the last request
     assert user_keys["sentiment"] and all(2900 < t <= 3000 for t in user_keys["sentiment"])
-    redis_client.expire(next(redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:u:*")), 100)
+    redis_client.expire(next(redis_client.scan_iter(match=f"{layout.experiment_tag('translation')}:u:*")), 100)
     chat(proxy, "translation", "alice")
     proxy.settle()
-    assert all(t > store.UNIT_TTL_S - 60 for t in ttls(redis_client, f"{store.experiment_tag('translation')}:u:*"))
-    batches = ttls(redis_client, f"{store.PREFIX}:*:batch:*")
+    assert all(t > layout.UNIT_TTL_S - 60 for t in ttls(redis_client, f"{layout.experiment_tag('translation')}:u:*"))
+    batches = ttls(redis_client, f"{layout.PREFIX}:*:batch:*")
     assert batches and all(0 < t <= 3600 for t in batches)
 
 
@@ -71,8 +71,8 @@ def test_a_users_totals_name_their_metrics_once_per_experiment_and_older_keys_st
     proxy = start_proxy()
     chat(proxy, "translation", "alice")
     proxy.settle()
-    (user_key,) = redis_client.scan_iter(match=f"{store.experiment_tag('translation')}:u:*")
-    schemas = store.unit_schemas_key("translation")
+    (user_key,) = redis_client.scan_iter(match=f"{layout.experiment_tag('translation')}:u:*")
+    schemas = layout.unit_schemas_key("translation")
     assert redis_client.eval("return type(cmsgpack.unpack(redis.call('GET', KEYS[1])))", 1, user_key) == "string"
     size = int(redis_client.memory_usage(user_key))
     assert redis_client.eval(_REWRITE_AS_BEFORE, 2, user_key, schemas) >= 5  # the built-in metrics, as before
@@ -87,7 +87,7 @@ def test_a_users_totals_name_their_metrics_once_per_experiment_and_older_keys_st
 
 
 def aggregates(client: redis.Redis) -> dict[str, dict[str, str]]:
-    return {key: client.hgetall(key) for key in client.scan_iter(match=f"{store.PREFIX}:*:[ah]:*")}
+    return {key: client.hgetall(key) for key in client.scan_iter(match=f"{layout.PREFIX}:*:[ah]:*")}
 
 
 def feedback(proxy: Any, request_id: str, score: float = 4) -> tuple[int, Any]:
@@ -99,17 +99,17 @@ def test_a_request_keeps_no_record_and_feedback_by_request_id_or_response_id_sti
 ) -> None:
     raw = chat(proxy, "translation", "bob")
     request_id, response_id = raw.headers["x-abproxy-request-id"], raw.parse().id
-    assert ids.looks_signed(request_id) and len(request_id) <= MAX_ID_LENGTH
+    assert ids.looks_signed(request_id) and len(request_id) <= ids.MAX_ID_LENGTH
     proxy.settle()
-    assert not list(redis_client.scan_iter(match=f"{store.PREFIX}:*:req:*"))
-    assert not list(redis_client.scan_iter(match=f"{store.PREFIX}:*:resp:*"))
+    assert not list(redis_client.scan_iter(match=f"{layout.PREFIX}:*:req:*"))
+    assert not list(redis_client.scan_iter(match=f"{layout.PREFIX}:*:resp:*"))
     status, body = feedback(proxy, request_id, 2)
     assert (status, body["status"], body["variant"]) == (200, "recorded", raw.headers["x-abproxy-variant"]), body
     # the upstream's id names the same request: the score is replaced, not counted twice
     status, body = feedback(proxy, response_id, 5)
     assert (status, body["status"], body["request_id"]) == (200, "updated", request_id), body
     arm = proxy.app.catalog.plans["translation"].arms[raw.headers["x-abproxy-variant"]].arm_id
-    stats = redis_client.hgetall(store.stats_key("translation", arm))
+    stats = redis_client.hgetall(layout.stats_key("translation", arm))
     assert (stats["feedback.satisfaction|n"], float(stats["feedback.satisfaction|s"])) == ("1", 5.0)
 
 
@@ -136,7 +136,7 @@ def test_a_forged_altered_or_expired_request_id_is_refused_and_changes_nothing(
     status, body = feedback(proxy, expired)
     assert status == 404 and body["error"]["code"] == "request_not_found", body
     assert aggregates(redis_client) == before
-    assert not list(redis_client.scan_iter(match=f"{store.PREFIX}:*:fb:*"))
+    assert not list(redis_client.scan_iter(match=f"{layout.PREFIX}:*:fb:*"))
     assert feedback(proxy, request_id)[0] == 200
 
 
@@ -174,7 +174,7 @@ def test_ids_issued_before_the_secret_could_be_read_keep_their_record_and_take_f
     request_id, response_id = raw.headers["x-abproxy-request-id"], raw.parse().id
     assert not ids.looks_signed(request_id)
     proxy.settle()
-    assert list(redis_client.scan_iter(match=f"{store.PREFIX}:*:req:{request_id}"))
+    assert list(redis_client.scan_iter(match=f"{layout.PREFIX}:*:req:{request_id}"))
     assert feedback(proxy, request_id, 3)[1]["status"] == "recorded"
     status, body = feedback(proxy, response_id, 4)
     assert (status, body["status"], body["request_id"]) == (200, "updated", request_id), body
@@ -200,7 +200,7 @@ def test_response_ids_of_thousands_of_requests_in_one_hour_all_find_their_reques
 
     pairs = asyncio.run(many())
     proxy.settle()
-    levels = {key.split(":")[-2] for key in redis_client.scan_iter(match=f"{store.alias_prefix('translation')}*")}
+    levels = {key.split(":")[-2] for key in redis_client.scan_iter(match=f"{layout.alias_prefix('translation')}*")}
     assert levels == {"0", "1", "2", "3"}
     for request_id, response_id in pairs[::37] + pairs[-3:]:
         status, body = feedback(proxy, response_id)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from abproxy.analysis.analyse import estimate
+from abproxy.analysis.estimates import estimate
 from abproxy.catalog import Catalog
 from abproxy.stats.compare import compare, relative_lift, welch_dof
 from abproxy.stats.decisions import holm, probability_to_be_best, samples_per_arm, sequential_srm_p_value
@@ -28,7 +28,7 @@ from abproxy.stats.estimates import (
 from abproxy.stats.sequential import RHO, Mixture, RunningState, half_width, log_lambda, mixing_variance, msprt, running_p_value
 from abproxy.stats.summary import Moments
 from abproxy.stats.verdict import COLLECTING, NO_DIFFERENCE, SRM, WINNER, ArmInput, Policy, decide
-from abproxy.recording.store import MetricCounters
+from abproxy.recording.counters import MetricCounters
 from conftest import make_config
 
 Z975 = 1.959963984540054  # Φ⁻¹(0.975)

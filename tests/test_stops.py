@@ -22,7 +22,7 @@ from flushkit import live, users_for
 from helpers import free_port, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient
 
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.stats.guardrails import harm_shown
 
 EXP = "translation"
@@ -69,7 +69,7 @@ def ask(client: openai.OpenAI, user: str) -> tuple[int, str]:
 
 def arm_requests(redis_client: redis.Redis, proxy: Any, variant: str) -> int:
     arm = proxy.app.catalog.plans[EXP].arms[variant].arm_id
-    return int(redis_client.hget(store.stats_key(EXP, arm), "requests") or 0)
+    return int(redis_client.hget(layout.stats_key(EXP, arm), "requests") or 0)
 
 
 @pytest.mark.slow

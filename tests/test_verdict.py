@@ -13,19 +13,12 @@ import pytest
 from simkit import ERRORS, SCORE, experiment
 
 from abproxy.analysis import state
-from abproxy.analysis.analyse import (
-    analyse,
-    decision_context,
-    design_effect,
-    guardrails,
-    policy_for,
-    samples_needed,
-    state_keys,
-    summarise,
-)
+from abproxy.analysis.analyse import analyse, decision_context, guardrails, policy_for, state_keys
+from abproxy.analysis.estimates import design_effect
+from abproxy.analysis.summarise import samples_needed, summarise
 from abproxy.analysis.report import verdict_sentence
-from abproxy.recording import store
-from abproxy.recording.store import ArmCounters, MetricCounters, parse_arm
+from abproxy.recording import layout
+from abproxy.recording.counters import ArmCounters, MetricCounters, parse_arm
 from abproxy.stats.estimates import Estimate, from_moments
 from abproxy.stats.guardrails import Guardrail
 from abproxy.stats.sequential import RunningState
@@ -385,7 +378,7 @@ def test_a_revocation_is_kept_and_stays_whatever_the_data_do_next():
     assert first.verdict.winner == "b"
     # the error rate's running interval comes to show harm (as an interval that follows a moving
     # effect would: the kept intersection of fixed-effect intervals empties instead, see issue 19)
-    field = store.sequential_field(b, a, ERRORS)
+    field = layout.sequential_field(b, a, ERRORS)
     kept = dataclasses.replace(kept, running={**kept.running, field: RunningState(1e-6, 0.03, 0.05)})
     harmed = analyse(plan, config, counters(0.06, 40_000), kept)
     assert harmed.verdict.revoked == ("b", ERRORS) and harmed.update.revoked == ERRORS

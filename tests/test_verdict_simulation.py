@@ -54,8 +54,9 @@ from simkit import (
     share,
 )
 
-from abproxy.analysis.analyse import analyse, samples_needed
-from abproxy.recording.store import ArmCounters, MetricCounters
+from abproxy.analysis.analyse import analyse
+from abproxy.analysis.summarise import samples_needed
+from abproxy.recording.counters import ArmCounters, MetricCounters
 from abproxy.stats.estimates import from_moments, proportion_from_moments
 from abproxy.stats.sequential import Component, Mixture, default_mixture, msprt
 from abproxy.stats.summary import Moments

@@ -53,8 +53,9 @@ from simkit import (
 )
 
 from abproxy.analysis import state
-from abproxy.analysis.analyse import analyse, samples_needed
-from abproxy.recording.store import ArmCounters
+from abproxy.analysis.analyse import analyse
+from abproxy.analysis.summarise import samples_needed
+from abproxy.recording.counters import ArmCounters
 from abproxy.stats.decisions import SRM_THRESHOLD, sequential_srm_p_value
 from abproxy.stats.sequential import running_p_value
 
@@ -114,8 +115,8 @@ def test_a_mismatch_once_shown_stays_shown_while_the_counts_even_out():
     shares = [0.52] * 100 + [0.5] * 1_000
     kept, statuses = state.KeptState(), []
     a = n = 0
-    for share in shares:
-        a += int(rng.binomial(200, share))
+    for first_share in shares:
+        a += int(rng.binomial(200, first_share))
         n += 200
         counters = {arms[0]: ArmCounters(arms[0], requests=a, units=a), arms[1]: ArmCounters(arms[1], requests=n - a, units=n - a)}
         analysis = analyse(plan, config, counters, kept)

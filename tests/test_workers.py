@@ -109,14 +109,16 @@ def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path,
             thread.start()
         for thread in threads:
             thread.join(60)
-        time.sleep(1.0)  # the recorders' batches
-        # Scrapes on many connections at once: whichever worker answers must report all 40.
-        totals = [
-            sum(sample(text, "abproxy_requests_total", experiment="translation", variant=v, status="200")
-                for v in ("basic", "professional"))
-            for text in raw_get_many(port, "/metrics", 16)
-        ]
-        assert totals == [40] * 16, totals
+        # Scrapes on many connections at once: whichever worker answers must report all 40 (once
+        # the recorders' batches are in).
+        def totals() -> list[float]:
+            return [
+                sum(sample(text, "abproxy_requests_total", experiment="translation", variant=v, status="200")
+                    for v in ("basic", "professional"))
+                for text in raw_get_many(port, "/metrics", 16)
+            ]
+
+        wait_until(lambda: totals() == [40] * 16, timeout=10)
         requests = sum(
             int(redis_client.hget(key, "requests") or 0) for key in redis_client.scan_iter("abproxy:{translation}:a:*")
         )

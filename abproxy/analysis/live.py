@@ -19,11 +19,13 @@ from typing import Any
 
 from abproxy.analysis import state
 from abproxy.analysis.stops import stop_harmful_arms
-from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse, summarise
+from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse
+from abproxy.analysis.summarise import summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
 from abproxy.recording import connection, eviction, store
-from abproxy.recording.store import ArmCounters
+from abproxy.recording.overrides import Overrides
+from abproxy.recording.counters import ArmCounters
 from abproxy.stats.results import ExperimentResult
 
 log = logging.getLogger("abproxy.analysis.live")
@@ -60,7 +62,7 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
     with store.reachable():
         counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids)
-        overrides = (await store.read_overrides(redis, [plan.name])).get(plan.name, store.Overrides())
+        overrides = (await store.read_overrides(redis, [plan.name])).get(plan.name, Overrides())
     kept = state.decode(raw_states, raw_winner)
     warnings = await eviction.warnings(redis)  # Redis evicted keys: any counter may be short
     stopped = overrides.stopped

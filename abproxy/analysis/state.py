@@ -1,5 +1,5 @@
 """What an experiment keeps between looks: the running always-valid state of every comparison
-and the declared winner. Every look merges its own into Redis (``store.SAVE_STATE_LUA``) and
+and the declared winner. Every look merges its own into Redis (``scripts.SAVE_STATE_LUA``) and
 answers from the merge, so every replica and every look extends one sequence.
 
 The running states merge by minimum and intersection (commutative and idempotent while the
@@ -68,7 +68,7 @@ class SampleRatioState:
 @dataclass(frozen=True)
 class KeptState:
     running: Mapping[str, RunningState] = field(default_factory=dict)
-    """By field of ``store.sequential_key``: ``arm|other arm|metric``."""
+    """By field of ``layout.sequential_key``: ``arm|other arm|metric``."""
     winner: Winner = Winner()
     sample_ratio: SampleRatioState | None = None
 
@@ -145,7 +145,7 @@ def decode(raw_states: Mapping[str, str], raw_winner: Mapping[str, str]) -> Kept
 
 
 def apply(kept: KeptState, update: StateUpdate) -> KeptState:
-    """The state after ``update`` is merged into ``kept``, as ``store.SAVE_STATE_LUA`` does it."""
+    """The state after ``update`` is merged into ``kept``, as ``scripts.SAVE_STATE_LUA`` does it."""
     running = dict(kept.running)
     for name, state in update.running.items():
         before = running.get(name)

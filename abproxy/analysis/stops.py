@@ -14,13 +14,14 @@ from abproxy.analysis.analyse import Analysis
 from abproxy.catalog import ExperimentPlan
 from abproxy.errors import Conflict, NotFound, StoreUnavailable
 from abproxy.recording import store
+from abproxy.recording.overrides import Stop
 
 log = logging.getLogger("abproxy.analysis.stops")
 
 
 async def stop_harmful_arms(
-    redis: Any, plan: ExperimentPlan, analysis: Analysis, stops: dict[str, store.Stop]
-) -> dict[str, store.Stop]:
+    redis: Any, plan: ExperimentPlan, analysis: Analysis, stops: dict[str, Stop]
+) -> dict[str, Stop]:
     """Stop every treatment whose guardrail shows harm (unless the experiment says not to, or
     the arm was stopped or resumed before); the experiment's stops after it."""
     if not plan.settings.stop_on_harm:
@@ -30,7 +31,7 @@ async def stop_harmful_arms(
         arm = plan.arms[name].arm_id
         if not verdict.harmed or arm in stops:
             continue
-        stop = store.Stop(name, verdict.harmed[0], time.time())
+        stop = Stop(name, verdict.harmed[0], time.time())
         try:
             with store.reachable():
                 stopped = await store.stop_arm(redis, plan.name, arm, stop)
@@ -48,7 +49,7 @@ async def stop_harmful_arms(
     return stops
 
 
-async def resume(redis: Any, plan: ExperimentPlan, variant: str) -> store.Stop:
+async def resume(redis: Any, plan: ExperimentPlan, variant: str) -> Stop:
     """Give a stopped variant its traffic back on every replica (within their refresh)."""
     arm = plan.arms.get(variant)
     if arm is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
-from abproxy.recording import connection, store
+from abproxy.recording import connection, layout, store
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
@@ -40,7 +40,7 @@ _RAISE_LUA = (
 async def raise_flush_step(redis: Any, step: int) -> None:
     """Make the fencing token at least ``step``: the next flush then logs after it. For a step the
     MLflow side had to take past the token, because Redis lost its count."""
-    await redis.eval(_RAISE_LUA, 1, store.FLUSH_FENCE_KEY, step)
+    await redis.eval(_RAISE_LUA, 1, layout.FLUSH_FENCE_KEY, step)
 
 
 class FlushBusy(Conflict):
@@ -125,9 +125,9 @@ class Flusher:
         with store.reachable():
             if periodic:
                 interval_ms = max(1, int(self._config.mlflow.flush_interval_s * 1000 * 0.9))
-                if not await self._redis.set(store.FLUSH_INTERVAL_KEY, token, nx=True, px=interval_ms):
+                if not await self._redis.set(layout.FLUSH_INTERVAL_KEY, token, nx=True, px=interval_ms):
                     return None
-            if not await self._redis.set(store.FLUSH_LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
+            if not await self._redis.set(layout.FLUSH_LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
                 if periodic:
                     return None
                 raise FlushBusy("another flush is running; try again shortly")
@@ -169,7 +169,7 @@ class Flusher:
             raise
         finally:
             with store.reachable():
-                await self._redis.eval(_RELEASE_LUA, 1, store.FLUSH_LOCK_KEY, token)
+                await self._redis.eval(_RELEASE_LUA, 1, layout.FLUSH_LOCK_KEY, token)
 
     async def _catch_up(self, report: FlushReport, used: int) -> None:
         """An experiment logged past the flush's step, MLflow holding later steps than Redis's
@@ -189,14 +189,14 @@ class Flusher:
         """What the flush of one experiment did, and the step it logged at."""
         snapshot: Snapshot = await take_snapshot(self._redis, self._config, plan)
         result = snapshot.result
-        runs = await self._redis.hgetall(store.runs_key(plan.name))
+        runs = await self._redis.hgetall(layout.runs_key(plan.name))
         async with self._mlflow_lock:
             updated, used = await asyncio.to_thread(writer.write, plan, result, runs, step)
-        if await self._redis.get(store.FLUSH_LOCK_KEY) != token:
+        if await self._redis.get(layout.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its run ids are not kept", step)
             return {"status": result.status, "winner": result.winner, "kept": False}, used
         # The always-valid state was saved by the look itself (analysis/live.py), MLflow or not.
-        await self._redis.hset(store.runs_key(plan.name), mapping=updated)
+        await self._redis.hset(layout.runs_key(plan.name), mapping=updated)
         outcome = {
             "status": result.status,
             "winner": result.winner,

@@ -19,7 +19,7 @@ from abproxy.analysis.report import notes
 from abproxy.catalog import Arm, ExperimentPlan
 from abproxy.config import Config
 from abproxy.errors import Conflict, MlflowUnavailable, NotFound
-from abproxy.recording import store
+from abproxy.recording import layout, store
 from abproxy.stats.results import ExperimentResult
 
 DEFAULT_ALIAS = "production"
@@ -137,7 +137,7 @@ async def promote(
     except Exception as error:
         raise MlflowUnavailable(f"registering the prompt in MLflow failed: {type(error).__name__}: {error}") from error
     with store.reachable():
-        await redis.set(store.promoted_key(plan.name), chosen)
+        await redis.set(layout.promoted_key(plan.name), chosen)
     cautions = tuple(line for line in notes(result) if line.startswith(CAUTIONS)) if chosen == result.winner else ()
     return Promotion(plan.name, chosen, alias, version, f"prompts:/{plan.name}@{alias}", cautions)
 
@@ -145,4 +145,4 @@ async def promote(
 async def undo(redis: Any, plan: ExperimentPlan) -> None:
     """Back to the experiment: new traffic is assigned over the weights again."""
     with store.reachable():
-        await redis.delete(store.promoted_key(plan.name))
+        await redis.delete(layout.promoted_key(plan.name))

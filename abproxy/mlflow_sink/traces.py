@@ -40,7 +40,7 @@ from abproxy.catalog import Catalog
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
 from abproxy.mlflow_sink.writer import check_store
-from abproxy.recording import store
+from abproxy.recording import layout, store
 from abproxy.recording.feedback import ScoredTrace
 from abproxy.recording.outcome import TracedExchange
 
@@ -212,7 +212,7 @@ class TraceWriter:
         layouts = {}
         with store.reachable():
             for name in experiments:
-                runs = await self._redis.hgetall(store.runs_key(name))
+                runs = await self._redis.hgetall(layout.runs_key(name))
                 if runs.get("tracking_uri") == self._shown_uri and "experiment_id" in runs:
                     layouts[name] = runs
         return layouts

@@ -33,8 +33,7 @@ from abproxy.http import (
     refuse_dot_segments,
     send_error,
 )
-from abproxy.recording import ids, store
-from abproxy.recording.feedback import MAX_ID_LENGTH
+from abproxy.recording import ids, layout
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
 from abproxy.proxy.sse import StreamObserver
@@ -188,8 +187,8 @@ class Proxy:
         if signer is None:
             return None
         user = route.unit if route.unit is not None else route.user
-        unit = store.hash_unit(user) if user is not None else None
-        signed = signer.issue(route.experiment, route.arm, unit, route.forced, traced, MAX_ID_LENGTH)
+        unit = layout.hash_unit(user) if user is not None else None
+        signed = signer.issue(route.experiment, route.arm, unit, route.forced, traced, ids.MAX_ID_LENGTH)
         return (signer.encode(signed), signed) if signed is not None else None
 
     # -- generation endpoints ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from abproxy.recording import store
+from abproxy.recording.overrides import Overrides, Stop
 
 log = logging.getLogger("abproxy.proxy.overrides")
 
@@ -22,7 +23,7 @@ class LiveOverrides:
     def __init__(self, experiments: Iterable[str], refresh_s: float = REFRESH_S):
         self._experiments = list(experiments)
         self._refresh_s = refresh_s
-        self.current: dict[str, store.Overrides] = {}
+        self.current: dict[str, Overrides] = {}
 
     def promoted(self, experiment: str) -> str | None:
         found = self.current.get(experiment)
@@ -33,18 +34,18 @@ class LiveOverrides:
         found = self.current.get(experiment)
         return found.stopped if found is not None else frozenset()
 
-    def set(self, experiment: str, overrides: store.Overrides) -> None:
+    def set(self, experiment: str, overrides: Overrides) -> None:
         """This replica's own promote, undo or resume takes effect at once (the others at their
         refresh)."""
         self.current[experiment] = overrides
 
     def set_promoted(self, experiment: str, variant: str | None) -> None:
-        found = self.current.get(experiment, store.Overrides())
-        self.set(experiment, store.Overrides(variant, found.stops))
+        found = self.current.get(experiment, Overrides())
+        self.set(experiment, Overrides(variant, found.stops))
 
-    def set_stop(self, experiment: str, arm: str, stop: store.Stop) -> None:
-        found = self.current.get(experiment, store.Overrides())
-        self.set(experiment, store.Overrides(found.promoted, {**found.stops, arm: stop}))
+    def set_stop(self, experiment: str, arm: str, stop: Stop) -> None:
+        found = self.current.get(experiment, Overrides())
+        self.set(experiment, Overrides(found.promoted, {**found.stops, arm: stop}))
 
     async def refresh(self, redis: Any) -> None:
         if self._experiments:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from abproxy.recording import store
+from abproxy.recording import layout
 from abproxy.config import BUILTIN_METRICS
 from abproxy.recording.interpret import ResponseFacts
 from abproxy.recording.outcome import Outcome
@@ -144,18 +144,18 @@ class ArmBatch:
             dy_rows = np.column_stack(unit_dy).tolist()
             dn_rows = np.column_stack(unit_dn).tolist()
             unit_payloads = [
-                [store.unit_key(experiment, arm_id, unit), dy, dn]
+                [layout.unit_key(experiment, arm_id, unit), dy, dn]
                 for unit, dy, dn in zip(units, dy_rows, dn_rows, strict=True)
             ]
         elif units and self.counts_units:
             # users whose requests all failed or were cancelled are units of the arm all the same
-            unit_payloads = [[store.unit_key(experiment, arm_id, unit), [], []] for unit in units]
+            unit_payloads = [[layout.unit_key(experiment, arm_id, unit), [], []] for unit in units]
         return {
             "arm": arm_id,
             "meta": self.meta,
-            "arms_key": store.arms_key(experiment),
-            "stats": store.stats_key(experiment, arm_id),
-            "hist_key": store.hist_key(experiment, arm_id),
+            "arms_key": layout.arms_key(experiment),
+            "stats": layout.stats_key(experiment, arm_id),
+            "hist_key": layout.hist_key(experiment, arm_id),
             "ints": ints,
             "sums": sums,
             "hist": hist,

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abproxy.config import Config
-from abproxy.recording import connection, store
+from abproxy.recording import connection, layout, scripts
 
 log = logging.getLogger("abproxy.recording.eviction")
 
 REDIS_EVICTED_KEYS = "redis_evicted_keys"
 """The warning on every experiment's results once Redis evicted keys."""
-MARKER_KEY = f"{store.FLUSH_TAG}:evictions"
+MARKER_KEY = f"{layout.FLUSH_TAG}:evictions"
 """A hash: ``count`` (keys evicted since abproxy watches), ``first_seen`` (Unix time), and per
 master ``node:<host:port>`` = ``<run_id> <server time µs> <evicted_keys> <commands processed>``, the
 reading last counted."""
@@ -46,8 +46,8 @@ CHECK_INTERVAL_S = 10.0
 """How often a replica reads every master's ``evicted_keys`` (:func:`watch_evictions`)."""
 SAFE_POLICY = "noeviction"
 
-OBSERVE_LUA = store.load_lua("observe_evictions.lua")
-_OBSERVE = store.Script(OBSERVE_LUA)
+OBSERVE_LUA = scripts.load_lua("observe_evictions.lua")
+_OBSERVE = scripts.Script(OBSERVE_LUA)
 
 
 @dataclass(frozen=True)

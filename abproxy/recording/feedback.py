@@ -7,7 +7,6 @@ corrected exactly, never counted twice."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,15 +21,14 @@ from abproxy.config import Config
 from abproxy.errors import Conflict, CorruptCounters, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
 from abproxy.logs import ThrottledLog
 from abproxy.metrics import ProxyMetrics
-from abproxy.recording import connection, ids, store
+from abproxy.recording import connection, ids, layout, scripts, store
+from abproxy.recording.record import RequestRecord
 from abproxy.stats.histogram import bucket_of
 
 log = logging.getLogger("abproxy.recording.feedback")
 
 WARNING_EVERY_S = 60.0
 """A score refused for a broken key is logged at most this often per key (every post hits it)."""
-
-MAX_ID_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +44,7 @@ class ScoredTrace:
 def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
     """(request id, metric name or None, score) from a feedback body."""
     request_id = body.get("request_id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
+    if not isinstance(request_id, str) or not request_id or len(request_id) > ids.MAX_ID_LENGTH:
         raise InvalidRequest("'request_id' must be a non-empty string", param="request_id")
     name = body.get("name")
     if name is not None and not isinstance(name, str):
@@ -57,14 +55,6 @@ def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise InvalidValue("'score' must be a number", "invalid_score", param="score")
     return request_id, name, float(score)
-
-
-def _record_of(signed: ids.SignedId) -> dict[str, Any]:
-    """A signed id's contents as a request record has them."""
-    record: dict[str, Any] = {"e": signed.experiment, "v": signed.variant, "a": signed.arm, "u": signed.unit, "f": signed.forced}
-    if signed.traced:
-        record["tr"] = signed.trace_id
-    return record
 
 
 class FeedbackService:
@@ -88,7 +78,7 @@ class FeedbackService:
         self._metrics = metrics
         self._on_scored_trace = on_scored_trace
         self._signers = signers or ids.Signers()
-        self._script = store.Script(store.RECORD_FEEDBACK_LUA)
+        self._script = scripts.Script(scripts.RECORD_FEEDBACK_LUA)
         self._warnings = ThrottledLog(log, WARNING_EVERY_S)
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -112,9 +102,9 @@ class FeedbackService:
         if found is None:
             raise NotFound(f"no response with id {request_id!r} (unknown or expired)", "request_not_found")
         canonical_id, feedback_id, record = found
-        plan = self._catalog.plans.get(record["e"])
+        plan = self._catalog.plans.get(record.experiment)
         if plan is None:
-            raise NotFound(f"no response with id {request_id!r} (its experiment {record['e']!r} is gone)", "request_not_found")
+            raise NotFound(f"no response with id {request_id!r} (its experiment {record.experiment!r} is gone)", "request_not_found")
         metrics = plan.settings.feedback
         if not metrics:
             raise InvalidValue(f"experiment {plan.name!r} defines no feedback metrics", "unknown_feedback_name")
@@ -132,18 +122,18 @@ class FeedbackService:
             # unit: request one, for its design effect (without counting users as units)
             per_user = "1" if plan.per_unit else "2" if f"feedback.{name}" in plan.per_user_metrics else "0"
             result = await self._apply(feedback_id, record, per_user, name, score)
-        self._metrics.feedback.labels(record["e"], record["v"], name).inc()
-        if record.get("tr") and self._on_scored_trace is not None:
-            self._on_scored_trace(ScoredTrace(record["tr"], name, score, record["e"]))
+        self._metrics.feedback.labels(record.experiment, record.variant, name).inc()
+        if record.trace_id and self._on_scored_trace is not None:
+            self._on_scored_trace(ScoredTrace(record.trace_id, name, score, record.experiment))
         return {
             "status": "updated" if result == 2 else "recorded",
-            "experiment": record["e"],
-            "variant": record["v"],
+            "experiment": record.experiment,
+            "variant": record.variant,
             "request_id": canonical_id,
             "name": name,
         }
 
-    async def _verify(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
+    async def _verify(self, request_id: str) -> tuple[str, str, RequestRecord] | None:
         """A signed id: everything is in it, once its MAC holds and it has not expired."""
         await self._signers.load(self._redis)
         signed = self._signers.verify(request_id)
@@ -160,16 +150,16 @@ class FeedbackService:
             )
         if signed.issued_at + self._config.feedback_ttl_s < time.time():
             return None
-        return request_id, signed.feedback_id, _record_of(signed)
+        return request_id, signed.feedback_id, RequestRecord.of_signed(signed)
 
-    async def _find(self, request_id: str) -> tuple[str, str, dict[str, Any]] | None:
+    async def _find(self, request_id: str) -> tuple[str, str, RequestRecord] | None:
         """The request a request id or response id names (request ids not signed: records from
         before signing, or written while the secret could not be read), looked up in every
         experiment: one pipeline per cluster slot (all together on one Redis), one slot after
         another (see Recorder._write_pending). A slot that cannot be read fails the lookup only
         if the record is not found elsewhere."""
         experiments = list(self._catalog.plans)
-        groups = connection.by_slot(self._redis, ((store.experiment_tag(e), e) for e in experiments))
+        groups = connection.by_slot(self._redis, ((layout.experiment_tag(e), e) for e in experiments))
         replies: dict[str, tuple[str | None, str | None, list[str]]] = {}
         errors: list[BaseException] = []
         for group in groups:
@@ -182,7 +172,7 @@ class FeedbackService:
             "post feedback with the X-ABProxy-Request-Id header's value instead",
             "ambiguous_response_id",
         )
-        found: list[tuple[str, str, dict[str, Any]]] = []
+        found: list[tuple[str, str, RequestRecord]] = []
         for experiment in experiments:
             if experiment not in replies:
                 continue
@@ -190,16 +180,16 @@ class FeedbackService:
             if (record is None and aliased == "") or "" in aliases:
                 raise ambiguous
             if record is None and aliased is not None:
-                record = await self._redis.get(store.request_key(experiment, aliased))
+                record = await self._redis.get(layout.request_key(experiment, aliased))
                 if record is not None:
-                    found.append((aliased, aliased, json.loads(record)))
+                    found.append((aliased, aliased, RequestRecord.decode(record)))
             elif record is not None:
-                found.append((request_id, request_id, json.loads(record)))
+                found.append((request_id, request_id, RequestRecord.decode(record)))
             for value in dict.fromkeys(aliases):
                 signed = await self._from_alias(experiment, value)
                 if signed is not None:
                     canonical = (await self._signers.load(self._redis)).encode(signed)
-                    found.append((canonical, signed.feedback_id, _record_of(signed)))
+                    found.append((canonical, signed.feedback_id, RequestRecord.of_signed(signed)))
         if len(found) > 1:
             raise ambiguous
         if found:
@@ -214,7 +204,7 @@ class FeedbackService:
         try:
             signed = ids.from_alias(experiment, value, known)
             if signed is None:  # an arm edited since: the experiment's arms hash knows them all
-                signed = ids.from_alias(experiment, value, await self._redis.hkeys(store.arms_key(experiment)))
+                signed = ids.from_alias(experiment, value, await self._redis.hkeys(layout.arms_key(experiment)))
         except (ValueError, IndexError):
             return None
         if signed is None or signed.issued_at + self._config.feedback_ttl_s < time.time():
@@ -226,32 +216,32 @@ class FeedbackService:
         number, field = ids.response_hash(request_id)
         pipe = self._redis.pipeline(transaction=False)
         for experiment in experiments:
-            pipe.get(store.request_key(experiment, request_id))
-            pipe.get(store.response_key(experiment, request_id))
+            pipe.get(layout.request_key(experiment, request_id))
+            pipe.get(layout.response_key(experiment, request_id))
             # EVAL, not EVALSHA: a lookup by response id is rare, and never misses a script cache
             pipe.execute_command(
-                "EVAL", store.FIND_ALIAS_LUA, 1, store.alias_counts_key(experiment), store.alias_prefix(experiment), number, field
+                "EVAL", scripts.FIND_ALIAS_LUA, 1, layout.alias_counts_key(experiment), layout.alias_prefix(experiment), number, field
             )
         replies = await pipe.execute()
         return [(replies[3 * i], replies[3 * i + 1], list(replies[3 * i + 2] or [])) for i in range(len(experiments))]
 
-    async def _apply(self, feedback_id: str, record: dict[str, Any], per_user: str, name: str, score: float) -> int:
-        experiment, arm, unit = record["e"], record["a"], record.get("u")
+    async def _apply(self, feedback_id: str, record: RequestRecord, per_user: str, name: str, score: float) -> int:
+        experiment, arm, unit = record.experiment, record.arm, record.unit
         keys = [
-            store.feedback_key(experiment, feedback_id),
-            store.stats_key(experiment, arm),
-            store.hist_key(experiment, arm),
-            store.unit_key(experiment, arm, unit) if unit else "",
-            store.unit_schemas_key(experiment),
+            layout.feedback_key(experiment, feedback_id),
+            layout.stats_key(experiment, arm),
+            layout.hist_key(experiment, arm),
+            layout.unit_key(experiment, arm, unit) if unit else "",
+            layout.unit_schemas_key(experiment),
         ]
         args = [
             name,
             repr(score),
             bucket_of(score),
             self._config.feedback_ttl_s,
-            "0" if record.get("f") else "1",
+            "0" if record.forced else "1",
             per_user,
-            store.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
+            layout.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
         ]
         if not connection.clustered(self._redis):
             return self._applied(

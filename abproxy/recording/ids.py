@@ -9,7 +9,7 @@ id; an id that fails verification is refused, and one older than ``feedback_ttl_
 
 The upstream's own response id (``chatcmpl-...``) is mapped to the request through a compact
 alias (:func:`alias_value`): the id's binary part without its MAC, experiment or arm name (the
-arm's definition hash stands for it), stored in per-hour hash buckets (``store.alias_key``).
+arm's definition hash stands for it), stored in per-hour hash buckets (``layout.alias_key``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "r1."
+MAX_ID_LENGTH = 256
+"""The longest request id abproxy issues or accepts in a feedback post."""
 SECRET_KEY = "abproxy:{ids}:secret"
 """The secret new ids are signed with: its own hash tag, created by the first replica to ask."""
 SECRETS_KEY = "abproxy:{ids}:secrets"

@@ -39,7 +39,8 @@ from abproxy.catalog import Catalog
 from abproxy.config import BUILTIN_METRICS, Config
 from abproxy.logs import ThrottledLog
 from abproxy.metrics import DROP_REASONS, ProxyMetrics
-from abproxy.recording import connection, ids, store
+from abproxy.recording import connection, ids, layout, scripts
+from abproxy.recording.record import RequestRecord
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.recording.interpret import ResponseFacts, response_facts
 from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
@@ -90,7 +91,7 @@ class _Part:
 
     @property
     def key(self) -> str:
-        return store.batch_key(self.experiment, self.batch_id)
+        return layout.batch_key(self.experiment, self.batch_id)
 
 
 def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | None) -> TracedExchange:
@@ -212,7 +213,7 @@ class Recorder:
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._script = store.Script(store.RECORD_BATCH_LUA)
+        self._script = scripts.Script(scripts.RECORD_BATCH_LUA)
         self._backoff_s = 0.0
         self._dropped = {reason: metrics.recorder_dropped.labels(reason) for reason in DROP_REASONS}
         self._warnings = ThrottledLog(log, WARNING_EVERY_S)
@@ -330,7 +331,7 @@ class Recorder:
             response_id = facts.response_id if facts else None
             events[route.experiment] += 1
             user = route.unit if route.unit is not None else route.user
-            unit = store.hash_unit(user) if user is not None else None
+            unit = layout.hash_unit(user) if user is not None else None
             if outcome.signed is not None:
                 # the id carries what feedback needs: only the response id's alias is kept
                 kept = records.setdefault(route.experiment, ([], []))
@@ -338,22 +339,16 @@ class Recorder:
                     number, alias_field = ids.response_hash(response_id)
                     kept[1].append([number, alias_field, ids.alias_value(outcome.signed)])
             else:
-                record: dict[str, Any] = {
-                    "e": route.experiment,
-                    "v": route.variant,
-                    "a": route.arm,
-                    "u": unit,
-                    "f": route.forced,
-                    "t": outcome.started_at,
-                    "s": outcome.status,
-                }
-                if outcome.trace_id is not None:
-                    record["tr"] = outcome.trace_id  # feedback on it becomes the trace's assessment
+                record = RequestRecord(
+                    route.experiment, route.variant, route.arm, unit, route.forced,
+                    outcome.trace_id,  # feedback on it becomes the trace's assessment
+                    outcome.started_at, outcome.status,
+                )  # fmt: skip
                 records.setdefault(route.experiment, ([], []))[0].append(
                     [
-                        store.request_key(route.experiment, outcome.request_id),
-                        orjson.dumps(record).decode(),
-                        store.response_key(route.experiment, response_id) if response_id else "",
+                        layout.request_key(route.experiment, outcome.request_id),
+                        record.encode(),
+                        layout.response_key(route.experiment, response_id) if response_id else "",
                         outcome.request_id,
                     ]
                 )
@@ -377,9 +372,9 @@ class Recorder:
                 "records": kept,
                 "aliases": aliases,
                 "hour": hour,
-                "alias_prefix": store.alias_prefix(experiment),
-                "alias_counts": store.alias_counts_key(experiment),
-                "unit_schemas": store.unit_schemas_key(experiment),
+                "alias_prefix": layout.alias_prefix(experiment),
+                "alias_counts": layout.alias_counts_key(experiment),
+                "unit_schemas": layout.unit_schemas_key(experiment),
                 "arms": [],
             }
             for experiment, (kept, aliases) in records.items()
@@ -494,7 +489,7 @@ class Recorder:
         for part in parts:
             # execute_command: redis-py's cluster pipeline blocks its evalsha() helper, not EVALSHA
             pipe.execute_command(
-                "EVALSHA", sha, 1, part.key, part.payload, store.BATCH_DEDUPE_TTL_S, store.UNIT_TTL_S, self._config.feedback_ttl_s
+                "EVALSHA", sha, 1, part.key, part.payload, layout.BATCH_DEDUPE_TTL_S, layout.UNIT_TTL_S, self._config.feedback_ttl_s
             )
         node = await connection.confirm_replicated(self._redis, pipe, parts[0].key) if cluster else None
         # No redirections: a call sent on to another node would escape the WAIT queued here.

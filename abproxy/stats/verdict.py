@@ -1,6 +1,11 @@
 """The verdict for one experiment: every treatment against the control on every metric, Holm
-across treatments on the primary metric, guardrails as non-inferiority, SRM, a winner that
-keeps its name once declared, and the status a user acts on."""
+across treatments on the primary metric, guardrails as non-inferiority, SRM, the best of many
+arms and the cheaper of equals, a winner that keeps its name once declared and is re-checked on
+what came after, and the status a user acts on.
+
+Over 450 lines on purpose: these rules interlock (a guardrail holds back a candidate, the
+candidates decide who is settled, the declared winner decides what is re-checked), and each reads
+best beside the others; the arithmetic they rest on lives in the modules beside this one."""
 
 from __future__ import annotations
 
