@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from abproxy.proxy.auth import Authorizer
+from abproxy.proxy.auth import Authorizer, open_relay_upstreams
 from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog
 from abproxy.config import Config
@@ -122,7 +122,7 @@ class ABProxyApp:
             trace_sink=self.traces.offer if self.traces else None,
             **(recorder_options or {}),
         )
-        self.auth = Authorizer(config.server)
+        self.auth = Authorizer(config.server, open_relay_upstreams(config))
         self.overrides = LiveOverrides(self.catalog.plans)
         self.signers = Signers()
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.overrides, signers=self.signers)

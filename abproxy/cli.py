@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -47,22 +46,12 @@ def _load(path: str | None) -> Config:
 
 def open_relay_problem(config: Config, host: str) -> str | None:
     """Why binding ``host`` would make this proxy an open relay for its upstream keys, if it would."""
-    if config.server.api_keys or config.server.allow_open_relay:
+    from abproxy.proxy.auth import is_loopback, open_relay_refusal, open_relay_upstreams
+
+    upstreams = open_relay_upstreams(config)
+    if not upstreams or is_loopback(host):
         return None
-    keyed = [name for name, upstream in config.upstreams.items() if upstream.api_key]
-    if not keyed:
-        return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
-        return None
-    return (
-        f"refusing to listen on {host}: upstream(s) {', '.join(keyed)} hold an API key and server.api_keys is empty, "
-        "so anyone who can reach this port could spend it. Set server.api_keys, bind 127.0.0.1, "
-        "or set server.allow_open_relay: true."
-    )
+    return open_relay_refusal(upstreams, f"refusing to listen on {host}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

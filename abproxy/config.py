@@ -122,6 +122,9 @@ class UpstreamSettings(_Strict):
     base_url: str
     api_key: str = ""
     timeout_s: float = Field(120.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+    """Connections open to this upstream at once, per process: a slow upstream holds requests
+    waiting for one of these (up to their timeout) rather than every socket the process has."""
 
     @field_validator("api_key")
     @classmethod

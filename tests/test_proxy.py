@@ -828,6 +828,47 @@ def test_open_relay_check_refuses_public_bind_with_upstream_key_and_no_client_ke
     assert open_relay_problem(relay_config(allow_open_relay=True), "0.0.0.0") is None
 
 
+def test_served_by_anything_else_the_app_answers_only_local_clients_while_it_would_be_an_open_relay(
+    redis_server: Any, upstream: Any, upstream_url: str
+):
+    """`abproxy serve` refuses to listen beyond loopback; uvicorn running ``app_from_env``, or the
+    app inside another, cannot know where it listens, so each request is held to the rule: a
+    client not on loopback gets 403 ``open_relay_refused`` and the upstream never sees it. In
+    process (httpx's ASGI transport, which sets the client's address), with the openai SDK."""
+    from abproxy.app import ABProxyApp
+    from conftest import make_config
+
+    keyed = {"fake": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "timeout_s": 5}}
+    app = ABProxyApp(make_config(upstream_url, upstreams=keyed), redis_url=redis_server.url)
+    messages = [{"role": "user", "content": "hello"}]
+
+    async def ask(client_host: str) -> Any:
+        transport = httpx2.ASGITransport(app=app, client=(client_host, 50_000))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://abproxy") as http_client:
+            client = openai.AsyncOpenAI(base_url="http://abproxy/v1", api_key="any", http_client=http_client, max_retries=0)
+            return await client.chat.completions.create(model="translation", messages=messages, user="relay-check")
+
+    async def scenario() -> None:
+        await app.startup()
+        try:
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                await ask("203.0.113.7")
+            assert refused.value.code == "open_relay_refused"
+            assert "server.api_keys" in refused.value.message and "sk-upstream-secret" not in refused.value.message
+            assert upstream.received == [], "the upstream never saw the refused request"
+            answer = await ask("127.0.0.1")
+            assert answer.choices[0].message.content, "a local client is served"
+        finally:
+            await app.shutdown()
+
+    asyncio.run(scenario())
+    from abproxy.proxy.auth import open_relay_upstreams
+
+    assert open_relay_upstreams(make_config(upstream_url, upstreams=keyed)) == ("fake",)
+    for server in ({"allow_open_relay": True}, {"api_keys": ["sk-client"]}):
+        assert open_relay_upstreams(make_config(upstream_url, upstreams=keyed, server=server)) == (), server
+
+
 @pytest.mark.slow
 def test_cli_serve_refuses_open_relay_with_exit_code_2(tmp_path: Path):
     config = {

@@ -197,6 +197,41 @@ def test_connections_of_a_burst_are_closed_once_idle_too_long() -> None:
     run(main())
 
 
+def test_at_most_max_connections_are_open_to_an_upstream_and_the_others_wait_for_one() -> None:
+    """A slow upstream (each answer after 50 ms) and bursts with ``max_connections: 2``: never
+    more than two connections open at once, every request answered in turn; a connection the
+    upstream closes makes room for a waiting request on a new one; a request that gets none
+    within its timeout fails naming ``max_connections``, and the upstream never sees it."""
+    peak = 0
+
+    async def answer(reader, writer, n):
+        nonlocal peak
+        peak = max(peak, server.connections - server.closed)
+        await asyncio.sleep(0.05)
+        if n == 1:  # the upstream closes this one after answering
+            writer.write(json_response(b'{"n":%d}' % n, b"connection: close"))
+            writer.close()
+        else:
+            writer.write(json_response(b'{"n":%d}' % n))
+
+    async def main():
+        async with server as url:
+            client = UpstreamClient({"up": OriginSettings(url, "", 2.0, max_connections=2)})
+            answers = await asyncio.gather(*(post(client) for _ in range(8)))
+            assert sorted(answers) == sorted((200, b'{"n":%d}' % n) for n in range(8))
+            assert peak == 2 and server.connections == 3, "two at a time; a third after the upstream closed one"
+            busy = [asyncio.create_task(post(client)) for _ in range(2)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(TimeoutError, match="max_connections"):
+                await post(client, timeout_s=0.02)
+            assert [await task for task in busy] == [(200, b'{"n":8}'), (200, b'{"n":9}')]
+            assert len(server.requests) == 10, "the request that got no connection never reached the upstream"
+            client.close()
+
+    server = ScriptedServer(answer)
+    run(main())
+
+
 def test_a_request_is_never_sent_twice_even_when_a_reused_connection_drops_it() -> None:
     """The keep-alive race looks like a server that read the request and hung up: the upstream
     may have run (and billed) it, so it is not sent again; the error reaches the client."""

@@ -33,6 +33,7 @@ class OriginSettings:
     base_url: str
     api_key: str = ""
     connect_timeout_s: float = 10.0
+    max_connections: int = 512
 
 
 @dataclass(slots=True)
@@ -45,7 +46,8 @@ class StreamedBody:
 
 
 class Origin:
-    """One upstream's address and its idle keep-alive connections."""
+    """One upstream's address, its idle keep-alive connections, and how many are open: at most
+    ``max_connections``; a request that finds them all busy waits for one to come back."""
 
     def __init__(self, settings: OriginSettings, idle_keepalive_s: float):
         parts = urlsplit(settings.base_url)
@@ -65,6 +67,12 @@ class Origin:
         """Most recently used on the right, where connections are taken from; the left end holds
         the longest idle, closed once they pass ``idle_keepalive_s``, so a burst's connections
         do not stay open for good once traffic falls again."""
+        self.max_connections = settings.max_connections
+        self.open = 0
+        """Connections being made or open (idle or busy), until each is lost."""
+        self.waiters: deque[asyncio.Future[Connection | None]] = deque()
+        """Requests waiting for a connection: handed one as it comes back, or woken (None) to
+        make one when another closed."""
 
     def take_idle(self, now: float) -> Connection | None:
         while self.idle:
@@ -76,9 +84,26 @@ class Origin:
 
     def put_idle(self, connection: Connection, now: float) -> None:
         connection.idle_since = now
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
         self.idle.append(connection)
         while now - self.idle[0].idle_since >= self.idle_keepalive_s:
             self.idle.popleft().close()
+
+    def connection_lost(self) -> None:
+        self.open -= 1
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        """A slot is free: the first request still waiting may make a connection."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 class Exchange:
@@ -176,7 +201,7 @@ class UpstreamClient:
         origin = exchange._origin
         connection = origin.take_idle(time.monotonic())
         if connection is None:
-            connection = await self._connect(origin, min(origin.connect_timeout_s, exchange._timeout_s))
+            connection = await self._connection(origin, exchange._timeout_s)
         response = UpstreamResponse(
             connection,
             exchange._timeout_s,
@@ -215,6 +240,39 @@ class UpstreamClient:
                 await connection.drain()
         if chunked and not connection.closed:
             transport.write(b"0\r\n\r\n")
+
+    async def _connection(self, origin: Origin, timeout_s: float) -> Connection:
+        """A new connection while fewer than ``max_connections`` are open; else the first to
+        come back (or a new one once another closes), waiting at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while origin.open >= origin.max_connections:
+            waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+            origin.waiters.append(waiter)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    handed = await waiter
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no connection to the upstream within {timeout_s:g} s: all {origin.max_connections} "
+                    "(max_connections) were busy"
+                ) from None
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():  # handed one, or woken, as it was cancelled
+                    handed = waiter.result()
+                    if handed is not None:
+                        origin.put_idle(handed, time.monotonic())
+                    else:
+                        origin.wake_one()
+                raise
+            if handed is not None:
+                return handed
+        origin.open += 1
+        try:
+            return await self._connect(origin, min(origin.connect_timeout_s, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            origin.open -= 1
+            origin.wake_one()
+            raise
 
     async def _connect(self, origin: Origin, timeout_s: float) -> Connection:
         loop = asyncio.get_running_loop()

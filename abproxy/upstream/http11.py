@@ -37,6 +37,8 @@ class Pool(Protocol):
 
     def put_idle(self, connection: Connection, now: float) -> None: ...
 
+    def connection_lost(self) -> None: ...
+
 
 class Connection(asyncio.Protocol):
     """One keep-alive TCP (or TLS) connection; serves one response at a time."""
@@ -82,6 +84,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.origin.connection_lost()
         self.resume_writing()
         if self.response is not None:
             self.response.connection_lost()

@@ -119,7 +119,8 @@ class Upstreams:
 
     async def start(self) -> None:
         origins = {
-            name: OriginSettings(s.base_url, s.api_key, _connect_timeout_s(s)) for name, s in self._settings.items()
+            name: OriginSettings(s.base_url, s.api_key, _connect_timeout_s(s), s.max_connections)
+            for name, s in self._settings.items()
         }
         options = {} if self._idle_keepalive_s is None else {"idle_keepalive_s": self._idle_keepalive_s}
         self._client = UpstreamClient(origins, max_response_bytes=self._max_response_bytes, **options)
