@@ -118,7 +118,7 @@ def test_cli_report_unknown_experiment_exits_1(config_file: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_cli_flush_while_another_flush_runs_exits_nonzero(config_file: Path, tmp_path: Path, redis_client: Any) -> None:
-    from abproxy.recording.store import FLUSH_LOCK_KEY as LOCK_KEY
+    from abproxy.recording.layout import FLUSH_LOCK_KEY as LOCK_KEY
 
     redis_client.set(LOCK_KEY, "a-replica", px=60_000)
     result = abproxy("flush", "--config", str(config_file), cwd=tmp_path)

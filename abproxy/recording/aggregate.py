@@ -92,7 +92,7 @@ class ArmBatch:
     def payload(self, experiment: str, arm_id: str) -> dict[str, Any]:
         """The arm's part of the batch script's argument. Sums of squares go about each
         metric's mean in this batch (its center), computed here in float64 where nothing
-        cancels; the script moves them to the arm's shift (see store.py)."""
+        cancels; the script moves them to the arm's shift (see layout.py and lua/record_batch.lua)."""
         ints: dict[str, int] = {"requests": self.requests}
         if self.cancelled:
             ints["cancelled"] = self.cancelled

@@ -204,7 +204,7 @@ def from_alias(experiment: str, value: str, arms: Any) -> SignedId | None:
 
 
 def response_hash(response_id: str) -> tuple[int, str]:
-    """From the response id's hash: a number that picks its alias's bucket (store.alias_bucket)
+    """From the response id's hash: a number that picks its alias's bucket (layout.alias_key)
     and the alias's field (40 bits: false matches among the aliases a lookup reads are ~1e-7)."""
     digest = hashlib.sha256(response_id.encode()).digest()
     return int.from_bytes(digest[:4], "big"), _b64(digest[4:9])

@@ -231,7 +231,7 @@ class RunningState:
 
     Merging is a minimum and an intersection within one sequence (commutative, associative and
     idempotent while they agree), and the later sequence outright: looks by several replicas,
-    merged in Redis (store.py does the same in Lua), extend one sequence."""
+    merged in Redis (recording/lua/save_state.lua does the same), extend one sequence."""
 
     p_value: float
     lower: float
