@@ -40,7 +40,7 @@ from abproxy.http import (
 from abproxy.metrics import ProxyMetrics, exposition
 from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
-from abproxy.serving import return_big_buffers_to_the_os
+from abproxy.serving import give_freed_heap_back, return_big_buffers_to_the_os
 from abproxy.analysis.live import experiment_results
 from abproxy.analysis.stops import resume
 from abproxy.stats.results import as_json
@@ -151,6 +151,7 @@ class ABProxyApp:
             await discover(client)
         self.recorder.start()
         loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(give_freed_heap_back(), name="abproxy-heap"))
         if self.catalog.plans:
             looks = self.flusher.run_periodically(self._look_every_s)
             self._background.append(loop.create_task(looks, name="abproxy-flusher"))
