@@ -39,6 +39,7 @@ look, as its flusher kept it):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ from simkit import (
 from abproxy.analysis.analyse import analyse
 from abproxy.analysis.summarise import samples_needed
 from abproxy.recording.counters import ArmCounters, MetricCounters
-from abproxy.stats.estimates import from_moments, proportion_from_moments
+from abproxy.stats.estimates import Estimate, from_moments, proportion_from_moments
 from abproxy.stats.sequential import Component, Mixture, default_mixture, msprt
 from abproxy.stats.summary import Moments
 
@@ -207,21 +208,41 @@ def test_aa_ever_declares_a_winner_at_most_5_percent(looks, runs):
 # -- efficiency ---------------------------------------------------------------------------------------
 
 
+def _estimates_at_looks(streams, looks, rate: bool) -> Iterator[tuple[float, Estimate, Estimate]]:
+    """(n per arm, control, treatment) at each look once both arms have 30 observations."""
+    make = proportion_from_moments if rate else from_moments
+    for look in range(len(looks)):
+        control, treatment = (make(Moments(s.n[look], s.s[look], s.q[look])) for s in (streams["a"], streams["b"]))
+        if control is not None and treatment is not None and control.n >= 30:
+            yield float(looks[look]), control, treatment
+
+
+def _msprt_decided(streams, looks, rate: bool, mixture_for: Callable[[Estimate, Estimate], Mixture]) -> float:
+    """When the mSPRT with this mixture alone would first reject, its p-value a running minimum."""
+    running = 1.0
+    for at, control, treatment in _estimates_at_looks(streams, looks, rate):
+        running = min(running, msprt(control, treatment, ALPHA, mixture_for(control, treatment)).p_value)
+        if running < ALPHA:
+            return at
+    return math.inf
+
+
 def _centred_msprt_decided(streams, looks, rate: bool, tau2: float | None) -> float:
     """When Johari et al.'s N(0, τ²) mixture alone would first reject (τ² None: the former
     default, (0.3σ)²)."""
-    running = 1.0
-    for look in range(len(looks)):
-        moments = [Moments(s.n[look], s.s[look], s.q[look]) for s in (streams["a"], streams["b"])]
-        make = proportion_from_moments if rate else from_moments
-        control, treatment = (make(m) for m in moments)
-        if control is None or treatment is None or control.n < 30:
-            continue
-        mixture = Mixture.normal(tau2) if tau2 is not None else default_mixture(control, treatment)
-        running = min(running, msprt(control, treatment, ALPHA, mixture).p_value)
-        if running < ALPHA:
-            return float(looks[look])
-    return math.inf
+    return _msprt_decided(
+        streams, looks, rate, lambda c, t: Mixture.normal(tau2) if tau2 is not None else default_mixture(c, t)
+    )
+
+
+def _sharp_mixture_decided(streams, looks, rate: bool, relative_effect: float) -> float:
+    """When abproxy's former mixture, ½N(±δ, (δ/4)²) alone, would first reject."""
+
+    def sharp(control: Estimate, _: Estimate) -> Mixture:
+        delta = relative_effect * abs(control.mean)
+        return Mixture((Component(1.0, delta, (delta / 4) ** 2),))
+
+    return _msprt_decided(streams, looks, rate, sharp)
 
 
 def _growthbook_decided(streams, looks, rate: bool, tuning: float = 5_000.0) -> float:
@@ -231,35 +252,13 @@ def _growthbook_decided(streams, looks, rate: bool, tuning: float = 5_000.0) -> 
     variance SE²·N, N the two arms' observations."""
     log_alpha = math.log(ALPHA)
     rho2 = (-2 * log_alpha + math.log(-2 * log_alpha + 1)) / tuning
-    for look in range(len(looks)):
-        moments = [Moments(s.n[look], s.s[look], s.q[look]) for s in (streams["a"], streams["b"])]
-        make = proportion_from_moments if rate else from_moments
-        control, treatment = (make(m) for m in moments)
-        if control is None or treatment is None or control.n < 30:
-            continue
+    for at, control, treatment in _estimates_at_looks(streams, looks, rate):
         total = control.n + treatment.n
         s2 = (control.variance_of_mean + treatment.variance_of_mean) * total
         spread = total * rho2 + 1
         half = math.sqrt(s2) * math.sqrt(2 * spread * math.log(math.sqrt(spread) / ALPHA) / (total * total * rho2))
         if abs(treatment.mean - control.mean) > half:
-            return float(looks[look])
-    return math.inf
-
-
-def _sharp_mixture_decided(streams, looks, rate: bool, relative_effect: float) -> float:
-    """When abproxy's former mixture, ½N(±δ, (δ/4)²) alone, would first reject."""
-    running = 1.0
-    for look in range(len(looks)):
-        moments = [Moments(s.n[look], s.s[look], s.q[look]) for s in (streams["a"], streams["b"])]
-        make = proportion_from_moments if rate else from_moments
-        control, treatment = (make(m) for m in moments)
-        if control is None or treatment is None or control.n < 30:
-            continue
-        delta = relative_effect * abs(control.mean)
-        mixture = Mixture((Component(1.0, delta, (delta / 4) ** 2),))
-        running = min(running, msprt(control, treatment, ALPHA, mixture).p_value)
-        if running < ALPHA:
-            return float(looks[look])
+            return at
     return math.inf
 
 

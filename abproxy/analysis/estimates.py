@@ -36,9 +36,7 @@ def estimate(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> Est
                 counters.units, moments.total, moments.n, counters.unit_yy, counters.unit_nn, counters.unit_yn, moments.shift
             )
         )
-    if _is_binary(plan, metric, counters):
-        return proportion_from_moments(moments)
-    return from_moments(moments)
+    return _per_request(plan, metric, counters, moments)
 
 
 CAPPED_METRICS = ("latency_ms", "ttft_ms")
