@@ -1,49 +1,39 @@
-"""The ASGI application: a pure-ASGI router over the proxy, feedback, admin and ops endpoints,
-and a lifespan that owns the Redis client, the upstream pool and the recorder."""
+"""What abproxy runs on: the Redis clients, the upstream pool, the recorder, the flusher and the
+trace writer, started and stopped together (:class:`ABProxyApp`), and :func:`create_app`, which
+puts its HTTP surface (:mod:`abproxy.routes`) in front of them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from starlette.applications import Starlette
 
-from abproxy.proxy.auth import Authorizer, open_relay_upstreams
-from abproxy.proxy.overrides import LiveOverrides
+from starlette.types import Scope
+
+from abproxy import routes
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.recording.feedback import FeedbackService
+from abproxy.metrics import ProxyMetrics
 from abproxy.mlflow_sink.flusher import LOOK_EVERY_S, Flusher
-from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.mlflow_sink.traces import TraceWriter
-from abproxy.recording import store
+from abproxy.proxy.auth import Authorizer, open_relay_upstreams
+from abproxy.proxy.handler import Proxy
+from abproxy.proxy.overrides import LiveOverrides
 from abproxy.recording.connection import UNAVAILABLE, detect_cluster, discover, open_redis
 from abproxy.recording.eviction import watch_evictions
+from abproxy.recording.feedback import FeedbackService
 from abproxy.recording.ids import Signers
-from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
-from abproxy.http import (
-    ClientGone,
-    HTTPError,
-    parse_json_object,
-    read_body,
-    refuse_dot_segments,
-    send_bytes,
-    send_error,
-    send_json,
-)
-from abproxy.metrics import ProxyMetrics, exposition
-from abproxy.proxy.handler import Proxy
 from abproxy.recording.recorder import Recorder
 from abproxy.serving import give_freed_heap_back, return_big_buffers_to_the_os
-from abproxy.analysis.live import experiment_results
-from abproxy.analysis.stops import resume
-from abproxy.stats.results import as_json
 from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")
@@ -54,12 +44,6 @@ REFRESH_FAILURES: tuple[type[Exception], ...] = (*UNAVAILABLE, RuntimeError)
 EMBEDDED_REDIS_ENV = "ABPROXY_EMBEDDED_REDIS_URL"
 """Set by ``abproxy serve`` for its workers when it started an embedded Redis."""
 
-_GENERATION_PATHS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/responses": "responses",
-}
-_FEEDBACK_BODY_LIMIT = 64 * 1024
 GC_YOUNG_THRESHOLD = 20_000
 
 
@@ -81,13 +65,17 @@ class ABProxyApp:
         trace_options: Mapping[str, Any] | None = None,
         ids_refresh_s: float = 10.0,
         look_every_s: float = LOOK_EVERY_S,
+        tune_process: bool = False,
     ):
         """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
         results) default to clients of ``redis_url``; ``recorder_options`` go to the
         :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``), ``trace_options``
         to the :class:`TraceWriter` (``interval_s``, ``max_queued``); ``ids_refresh_s`` is how often
         the request id secrets are compared with Redis's (:class:`Signers`); ``look_every_s`` the
-        longest this replica goes without looking at its experiments (:meth:`Flusher.run_periodically`)."""
+        longest this replica goes without looking at its experiments (:meth:`Flusher.run_periodically`).
+        ``tune_process`` when the process is abproxy's alone (``abproxy serve``, its workers):
+        the garbage collector and the allocator are set up for a proxy's load, which a host app
+        that mounts abproxy would not want done to its process."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
@@ -95,6 +83,7 @@ class ABProxyApp:
         self.redis_url = url
         self._ids_refresh_s = ids_refresh_s
         self._look_every_s = look_every_s
+        self._tune_process = tune_process
         self.catalog = Catalog(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry)
@@ -137,21 +126,24 @@ class ABProxyApp:
         )
         self.flusher = Flusher(self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock)
         self._background: list[asyncio.Task[None]] = []
+        self.started = False
+        self.web = routes.build(self)
 
     async def startup(self) -> None:
-        # Everything loaded so far lives as long as the process: keep it out of the cyclic
-        # collector's scans, and collect the young generation less often (requests allocate a
-        # lot of short-lived, acyclic objects).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        return_big_buffers_to_the_os()
+        loop = asyncio.get_running_loop()
+        if self._tune_process:
+            # Everything loaded so far lives as long as the process: keep it out of the cyclic
+            # collector's scans, and collect the young generation less often (requests allocate a
+            # lot of short-lived, acyclic objects).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            return_big_buffers_to_the_os()
+            self._background.append(loop.create_task(give_freed_heap_back(), name="abproxy-heap"))
         await self.upstreams.start()
         for client in (self.redis, self.request_redis):
             await discover(client)
         self.recorder.start()
-        loop = asyncio.get_running_loop()
-        self._background.append(loop.create_task(give_freed_heap_back(), name="abproxy-heap"))
         if self.catalog.plans:
             looks = self.flusher.run_periodically(self._look_every_s)
             self._background.append(loop.create_task(looks, name="abproxy-flusher"))
@@ -165,6 +157,7 @@ class ABProxyApp:
             except UNAVAILABLE:
                 pass
             self._background.append(loop.create_task(self._keep_request_ids(), name="abproxy-request-ids"))
+        self.started = True
 
     async def _keep_request_ids(self) -> None:
         """The request id secret, read from Redis (created there by the first replica), then kept
@@ -195,150 +188,37 @@ class ABProxyApp:
         await self.redis.aclose()
         await self.request_redis.aclose()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as error:
-                    log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(error)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path: str = scope["path"]
-        method: str = scope["method"]
-        endpoint = _GENERATION_PATHS.get(path)
-        if endpoint is not None and method == "POST":
-            await self.proxy.generation(endpoint, scope, receive, send)
-            return
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Start-up and shutdown, as Starlette's ``lifespan``: a host app that mounts abproxy
+        passes ``router.lifespan_context`` of :func:`create_app`'s app as its own."""
+        await self.startup()
         try:
-            if path.startswith("/v1/"):
-                if path == "/v1/feedback":
-                    await self._feedback(scope, receive, send)
-                elif path == "/v1/models" and method == "GET":
-                    await self.proxy.models(scope, receive, send)
-                elif endpoint is not None:
-                    raise HTTPError(405, f"{method} is not allowed on {path}", "method_not_allowed")
-                else:
-                    await self.proxy.passthrough(scope, receive, send)
-            elif path.startswith("/abproxy/"):
-                await self._admin(scope, receive, send)
-            elif path == "/metrics" and method == "GET":
-                self.auth.metrics(scope)
-                await send_bytes(send, 200, exposition(self.registry), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
-            elif path == "/healthz":
-                await send_json(send, 200, {"status": "ok", "pid": os.getpid()})
-            elif path == "/readyz":
-                await self._ready(send)
-            else:
-                raise HTTPError(404, f"no route for {method} {path}", "not_found")
-        except HTTPError as error:
-            await send_error(send, error)
-        except DomainError as error:
-            await send_error(send, http_error(error))
-        except ClientGone:
-            return
+            yield
+        finally:
+            await self.shutdown()
 
-    async def _feedback(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["method"] != "POST":
-            raise HTTPError(405, "use POST /v1/feedback", "method_not_allowed")
-        self.auth.client(scope)
-        body = parse_json_object(await read_body(scope, receive, _FEEDBACK_BODY_LIMIT))
-        await send_json(send, 200, await self.feedback.submit(body))
-
-    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.auth.admin(scope)
-        refuse_dot_segments(scope["path"])
-        path, method = scope["path"].rstrip("/"), scope["method"]
-        if path == "/abproxy/experiments" and method == "GET":
-            results = [await experiment_results(self.request_redis, self.config, plan) for plan in self.catalog.plans.values()]
-            await send_json(send, 200, {"experiments": [as_json(result) for result in results]})
-        elif path.startswith("/abproxy/experiments/") and path.endswith("/promote") and method in ("POST", "DELETE"):
-            await self._promote(path.removeprefix("/abproxy/experiments/").removesuffix("/promote"), scope, receive, send)
-        elif path.startswith("/abproxy/experiments/") and "/stopped/" in path and method == "DELETE":
-            name, _, variant = path.removeprefix("/abproxy/experiments/").partition("/stopped/")
-            plan = self.catalog.plans.get(name)
-            if plan is None:
-                raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
-            resumed = await resume(self.redis, plan, variant)
-            self.overrides.set_stop(plan.name, plan.arms[variant].arm_id, resumed)
-            await send_json(send, 200, {"experiment": plan.name, "resumed": variant, "stopped_for": resumed.reason})
-        elif path.startswith("/abproxy/experiments/") and method == "GET":
-            name = path.removeprefix("/abproxy/experiments/")
-            plan = self.catalog.plans.get(name)
-            if plan is None:
-                raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
-            await send_json(send, 200, as_json(await experiment_results(self.request_redis, self.config, plan)))
-        elif path == "/abproxy/flush" and method == "POST":
-            await self.recorder.flush()
-            report = await self.flusher.flush()
-            await self.flusher.publish_gauges()
-            await send_json(send, 200, report.as_json())
-        else:
-            raise HTTPError(404, f"no route for {method} {path}", "not_found")
-
-    async def _promote(self, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        plan = self.catalog.plans.get(name)
-        if plan is None:
-            raise HTTPError(404, f"unknown experiment {name!r}", "experiment_not_found")
-        if scope["method"] == "DELETE":
-            await undo(self.redis, plan)
-            self.overrides.set_promoted(plan.name, None)
-            await send_json(send, 200, {"experiment": plan.name, "promoted": None})
-            return
-        raw = await read_body(scope, receive, _FEEDBACK_BODY_LIMIT)
-        body = parse_json_object(raw) if raw else {}
-        variant, alias = body.get("variant"), body.get("alias", DEFAULT_ALIAS)
-        if variant is not None and not isinstance(variant, str):
-            raise HTTPError(400, "'variant' must be a string", "invalid_request", param="variant")
-        if not isinstance(alias, str) or not alias:
-            raise HTTPError(400, "'alias' must be a non-empty string", "invalid_request", param="alias")
-        promotion = await promote(self.redis, self.config, plan, variant, alias)
-        self.overrides.set_promoted(plan.name, promotion.variant)
-        await send_json(send, 200, promotion.as_json())
-
-    async def _ready(self, send: Any) -> None:
-        try:
-            with store.reachable():
-                await self.request_redis.ping()
-        except StoreUnavailable:
-            await send_json(send, 503, {"status": "unavailable", "redis": False})
-            return
-        await send_json(send, 200, {"status": "ready", "redis": True, "experiments": list(self.catalog.plans)})
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self.web(scope, receive, send)
 
 
-HTTP_STATUS: dict[type[DomainError], tuple[int, str]] = {
-    InvalidRequest: (400, "invalid_request_error"),
-    NotFound: (404, "invalid_request_error"),
-    Conflict: (409, "invalid_request_error"),
-    InvalidValue: (422, "invalid_request_error"),
-    MlflowUnavailable: (502, "server_error"),
-    StoreUnavailable: (503, "server_error"),
-}
-"""How each kind of domain error is answered: status and OpenAI error ``type``."""
+def create_app(config: Config | str | os.PathLike[str], **options: Any) -> Starlette:
+    """abproxy's HTTP surface as a Starlette application, for uvicorn or for a host app to mount
+    (docs/reference.md, "Embedding"). ``config`` is a path to a YAML file or a loaded
+    :class:`Config`; ``options`` go to :class:`ABProxyApp` (``redis_url``, …). The parts it runs
+    on are ``app.state.abproxy``."""
+    if not isinstance(config, Config):
+        from abproxy.config import load_config
+        from abproxy.mlflow_sink.prompts import resolve_prompts
+
+        config = resolve_prompts(load_config(os.fspath(config)))
+    return ABProxyApp(config, **options).web
 
 
-def http_error(error: DomainError) -> HTTPError:
-    status, error_type = next(HTTP_STATUS[kind] for kind in type(error).__mro__ if kind in HTTP_STATUS)
-    return HTTPError(status, error.message, error.code, error_type, error.param)
-
-
-def app_from_env() -> ABProxyApp:
-    """The factory each ``--workers`` process calls: config from ``$ABPROXY_CONFIG``."""
+def app_from_env() -> Starlette:
+    """The factory each ``--workers`` process calls: config from ``$ABPROXY_CONFIG``; this
+    process is abproxy's own, so it is tuned as ``abproxy serve`` tunes its own."""
     from abproxy.config import load_config
     from abproxy.mlflow_sink.prompts import resolve_prompts
 
-    return ABProxyApp(resolve_prompts(load_config()))
+    return ABProxyApp(resolve_prompts(load_config()), tune_process=True).web

@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from abproxy.app import EMBEDDED_REDIS_ENV, ABProxyApp
+    from abproxy.app import EMBEDDED_REDIS_ENV, create_app
     from abproxy.recording.embedded_redis import EmbeddedRedis
     from abproxy.metrics import MULTIPROCESS_ENV
     from abproxy.serving import server_options
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[CONFIG_ENV] = str(find_config_file(args.config, os.environ).resolve())
             uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **options)
         else:
-            uvicorn.Server(uvicorn.Config(ABProxyApp(config, redis_url=redis_url), **options)).run()
+            uvicorn.Server(uvicorn.Config(create_app(config, redis_url=redis_url, tune_process=True), **options)).run()
     except _Stopped:
         pass
     finally:

@@ -1,6 +1,6 @@
 """Errors a user causes or can act on, raised by the services (feedback, results, flushes) and
 turned into an answer at the edge: an HTTP status in OpenAI's error shape by the ASGI app
-(:data:`abproxy.app.HTTP_STATUS`), a message and an exit code by the CLI."""
+(:data:`abproxy.routes.HTTP_STATUS`), a message and an exit code by the CLI."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from abproxy.config import Config
-from abproxy.http import error_body
+from abproxy.wire import error_body
 
 
 @dataclass(frozen=True, slots=True)

@@ -386,7 +386,7 @@ def test_generation_endpoints_answer_malformed_requests_with_openai_errors(
         path = GENERATION_PATHS[endpoint]
         reply = fuzzer.call(method, path, body, [("Content-Type", content_type.encode())], chunked)
         if method != "POST":
-            assert reply.status == 405, reply
+            assert (reply.status, reply.headers["allow"]) == (405, "POST"), reply
             return
         assert_request_id(reply)
         if reply.status >= 400:
@@ -548,10 +548,12 @@ def test_models_ops_and_unknown_paths(fuzzer_for: Callable[..., Fuzzer]) -> None
         if decoded.startswith(("/v1/", "/abproxy/")):
             return  # fuzzed in their own tests
         reply = fuzzer.call(method, path + query, body)
-        if decoded in ("/healthz", "/readyz") or (decoded == "/metrics" and method == "GET"):
+        if decoded not in ("/healthz", "/readyz", "/metrics"):
+            assert reply.status == 404, reply
+        elif method in ("GET", "HEAD"):
             assert reply.status == 200, reply
         else:
-            assert reply.status == 404, reply
+            assert reply.status == 405 and set(reply.headers["allow"].split(", ")) == {"GET", "HEAD"}, reply
 
     with no_unhandled_errors():
         models()
@@ -645,6 +647,8 @@ def test_feedback_answers_every_body_as_the_spec_says(
     def malformed(method: str, body: bytes | None, query: str) -> None:
         reply = fuzzer.call(method, "/v1/feedback" + query, body)
         assert reply.status in ((400, 404, 422) if method == "POST" else (405,)), reply
+        if reply.status == 405:
+            assert reply.headers["allow"] == "POST", reply
 
     with no_unhandled_errors():
         structured()
@@ -657,17 +661,21 @@ def test_feedback_answers_every_body_as_the_spec_says(
 
 
 def expected_admin_status(method: str, path: str) -> int:
-    """200 for the routes of SPEC §2 (a trailing slash is tolerated), 400 for a path with ``.`` or
-    ``..`` segments, 404 for anything else."""
+    """200 for the admin routes (a trailing slash is tolerated), 400 for a path with ``.`` or
+    ``..`` segments, 405 for a route's path asked with a method it does not take, 404 for an
+    unknown experiment or any other path."""
     path = unquote(path)
     if {".", ".."} & set(path.split("/")):
         return 400
     path = path.rstrip("/")
-    if method == "GET" and path == "/abproxy/experiments":
-        return 200
-    if method == "GET" and path.removeprefix("/abproxy/experiments/") in EXPERIMENTS:
-        return 200
-    return 200 if method == "POST" and path == "/abproxy/flush" else 404
+    name = path.removeprefix("/abproxy/experiments/")
+    if path == "/abproxy/experiments" or (path.startswith("/abproxy/experiments/") and "/" not in name):
+        if method not in ("GET", "HEAD"):
+            return 405
+        return 200 if path == "/abproxy/experiments" or name in EXPERIMENTS else 404
+    if path == "/abproxy/flush":
+        return 200 if method == "POST" else 405
+    return 404
 
 
 @pytest.mark.slow
@@ -686,6 +694,8 @@ def test_admin_endpoints_answer_any_request(
         path = "/abproxy/experiments/" + name
         reply = fuzzer.call(method, path + query, body, header_list(headers))
         assert reply.status == expected_admin_status(method, path), reply
+        if reply.status == 405:
+            assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD"}, reply
         if reply.status == 200 and method == "GET":
             answer = reply.json()
             results = answer.get("experiments", [answer])

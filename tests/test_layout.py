@@ -16,12 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "abproxy"
 # Lowest first. A module may import its own layer and the ones listed before it.
 LAYERS: list[tuple[str, ...]] = [
     ("abproxy.errors", "abproxy.stats", "abproxy.logs"),
-    ("abproxy.config", "abproxy.tracking_uri", "abproxy.http", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics"),
+    ("abproxy.config", "abproxy.tracking_uri", "abproxy.wire", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics"),
     ("abproxy.upstream",),
     ("abproxy.recording",),
     ("abproxy.proxy",),
     ("abproxy.analysis",),
     ("abproxy.mlflow_sink",),
+    ("abproxy.routes",),
     ("abproxy.app", "abproxy.serving"),
     ("abproxy.simulation", "abproxy.cli", "abproxy.__main__"),
 ]

@@ -13,8 +13,10 @@ import hmac
 import ipaddress
 from typing import Any
 
+from starlette.types import Scope
+
 from abproxy.config import Config, ServerSettings
-from abproxy.http import HTTPError, bearer_token
+from abproxy.wire import HTTPError, bearer_token
 
 ADMIN_KEY_REQUIRED = (
     "the admin endpoints need server.admin_key: set it, and send it as 'Authorization: Bearer <admin_key>' "
@@ -22,7 +24,7 @@ ADMIN_KEY_REQUIRED = (
 )
 
 
-def _matches(scope: dict[str, Any], keys: list[bytes]) -> bool:
+def _matches(scope: Scope, keys: list[bytes]) -> bool:
     token = bearer_token(scope)
     presented = token.encode() if token else b""
     # Compare against every key so timing does not tell which one (or which prefix) matched.
@@ -64,13 +66,13 @@ class Authorizer:
         metrics_keys = [key.encode() for key in (server.metrics_key, server.admin_key) if key]
         self._metrics_keys = metrics_keys or self._client_keys
 
-    def client(self, scope: dict[str, Any]) -> None:
+    def client(self, scope: Scope) -> None:
         if self._client_keys and not _matches(scope, self._client_keys):
             raise HTTPError(401, "missing or invalid API key for this proxy", "invalid_api_key")
         if self._relay_refusal and not self._local(scope):
             raise HTTPError(403, self._relay_refusal, "open_relay_refused")
 
-    def _local(self, scope: dict[str, Any]) -> bool:
+    def _local(self, scope: Scope) -> bool:
         """A client on loopback, or on a Unix socket (no address)."""
         client = scope.get("client")
         if not client:
@@ -83,12 +85,12 @@ class Authorizer:
             local = self._local_clients[host] = is_loopback(host)
         return local
 
-    def admin(self, scope: dict[str, Any]) -> None:
+    def admin(self, scope: Scope) -> None:
         if self._admin_closed:
             raise HTTPError(403, ADMIN_KEY_REQUIRED, "admin_key_required")
         if self._admin_keys and not _matches(scope, self._admin_keys):
             raise HTTPError(401, "missing or invalid admin key", "invalid_admin_key")
 
-    def metrics(self, scope: dict[str, Any]) -> None:
+    def metrics(self, scope: Scope) -> None:
         if self._metrics_keys and not _matches(scope, self._metrics_keys):
             raise HTTPError(401, "missing or invalid metrics key", "invalid_metrics_key")

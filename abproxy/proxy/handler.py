@@ -10,15 +10,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
+from starlette.types import Scope
+from starlette.routing import get_route_path
 
 from abproxy.proxy import variants
 from abproxy.proxy.auth import Authorizer
 from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
-from abproxy.http import (
+from abproxy.wire import (
     JSON_CONTENT_TYPE,
     BodyReader,
     ClientGone,
@@ -96,13 +99,26 @@ class _Call:
     extra_headers: Headers
 
 
-def upstream_path(scope: dict[str, Any]) -> str:
-    """The path after ``/v1``, still percent-encoded as the client sent it, so that nothing it
-    encoded (``%2F``, ``%3F``) changes meaning; dot segments could climb out of the upstream's
-    base path with the proxy's key, so they are refused."""
-    refuse_dot_segments(scope["path"])
-    raw = scope.get("raw_path") or scope["path"].encode()
-    return raw.decode("latin-1").split("?", 1)[0][len("/v1") :]
+GENERATION_PATHS = {"chat": "/chat/completions", "completions": "/completions", "responses": "/responses"}
+"""Each generation endpoint's path below ``/v1``, on abproxy and on the upstream alike."""
+
+
+def upstream_path(scope: Scope) -> str:
+    """The path after ``/v1`` (and after the prefix abproxy is mounted under), still
+    percent-encoded as the client sent it, so that nothing it encoded (``%2F``, ``%3F``) changes
+    meaning; dot segments could climb out of the upstream's base path with the proxy's key, so
+    they are refused."""
+    path = get_route_path(scope)
+    refuse_dot_segments(path)
+    raw = scope.get("raw_path")
+    if raw:
+        sent = raw.decode("latin-1").split("?", 1)[0]
+        root = scope.get("root_path", "")
+        if root and sent.startswith(root):
+            sent = sent[len(root) :]
+        if sent.startswith("/v1/"):
+            return sent[len("/v1") :]
+    return quote(path[len("/v1") :])
 
 
 def _unit_from_body(body: dict[str, Any]) -> str | None:
@@ -148,7 +164,7 @@ class Proxy:
             await asyncio.sleep(0.01)
         return not self.in_flight
 
-    def _plan_for(self, scope: dict[str, Any], body: dict[str, Any]) -> ExperimentPlan | None:
+    def _plan_for(self, scope: Scope, body: dict[str, Any]) -> ExperimentPlan | None:
         named = header(scope, b"x-abproxy-experiment")
         if named:
             plan = self._catalog.plans.get(named)
@@ -157,7 +173,7 @@ class Proxy:
             return plan
         return self._catalog.by_model(body.get("model"))
 
-    def _route(self, scope: dict[str, Any], unit_in_body: str | None, plan: ExperimentPlan) -> ExperimentRoute:
+    def _route(self, scope: Scope, unit_in_body: str | None, plan: ExperimentPlan) -> ExperimentRoute:
         forced = header(scope, b"x-abproxy-variant")
         user = header(scope, b"x-abproxy-user") or unit_in_body or None
         unit = user if plan.settings.unit == "user" else None
@@ -193,7 +209,7 @@ class Proxy:
 
     # -- generation endpoints ---------------------------------------------------------------
 
-    async def generation(self, endpoint: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def generation(self, endpoint: str, scope: Scope, receive: Any, send: Any) -> None:
         started = self._clock()
         request_id = self._ids.next()
         id_header = (b"x-abproxy-request-id", request_id.encode())
@@ -249,7 +265,7 @@ class Proxy:
             # chosen now: feedback may name it before it is written
             outcome.trace_id = signed[1].trace_id if signed is not None else f"tr-{self._ids.next()}"
             outcome.sent_body = raw
-        call = _Call(outcome, started, f"/{scope['path'][4:]}", raw, body.get("stream") is True, strip_usage, extra_headers)
+        call = _Call(outcome, started, GENERATION_PATHS[endpoint], raw, body.get("stream") is True, strip_usage, extra_headers)
         self.in_flight += 1
         try:
             await self._forward(call, scope, receive, send)
@@ -268,7 +284,7 @@ class Proxy:
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return True
 
-    async def _forward(self, call: _Call, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _forward(self, call: _Call, scope: Scope, receive: Any, send: Any) -> None:
         outcome = call.outcome
         upstream = outcome.upstream
         watch = _DisconnectWatch(receive, active=call.streaming)
@@ -349,7 +365,7 @@ class Proxy:
 
     # -- everything else under /v1 ----------------------------------------------------------
 
-    async def passthrough(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def passthrough(self, scope: Scope, receive: Any, send: Any) -> None:
         """Any other ``/v1/*`` call, forwarded unchanged to ``default_upstream``, streamed both
         ways. Counted in Prometheus (``experiment=""``), not recorded in Redis."""
         started = self._clock()
@@ -375,7 +391,7 @@ class Proxy:
             self._recorder.record(outcome)
 
     async def _relay(
-        self, outcome: Outcome, scope: dict[str, Any], send: Any, path: str, body: bytes | StreamedBody | None, own: Headers
+        self, outcome: Outcome, scope: Scope, send: Any, path: str, body: bytes | StreamedBody | None, own: Headers
     ) -> None:
         upstream = outcome.upstream
         response_started = False
@@ -414,7 +430,7 @@ class Proxy:
             else:
                 await send({"type": "http.response.body", "body": b""})  # all that is left: end the body early
 
-    async def _request_body(self, scope: dict[str, Any], receive: Any) -> bytes | StreamedBody | None:
+    async def _request_body(self, scope: Scope, receive: Any) -> bytes | StreamedBody | None:
         """The client's body as it will be forwarded: none, whole (when it came in one piece),
         or streamed on as it arrives, never more than ``max_body_bytes``."""
         length = declared_length(scope, self._max_body)
@@ -426,7 +442,7 @@ class Proxy:
             return first
         return StreamedBody(reader.rest(first), length)
 
-    async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def models(self, scope: Scope, receive: Any, send: Any) -> None:
         """The upstream's model list plus one entry per experiment name."""
         id_header = (b"x-abproxy-request-id", self._ids.next().encode())
         upstream = self._config.default_upstream

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from starlette.types import Scope
 
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.config import Config, parse_config
@@ -67,7 +68,7 @@ class SimulatedProvider:
         self._rng = random.Random(seed)
         self._time_scale = time_scale
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self._inner(scope, receive, send)
             return

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from abproxy.config import Config, UpstreamSettings
-from abproxy.http import JSON_CONTENT_TYPE, Headers, HTTPError
+from abproxy.wire import JSON_CONTENT_TYPE, Headers, HTTPError
 from abproxy.logs import ThrottledLog
 from abproxy.upstream.client import Exchange, OriginSettings, StreamedBody, UpstreamClient
 from abproxy.upstream.errors import UpstreamBadResponse, UpstreamResponseTooLarge

@@ -1,4 +1,6 @@
-"""Small pure-ASGI helpers: reading bodies, sending JSON, OpenAI-shaped errors."""
+"""What the raw ASGI endpoints of the hot path (generation, pass-through, model list) put on and
+take off the wire: request bodies read within limits, JSON sent, errors in OpenAI's shape. The rest
+of the HTTP surface is Starlette's (:mod:`abproxy.routes`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from starlette.types import Scope
 
 Headers = list[tuple[bytes, bytes]]
 JSON_CONTENT_TYPE = (b"content-type", b"application/json")
@@ -58,14 +61,14 @@ def dump_json_object(body: dict[str, Any]) -> bytes:
         raise HTTPError(400, f"request body is nested too deeply to forward: {error}", "invalid_json") from None
 
 
-def header(scope: dict[str, Any], name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-def bearer_token(scope: dict[str, Any]) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
     value = header(scope, b"authorization")
     if value is None:
         return None
@@ -85,7 +88,7 @@ def _too_large(limit: int) -> HTTPError:
     return HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
 
 
-def declared_length(scope: dict[str, Any], limit: int) -> int | None:
+def declared_length(scope: Scope, limit: int) -> int | None:
     """The body's ``content-length``, if the client sent one; 413 when it is over ``limit``."""
     declared = header(scope, b"content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
@@ -123,7 +126,7 @@ class BodyReader:
             yield await self.chunk()
 
 
-async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     declared_length(scope, limit)
     reader = BodyReader(receive, limit)
     first = await reader.chunk()
