@@ -91,7 +91,8 @@ def _too_large(limit: int) -> HTTPError:
 def declared_length(scope: Scope, limit: int) -> int | None:
     """The body's ``content-length``, if the client sent one; 413 when it is over ``limit``."""
     declared = header(scope, b"content-length")
-    length = int(declared) if declared is not None and declared.isdigit() else None
+    # isdigit() alone takes '²' (latin-1 0xb2), which int() refuses
+    length = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
     if length is not None and length > limit:
         raise _too_large(limit)
     return length

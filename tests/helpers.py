@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from inprocess import transport_for
 
 
 @dataclass
@@ -33,8 +36,14 @@ class Raw:
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
          timeout: float = 10.0) -> Raw:
-    """A raw HTTP call that returns error statuses instead of raising."""
+    """A raw HTTP call that returns error statuses instead of raising; to an app served in
+    process (:mod:`inprocess`) when ``url`` is one's."""
     all_headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
+    in_process = transport_for(url)
+    if in_process is not None:
+        with httpx2.Client(transport=in_process, timeout=timeout) as client:
+            answer = client.request(method, url, content=body, headers=all_headers)
+            return Raw(answer.status_code, {k.lower(): v for k, v in answer.headers.items()}, answer.content)
     request = urllib.request.Request(url, data=body, method=method, headers=all_headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

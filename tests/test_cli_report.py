@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from abproxy.config import load_config
-from conftest import BASE_EXPERIMENTS
+from proxykit import BASE_EXPERIMENTS
 from flushkit import EXP, drive, live, runs_by_name, search
 
 

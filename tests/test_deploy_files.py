@@ -288,7 +288,7 @@ def reached_as_in_compose(port: int, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 def replica_flush(start_proxy: Any, upstream_url: str) -> tuple[int, Any]:
     """A replica as compose configures it, with a little traffic and feedback, flushed once."""
-    proxy = start_proxy(compose_proxy_config({"OPENAI_BASE_URL": upstream_url}))
+    proxy = start_proxy(compose_proxy_config({"OPENAI_BASE_URL": upstream_url}), socket=True)
     drive(proxy, {"basic": 2, "professional": 2}, "compose")
     return flush(proxy)
 
@@ -390,7 +390,7 @@ def first_scrape(prometheus_url: str) -> dict[str, Any]:
 def test_prometheus_scrapes_a_replica_with_the_key_compose_hands_both(
     replicas_shell, prometheus_shell, health, start_proxy, upstream_url, tmp_path
 ):
-    proxy = start_proxy(compose_proxy_config({"OPENAI_BASE_URL": upstream_url, **replicas_shell}))
+    proxy = start_proxy(compose_proxy_config({"OPENAI_BASE_URL": upstream_url, **replicas_shell}), socket=True)  # Prometheus scrapes it
     credentials = write_prometheus_config(tmp_path / "etc", urlsplit(proxy.url).netloc)
     port = free_port()
     env = {"PATH": os.environ["PATH"], **compose_environment("prometheus", prometheus_shell)}
@@ -427,7 +427,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_folder():
 def test_dashboard_queries_use_metrics_the_proxy_exports(start_proxy, upstream, tmp_path, monkeypatch):
     """Every metric name in the dashboard's queries exists in a live /metrics exposition."""
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns
-    proxy = start_proxy(mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "flush_interval_s": 0})
+    proxy = start_proxy(mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "flush_interval_s": 0}, socket=True)
     client = proxy.client()
     raw = client.chat.completions.with_raw_response.create(
         model="translation", messages=[{"role": "user", "content": "hi"}], user="u1", stream=False
@@ -458,7 +458,7 @@ def test_dashboard_queries_use_metrics_the_proxy_exports(start_proxy, upstream, 
 def test_examples_run_against_the_proxy_and_read_the_winner_back_from_mlflow(start_proxy, upstream, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proxy = start_proxy(mlflow={"tracking_uri": tracking_uri, "flush_interval_s": 0})
+    proxy = start_proxy(mlflow={"tracking_uri": tracking_uri, "flush_interval_s": 0}, socket=True)  # the examples are other processes
     environment = {**os.environ, "ABPROXY_BASE_URL": proxy.base_url, "OPENAI_API_KEY": "sk-example"}
     app = subprocess.run([sys.executable, str(ROOT / "examples" / "app_with_feedback.py")],
                          capture_output=True, text=True, timeout=120, env=environment, cwd=tmp_path)

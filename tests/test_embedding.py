@@ -20,8 +20,8 @@ from starlette.routing import Mount, Route
 
 from abproxy import create_app
 from abproxy.simulation.provider import FakeUpstream
-from abproxy.simulation.server import serve_in_thread
-from conftest import RedisServer, make_config
+from abproxy.simulation.server import RunningServer, serve_in_thread
+from proxykit import RedisServer, make_config
 from helpers import assert_openai_error, http, http_json, metrics_text, sample, wait_until
 
 
@@ -29,15 +29,27 @@ async def _host_home(request: Request) -> PlainTextResponse:
     return PlainTextResponse("the host's own page")
 
 
-@pytest.fixture
-def host_url(redis_server: RedisServer, upstream_url: str) -> Iterator[str]:
+def starlette_host(ab: Starlette) -> Starlette:
+    return Starlette(routes=[Route("/", _host_home), Mount("/llm", app=ab)], lifespan=ab.router.lifespan_context)
+
+
+def fastapi_host(ab: Starlette) -> Any:
+    """As the README shows it."""
+    from fastapi import FastAPI  # MLflow's server depends on it
+
+    app = FastAPI(lifespan=ab.router.lifespan_context)
+    app.add_api_route("/", _host_home)
+    app.mount("/llm", ab)
+    return app
+
+
+@pytest.fixture(scope="module", params=[starlette_host, fastapi_host], ids=["starlette", "fastapi"])
+def host_url(
+    request: pytest.FixtureRequest, redis_server: RedisServer, fake_upstream: tuple[FakeUpstream, RunningServer]
+) -> Iterator[str]:
     """A host app: its own route at ``/``, abproxy under ``/llm``, abproxy's lifespan as its own."""
-    ab = create_app(make_config(upstream_url), redis_url=redis_server.url)
-    host = Starlette(
-        routes=[Route("/", _host_home), Mount("/llm", app=ab)],
-        lifespan=ab.router.lifespan_context,
-    )
-    with serve_in_thread(host) as running:
+    ab = create_app(make_config(f"{fake_upstream[1].url}/v1"), redis_url=redis_server.url)
+    with serve_in_thread(request.param(ab)) as running:
         yield running.url
 
 
@@ -89,26 +101,24 @@ def test_passthrough_under_a_prefix_forwards_the_path_below_it_still_encoded(hos
     assert_openai_error(http("GET", f"{host_url}/llm/v1/files/../../admin"), 400, "invalid_path")
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "allowed"),
-    [
-        ("GET", "/v1/chat/completions", {"POST"}),
-        ("PUT", "/v1/responses", {"POST"}),
-        ("GET", "/v1/feedback", {"POST"}),
-        ("DELETE", "/v1/models", {"GET", "HEAD"}),
-        ("POST", "/healthz", {"GET", "HEAD"}),
-        ("POST", "/abproxy/experiments/translation", {"GET", "HEAD"}),
-        ("GET", "/abproxy/flush", {"POST"}),
-        ("GET", "/abproxy/experiments/translation/promote", {"POST", "DELETE"}),
-    ],
-)
-def test_a_method_an_endpoint_does_not_take_is_a_405_naming_the_ones_it_does(
-    host_url: str, upstream: FakeUpstream, method: str, path: str, allowed: set[str]
-) -> None:
-    raw = http(method, f"{host_url}/llm{path}", headers={"Authorization": "Bearer sk-client"})
-    error = assert_openai_error(raw, 405, "method_not_allowed")
-    assert set(raw.headers["allow"].split(", ")) == allowed
-    assert path in error["message"]
+WRONG_METHODS = [
+    ("GET", "/v1/chat/completions", {"POST"}),
+    ("PUT", "/v1/responses", {"POST"}),
+    ("GET", "/v1/feedback", {"POST"}),
+    ("DELETE", "/v1/models", {"GET", "HEAD"}),
+    ("POST", "/healthz", {"GET", "HEAD"}),
+    ("POST", "/abproxy/experiments/translation", {"GET", "HEAD"}),
+    ("GET", "/abproxy/flush", {"POST"}),
+    ("GET", "/abproxy/experiments/translation/promote", {"POST", "DELETE"}),
+]
+
+
+def test_a_method_an_endpoint_does_not_take_is_a_405_naming_the_ones_it_does(host_url: str, upstream: FakeUpstream) -> None:
+    for method, path, allowed in WRONG_METHODS:
+        raw = http(method, f"{host_url}/llm{path}", headers={"Authorization": "Bearer sk-client"})
+        error = assert_openai_error(raw, 405, "method_not_allowed")
+        assert set(raw.headers["allow"].split(", ")) == allowed, (method, path)
+        assert path in error["message"]
     assert upstream.received == [], "a method abproxy refuses was forwarded"
 
 

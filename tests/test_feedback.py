@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import math
 import random
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import openai
 import pytest
 import redis
 from helpers import assert_error_shape
-from helpers import about_zero, metrics_text, sample
+from helpers import about_zero, http_json, metrics_text, sample
 
 from abproxy.app import REQUEST_FACING_REDIS_TIMEOUT_S, open_redis
 from abproxy.recording import layout
@@ -32,22 +29,7 @@ EXP = "translation"
 
 def post_feedback(proxy: Any, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST /v1/feedback; ``body`` is JSON-encoded unless it is already bytes."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{proxy.url}/v1/feedback",
-        data=data,
-        method="POST",
-        headers={"content-type": "application/json", **(headers or {})},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        try:
-            return error.code, json.loads(raw)
-        except ValueError:
-            return error.code, raw
+    return http_json("POST", f"{proxy.url}/v1/feedback", body, headers, timeout=10)
 
 
 def arm_ids(proxy: Any, experiment: str = EXP) -> dict[str, str]:
@@ -114,7 +96,7 @@ def test_feedback_by_request_id_right_after_the_response(proxy: Any, redis_clien
     assert int(stats["feedback.satisfaction|n"]) == 1
     assert num(stats, "feedback.satisfaction|s") == 4
     assert about_zero(stats, "feedback.satisfaction")["q"] == 16
-    live = json.loads(urllib.request.urlopen(f"{proxy.url}/abproxy/experiments/{EXP}", timeout=5).read())
+    live = http_json("GET", f"{proxy.url}/abproxy/experiments/{EXP}", timeout=5)[1]
     mine = next(v for v in live["variants"] if v["name"] == variant)
     assert mine["metrics"]["feedback.satisfaction"]["n"] == 1
     assert mine["metrics"]["feedback.satisfaction"]["mean"] == 4
@@ -167,9 +149,7 @@ def test_many_feedbacks_posted_immediately_after_their_responses_all_succeed(
         return response.status_code, response.json()
 
     async def main() -> list[tuple[int, Any]]:
-        import httpx2
-
-        async with proxy.async_client() as client, httpx2.AsyncClient(timeout=10) as feedback:
+        async with proxy.async_client() as client, proxy.async_http() as feedback:
             return await asyncio.gather(*(one(client, feedback, i) for i in range(200)))
 
     results = asyncio.run(main())

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 import redis
 import yaml
-from conftest import BASE_EXPERIMENTS, make_config
+from proxykit import BASE_EXPERIMENTS, make_config
 from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, live, runs_by_name, search
 from helpers import assert_error_shape, free_port, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient

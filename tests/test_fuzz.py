@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import redis
-from conftest import BASE_EXPERIMENTS
+from proxykit import BASE_EXPERIMENTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import assert_error_shape
@@ -138,7 +138,7 @@ class Fuzzer:
 @pytest.fixture
 def fuzzer_for(start_proxy: Callable[..., Any], upstream: FakeUpstream, upstream_url: str) -> Callable[..., Fuzzer]:
     def start(**config: Any) -> Fuzzer:
-        proxy = start_proxy(**config)
+        proxy = start_proxy(socket=True, **config)
         return Fuzzer(proxy, upstream, RawClient(proxy.url), RawClient(upstream_url))
 
     return start

@@ -31,7 +31,7 @@ from abproxy.analysis.live import experiment_results
 from abproxy.stats.results import ExperimentResult
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge
-from conftest import BASE_EXPERIMENTS, Proxy, make_config, run
+from proxykit import BASE_EXPERIMENTS, Proxy, make_config, run
 from helpers import ServeProcess, assert_error_shape, assert_openai_error, http, wait_until
 from misbehaving_upstream import REDIRECT_TARGET, MisbehavingUpstream
 from helpers import sample
@@ -131,7 +131,7 @@ def test_a_generation_answered_with_a_redirect_or_not_json_is_a_502_and_an_error
 
 
 def test_pass_through_forwards_redirects_and_any_body_as_the_upstream_sent_them(start_proxy, upstream_url, misbehaving):
-    proxy = start_proxy(parse_config(hostile_config(upstream_url, misbehaving.url, default_upstream="bad"), environ={}))
+    proxy = start_proxy(parse_config(hostile_config(upstream_url, misbehaving.url, default_upstream="bad"), environ={}), socket=True)
     connection = HTTPConnection("127.0.0.1", proxy.running.port, timeout=10)
     try:
         connection.request("GET", "/v1/files/file-1/content", headers={"x-misbehave": "redirect"})
@@ -438,7 +438,7 @@ SLOW_BODIES = {
 
 def test_a_body_trickled_past_body_timeout_is_a_408_and_other_clients_are_served(start_proxy, upstream, caplog):
     """Before, a body sent a byte at a time held its connection as long as the client liked."""
-    proxy = start_proxy(server={"body_timeout_s": 0.5})
+    proxy = start_proxy(server={"body_timeout_s": 0.5}, socket=True)
     port = proxy.running.port
     with ThreadPoolExecutor(len(SLOW_BODIES)) as pool:
         trickles = {name: pool.submit(_trickle_body, port, *body, every_s=0.1) for name, body in SLOW_BODIES.items()}

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 import redis
-from conftest import BASE_EXPERIMENTS, make_config
+from proxykit import BASE_EXPERIMENTS, make_config
 from flushkit import live, users_for
 from helpers import free_port, http_json
 

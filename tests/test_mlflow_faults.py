@@ -208,7 +208,7 @@ def test_credentials_in_the_tracking_uri_are_used_but_never_stored_or_shown(
 def test_the_periodic_flush_logs_one_line_per_failure_with_the_reason(
     tmp_path: Path, redis_server: Any, redis_client: Any, upstream_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import BASE_EXPERIMENTS
+    from proxykit import BASE_EXPERIMENTS
     from helpers import ServeProcess, free_port, wait_until
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

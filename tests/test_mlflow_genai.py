@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import BASE_EXPERIMENTS, make_config
+from proxykit import BASE_EXPERIMENTS, make_config
 from flushkit import EXP, MlflowServer, drive, flush, history, live, search
 from helpers import http_json, metrics_text, sample, wait_until
 from mlflow.entities import LoggedModelStatus

@@ -14,7 +14,7 @@ from flushkit import EXP, drive, flush, live
 from helpers import REPO, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient
 
-from conftest import BASE_EXPERIMENTS, make_config
+from proxykit import BASE_EXPERIMENTS, make_config
 
 
 @pytest.fixture

@@ -482,7 +482,7 @@ def test_embeddings_pass_through_to_default_upstream(proxy, upstream):
 def test_passthrough_streams_a_large_upload_and_any_method_through(start_proxy, upstream):
     """Uploads (the files API, say) are forwarded as they arrive, in the client's own framing,
     and refused past max_body_bytes even when they come without a length."""
-    proxy = start_proxy(server={"max_body_bytes": 4 << 20})
+    proxy = start_proxy(server={"max_body_bytes": 4 << 20}, socket=True)  # the client's own framing
     payload = bytes(range(256)) * (12 << 10)  # 3 MiB, sent chunked
     pieces = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
     request = urllib.request.Request(f"{proxy.url}/v1/files?purpose=batch", data=pieces, method="POST",
@@ -513,15 +513,15 @@ def test_passthrough_streams_a_large_upload_and_any_method_through(start_proxy, 
     )
 
 
-def test_passthrough_refuses_dot_segments_and_keeps_encoded_characters(proxy, upstream):
+def test_passthrough_refuses_dot_segments_and_keeps_encoded_characters(served_proxy, upstream):
     for path in ("/v1/%2e%2e/admin", "/v1/files/../../admin", "/v1/./models"):
-        raw = http("GET", f"{proxy.url}{path}", headers={"Authorization": "Bearer sk-client"})
+        raw = http("GET", f"{served_proxy.url}{path}", headers={"Authorization": "Bearer sk-client"})
         assert_openai_error(raw, 400, "invalid_path")
     assert upstream.received == [], "a dot-segment path reached the upstream"
     # An encoded slash or question mark stays encoded: it cannot change the path or add a query.
-    raw = http("GET", f"{proxy.url}/v1/files/a%2Fb%3Fx=1", headers={"Authorization": "Bearer sk-client"})
+    raw = http("GET", f"{served_proxy.url}/v1/files/a%2Fb%3Fx=1", headers={"Authorization": "Bearer sk-client"})
     assert raw.status == 404
-    # The upstream decodes what it received: had the proxy forwarded it decoded, the upstream
+    # The upstream decodes what it received: had the served_proxy forwarded it decoded, the upstream
     # would have seen the path /v1/files/a/b and a query string x=1 instead.
     assert upstream.received[-1].path == "/v1/files/a/b?x=1"
 
@@ -675,7 +675,7 @@ def test_json_array_body_is_400_and_not_forwarded(proxy, upstream):
 
 
 def test_body_over_max_body_bytes_is_413_and_not_forwarded(start_proxy, upstream):
-    proxy = start_proxy(server={"max_body_bytes": 1000})
+    proxy = start_proxy(server={"max_body_bytes": 1000}, socket=True)  # a chunked body too
     big = chat_body("gpt-4o-mini", padding="x" * 2000)
     raw = http("POST", f"{proxy.base_url}/chat/completions", big)
     assert_openai_error(raw, 413)
@@ -836,7 +836,7 @@ def test_served_by_anything_else_the_app_answers_only_local_clients_while_it_wou
     client not on loopback gets 403 ``open_relay_refused`` and the upstream never sees it. In
     process (httpx's ASGI transport, which sets the client's address), with the openai SDK."""
     from abproxy.app import ABProxyApp
-    from conftest import make_config
+    from proxykit import make_config
 
     keyed = {"fake": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "timeout_s": 5}}
     app = ABProxyApp(make_config(upstream_url, upstreams=keyed), redis_url=redis_server.url)
@@ -972,7 +972,7 @@ def test_live_results_leave_forced_requests_out(proxy):
     assert sum(v["requests"] for v in live_results(proxy)["variants"]) == 1
 
 
-def test_admin_paths_refuse_dot_segments_as_v1_paths_do(proxy):
+def test_admin_paths_refuse_dot_segments_as_v1_paths_do(served_proxy):
     for path in (
         "/abproxy/experiments/../experiments",
         "/abproxy/experiments/%2e%2e/experiments",
@@ -981,10 +981,10 @@ def test_admin_paths_refuse_dot_segments_as_v1_paths_do(proxy):
         "/abproxy/experiments/./translation",
         "/abproxy/experiments/translation/../promote",
     ):
-        assert_openai_error(http("GET", f"{proxy.url}{path}"), 400, "invalid_path")
-    assert_openai_error(http("POST", f"{proxy.url}/abproxy/experiments/../flush", b"{}"), 400, "invalid_path")
+        assert_openai_error(http("GET", f"{served_proxy.url}{path}"), 400, "invalid_path")
+    assert_openai_error(http("POST", f"{served_proxy.url}/abproxy/experiments/../flush", b"{}"), 400, "invalid_path")
     # a dot inside a name is no dot segment
-    assert_openai_error(http("GET", f"{proxy.url}/abproxy/experiments/v1.2"), 404, "experiment_not_found")
+    assert_openai_error(http("GET", f"{served_proxy.url}/abproxy/experiments/v1.2"), 404, "experiment_not_found")
 
 
 def test_live_results_for_unknown_experiment_is_404(proxy):

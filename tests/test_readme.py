@@ -121,8 +121,8 @@ def raw_exchange(url: str, request: bytes) -> bytes:
     return received
 
 
-def test_a_request_http_cannot_parse_gets_uvicorns_plain_400_as_the_readme_says(proxy):
-    answer = raw_exchange(proxy.url, b"NOT A REQUEST\r\n\r\n")
+def test_a_request_http_cannot_parse_gets_uvicorns_plain_400_as_the_readme_says(served_proxy):
+    answer = raw_exchange(served_proxy.url, b"NOT A REQUEST\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert b"content-type: text/plain" in head.lower()

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,8 @@ from abproxy.catalog import Catalog
 from abproxy.metrics import DROP_REASONS
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
-from conftest import BASE_EXPERIMENTS, make_config
-from helpers import about_zero, metrics_text, sample, wait_until
+from proxykit import BASE_EXPERIMENTS, make_config
+from helpers import about_zero, http, http_json, metrics_text, sample, wait_until
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -93,8 +91,9 @@ def has_request_record(client: redis.Redis, request_id: str) -> bool:
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
+    raw = http("GET", url, timeout=5)
+    assert raw.status == 200, raw
+    return raw.json()
 
 
 # -- 1. exact counts under concurrency ---------------------------------------------------------
@@ -302,11 +301,11 @@ def test_forced_variants_are_served_and_in_prometheus_but_not_in_the_statistics(
 
 
 def test_client_disconnect_mid_stream_cancels_upstream_and_counts_cancelled(
-    proxy: Any, redis_client: redis.Redis, upstream: Any
+    served_proxy: Any, redis_client: redis.Redis, upstream: Any
 ) -> None:
     before = upstream.disconnects
     long_reply = " ".join(f"word{i}" for i in range(40))  # 40 chunks x 200 ms = 8 s if not cut
-    client = proxy.client()
+    client = served_proxy.client()
     raw = client.chat.completions.with_raw_response.create(
         model="translation",
         messages=user_msg("tell me a long story"),
@@ -324,14 +323,14 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_counts_cancelled(
     # well before the 8 s the rest of the stream would have taken
     assert wait_until(lambda: upstream.disconnects == before + 1, timeout=4.0), "upstream never saw the disconnect"
     assert wait_until(lambda: upstream.active == 0, timeout=4.0)
-    proxy.settle()
+    served_proxy.settle()
 
-    stats = arm_stats(redis_client, arm_ids(proxy)[variant])
+    stats = arm_stats(redis_client, arm_ids(served_proxy)[variant])
     assert int(stats["requests"]) == 1
     assert int(stats["cancelled"]) == 1
     assert int(stats.get("errors", 0)) == 0
     assert "latency_ms|n" not in stats, "a cancelled stream has no latency sample"
-    text = metrics_text(proxy.url)
+    text = metrics_text(served_proxy.url)
     assert sample(text, "abproxy_requests_total", experiment=EXP, variant=variant, status="499") == 1
 
 
@@ -452,11 +451,7 @@ def dropped_for_any_reason(proxy: Any) -> float:
 
 
 def get_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+    return http("GET", url, timeout=5).status
 
 
 # -- 7. idempotent replay ----------------------------------------------------------------------------
@@ -884,10 +879,9 @@ def test_a_feedback_scale_around_1e12_keeps_its_variance(start_proxy: Any, redis
     posted: dict[str, list[float]] = collections.defaultdict(list)
     for i, score in enumerate(scores):
         raw = client.chat.completions.with_raw_response.create(model="translation", messages=user_msg(f"n {i}"), user=f"rev-{i}")
-        status = urllib.request.urlopen(urllib.request.Request(
-            f"{big.url}/v1/feedback", method="POST", headers={"content-type": "application/json"},
-            data=json.dumps({"request_id": raw.headers["x-abproxy-request-id"], "name": "revenue", "score": score}).encode(),
-        ), timeout=5).status  # fmt: skip
+        status, _ = http_json(
+            "POST", f"{big.url}/v1/feedback", {"request_id": raw.headers["x-abproxy-request-id"], "name": "revenue", "score": score}
+        )
         assert status == 200
         posted[raw.headers["x-abproxy-variant"]].append(score)
     for variant, arm in arm_ids(big).items():

@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.recording import layout
 from clusterkit import RedisCluster, server_binaries
-from conftest import BASE_EXPERIMENTS, Proxy, make_config, serve
+from proxykit import BASE_EXPERIMENTS, Proxy, make_config, serve
 from flushkit import flush, users_for
 from helpers import http_json, wait_until
 

@@ -25,7 +25,7 @@ import openai
 import pytest
 import redis
 import yaml
-from conftest import BASE_EXPERIMENTS
+from proxykit import BASE_EXPERIMENTS
 from flushkit import runs_by_name
 from helpers import ServeProcess, free_port, http_json, wait_until
 

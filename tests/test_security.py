@@ -27,7 +27,7 @@ import openai
 import pytest
 import redis
 import yaml
-from conftest import BASE_EXPERIMENTS
+from proxykit import BASE_EXPERIMENTS
 from helpers import free_port, http
 from mlflow.tracking import MlflowClient
 

@@ -29,7 +29,7 @@ from abproxy.stats.sequential import RHO, Mixture, RunningState, half_width, log
 from abproxy.stats.summary import Moments
 from abproxy.stats.verdict import COLLECTING, NO_DIFFERENCE, SRM, WINNER, ArmInput, Policy, decide
 from abproxy.recording.counters import MetricCounters
-from conftest import make_config
+from proxykit import make_config
 
 Z975 = 1.959963984540054  # Φ⁻¹(0.975)
 Z80 = 0.8416212335729143  # Φ⁻¹(0.8)

@@ -17,7 +17,7 @@ import openai
 import pytest
 import redis
 import yaml
-from conftest import BASE_EXPERIMENTS, make_config
+from proxykit import BASE_EXPERIMENTS, make_config
 from flushkit import live, users_for
 from helpers import free_port, http_json, metrics_text, sample, wait_until
 from mlflow.tracking import MlflowClient

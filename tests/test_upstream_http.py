@@ -27,7 +27,7 @@ from abproxy.simulation.provider import FakeUpstream
 from abproxy.simulation.server import serve_in_thread
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamBadResponse, UpstreamDisconnected
-from conftest import make_config, run
+from proxykit import make_config, run
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 BODY = b'{"model":"gpt-4o-mini","messages":[]}'

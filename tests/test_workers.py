@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 
 from abproxy.recording import ids
-from conftest import BASE_EXPERIMENTS
+from proxykit import BASE_EXPERIMENTS
 from flushkit import history, search
 from helpers import free_port, http_json, sample, wait_until
 

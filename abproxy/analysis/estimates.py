@@ -31,11 +31,19 @@ def estimate(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> Est
         return None
     moments = counters.moments
     if plan.per_unit:
-        return from_unit_sums(
+        grouped = from_unit_sums(
             UnitSums(
                 counters.units, moments.total, moments.n, counters.unit_yy, counters.unit_nn, counters.unit_yn, moments.shift
             )
         )
+        if grouped is not None and (moments.sum <= 0 or moments.sum >= moments.n) and _is_binary(plan, metric, counters):
+            # Every request 0 (or every one 1): the per-user residuals are all 0, and "no error
+            # from 32 users" would read as certainty. As uncertain as the per-request rate at
+            # its edge (proportion_from_moments), then.
+            edge = proportion_from_moments(moments)
+            if edge is not None:
+                return Estimate(grouped.mean, max(grouped.variance_of_mean, edge.variance_of_mean), grouped.n, grouped.dof)
+        return grouped
     return _per_request(plan, metric, counters, moments)
 
 

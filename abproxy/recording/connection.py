@@ -15,7 +15,7 @@ from typing import Any
 
 import redis as sync_redis
 from redis._parsers.commands import AsyncCommandsParser
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -61,6 +61,13 @@ def detect_cluster(url: str) -> bool:
     return bool(cluster)
 
 
+CONNECTIONS_PER_CLIENT = 256
+"""Connections a client opens at most (to each node, on a cluster). redis-py's default pool
+refuses a command at once when its 100 connections are busy: the 101st feedback posted at the same
+moment was a 503. With one Redis, a command past the cap waits for a free connection within the
+client's timeout instead; a cluster client (which cannot wait) has room for 256 per node."""
+
+
 def open_redis(url: str, timeout_s: float = 5.0, *, cluster: bool | None = None) -> Redis | RedisCluster:
     """A client of ``url``: a cluster client when that server is a cluster node (asked now, unless
     ``cluster`` says), else a plain one."""
@@ -76,10 +83,11 @@ def open_redis(url: str, timeout_s: float = 5.0, *, cluster: bool | None = None)
         retry=Retry(NoBackoff(), 1),
     )
     if cluster:
-        client = RedisCluster.from_url(url, **options)
+        client = RedisCluster.from_url(url, max_connections=CONNECTIONS_PER_CLIENT, **options)
         client.commands_parser = _AnyMasterCommandsParser(client)
         return client
-    return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=CONNECTIONS_PER_CLIENT, timeout=timeout_s, **options)
+    return Redis(connection_pool=pool)
 
 
 class _AnyMasterCommandsParser(AsyncCommandsParser):

@@ -155,10 +155,17 @@ class Signer:
         return PREFIX + _b64(body + self._mac(body))
 
     def verify(self, request_id: str) -> SignedId | None:
-        """The id's contents, or None if it was not issued with this secret (forged, altered)."""
+        """The id's contents, or None if it was not issued with this secret (forged, altered).
+        Only the spelling it was issued in verifies: base64 decoders skip stray characters and
+        padding, and two spellings of one id must not both be accepted."""
+        if not request_id.startswith(PREFIX):
+            return None
+        encoded = request_id[len(PREFIX) :]
         try:
-            raw = unb64(request_id[len(PREFIX) :])
+            raw = unb64(encoded)
         except ValueError:
+            return None
+        if _b64(raw) != encoded:
             return None
         body, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
         if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, self._mac(body)):
@@ -193,7 +200,10 @@ def from_alias(experiment: str, value: str, arms: Any) -> SignedId | None:
     """The request an alias points to; ``arms`` lists the experiment's arm ids (to find the arm
     by its definition hash). None if the arm is unknown."""
     encoded, sep, arm = value.partition("~")
-    forced, traced, issued, nonce, unit, rest = _parse_core(unb64(encoded))
+    try:
+        forced, traced, issued, nonce, unit, rest = _parse_core(unb64(encoded))
+    except (ValueError, IndexError, struct.error):
+        return None  # not an alias abproxy wrote (a hand edit)
     if not sep:
         start = "@" + rest.hex()
         matching = {candidate for candidate in arms if "@" + candidate.rpartition("@")[2][: 2 * ALIAS_ARM_BYTES] == start}
