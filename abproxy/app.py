@@ -23,10 +23,11 @@ from abproxy import routes
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
-from abproxy.mlflow_sink.flusher import LOOK_EVERY_S, Flusher
-from abproxy.mlflow_sink.traces import TraceWriter
+from abproxy.tracking.flusher import LOOK_EVERY_S, Flusher
+from abproxy.tracking.traces import TraceWriter
 from abproxy.proxy.auth import Authorizer, open_relay_upstreams
 from abproxy.proxy.handler import Proxy
+from abproxy.proxy.models import ModelList
 from abproxy.proxy.overrides import LiveOverrides
 from abproxy.recording.connection import UNAVAILABLE, detect_cluster, discover, open_redis
 from abproxy.recording.eviction import watch_evictions
@@ -115,6 +116,7 @@ class ABProxyApp:
         self.overrides = LiveOverrides(self.catalog.plans)
         self.signers = Signers()
         self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.overrides, signers=self.signers)
+        self.model_list = ModelList(config, self.catalog, self.upstreams, self.auth)
         self.feedback = FeedbackService(
             self.request_redis,
             config,
@@ -209,7 +211,7 @@ def create_app(config: Config | str | os.PathLike[str], **options: Any) -> Starl
     on are ``app.state.abproxy``."""
     if not isinstance(config, Config):
         from abproxy.config import load_config
-        from abproxy.mlflow_sink.prompts import resolve_prompts
+        from abproxy.tracking.prompts import resolve_prompts
 
         config = resolve_prompts(load_config(os.fspath(config)))
     return ABProxyApp(config, **options).web
@@ -219,6 +221,6 @@ def app_from_env() -> Starlette:
     """The factory each ``--workers`` process calls: config from ``$ABPROXY_CONFIG``; this
     process is abproxy's own, so it is tuned as ``abproxy serve`` tunes its own."""
     from abproxy.config import load_config
-    from abproxy.mlflow_sink.prompts import resolve_prompts
+    from abproxy.tracking.prompts import resolve_prompts
 
     return ABProxyApp(resolve_prompts(load_config()), tune_process=True).web

@@ -16,7 +16,7 @@ from typing import Any
 
 from abproxy.config import CONFIG_ENV, Config, ConfigError, ConfigNotFound, find_config_file, load_config
 from abproxy.errors import DomainError, StoreUnavailable
-from abproxy.mlflow_sink.prompts import resolve_prompts
+from abproxy.tracking.prompts import resolve_prompts
 from abproxy.recording.eviction import startup_problem
 
 EXIT_CONFIG = 2
@@ -169,7 +169,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     _mlflow_fails_fast()
 
     from abproxy.catalog import Catalog
-    from abproxy.mlflow_sink.flusher import Flusher
+    from abproxy.tracking.flusher import Flusher
 
     async def work(redis: Any) -> int:
         report = await Flusher(redis, config, Catalog(config)).flush()
@@ -186,7 +186,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     _mlflow_fails_fast()
 
     from abproxy.catalog import Catalog
-    from abproxy.mlflow_sink.promote import promote, undo
+    from abproxy.tracking.promote import promote, undo
     plan = Catalog(config).plans.get(args.experiment)
     if plan is None:
         print(f"abproxy: unknown experiment {args.experiment!r}; one of {', '.join(config.experiments) or '-'}", file=sys.stderr)

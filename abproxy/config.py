@@ -2,6 +2,10 @@
 
 Every invalid value becomes a :class:`ConfigError` naming the dotted path of the bad key,
 e.g. ``experiments.translation.variants.pro.weight: must be >= 0``.
+
+Over 450 lines on purpose: the models are the configuration's one schema, read top to bottom in
+the order of docs/reference.md's keys, each with its checks beside it; split, a key's rules would
+sit apart from the keys they depend on.
 """
 
 from __future__ import annotations
@@ -472,7 +476,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
     """Load ``path``, else ``$ABPROXY_CONFIG``, else ``config/abproxy.yaml``, else ``abproxy.yaml``;
     with none of them, :class:`ConfigNotFound` (:func:`parse_config` of ``{}`` gives the built-in
     defaults to a caller that wants them). Prompt Registry URIs stay as they are:
-    :func:`abproxy.mlflow_sink.prompts.resolve_prompts` loads them, when the caller wants MLflow asked."""
+    :func:`abproxy.tracking.prompts.resolve_prompts` loads them, when the caller wants MLflow asked."""
     env = dict(os.environ) if environ is None else environ
     chosen = find_config_file(path, env)
     named_by = f" (named by ${CONFIG_ENV})" if not path and env.get(CONFIG_ENV) else ""

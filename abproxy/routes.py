@@ -34,10 +34,11 @@ from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.errors import Conflict, DomainError, InvalidRequest, InvalidValue, MlflowUnavailable, NotFound, StoreUnavailable
 from abproxy.metrics import exposition
-from abproxy.mlflow_sink.flusher import Flusher
-from abproxy.mlflow_sink.promote import DEFAULT_ALIAS, promote, undo
+from abproxy.tracking.flusher import Flusher
+from abproxy.tracking.promote import DEFAULT_ALIAS, promote, undo
 from abproxy.proxy.auth import Authorizer
 from abproxy.proxy.handler import GENERATION_PATHS, Proxy
+from abproxy.proxy.models import ModelList
 from abproxy.proxy.overrides import LiveOverrides
 from abproxy.recording import store
 from abproxy.recording.feedback import FeedbackService
@@ -56,6 +57,7 @@ class Parts(Protocol):
     request_redis: Redis | RedisCluster
     auth: Authorizer
     proxy: Proxy
+    model_list: ModelList
     feedback: FeedbackService
     overrides: LiveOverrides
     recorder: Recorder
@@ -109,16 +111,6 @@ class _Generation:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._proxy.generation(self._endpoint, scope, receive, send)
-
-
-class _Raw:
-    __slots__ = ("_call",)
-
-    def __init__(self, call: Callable[[Scope, Receive, Send], Awaitable[None]]):
-        self._call = call
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send)
 
 
 class UpstreamPassthrough(BaseRoute):
@@ -275,7 +267,7 @@ def routes(core: Parts, generation: list[Route]) -> list[BaseRoute]:
     ]
     own = [
         Route("/v1/feedback", endpoints.feedback, methods=["POST"]),
-        Route("/v1/models", _Raw(proxy.models), methods=["GET"], name="models"),
+        Route("/v1/models", core.model_list, methods=["GET"], name="models"),
     ]
     owned = {route.path for route in (*generation, *own)}
     return [

@@ -26,7 +26,7 @@ from abproxy.app import open_redis
 from abproxy.catalog import Catalog
 from abproxy.config import parse_config
 from abproxy.recording.embedded_redis import EmbeddedRedis
-from abproxy.mlflow_sink.flusher import Flusher
+from abproxy.tracking.flusher import Flusher
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder

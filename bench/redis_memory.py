@@ -35,7 +35,7 @@ from abproxy.config import parse_config
 from abproxy.recording import layout
 from abproxy.recording.embedded_redis import EmbeddedRedis
 from abproxy.serving import server_options
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import serve_in_thread
 
 CONCURRENCY = 32

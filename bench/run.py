@@ -3,7 +3,7 @@
     python bench/run.py [--duration 8] [--quick] [--soak-requests 100000]
 
 Starts (as subprocesses, each on a free port):
-  * the fake upstream       python -m abproxy.simulation.provider --no-record
+  * the fake upstream       python -m abproxy.simulation.fake_upstream --no-record
   * the bare pass-through   python bench/passthrough.py                 (Starlette + aiohttp)
   * the lean pass-through   python bench/passthrough.py --client lean   (pure ASGI + abproxy's client)
   * abproxy                 python -m abproxy serve --config <tmp yaml>   (embedded Redis)
@@ -298,7 +298,7 @@ class Bench:
         self.procs.remove(proc)
 
     def start_upstream(self) -> Proc:
-        proc = self.spawn("upstream", [sys.executable, "-m", "abproxy.simulation.provider", "--host", "127.0.0.1",
+        proc = self.spawn("upstream", [sys.executable, "-m", "abproxy.simulation.fake_upstream", "--host", "127.0.0.1",
                                        "--port", str(self.up_port), "--no-record"])
         wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", proc, 20)
         return proc

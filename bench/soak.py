@@ -54,7 +54,7 @@ from abproxy.catalog import Catalog
 from abproxy.config import parse_config
 from abproxy.recording import layout
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent

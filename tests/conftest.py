@@ -13,7 +13,7 @@ import redis
 
 from abproxy.app import ABProxyApp
 from abproxy.config import Config
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import RunningServer, serve_in_thread
 from proxykit import Proxy, RedisServer, make_config, serve, serve_in_process
 

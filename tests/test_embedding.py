@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from abproxy import create_app
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import RunningServer, serve_in_thread
 from proxykit import RedisServer, make_config
 from helpers import assert_openai_error, http, http_json, metrics_text, sample, wait_until

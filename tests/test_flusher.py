@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient
 from abproxy.recording import layout
 from abproxy.app import open_redis
 from abproxy.catalog import Catalog
-from abproxy.mlflow_sink.prompts import resolve_prompts
+from abproxy.tracking.prompts import resolve_prompts
 from abproxy.config import ConfigError, load_config, parse_config
-from abproxy.mlflow_sink.flusher import FlushBusy, Flusher, FlushReport
+from abproxy.tracking.flusher import FlushBusy, Flusher, FlushReport
 from abproxy.recording.layout import FLUSH_FENCE_KEY as FENCE_KEY, FLUSH_INTERVAL_KEY as INTERVAL_KEY, FLUSH_LOCK_KEY as LOCK_KEY
 from abproxy.recording.layout import LEGACY_FLUSH_FENCE_KEY
 from abproxy.metrics import ProxyMetrics
@@ -440,7 +440,7 @@ def test_a_flush_that_lost_its_lock_keeps_no_run_ids(
 ) -> None:
     """Its run ids are not kept (a later flush may have written others); the always-valid state
     was kept by the look itself, before MLflow was written, as every look's is."""
-    from abproxy.mlflow_sink.writer import MlflowWriter
+    from abproxy.tracking.writer import MlflowWriter
 
     class SlowWriter(MlflowWriter):
         """Writes, and meanwhile the flush's lock expired and a later flusher took it."""

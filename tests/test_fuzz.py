@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from helpers import assert_error_shape
 
 from abproxy.recording import layout
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}|r1\.[A-Za-z0-9_-]{40,}")  # random, or signed (experiment requests)
 EXPERIMENTS = {name: tuple(experiment["variants"]) for name, experiment in BASE_EXPERIMENTS.items()}

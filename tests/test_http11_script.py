@@ -18,7 +18,7 @@ from abproxy.upstream.http11 import PAUSE_READING_AT, Connection, UpstreamRespon
 
 
 class ScriptedPool:
-    """The pool side of a connection: notes whether it was handed back for reuse."""
+    """The origin side of a connection (its ``ConnectionOwner``): notes whether it was handed back for reuse."""
 
     ssl: ssl.SSLContext | None = None
 

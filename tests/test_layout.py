@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("abproxy.recording",),
     ("abproxy.proxy",),
     ("abproxy.analysis",),
-    ("abproxy.mlflow_sink",),
+    ("abproxy.tracking",),
     ("abproxy.routes",),
     ("abproxy.app", "abproxy.serving"),
     ("abproxy.simulation", "abproxy.cli", "abproxy.__main__"),

@@ -223,7 +223,7 @@ def test_the_periodic_flush_logs_one_line_per_failure_with_the_reason(
     serve = ServeProcess(tmp_path, config)
 
     def failed_flushes() -> list[str]:
-        return [line for line in serve.log().splitlines() if "abproxy.mlflow_sink" in line]
+        return [line for line in serve.log().splitlines() if "abproxy.tracking" in line]
 
     try:
         lines = wait_until(lambda: len(failed_flushes()) >= 3 and failed_flushes(), timeout=60, interval=0.2)

@@ -20,7 +20,7 @@ from helpers import http_json, metrics_text, sample, wait_until
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from abproxy.mlflow_sink.traces import TraceBudget
+from abproxy.tracking.traces import TraceBudget
 
 
 @pytest.fixture

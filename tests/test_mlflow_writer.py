@@ -1,4 +1,4 @@
-"""The MLflow side of a flush (mlflow_sink/writer.py) against a real sqlite MLflow store: the
+"""The MLflow side of a flush (tracking/writer.py) against a real sqlite MLflow store: the
 layout docs/reference.md "MLflow layout" promises (the experiment, a ``summary`` run, one run and
 one LoggedModel per variant arm, the winner's tags), read back with ``MlflowClient`` as a prompt
 engineer's script would; a look written twice or lost by Redis doubles nothing, and later looks
@@ -23,7 +23,7 @@ from abproxy.analysis.analyse import analyse
 from abproxy.analysis.summarise import summarise
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
-from abproxy.mlflow_sink.writer import LAST_STEP_TAG, STOPPED_TAG, MlflowWriter, variant_metrics
+from abproxy.tracking.writer import LAST_STEP_TAG, STOPPED_TAG, MlflowWriter, variant_metrics
 from abproxy.recording.counters import ArmCounters, parse_arm
 from abproxy.recording.overrides import Stop
 from abproxy.stats.histogram import bucket_counts

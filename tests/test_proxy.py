@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from abproxy.cli import open_relay_problem
 from abproxy.config import parse_config
-from abproxy.simulation.provider import error_body as fake_error_body
+from abproxy.simulation.replies import error_body as fake_error_body
 from abproxy.upstream.policy import FailureLog
 from helpers import assert_openai_error, free_port, http, metrics_text, sample
 from outside_tools import require_tool

@@ -1,4 +1,4 @@
-"""Tests for abproxy.simulation.provider against the real openai SDK."""
+"""Tests for abproxy.simulation.fake_upstream against the real openai SDK."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import serve_in_thread
 
 MSGS = [

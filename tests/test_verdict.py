@@ -110,7 +110,7 @@ def test_samples_needed_names_what_a_held_back_winner_is_waiting_for():
 
 
 def test_the_one_sentence_verdict_names_the_winner_or_what_holds_it_back():
-    """The sentence MLflow's experiment description opens with (mlflow_sink/writer.py)."""
+    """The sentence MLflow's experiment description opens with (tracking/writer.py)."""
     plan, config = experiment(guardrails=[ERRORS])
     held = analyse(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400))
     sentence = verdict_sentence(summarise(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400), held))

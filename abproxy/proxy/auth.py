@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Any
 
 from starlette.types import Scope
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import orjson
 from starlette.types import Scope
 from starlette.routing import get_route_path
 
@@ -22,7 +21,6 @@ from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
 from abproxy.wire import (
-    JSON_CONTENT_TYPE,
     BodyReader,
     ClientGone,
     Headers,
@@ -39,6 +37,7 @@ from abproxy.wire import (
 from abproxy.recording import ids, layout
 from abproxy.recording.outcome import ExperimentRoute, Outcome
 from abproxy.recording.recorder import Recorder
+from abproxy.proxy.disconnect import DisconnectWatch
 from abproxy.proxy.sse import StreamObserver
 from abproxy.upstream.client import StreamedBody
 from abproxy.upstream.http11 import UpstreamResponse
@@ -60,30 +59,6 @@ _UPSTREAM_FAILURES = (TimeoutError, OSError)
 """What calling an upstream raises when it fails (``ConnectionError`` is an ``OSError``)."""
 
 SHUTTING_DOWN = HTTPError(503, "the proxy is shutting down; retry", "server_shutting_down", "server_error")
-
-
-class _DisconnectWatch:
-    """Cancels the request's task when the client goes away, so the upstream call stops too.
-
-    Watching costs a task per request, so only streams are watched: they are the long calls.
-    Must be stopped before the final ``send``: after it the server reports a disconnect."""
-
-    def __init__(self, receive: Any, active: bool):
-        self.gone = False
-        self._target = asyncio.current_task() if active else None
-        self._task = asyncio.ensure_future(self._watch(receive)) if active else None
-
-    async def _watch(self, receive: Any) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self._target is not None:
-            self._target.cancel()
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
 
 @dataclass(slots=True)
@@ -287,7 +262,7 @@ class Proxy:
     async def _forward(self, call: _Call, scope: Scope, receive: Any, send: Any) -> None:
         outcome = call.outcome
         upstream = outcome.upstream
-        watch = _DisconnectWatch(receive, active=call.streaming)
+        watch = DisconnectWatch(receive, active=call.streaming)
         response_started = False
         try:
             async with self._upstreams.post_json(
@@ -339,7 +314,7 @@ class Proxy:
             watch.stop()
             outcome.latency_s = self._clock() - call.started
 
-    async def _relay_stream(self, call: _Call, response: UpstreamResponse, send: Any, watch: _DisconnectWatch) -> None:
+    async def _relay_stream(self, call: _Call, response: UpstreamResponse, send: Any, watch: DisconnectWatch) -> None:
         outcome = call.outcome
         outcome.streamed = True
         observer = StreamObserver(outcome.endpoint, call.strip_usage, self._clock)
@@ -441,49 +416,6 @@ class Proxy:
         if reader.done:
             return first
         return StreamedBody(reader.rest(first), length)
-
-    async def models(self, scope: Scope, receive: Any, send: Any) -> None:
-        """The upstream's model list plus one entry per experiment name."""
-        id_header = (b"x-abproxy-request-id", self._ids.next().encode())
-        upstream = self._config.default_upstream
-        try:
-            self._authorize(scope)
-            async with self._upstreams.forward(upstream, "GET", "/models", b"", scope["headers"], None, streaming=False) as response:
-                data = await response.read()
-                status = response.status
-        except HTTPError as error:
-            await send_error(send, error, [id_header])
-            return
-        except _UPSTREAM_FAILURES as error:
-            http_error, reason = translate_failure(error, upstream)
-            self._upstreams.failed(upstream, reason, error)
-            await send_error(send, http_error, [id_header])
-            return
-        if status < 400:
-            data = self._with_experiments(data)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [JSON_CONTENT_TYPE, id_header, (b"content-length", str(len(data)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
-
-    def _with_experiments(self, data: bytes) -> bytes:
-        try:
-            listing = orjson.loads(data)
-            models = listing.get("data")
-        except (orjson.JSONDecodeError, AttributeError):
-            return data
-        if not isinstance(models, list):
-            return data
-        known = {m.get("id") for m in models if isinstance(m, dict)}
-        created = int(time.time())
-        for name in self._catalog.plans:
-            if name not in known:
-                models.append({"id": name, "object": "model", "created": created, "owned_by": "abproxy"})
-        return orjson.dumps(listing)
 
 
 def _mid_answer(reason: str) -> str:

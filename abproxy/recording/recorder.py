@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -44,6 +44,7 @@ from abproxy.recording.record import RequestRecord
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.recording.interpret import ResponseFacts, response_facts
 from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
+from abproxy.recording.tally import PrometheusTally
 
 log = logging.getLogger("abproxy.recording.recorder")
 
@@ -117,64 +118,6 @@ def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | Non
         completion_tokens=facts.completion_tokens if facts else None,
         total_tokens=facts.total_tokens if facts else None,
     )
-
-
-@dataclass(slots=True)
-class _SeriesTally:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    ttfts: list[float] = field(default_factory=list)
-
-
-class _PrometheusTally:
-    """A batch's Prometheus updates: counters summed and applied once per series per batch;
-    histograms observed per value, as they must be."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.errors: dict[tuple[str, str], int] = {}
-        self.series: dict[tuple[str, str], _SeriesTally] = {}
-
-    def add(self, outcome: Outcome, facts: ResponseFacts | None, cost: float | None) -> None:
-        experiment, variant = (outcome.route.experiment, outcome.route.variant) if outcome.route else ("", "")
-        key = (experiment, variant, outcome.status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        if outcome.error_reason is not None:
-            reason = (outcome.upstream, outcome.error_reason)
-            self.errors[reason] = self.errors.get(reason, 0) + 1
-        if outcome.cancelled or outcome.failed:
-            return
-        tally = self.series.get((experiment, variant))
-        if tally is None:
-            tally = self.series[(experiment, variant)] = _SeriesTally()
-        tally.latencies.append(outcome.latency_s)
-        if outcome.ttft_s is not None:
-            tally.ttfts.append(outcome.ttft_s)
-        if facts is not None:
-            tally.prompt_tokens += facts.prompt_tokens or 0
-            tally.completion_tokens += facts.completion_tokens or 0
-        if cost:
-            tally.cost += cost
-
-    def apply(self, metrics: ProxyMetrics) -> None:
-        for (experiment, variant, status), count in self.requests.items():
-            metrics.count_request(experiment, variant, status, count)
-        for (upstream, reason), count in self.errors.items():
-            metrics.upstream_errors.labels(upstream, reason).inc(count)
-        for (experiment, variant), tally in self.series.items():
-            series = metrics.series(experiment, variant)
-            for latency in tally.latencies:
-                series.duration.observe(latency)
-            for ttft in tally.ttfts:
-                series.ttft.observe(ttft)
-            if tally.prompt_tokens:
-                series.prompt_tokens.inc(tally.prompt_tokens)
-            if tally.completion_tokens:
-                series.completion_tokens.inc(tally.completion_tokens)
-            if tally.cost:
-                series.cost.inc(tally.cost)
 
 
 class Recorder:
@@ -306,7 +249,7 @@ class Recorder:
         arms: dict[tuple[str, str], ArmBatch] = {}
         records: dict[str, tuple[list[list[str]], list[list[Any]]]] = {}
         """Per experiment: request records (ids not signed), aliases of response ids (signed)."""
-        tally = _PrometheusTally()
+        tally = PrometheusTally()
         events: collections.Counter[str] = collections.Counter()
         count = 0
         limit = min(limit, self._max_batch)

@@ -24,7 +24,7 @@ from starlette.types import Scope
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.config import Config, parse_config
 from abproxy.simulation.demo_folder import REDIS_DIR, claim, tracking_uri, viewing_commands, write_config
-from abproxy.simulation.provider import FakeUpstream
+from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.scenario import ProviderManners, Rating, seed_scenario
 from abproxy.simulation.server import serve_in_thread
 

@@ -30,8 +30,9 @@ DECODE_SLICE = 256 * 1024
 _BODYLESS_STATUSES = frozenset({204, 304})
 
 
-class Pool(Protocol):
-    """What a connection needs of the pool it belongs to (:class:`abproxy.upstream.client.Origin`)."""
+class ConnectionOwner(Protocol):
+    """What a connection needs of the origin whose connections it is one of
+    (:class:`abproxy.upstream.client.Origin`): where to go back when idle, and whom to tell when lost."""
 
     ssl: ssl.SSLContext | None
 
@@ -43,7 +44,7 @@ class Pool(Protocol):
 class Connection(asyncio.Protocol):
     """One keep-alive TCP (or TLS) connection; serves one response at a time."""
 
-    def __init__(self, origin: Pool):
+    def __init__(self, origin: ConnectionOwner):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.closed = False

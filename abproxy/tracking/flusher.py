@@ -23,9 +23,9 @@ from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
 from abproxy.analysis.live import Snapshot, experiment_results, take_snapshot
-from abproxy.mlflow_sink.writer import MlflowWriter
+from abproxy.tracking.writer import MlflowWriter
 
-log = logging.getLogger("abproxy.mlflow_sink.flusher")
+log = logging.getLogger("abproxy.tracking.flusher")
 
 LOCK_TTL_MS = 5 * 60 * 1000
 LOOK_EVERY_S = 60.0

@@ -39,12 +39,12 @@ import orjson
 from abproxy.catalog import Catalog
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
-from abproxy.mlflow_sink.writer import check_store
+from abproxy.tracking.writer import check_store
 from abproxy.recording import layout, store
 from abproxy.recording.feedback import ScoredTrace
 from abproxy.recording.outcome import TracedExchange
 
-log = logging.getLogger("abproxy.mlflow_sink.traces")
+log = logging.getLogger("abproxy.tracking.traces")
 
 MAX_QUEUED = 2000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
