@@ -16,15 +16,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from starlette.applications import Starlette
-
 from starlette.types import Scope
 
 from abproxy import routes
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.metrics import ProxyMetrics
-from abproxy.tracking.flusher import LOOK_EVERY_S, Flusher
-from abproxy.tracking.traces import TraceWriter
 from abproxy.proxy.auth import Authorizer, open_relay_upstreams
 from abproxy.proxy.handler import Proxy
 from abproxy.proxy.models import ModelList
@@ -35,6 +32,8 @@ from abproxy.recording.feedback import FeedbackService
 from abproxy.recording.ids import Signers
 from abproxy.recording.recorder import Recorder
 from abproxy.serving import give_freed_heap_back, return_big_buffers_to_the_os
+from abproxy.tracking.flusher import LOOK_EVERY_S, Flusher
+from abproxy.tracking.traces import TraceWriter
 from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")

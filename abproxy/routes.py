@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Mount, Route, get_route_path
+from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from abproxy.analysis.live import experiment_results
@@ -65,6 +65,7 @@ class Parts(Protocol):
     started: bool
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]: ...
+
 
 SMALL_BODY_LIMIT = 64 * 1024
 """Feedback and promotion bodies: a few fields each."""
@@ -133,8 +134,6 @@ class UpstreamPassthrough(BaseRoute):
         await self._proxy.passthrough(scope, receive, send)
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
-        from starlette.routing import NoMatchFound
-
         raise NoMatchFound(name, path_params)
 
 
