@@ -105,6 +105,17 @@ def test_hop_by_hop_and_encoding_headers_from_the_upstream_are_not_passed_to_the
     assert response_headers(raw) == []
 
 
+def test_headers_the_upstreams_connection_header_names_are_hop_by_hop_and_not_passed_on() -> None:
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"connection", b"keep-alive, X-Upstream-Session , x-hop"),
+        (b"x-upstream-session", b"s-1"),
+        (b"x-hop", b"1"),
+        (b"x-request-id", b"req-1"),
+    ]
+    assert response_headers(raw) == [(b"content-type", b"application/json"), (b"x-request-id", b"req-1")]
+
+
 def test_an_upstream_cannot_set_the_proxys_own_x_abproxy_headers_for_the_client() -> None:
     raw = [(b"x-abproxy-variant", b"other"), (b"x-abproxy-experiment", b"x"), (b"x-request-id", b"req-1")]
     assert response_headers(raw) == [(b"x-request-id", b"req-1")]
@@ -346,6 +357,12 @@ def test_hop_by_hop_proxy_and_own_headers_of_the_client_never_reach_the_upstream
         b"proxy-authorization",
     } == set()
     assert not any(name.startswith(b"x-abproxy-") for name in names(forwarded))
+
+
+def test_headers_the_clients_connection_header_names_never_reach_the_upstream() -> None:
+    client = [(b"connection", b"close, X-Client-Hop"), (b"x-client-hop", b"1"), (b"openai-organization", b"org-1")]
+    forwarded = upstreams(False)._forwarded("keyed", client, policy._REQUEST_HEADERS_DROPPED)
+    assert forwarded == [(b"openai-organization", b"org-1")]
 
 
 def test_a_pass_through_keeps_the_clients_content_type_and_other_headers_in_order() -> None:

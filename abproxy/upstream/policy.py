@@ -177,6 +177,7 @@ class Upstreams:
     def _forwarded(self, upstream: str, client_headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> Headers:
         """The client's headers the upstream may see. The client's own ``authorization`` only
         when the proxy forwards it and the upstream has no key of its own (which the client adds)."""
+        dropped = dropped | named_by_connection(client_headers)
         headers = [
             (key, value) for key, value in client_headers if key not in dropped and not key.startswith(_OWN_HEADER_PREFIX)
         ]
@@ -185,14 +186,22 @@ class Upstreams:
         return headers
 
 
+def named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names a ``Connection`` header lists: hop-by-hop for this message alone, never passed
+    on by a proxy (RFC 9110, section 7.6.1)."""
+    named: set[bytes] = set()
+    for key, value in headers:
+        if key == b"connection":
+            named.update(option.strip().lower() for option in value.split(b","))
+    named.discard(b"")
+    return frozenset(named)
+
+
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
     """The upstream's response headers (names in lower case, as the client reads them) that
     the client may see."""
-    return [
-        (key, value)
-        for key, value in raw
-        if key not in _RESPONSE_HEADERS_DROPPED and not key.startswith(_OWN_HEADER_PREFIX)
-    ]
+    dropped = _RESPONSE_HEADERS_DROPPED | named_by_connection(raw)
+    return [(key, value) for key, value in raw if key not in dropped and not key.startswith(_OWN_HEADER_PREFIX)]
 
 
 _BLANK = b" \t\r\n"
