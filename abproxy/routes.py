@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,7 +44,7 @@ from abproxy.recording import store
 from abproxy.recording.feedback import FeedbackService
 from abproxy.recording.recorder import Recorder
 from abproxy.stats.results import as_json
-from abproxy.wire import ClientGone, HTTPError, declared_length, error_body, parse_json_object, refuse_dot_segments
+from abproxy.wire import ClientGone, HTTPError, error_body, parse_json_object, read_body, refuse_dot_segments
 
 
 class Parts(Protocol):
@@ -161,19 +161,6 @@ class AdminGate:
 # -- Starlette handlers ------------------------------------------------------------------------
 
 
-async def read_small_body(request: Request, limit: int = SMALL_BODY_LIMIT) -> bytes:
-    """The whole body, 413 once it is (or says it will be) over ``limit``."""
-    declared_length(request.scope, limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds {limit} bytes", "request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class Endpoints:
     """The Starlette handlers, answering from one app's :class:`Parts`."""
 
@@ -189,7 +176,7 @@ class Endpoints:
 
     async def feedback(self, request: Request) -> Response:
         self._core.auth.client(request.scope)
-        body = parse_json_object(await read_small_body(request))
+        body = parse_json_object(await read_body(request.scope, request.receive, SMALL_BODY_LIMIT))
         return JSONAnswer(await self._core.feedback.submit(body))
 
     async def all_results(self, request: Request) -> Response:
@@ -207,7 +194,7 @@ class Endpoints:
             await undo(core.redis, plan)
             core.overrides.set_promoted(plan.name, None)
             return JSONAnswer({"experiment": plan.name, "promoted": None})
-        raw = await read_small_body(request)
+        raw = await read_body(request.scope, request.receive, SMALL_BODY_LIMIT)
         body = parse_json_object(raw) if raw else {}
         variant, alias = body.get("variant"), body.get("alias", DEFAULT_ALIAS)
         if variant is not None and not isinstance(variant, str):
@@ -316,7 +303,6 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
     HTTPError: _own_error,
     DomainError: _domain_error,
     HTTPException: _routing_error,
-    ClientDisconnect: _client_gone,
     ClientGone: _client_gone,
 }
 

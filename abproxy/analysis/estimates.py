@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from abproxy.catalog import ExperimentPlan
 from abproxy.recording.counters import ArmCounters, MetricCounters
-from abproxy.stats.estimates import Estimate, UnitSums, from_moments, from_unit_sums, proportion_from_moments
+from abproxy.stats.estimates import Estimate, UnitSums, at_edge, from_moments, from_unit_sums, proportion_from_moments
 from abproxy.stats.histogram import capped_moments, quantiles
 from abproxy.stats.summary import Moments
 
@@ -36,7 +36,7 @@ def estimate(plan: ExperimentPlan, metric: str, counters: MetricCounters) -> Est
                 counters.units, moments.total, moments.n, counters.unit_yy, counters.unit_nn, counters.unit_yn, moments.shift
             )
         )
-        if grouped is not None and (moments.sum <= 0 or moments.sum >= moments.n) and _is_binary(plan, metric, counters):
+        if grouped is not None and at_edge(moments) and _is_binary(plan, metric, counters):
             # Every request 0 (or every one 1): the per-user residuals are all 0, and "no error
             # from 32 users" would read as certainty. As uncertain as the per-request rate at
             # its edge (proportion_from_moments), then.

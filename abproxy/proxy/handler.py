@@ -42,6 +42,7 @@ from abproxy.proxy.sse import StreamObserver
 from abproxy.upstream.client import StreamedBody
 from abproxy.upstream.http11 import UpstreamResponse
 from abproxy.upstream.policy import (
+    UPSTREAM_FAILURES,
     Upstreams,
     check_generation_answer,
     check_generation_body,
@@ -55,8 +56,6 @@ _APPLY = {
     "responses": variants.apply_to_responses,
     "completions": variants.apply_to_completions,
 }
-_UPSTREAM_FAILURES = (TimeoutError, OSError)
-"""What calling an upstream raises when it fails (``ConnectionError`` is an ``OSError``)."""
 
 SHUTTING_DOWN = HTTPError(503, "the proxy is shutting down; retry", "server_shutting_down", "server_error")
 
@@ -298,7 +297,7 @@ class Proxy:
                 # Cut at shutdown, after the grace period: the client learns it, and nothing
                 # of the task's end reaches the log as a traceback.
                 await _tell_client(send, SHUTTING_DOWN, response_started, call.extra_headers)
-        except _UPSTREAM_FAILURES as error:
+        except UPSTREAM_FAILURES as error:
             watch.stop()
             http_error, outcome.error_reason = translate_failure(error, upstream)
             if not response_started:
@@ -395,7 +394,7 @@ class Proxy:
             outcome.cancel()
             if not response_started:
                 await _tell_client(send, SHUTTING_DOWN, False, own)
-        except _UPSTREAM_FAILURES as error:
+        except UPSTREAM_FAILURES as error:
             http_error, reason = translate_failure(error, upstream)
             outcome.error_reason = reason
             self._upstreams.failed(upstream, _mid_answer(reason) if response_started else reason, error)

@@ -12,10 +12,8 @@ from starlette.types import Scope
 from abproxy.catalog import Catalog
 from abproxy.config import Config
 from abproxy.proxy.auth import Authorizer
-from abproxy.upstream.policy import Upstreams, translate_failure
-from abproxy.wire import JSON_CONTENT_TYPE, HTTPError, RequestIds, send_error
-
-_UPSTREAM_FAILURES = (TimeoutError, OSError)
+from abproxy.upstream.policy import UPSTREAM_FAILURES, Upstreams, translate_failure
+from abproxy.wire import JSON_CONTENT_TYPE, HTTPError, RequestIds, send_bytes, send_error
 
 
 class ModelList:
@@ -39,21 +37,14 @@ class ModelList:
         except HTTPError as error:
             await send_error(send, error, [id_header])
             return
-        except _UPSTREAM_FAILURES as error:
+        except UPSTREAM_FAILURES as error:
             http_error, reason = translate_failure(error, upstream)
             self._upstreams.failed(upstream, reason, error)
             await send_error(send, http_error, [id_header])
             return
         if status < 400:
             data = self._with_experiments(data)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [JSON_CONTENT_TYPE, id_header, (b"content-length", str(len(data)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+        await send_bytes(send, status, data, [JSON_CONTENT_TYPE, id_header])
 
     def _with_experiments(self, data: bytes) -> bytes:
         try:

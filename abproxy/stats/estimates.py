@@ -79,9 +79,13 @@ def proportion_from_moments(moments: Moments) -> Estimate | None:
         return None
     successes = moments.sum
     p = successes / n
-    at_edge = successes <= 0 or successes >= n
-    q = (successes + 1) / (n + 2) if at_edge else p
+    q = (successes + 1) / (n + 2) if at_edge(moments) else p
     return Estimate(p, q * (1 - q) / n, n, math.inf)
+
+
+def at_edge(moments: Moments) -> bool:
+    """A 0/1 metric whose every value is 0, or every one 1: its sample variance is 0."""
+    return moments.sum <= 0 or moments.sum >= moments.n
 
 
 def from_unit_sums(sums: UnitSums) -> Estimate | None:

@@ -238,6 +238,11 @@ def error_reason(status: int) -> str:
     return "http_5xx" if status >= 500 else "http_4xx"
 
 
+UPSTREAM_FAILURES = (TimeoutError, OSError)
+"""What calling an upstream raises when it fails (``ConnectionError`` is an ``OSError``):
+what :func:`translate_failure` turns into the client's error."""
+
+
 def translate_failure(error: BaseException, upstream: str) -> tuple[HTTPError, str]:
     """An exception from calling an upstream, as (the client's error, the metric's reason)."""
     if isinstance(error, TimeoutError):
