@@ -9,7 +9,8 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,8 +20,11 @@ from starlette.applications import Starlette
 from starlette.types import Scope
 
 from abproxy import routes
+from abproxy.assignment import Draw, random_draw
 from abproxy.catalog import Catalog
 from abproxy.config import Config
+from abproxy.judging.runner import JudgeRunner
+from abproxy.judging.sampler import JudgeSampler
 from abproxy.metrics import ProxyMetrics
 from abproxy.proxy.auth import Authorizer, open_relay_upstreams
 from abproxy.proxy.handler import Proxy
@@ -31,6 +35,7 @@ from abproxy.recording.eviction import watch_evictions
 from abproxy.recording.feedback import FeedbackService
 from abproxy.recording.ids import Signers
 from abproxy.recording.recorder import Recorder
+from abproxy.recording.scores import ScoreWriter
 from abproxy.serving import give_freed_heap_back, return_big_buffers_to_the_os
 from abproxy.tracking.flusher import LOOK_EVERY_S, Flusher
 from abproxy.tracking.traces import TraceWriter
@@ -38,11 +43,16 @@ from abproxy.upstream.policy import Upstreams
 
 log = logging.getLogger("abproxy")
 
+BACKGROUND_EXIT_S = 5.0
+
 REFRESH_FAILURES: tuple[type[Exception], ...] = (*UNAVAILABLE, RuntimeError)
 """What refreshing the request id secrets may meet: Redis away, or the secret deleted while read."""
 
 EMBEDDED_REDIS_ENV = "ABPROXY_EMBEDDED_REDIS_URL"
 """Set by ``abproxy serve`` for its workers when it started an embedded Redis."""
+
+WORKERS_ENV = "ABPROXY_WORKERS"
+"""Set by ``abproxy serve --workers N`` for its workers: they share the replica's per-minute caps."""
 
 GC_YOUNG_THRESHOLD = 20_000
 
@@ -63,19 +73,26 @@ class ABProxyApp:
         request_redis: Redis | RedisCluster | None = None,
         recorder_options: Mapping[str, Any] | None = None,
         trace_options: Mapping[str, Any] | None = None,
+        judge_options: Mapping[str, Any] | None = None,
         ids_refresh_s: float = 10.0,
         look_every_s: float = LOOK_EVERY_S,
         tune_process: bool = False,
+        processes: int = 1,
+        draw: Draw = random_draw,
     ):
         """``redis`` (recorder, flusher) and ``request_redis`` (feedback, readiness, live
         results) default to clients of ``redis_url``; ``recorder_options`` go to the
         :class:`Recorder` (``interval_s``, ``max_batch``, ``max_buffered``), ``trace_options``
-        to the :class:`TraceWriter` (``interval_s``, ``max_queued``); ``ids_refresh_s`` is how often
+        to the :class:`TraceWriter` (``interval_s``, ``max_queued``), ``judge_options`` to the
+        :class:`JudgeRunner` (``max_queued``, ``workers``, ``retry_s``, ``interval_s``); ``ids_refresh_s`` is how often
         the request id secrets are compared with Redis's (:class:`Signers`); ``look_every_s`` the
         longest this replica goes without looking at its experiments (:meth:`Flusher.run_periodically`).
         ``tune_process`` when the process is abproxy's alone (``abproxy serve``, its workers):
         the garbage collector and the allocator are set up for a proxy's load, which a host app
-        that mounts abproxy would not want done to its process."""
+        that mounts abproxy would not want done to its process. ``processes``: how many worker
+        processes the replica runs (``--workers``), which share its per-minute caps. ``draw``
+        makes each request's random choices (:func:`abproxy.assignment.seeded_draw` replays them:
+        the demo's ``--seed``)."""
         url = redis_url or config.redis_url or os.environ.get(EMBEDDED_REDIS_ENV, "")
         if not url:
             raise ValueError("no Redis URL: set redis_url, or run through `abproxy serve` for an embedded Redis")
@@ -99,8 +116,24 @@ class ABProxyApp:
         mlflow_lock = asyncio.Lock()  # one MLflow writer at a time in this process (sqlite stores)
         tracing = config.mlflow.trace_sample_rate > 0 and bool(self.catalog.plans)
         self.traces = (
-            TraceWriter(self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock, **(trace_options or {}))
+            TraceWriter(
+                self.redis, config, self.catalog, self.metrics, mlflow_lock=mlflow_lock, processes=processes, **(trace_options or {})
+            )
             if tracing
+            else None
+        )
+        self.judges = (
+            JudgeRunner(
+                config,
+                self.catalog,
+                self.upstreams,
+                ScoreWriter(self.redis, config),
+                self.metrics,
+                self._write_measurements,
+                on_scored_trace=self.traces.offer_score if self.traces else None,
+                **(judge_options or {}),
+            )
+            if any(plan.settings.judges for plan in self.catalog.plans.values())
             else None
         )
         self.recorder = Recorder(
@@ -109,12 +142,23 @@ class ABProxyApp:
             self.catalog,
             self.metrics,
             trace_sink=self.traces.offer if self.traces else None,
+            judge_sink=self.judges.offer if self.judges else None,
             **(recorder_options or {}),
         )
         self.auth = Authorizer(config.server, open_relay_upstreams(config))
         self.overrides = LiveOverrides(self.catalog.plans)
         self.signers = Signers()
-        self.proxy = Proxy(config, self.catalog, self.upstreams, self.recorder, self.auth, self.overrides, signers=self.signers)
+        self.proxy = Proxy(
+            config,
+            self.catalog,
+            self.upstreams,
+            self.recorder,
+            self.auth,
+            self.overrides,
+            signers=self.signers,
+            judges=JudgeSampler(config, self.metrics, processes, draw) if self.judges else None,
+            draw=draw,
+        )
         self.model_list = ModelList(config, self.catalog, self.upstreams, self.auth)
         self.feedback = FeedbackService(
             self.request_redis,
@@ -145,6 +189,8 @@ class ABProxyApp:
         for client in (self.redis, self.request_redis):
             await discover(client)
         self.recorder.start()
+        if self.judges is not None:
+            self.judges.start()
         if self.catalog.plans:
             looks = self.flusher.run_periodically(self._look_every_s)
             self._background.append(loop.create_task(looks, name="abproxy-flusher"))
@@ -160,6 +206,10 @@ class ABProxyApp:
             self._background.append(loop.create_task(self._keep_request_ids(), name="abproxy-request-ids"))
         self.started = True
 
+    async def _write_measurements(self) -> bool:
+        """For the judges, made before the recorder they hand their answers from."""
+        return await self.recorder.write_now()
+
     async def _keep_request_ids(self) -> None:
         """The request id secret, read from Redis (created there by the first replica), then kept
         in step with it (:meth:`Signers.refresh`). Until it is read, requests get random ids and
@@ -172,19 +222,30 @@ class ABProxyApp:
                 log.debug("request id secrets not refreshed (%s)", error)
 
     async def shutdown(self) -> None:
-        for task in self._background:
-            # Let a flush in progress release its lock before Redis is closed.
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        with _said_if_slow("stopping the background tasks"):
+            for task in self._background:
+                task.cancel()
+            # Let a flush in progress release its lock before Redis is closed; a task that does
+            # not end within the bound is left behind, named, rather than holding the exit.
+            if self._background:
+                ended, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_EXIT_S)
+                for task in ended:
+                    if not task.cancelled() and task.exception() is not None:
+                        log.warning("shutdown: background task %s had failed: %r", task.get_name(), task.exception())
+                for task in stuck:
+                    log.warning("shutdown: background task %s did not stop within %gs", task.get_name(), BACKGROUND_EXIT_S)
         # Requests that outlived the grace period were cancelled just before this: each still
         # hands its outcome to the recorder, which then drains (sampled ones to the traces).
-        await self.proxy.drained(timeout_s=5.0)
-        await self.recorder.stop()
+        with _said_if_slow("waiting for requests to hand over their outcomes"):
+            await self.proxy.drained(timeout_s=5.0)
+        if self.judges is not None:
+            with _said_if_slow("writing the judges' scores"):
+                await self.judges.stop()
+        with _said_if_slow("writing the last measurements to Redis"):
+            await self.recorder.stop()
         if self.traces is not None:
-            await self.traces.stop()
+            with _said_if_slow("writing the last traces to MLflow"):
+                await self.traces.stop()
         await self.upstreams.close()
         await self.redis.aclose()
         await self.request_redis.aclose()
@@ -201,6 +262,17 @@ class ABProxyApp:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         await self.web(scope, receive, send)
+
+
+@contextlib.contextmanager
+def _said_if_slow(step: str, slow_s: float = 5.0) -> Iterator[None]:
+    """Shutdown is bounded, step by step; a step near its bound is logged, so that a slow exit
+    says where its time went."""
+    started = time.monotonic()
+    yield
+    took = time.monotonic() - started
+    if took >= slow_s:
+        log.warning("shutdown: %s took %.1fs", step, took)
 
 
 def create_app(config: Config | str | os.PathLike[str], **options: Any) -> Starlette:
@@ -222,4 +294,5 @@ def app_from_env() -> Starlette:
     from abproxy.config import load_config
     from abproxy.tracking.prompts import resolve_prompts
 
-    return ABProxyApp(resolve_prompts(load_config()), tune_process=True).web
+    processes = int(os.environ.get(WORKERS_ENV, "1"))
+    return ABProxyApp(resolve_prompts(load_config()), tune_process=True, processes=processes).web

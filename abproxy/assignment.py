@@ -6,9 +6,33 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 
 CACHED_UNITS = 65_536
+
+Draw = Callable[[str, bytes], float]
+"""A number in [0, 1) for one of a request's random choices — ``purpose`` names which
+(``variant`` for a unit of one request, ``trace``, ``judge:<name>``) — given the body the
+client sent."""
+
+
+def random_draw(purpose: str, request: bytes) -> float:
+    """Every choice an independent random draw: what a proxy in production makes."""
+    return random.random()
+
+
+def seeded_draw(seed: int) -> Draw:
+    """Each choice a keyed hash of the request's body: the same requests get the same choices on
+    every run, in whatever order they arrive (``abproxy demo --seed``). Requests that should be
+    told apart must differ in body (the demo's carry their number in ``metadata``)."""
+    key = hashlib.sha256(f"abproxy-seed-{seed}".encode()).digest()
+
+    def draw(purpose: str, request: bytes) -> float:
+        digest = hashlib.blake2b(purpose.encode() + b"\x00" + request, key=key, digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    return draw
 
 
 def unit_position(experiment: str, unit_id: str) -> float:

@@ -4,7 +4,7 @@ and lookup by matched model or by name."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from abproxy.assignment import Allocation
 from abproxy.config import Config, Experiment, Variant
@@ -37,6 +37,16 @@ class ExperimentPlan:
     settings: Experiment
     allocation: Allocation
     arms: dict[str, Arm]
+    stored_names: dict[str, str] = field(default_factory=dict)
+    """``judge.<name>`` → ``judge.<name>@<version>``, the name its scores are counted under in
+    Redis: an edited judge's scores are counted apart from the old one's."""
+
+    def stored(self, metric: str) -> str:
+        """The name ``metric`` is counted (and its running state kept) under in Redis."""
+        return self.stored_names.get(metric, metric)
+
+    def judge_version(self, judge: str) -> str:
+        return self.stored(f"judge.{judge}").rpartition("@")[2]
 
     @property
     def per_unit(self) -> bool:
@@ -66,7 +76,11 @@ class Catalog:
                 for variant_name, variant in experiment.variants.items()
             }
             weights = {variant_name: variant.weight for variant_name, variant in experiment.variants.items()}
-            plan = ExperimentPlan(name, experiment, Allocation(name, weights), arms)
+            stored_names = {
+                f"judge.{judge_name}": f"judge.{judge_name}@{judge.version(config.default_upstream)}"
+                for judge_name, judge in experiment.judges.items()
+            }
+            plan = ExperimentPlan(name, experiment, Allocation(name, weights), arms, stored_names)
             self.plans[name] = plan
             if experiment.match.model is not None:
                 self._by_model[experiment.match.model] = plan

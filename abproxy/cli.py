@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from abproxy.app import EMBEDDED_REDIS_ENV, create_app
+    from abproxy.app import EMBEDDED_REDIS_ENV, WORKERS_ENV, create_app
     from abproxy.recording.embedded_redis import EmbeddedRedis
     from abproxy.metrics import MULTIPROCESS_ENV
     from abproxy.serving import server_options
@@ -92,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_dir = tempfile.mkdtemp(prefix="abproxy-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir
             os.environ[EMBEDDED_REDIS_ENV] = redis_url
+            os.environ[WORKERS_ENV] = str(args.workers)  # the workers share the per-minute caps
             # Each worker loads the config again: the very file this process found.
             os.environ[CONFIG_ENV] = str(find_config_file(args.config, os.environ).resolve())
             uvicorn.run("abproxy.app:app_from_env", factory=True, workers=args.workers, **options)
@@ -194,10 +195,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     async def work(redis: Any) -> int:
         if args.undo:
-            await undo(redis, plan)
+            undone = await undo(redis, config, plan)
             print(f"{plan.name}: promotion undone; new traffic is assigned over the weights again")
+            for line in undone.lines():
+                print(f"Prompt Registry: {plan.name} {line}")
+            if undone.problem is not None:
+                print(f"abproxy: {undone.problem}", file=sys.stderr)
+                return 1
             return 0
         promotion = await promote(redis, config, plan, args.variant, args.alias)
+        if promotion.warning is not None:
+            print(f"warning: {promotion.warning}", file=sys.stderr)
         print(
             f"{plan.name}: promoted {promotion.variant}: every replica now serves it to all new traffic.\n"
             f"Prompt Registry: {promotion.prompt_uri} (version {promotion.version}) in {config.mlflow.shown_tracking_uri}"

@@ -170,6 +170,40 @@ class FeedbackMetric(_Strict):
         return self
 
 
+class Judge(_Strict):
+    """An LLM judge that scores a sample of live answers (docs/reference.md, "LLM judges")."""
+
+    model: str
+    upstream: str | None = None
+    prompt: str
+    """A template with ``{{input}}`` (the client's last user message, before the variant applied)
+    and ``{{output}}`` (the answer's text), or a Prompt Registry URI resolved at load."""
+    min: float
+    max: float
+    sample_rate: float = Field(0.1, ge=0, le=1)
+    max_per_minute: int = Field(60, ge=0)
+    """Per replica, over any 60 s: past it the sample is thinned."""
+    higher_is_better: bool = True
+    timeout_s: float = Field(30.0, gt=0)
+    """A judge call not answered this long after it was sent fails (``reason="timeout"``)."""
+    prompt_source: str | None = Field(None, exclude=True)
+    """Filled when the prompt loads from the Prompt Registry: its URI and version."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> Judge:
+        if self.max <= self.min:
+            raise ValueError("max must be greater than min")
+        if not self.prompt.startswith("prompts:/") and "{{output}}" not in self.prompt:
+            raise _PathError(("prompt",), "must contain {{output}} (the answer judged), or be a prompts:/ URI")
+        return self
+
+    def version(self, default_upstream: str) -> str:
+        """What makes two judges' scores comparable: model, upstream, prompt and range. An edited
+        judge is a new version, whose scores are counted apart from the old one's."""
+        definition = [self.model, self.upstream or default_upstream, self.prompt, self.min, self.max]
+        return hashlib.sha256(json.dumps(definition, ensure_ascii=False).encode()).hexdigest()[:8]
+
+
 class GuardrailMargin(_Strict):
     """How much worse than the control a winner may be on a guardrail metric: ``margin`` in the
     metric's own units (0.02 is two percentage points of a rate), or ``relative_margin`` × the
@@ -240,6 +274,8 @@ class Experiment(_Strict):
     unit: Literal["user", "request"] = "user"
     primary_metric: str | None = None
     feedback: dict[str, FeedbackMetric] = {}
+    judges: dict[str, Judge] = {}
+    """Written as a list of names of the top-level ``judges``; the config puts their settings here."""
     guardrails: dict[str, GuardrailMargin] = {}
     """Written as a list of metric names (default margins) or a mapping metric → margin;
     ``feedback`` is validated first, so the metric names can be checked here."""
@@ -267,7 +303,20 @@ class Experiment(_Strict):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return BUILTIN_METRICS + tuple(f"feedback.{name}" for name in self.feedback)
+        return (
+            BUILTIN_METRICS
+            + tuple(f"feedback.{name}" for name in self.feedback)
+            + tuple(f"judge.{name}" for name in self.judges)
+        )
+
+    def scored(self, metric: str) -> FeedbackMetric | Judge | None:
+        """The settings of a ``feedback.<name>`` or ``judge.<name>`` metric; None for the others."""
+        kind, _, name = metric.partition(".")
+        if kind == "feedback":
+            return self.feedback.get(name)
+        if kind == "judge":
+            return self.judges.get(name)
+        return None
 
     @property
     def primary(self) -> str:
@@ -287,7 +336,11 @@ class Experiment(_Strict):
         listed = isinstance(value, list)
         if not listed and not isinstance(value, dict):
             raise _PathError((), "must be a list of metric names, or a mapping of metric to {margin: …} or {relative_margin: …}")
-        known = BUILTIN_METRICS + tuple(f"feedback.{name}" for name in info.data.get("feedback", {}))
+        known = (
+            BUILTIN_METRICS
+            + tuple(f"feedback.{name}" for name in info.data.get("feedback", {}))
+            + tuple(f"judge.{name}" for name in info.data.get("judges", {}))
+        )
         margins: dict[Any, Any] = {}
         for index, (metric, margin) in enumerate(((m, {}) for m in value) if listed else value.items()):
             where = (index,) if listed else (str(metric),)
@@ -310,16 +363,17 @@ class Experiment(_Strict):
         return self
 
     def higher_is_better(self, metric: str) -> bool:
-        """Feedback scores go up unless declared otherwise; latency, tokens, cost and errors down."""
-        feedback = self.feedback.get(metric.removeprefix("feedback.")) if metric.startswith("feedback.") else None
-        return feedback.higher_is_better if feedback is not None else False
+        """Feedback and judges' scores go up unless declared otherwise; latency, tokens, cost and
+        errors down."""
+        scored = self.scored(metric)
+        return scored.higher_is_better if scored is not None else False
 
     def is_rate(self, metric: str) -> bool:
-        """A 0/1 metric: ``error_rate``, or feedback scored within [0, 1]."""
+        """A 0/1 metric: ``error_rate``, or feedback or a judge scored within [0, 1]."""
         if metric == "error_rate":
             return True
-        feedback = self.feedback.get(metric.removeprefix("feedback.")) if metric.startswith("feedback.") else None
-        return feedback is not None and (feedback.min, feedback.max) == (0, 1)
+        scored = self.scored(metric)
+        return scored is not None and (scored.min, scored.max) == (0, 1)
 
 
 class Config(_Strict):
@@ -334,7 +388,41 @@ class Config(_Strict):
     default_upstream: str = "openai"
     prices: dict[str, Price] = {}
     stats: StatsSettings = StatsSettings()
+    judges: dict[str, Judge] = {}
     experiments: dict[str, Experiment] = {}
+
+    @field_validator("judges")
+    @classmethod
+    def _judge_names(cls, judges: dict[str, Judge]) -> dict[str, Judge]:
+        _check_names(judges, "judge")
+        return judges
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judges_of_experiments(cls, data: Any) -> Any:
+        """An experiment names its judges; it is given their settings (its metrics need them)."""
+        if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict):
+            return data
+        judges = data.get("judges")
+        defined: dict[str, Any] = judges if isinstance(judges, dict) else {}
+        experiments = {}
+        for exp_name, experiment in data["experiments"].items():
+            if isinstance(experiment, dict) and "judges" in experiment:
+                names = experiment["judges"]
+                where = ("experiments", str(exp_name), "judges")
+                if names is None:
+                    names = []
+                if isinstance(names, dict):
+                    names = list(names)  # a config written back from a loaded one (model_dump) names them as keys
+                if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                    raise _PathError(where, "must be a list of judge names (defined under the top-level judges:)")
+                for index, name in enumerate(names):
+                    if name not in defined:
+                        known = ", ".join(defined) or "none is defined"
+                        raise _PathError(where + (index,), f"unknown judge {name!r}; {known}")
+                experiment = {**experiment, "judges": {name: _judge_or_stand_in(defined[name]) for name in names}}
+            experiments[exp_name] = experiment
+        return {**data, "experiments": experiments}
 
     @field_validator("experiments")
     @classmethod
@@ -346,6 +434,9 @@ class Config(_Strict):
     def _references(self) -> Config:
         if self.default_upstream not in self.upstreams:
             raise _PathError(("default_upstream",), f"unknown upstream {self.default_upstream!r}")
+        for judge_name, judge in self.judges.items():
+            if judge.upstream is not None and judge.upstream not in self.upstreams:
+                raise _PathError(("judges", judge_name, "upstream"), f"unknown upstream {judge.upstream!r}")
         matched: dict[str, str] = {}
         for exp_name, experiment in self.experiments.items():
             model = experiment.match.model
@@ -363,6 +454,20 @@ class Config(_Strict):
                 if variant.model is None and model is not None:
                     raise _PathError(path + ("model",), "required when the experiment has match.model")
         return self
+
+
+_STAND_IN_JUDGE = {"model": "-", "prompt": "{{output}}", "min": 0, "max": 1}
+
+
+def _judge_or_stand_in(judge: Any) -> Any:
+    """A judge's settings for an experiment's copy; an invalid judge's are replaced by a valid
+    stand-in, so that its problems are reported once, at ``judges.<name>``, not again at each
+    experiment (the config is refused either way)."""
+    try:
+        Judge.model_validate(judge)
+    except (ValidationError, ValueError):
+        return _STAND_IN_JUDGE
+    return judge
 
 
 class _PathError(ValueError):

@@ -16,6 +16,11 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 FLUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 DROP_REASONS = ("buffer_full", "corrupt_counters", "redis_refused", "partly_written")
+JUDGE_FAILURES = (
+    "timeout", "unreachable", "rate_limited", "http_4xx", "http_5xx", "bad_answer", "out_of_range",
+    "queue_full", "over_cap", "not_recorded",
+)  # fmt: skip
+"""Why a sampled answer got no judge's score (``abproxy_judge_failures_total{judge,reason}``)."""
 """Why the recorder may drop measurements (``abproxy_recorder_dropped_total{reason}``)."""
 
 
@@ -136,7 +141,7 @@ class ProxyMetrics:
         )
         self.feedback_mean = Gauge(
             "abproxy_feedback_mean",
-            "Latest mean feedback score per variant.",
+            'Latest mean feedback score per variant (a judge\'s with name="judge.<name>").',
             ("experiment", "variant", "name"),
             registry=registry,
             multiprocess_mode="mostrecent",
@@ -166,6 +171,34 @@ class ProxyMetrics:
             "Feedback on traced requests not written to MLflow as assessments.",
             registry=registry,
         )
+        self.judge_requests = Counter(
+            "abproxy_judge_requests_total",
+            "Calls to LLM judges, by judge and outcome (scored, failed).",
+            ("judge", "status"),
+            registry=registry,
+        )
+        self.judge_failures = Counter(
+            "abproxy_judge_failures_total",
+            "Sampled answers no judge's score was recorded for, by judge and reason (timeout, unreachable, "
+            "rate_limited, http_4xx, http_5xx: the judge's upstream; bad_answer: no JSON score; out_of_range; "
+            "queue_full: the judges' queue was full; over_cap: past max_per_minute; not_recorded: Redis refused it, "
+            "or too many scores waited for Redis).",
+            ("judge", "reason"),
+            registry=registry,
+        )
+        self.judge_cost = Counter(
+            "abproxy_judge_cost_usd_total",
+            "Cost in USD of the judges' own calls (by prices), never added to a variant's cost.",
+            ("judge",),
+            registry=registry,
+        )
+        self.judge_agreement = Gauge(
+            "abproxy_judge_agreement",
+            "Spearman rank correlation between a judge's scores and the users' feedback on the same requests.",
+            ("experiment", "judge", "name"),
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.flush_errors = Counter(
             "abproxy_flush_errors_total",
             "Flushes to MLflow that failed (retried at the next interval).",
@@ -194,11 +227,14 @@ class ProxyMetrics:
     def publish_results(self, result: ExperimentResult) -> None:
         """The statistics of one experiment's live results, as gauges for dashboards."""
         stopped = {stop.variant for stop in result.stopped}
+        for agreement in result.agreement:
+            if agreement.spearman is not None:
+                self.judge_agreement.labels(result.experiment, agreement.judge, agreement.feedback).set(agreement.spearman)
         for variant in result.variants:
             self.winner.labels(result.experiment, variant.name).set(1 if result.winner == variant.name else 0)
             self.variant_stopped.labels(result.experiment, variant.name).set(1 if variant.name in stopped else 0)
             for metric, summary in variant.metrics.items():
-                if metric.startswith("feedback.") and summary.mean is not None:
+                if metric.startswith(("feedback.", "judge.")) and summary.mean is not None:
                     self.feedback_mean.labels(result.experiment, variant.name, metric.removeprefix("feedback.")).set(summary.mean)
                 if not variant.control and summary.p_value is not None:
                     self.p_value.labels(result.experiment, variant.name, metric).set(summary.p_value)

@@ -191,9 +191,9 @@ class Endpoints:
     async def promote(self, request: Request) -> Response:
         plan, core = self._plan(request), self._core
         if request.method == "DELETE":
-            await undo(core.redis, plan)
+            undone = await undo(core.redis, core.config, plan)
             core.overrides.set_promoted(plan.name, None)
-            return JSONAnswer({"experiment": plan.name, "promoted": None})
+            return JSONAnswer(undone.as_json())  # the traffic is back either way; "problem" says what is not
         raw = await read_body(request.scope, request.receive, SMALL_BODY_LIMIT)
         body = parse_json_object(raw) if raw else {}
         variant, alias = body.get("variant"), body.get("alias", DEFAULT_ALIAS)

@@ -58,15 +58,6 @@ DISMISS_JS = """
 """
 
 
-EXPAND_SUMMARY_JS = """
-(() => {
-  const toggle = document.querySelector('button[data-component-id*="runnamecellrenderer"]');
-  if (toggle) toggle.click();
-  return Boolean(toggle);
-})()
-"""
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -171,27 +162,11 @@ class Browser:
         self.process.wait(10)
 
 
-COLUMNS = [
-    "tags.`abproxy.winner`",
-    "metrics.`requests`",
-    "metrics.`feedback.satisfaction.mean`",
-    "metrics.`feedback.satisfaction.lift`",
-    "metrics.`feedback.satisfaction.p_value`",
-    "metrics.`latency_ms_p50`",
-    "metrics.`cost_usd_mean`",
-    "params.`model`",
-]
-"""The runs table's columns that carry the verdict (a user picks them in the Columns menu)."""
-
-
-def ui_state(experiment_id: str) -> dict[str, str]:
-    """UI state a user would set by hand: the assistant panel closed, the variant runs shown
-    under their summary run."""
-    return {
-        "mlflow.assistant.panelOpen_v1": "false",
-        "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
-        f"MLflowLocalStorage-1.1-ExperimentView-{experiment_id}-expandRows": "true",
-    }
+def ui_state() -> dict[str, str]:
+    """The assistant panel MLflow opens on a first visit, closed as a user closes it (its close
+    button sits in a panel the page renders late); nothing else is set: the runs table, the
+    trace list and the models are MLflow's defaults."""
+    return {"mlflow.assistant.panelOpen_v1": "false", "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
 
 
 def run_demo(folder: Path) -> None:
@@ -229,23 +204,21 @@ def main() -> int:
             wait_http(f"http://127.0.0.1:{port}/health")
             browser = Browser(Path(profile))
             origin = f"http://127.0.0.1:{port}/"
-            browser.set_storage(origin, ui_state(experiment.experiment_id))
+            browser.set_storage(origin, ui_state())
             base = f"{origin}#/experiments/{experiment.experiment_id}"
             browser.open(base, expect="Latency")
             browser.screenshot(args.out / "overview.png")
             browser.open(f"{base}/runs", expect="matching runs")
-            page_state = f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment.experiment_id}"]-ReactComponentState'
-            browser.update_storage(page_state, {"selectedColumns": COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": True})
-            browser.reload(expect="matching runs")
-            browser.evaluate(EXPAND_SUMMARY_JS)  # the variant runs, under their summary run
-            time.sleep(3)
             browser.screenshot(args.out / "runs.png")
             browser.open(f"{base}/traces", expect="Tokens")
+            browser.screenshot(args.out / "traces.png")
             browser.click_containing((rated.info.request_preview or "")[:40])
             browser.click_containing("Assess")  # the trace's assessments: the user's feedback
             browser.screenshot(args.out / "trace-with-feedback.png")
             browser.open(f"{base}/models", expect="step_by_step")
             browser.screenshot(args.out / "logged-models.png")
+            browser.open(f"{base}/prompts", expect="translation")
+            browser.screenshot(args.out / "prompts.png")
         finally:
             if browser is not None:
                 browser.close()

@@ -13,14 +13,20 @@ behind it, so helpers that take a URL work unchanged."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import sys
 import threading
+import traceback
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
 
+SHUTDOWN_S = 60.0
+"""The app's shutdown bounds each of its steps (together under 50 s, abproxy/app.py): waiting
+longer than that is a hang, not a slow machine."""
 CLIENT_ADDRESS = ("127.0.0.1", 50_000)
 """The peer address the app sees: loopback, as for a test's client over TCP."""
 
@@ -47,9 +53,9 @@ class InProcessServer:
         self._asgi = httpx2.ASGITransport(app=app, client=CLIENT_ADDRESS)
         _RUNNING[urlsplit(self.url).netloc] = self
 
-    def run(self, coro: Any) -> Any:
+    def run(self, coro: Any, timeout_s: float | None = None) -> Any:
         """Run ``coro`` on the app's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout_s)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s or self.timeout_s)
 
     async def call(self, request: httpx2.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """One request, on the app's loop: status, raw headers and the whole body."""
@@ -58,20 +64,47 @@ class InProcessServer:
         return response.status_code, response.headers.raw, body
 
     def stop(self, timeout: float | None = None) -> None:
-        """Exits the lifespan and ends the loop; a second call does nothing, as for a server."""
+        """Exits the lifespan and ends the loop; a second call does nothing, as for a server.
+        (``timeout``, a server's grace period for requests, has no meaning here.)"""
         if self.loop.is_closed():
             return
         _RUNNING.pop(urlsplit(self.url).netloc, None)
         try:
-            self.run(self._lifespan.__aexit__(None, None, None))
+            self.run(self._lifespan.__aexit__(None, None, None), SHUTDOWN_S)
+        except TimeoutError:
+            raise TimeoutError(f"the app's shutdown hung; where its tasks wait:\n{self._where_tasks_wait()}") from None
         finally:
             self._stop_loop()
+
+    def _where_tasks_wait(self) -> str:
+        tasks = "\n".join(f"{task.get_name()}:\n{_awaits(task.get_coro())}" for task in asyncio.all_tasks(self.loop))
+        state = f"loop running: {self.loop.is_running()}, its thread alive: {self._thread.is_alive()}"
+        threads = []
+        for thread in threading.enumerate():
+            frame = sys._current_frames().get(thread.ident or -1)
+            if frame is not None:
+                threads.append(f"thread {thread.name}:\n" + "".join(traceback.format_stack(frame, limit=-10)))
+        return f"{state}\n{tasks}\n\nthreads:\n" + "\n".join(threads)
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def _awaits(coro: Any) -> str:
+    """The chain of awaits a suspended coroutine is in, outermost first."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if type(awaited).__name__ == "async_generator_asend":  # anext(generator): go into it
+            awaited = next((g for g in gc.get_referents(awaited) if hasattr(g, "ag_frame")), None)
+        coro = awaited
+    return "\n".join(lines)
 
 
 def _copy(request: httpx2.Request, body: bytes) -> httpx2.Request:

@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 from scipy import stats
 
-from abproxy.assignment import Allocation, unit_position
+from abproxy.assignment import Allocation, seeded_draw, unit_position
 
 
 def test_assignment_is_deterministic_and_sticky():
@@ -36,3 +36,17 @@ def test_zero_weight_gets_no_new_traffic():
 def test_all_zero_weights_are_rejected():
     with pytest.raises(ValueError):
         Allocation("exp", {"a": 0, "b": 0})
+
+
+def test_a_seeded_draw_replays_each_requests_choices_in_any_order_and_keeps_them_apart():
+    """The demo's draws: the same request gets the same choices whatever order requests arrive
+    in; each purpose draws independently, uniformly, and another seed draws anew."""
+    draw = seeded_draw(7)
+    bodies = [f'{{"metadata": {{"demo_request": "{i}"}}}}'.encode() for i in range(20_000)]
+    variant = [draw("variant", body) for body in bodies]
+    assert variant == [seeded_draw(7)("variant", body) for body in reversed(bodies)][::-1]
+    assert stats.kstest(variant, "uniform").pvalue > 0.001
+    judged = [draw("judge:helpfulness", body) for body in bodies]
+    assert abs(stats.pearsonr(variant, judged).statistic) < 0.03  # |r| < 0.03 is 4 standard errors
+    reseeded = [seeded_draw(8)("variant", body) for body in bodies]
+    assert abs(stats.pearsonr(variant, reseeded).statistic) < 0.03

@@ -88,7 +88,7 @@ def test_cli_flush_and_report_match_the_live_results(
     for name, variant in by_name.items():
         satisfaction = variant["metrics"]["feedback.satisfaction"]
         assert satisfaction["n"] == 60
-        assert satisfaction["mean"] == pytest.approx(runs[name].data.metrics["feedback.satisfaction.mean"])
+        assert satisfaction["mean"] == pytest.approx(runs[name].data.metrics["feedback.satisfaction.mean"], rel=5e-4)  # MLflow: 4 digits
     assert by_name["professional"]["metrics"]["feedback.satisfaction"]["mean"] > by_name["basic"]["metrics"][
         "feedback.satisfaction"
     ]["mean"]

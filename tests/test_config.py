@@ -42,8 +42,16 @@ def test_the_example_config_and_the_demo_run_one_seed_scenario():
     """One seed scenario (shipped in the package, run by the demo); the example config for real
     traffic carries its experiments and prices unchanged, so the two cannot drift apart."""
     example = load_config(EXAMPLE, environ={})
-    seed = parse_config({"experiments": raw_scenario()["experiments"], "prices": raw_scenario()["prices"]}, environ={})
-    assert example.experiments == seed.experiments
+    raw = raw_scenario()
+    seed = parse_config({"experiments": raw["experiments"], "prices": raw["prices"], "judges": raw["judges"]}, environ={})
+    # the judges alike but for their model (a real one, the simulated one) and how much they sample
+    sampling = {"model", "sample_rate", "max_per_minute"}
+    assert {name: judge.model_dump(exclude=sampling) for name, judge in example.judges.items()} == {
+        name: judge.model_dump(exclude=sampling) for name, judge in seed.judges.items()
+    }
+    assert {name: (e.model_dump(exclude={"judges"}), list(e.judges)) for name, e in example.experiments.items()} == {
+        name: (e.model_dump(exclude={"judges"}), list(e.judges)) for name, e in seed.experiments.items()
+    }
     assert example.prices == seed.prices
 
 

@@ -175,3 +175,30 @@ def test_kept_demo_answers_the_printed_commands_from_its_live_redis(tmp_path):
             assert response.status == 200
     finally:
         assert demo.stop() == 0
+
+
+def _decisions(out: str) -> list[list[str]]:
+    """The demo's tables and verdicts, without what it measures (latency, time to first token)
+    or where it ran (ports, folder, seconds)."""
+    rows: list[list[str]] = []
+    dropped: set[int] = set()
+    for line in out[out.index("translation: status=") : out.index("The demo's config")].splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == "variant":
+            dropped = {i for i, name in enumerate(cells) if "latency" in name or "TTFT" in name}
+        if line.startswith(tuple("0123456789")) and "requests (" in line:
+            cells = [line.partition(" in ")[0]]  # "2400 requests (23 simulated upstream errors)"
+        rows.append([cell for i, cell in enumerate(cells) if i not in dropped or len(cells) < 4])
+    return rows
+
+
+@pytest.mark.slow
+def test_one_seed_gives_the_same_verdicts_and_tables_on_every_run(tmp_path):
+    """Requests arrive in a different order each run (24 concurrent users), and the machine's
+    speed varies: the demo's randomness hangs on each request, and its looks on request counts."""
+    runs = [abproxy("demo", "--dir", str(tmp_path / f"demo{i}"), "--seed", "11", "--requests", "900", cwd=tmp_path) for i in (1, 2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    first, second = (_decisions(run.stdout) for run in runs)
+    assert first == second
+    assert ["Winners:"] in first and ["900 requests (6 simulated upstream errors)"] in first, first

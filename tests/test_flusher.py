@@ -130,7 +130,7 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
     assert summary.data.tags["abproxy.winner"] == "professional"
     assert summary.data.tags["abproxy.warnings"] == "none"
     assert "srm_p_value" in summary.data.metrics
-    assert summary.data.metrics["srm_p_value"] == pytest.approx(before["srm"]["p_value"])
+    assert summary.data.metrics["srm_p_value"] == pytest.approx(before["srm"]["p_value"], rel=5e-3)  # 3 digits
 
     config = proxy.app.config.experiments["translation"]
     for name in ("basic", "professional"):
@@ -142,7 +142,7 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
         assert tags["abproxy.role"] == "variant"
         assert tags["abproxy.control"] == ("true" if name == "basic" else "false")
         assert tags["abproxy.variant_hash"] == proxy.app.catalog.plans[EXP].arms[name].definition_hash
-        assert tags["mlflow.parentRunId"] == summary.info.run_id
+        assert "mlflow.parentRunId" not in tags  # beside the summary run: MLflow's table shows every arm
         assert params["model"] == "gpt-4o-mini"
         assert params["upstream"] == "fake"
         assert float(params["weight"]) == 1.0
@@ -152,10 +152,11 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
         assert metrics["requests"] == 60
         assert metrics["error_rate"] == 0
         assert metrics["feedback.satisfaction.n"] == 60
-        assert metrics["feedback.satisfaction.mean"] == pytest.approx(variant["metrics"]["feedback.satisfaction"]["mean"])
-        assert metrics["latency_ms_p95"] == pytest.approx(variant["metrics"]["latency_ms"]["p95"])
+        # the live numbers, to the 4 significant digits MLflow is given
+        assert metrics["feedback.satisfaction.mean"] == pytest.approx(variant["metrics"]["feedback.satisfaction"]["mean"], rel=5e-4)
+        assert metrics["latency_ms_p95"] == pytest.approx(variant["metrics"]["latency_ms"]["p95"], rel=5e-4)
         assert metrics["cost_usd_sum"] == pytest.approx(
-            variant["metrics"]["cost_usd"]["mean"] * variant["metrics"]["cost_usd"]["n"]
+            variant["metrics"]["cost_usd"]["mean"] * variant["metrics"]["cost_usd"]["n"], rel=5e-4
         )
         assert metrics["cost_usd_sum"] > 0 and metrics["total_tokens_mean"] > 0 and metrics["response_chars_mean"] > 0
         artifacts = {a.path for a in client.list_artifacts(run_.info.run_id, "prompt")}
@@ -185,8 +186,8 @@ def test_flush_writes_the_mlflow_layout_and_tags_the_winner(start_proxy: Any, ur
 
     winners = search(uri, "tags.`abproxy.winner` = 'true'")
     assert [r.info.run_id for r in winners] == [runs["professional"].info.run_id]
-    children = search(uri, f"tags.`mlflow.parentRunId` = '{summary.info.run_id}'")
-    assert {r.info.run_name for r in children} == {"basic", "professional"}
+    arms = search(uri, "tags.`abproxy.role` = 'variant'")
+    assert {r.info.run_name for r in arms} == {"basic", "professional"}
 
     text = metrics_text(proxy.url)
     assert (sample(text, "abproxy_flush_last_success_timestamp_seconds") or 0) > 0
@@ -270,7 +271,7 @@ def test_editing_a_variant_starts_a_new_run_and_keeps_the_old_one(start_proxy: A
     assert new.data.metrics["requests"] == 5
     assert client.get_run(old_basic).data.metrics["requests"] == 65
     assert history(uri, old_pro, "requests") == [(first["step"], 60)]
-    assert new.data.tags["mlflow.parentRunId"] == first["experiments"][EXP]["summary_run_id"]
+    assert new.data.tags["abproxy.experiment"] == EXP and "mlflow.parentRunId" not in new.data.tags
     assert search(uri, "tags.`abproxy.winner` = 'true'") == []
 
 
@@ -593,7 +594,7 @@ def test_flush_through_a_real_mlflow_server(start_proxy: Any, mlflow_server: str
     runs = runs_by_name(mlflow_server)
     assert set(runs) == {"summary", "basic", "professional"}
     assert runs["summary"].data.tags["abproxy.winner"] == "professional"
-    assert runs["professional"].data.tags["mlflow.parentRunId"] == runs["summary"].info.run_id
+    assert "mlflow.parentRunId" not in runs["professional"].data.tags
     report = json.loads(artifact_text(mlflow_server, runs["summary"].info.run_id, "report.json"))
     assert report["winner"] == "professional"
     assert artifact_text(mlflow_server, runs["professional"].info.run_id, "prompt/system_prompt.txt") == (

@@ -16,9 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "abproxy"
 # Lowest first. A module may import its own layer and the ones listed before it.
 LAYERS: list[tuple[str, ...]] = [
     ("abproxy.errors", "abproxy.stats", "abproxy.logs"),
-    ("abproxy.config", "abproxy.tracking_uri", "abproxy.wire", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics"),
+    ("abproxy.config", "abproxy.tracking_uri", "abproxy.wire", "abproxy.assignment", "abproxy.catalog", "abproxy.metrics", "abproxy.pacing"),
     ("abproxy.upstream",),
     ("abproxy.recording",),
+    ("abproxy.judging",),
     ("abproxy.proxy",),
     ("abproxy.analysis",),
     ("abproxy.tracking",),

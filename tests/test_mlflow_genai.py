@@ -7,7 +7,9 @@ the slow lane), real Redis, the real openai SDK."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ from helpers import http_json, metrics_text, sample, wait_until
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from abproxy.tracking.traces import TraceBudget
 
 
 @pytest.fixture
@@ -62,6 +63,7 @@ def test_the_verdict_is_on_the_experiment_and_each_arm_is_a_logged_model(start_p
     note = experiment.tags["mlflow.note.content"]
     assert note.startswith("**Winner: professional: feedback.satisfaction")
     assert "| professional * |" in note and "| basic (control) |" in note  # the comparison table below it
+    assert f"Field *Trace name* = `{EXP}/professional`" in note  # how to read the winner's answers
 
     runs = {run.info.run_name: run for run in search(uri)}
     assert runs["summary"].data.tags["mlflow.note.content"] == note
@@ -82,6 +84,23 @@ def test_the_verdict_is_on_the_experiment_and_each_arm_is_a_logged_model(start_p
     assert professional.params["model"] == "gpt-4o-mini"
     assert professional.status == LoggedModelStatus.READY
 
+    # each arm's prompt is a version of a registry prompt named after the experiment, listed on
+    # the experiment's Prompts page and linked to the arm's run and LoggedModel
+    (prompt,) = client.search_prompts(filter_string=f"experiment_id = '{experiment.experiment_id}'")
+    assert prompt.name == EXP
+    versions = {v.tags["abproxy.variant"]: v for v in client.search_prompt_versions(EXP)}
+    assert sorted(versions) == ["basic", "professional"]
+    assert versions["professional"].template[0] == {"role": "system", "content": professional.params["system_prompt"]}
+    assert versions["professional"].model_config["model_name"] == "gpt-4o-mini"
+    for name, version in versions.items():
+        linked = [{"name": EXP, "version": str(version.version)}]
+        assert json.loads(runs[name].data.tags["mlflow.linkedPrompts"]) == linked
+        assert json.loads(by_name[name].tags["mlflow.linkedPrompts"]) == linked
+
+    drive(proxy, {"basic": 2}, "glance-more")
+    assert flush(proxy)[0] == 200  # a later flush registers nothing again
+    assert len(client.search_prompt_versions(EXP)) == 2
+
 
 @pytest.mark.slow
 def test_mlflow_shows_the_p_values_the_verdict_used_and_no_step_without_news(start_proxy: Any, upstream_url: str, uri: str) -> None:
@@ -93,10 +112,11 @@ def test_mlflow_shows_the_p_values_the_verdict_used_and_no_step_without_news(sta
     primary = next(v for v in result["variants"] if v["name"] == "professional")["metrics"]["feedback.satisfaction"]
     run_id = first["experiments"][EXP]["runs"]["professional"]
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
-    assert metrics["feedback.satisfaction.p_value"] == pytest.approx(primary["adjusted_p_value"], rel=1e-6)
-    assert metrics["feedback.satisfaction.p_value_raw"] == pytest.approx(primary["p_value"], rel=1e-6)
+    # the live numbers, rounded: p-values to 3 significant digits, the rest to 4
+    assert metrics["feedback.satisfaction.p_value"] == pytest.approx(primary["adjusted_p_value"], rel=5e-3)
+    assert metrics["feedback.satisfaction.p_value_raw"] == pytest.approx(primary["p_value"], rel=5e-3)
     assert [metrics["feedback.satisfaction.ci_low"], metrics["feedback.satisfaction.ci_high"]] == pytest.approx(
-        primary["difference_ci"], rel=1e-6
+        primary["difference_ci"], rel=5e-4
     )
 
     status, again = flush(proxy)  # nothing new since: no new step on any run
@@ -158,9 +178,17 @@ def test_sampled_requests_become_traces_per_variant_with_feedback_as_assessments
     assert len(failed) == 1
 
     variants = {raw.headers["x-abproxy-variant"] for raw in raws.values()}
-    for variant in variants:  # a variant's samples, as the Traces page filters them
+    for variant in variants:  # a variant's samples, by tag and by the trace's name (the list's first column)
         found = traces(uri, f"tags.`abproxy.variant` = '{variant}'")
         assert found and all(t.info.tags["abproxy.variant"] == variant for t in found)
+        named = traces(uri, f"trace.name = '{EXP}/{variant}'")
+        assert {t.info.trace_id for t in named} == {t.info.trace_id for t in found}
+        assert all(t.info.tags["mlflow.traceName"] == f"{EXP}/{variant}" for t in named)
+        # and by the arm's Prompt Registry version, as the version's page finds them
+        (version,) = [v for v in MlflowClient(uri).search_prompt_versions(EXP) if v.tags["abproxy.variant"] == variant]
+        by_prompt = traces(uri, f"prompt = '{EXP}/{version.version}'")
+        assert {t.info.trace_id for t in by_prompt} == {t.info.trace_id for t in found}
+        assert all(json.loads(t.info.tags["mlflow.linkedPrompts"]) == [{"name": EXP, "version": str(version.version)}] for t in found)
 
     rated = raws["cy"].headers["x-abproxy-request-id"]
     for score in (2, 5):  # the second score replaces the first, in the statistics and on the trace
@@ -177,17 +205,53 @@ def test_sampled_requests_become_traces_per_variant_with_feedback_as_assessments
     ]
 
 
-def test_the_trace_budget_allows_at_most_its_number_in_any_minute() -> None:
-    now = [0.0]
-    budget = TraceBudget(5, clock=lambda: now[0])
-    taken = []
-    for step in range(240):  # a request every half second for two minutes
-        now[0] = step * 0.5
-        if budget.take():
-            taken.append(now[0])
-    assert taken[:5] == [0.0, 0.5, 1.0, 1.5, 2.0], "a burst up to the budget at once"
-    assert all(sum(1 for t in taken if start <= t < start + 60) <= 5 for start in taken)
-    assert len(taken) == 10, "and again once the first are a minute old"
+CUT = re.compile(r" … \[abproxy: cut to its first [\d,]+ of ([\d,]+) bytes\]$")
+
+
+def whole_length(text: str) -> int:
+    """How long a trace's cut input or output was, by its note."""
+    match = CUT.search(text)
+    assert match is not None, text[-200:]
+    return int(match.group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_a_trace_keeps_a_mib_of_a_big_request_and_answer_and_the_waiting_ones_64_mib(
+    start_proxy: Any, upstream_url: str, uri: str
+) -> None:
+    """A trace is for reading, and traces wait in the replica's memory until MLflow has their
+    experiment: of a 3 MB prompt and its 3 MB answer a trace keeps a MiB each, the messages'
+    shape whole and the long text cut with how long it was, and what waits is bounded by all it
+    holds (it counted only the requests, so 60 MB answers stayed in memory)."""
+    mlflow = {"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": 1.0, "max_traces_per_minute": 100_000}
+    proxy = start_proxy(make_config(upstream_url, mlflow=mlflow), app_options={"trace_options": {"interval_s": 0.1}})
+    client = proxy.client()
+    big = [{"role": "user", "content": " ".join(["y" * 100_000] * 30)}]  # 30 words: the fake streams a word an event
+    stream = client.chat.completions.create(model="translation", messages=big, user="ann", stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    raws = [client.chat.completions.with_raw_response.create(model="translation", messages=big, user="ann") for _ in range(24)]
+    assert all(raw.parse().choices[0].message.content == streamed for raw in raws) and len(streamed) > 3_000_000
+    proxy.settle()
+    # waiting: the stream's 2 MiB (request and answer), then 3 MiB each (the JSON response too),
+    # while they fit in 64 MiB: 20 of the 24
+    assert sample(metrics_text(proxy.url), "abproxy_traces_dropped_total", reason="queue_full") == 4
+    assert flush(proxy)[0] == 200
+    wait_until(lambda: sum(1 for trace in traces(uri) if trace.data.spans) == 21, timeout=60)
+
+    streamed_trace = next(t for t in traces(uri) if t.data.spans[0].inputs.get("stream"))
+    assert streamed_trace.info.tags["abproxy.cut"] == "inputs,outputs"
+    sent = streamed_trace.data.spans[0].inputs
+    assert sent["model"] == "gpt-4o-mini" and sent["stream"] is True
+    user_message = sent["messages"][-1]["content"]
+    assert user_message.startswith("Translate") and whole_length(user_message) > 3_000_000
+    answer = streamed_trace.data.spans[0].outputs["choices"][0]["message"]["content"]
+    assert answer.startswith(streamed[:1000]) and whole_length(answer) == len(streamed)
+    kept = next(t for t in traces(uri) if t.info.tags["abproxy.request_id"] == raws[0].headers["x-abproxy-request-id"])
+    assert kept.info.tags["abproxy.cut"] == "inputs,outputs"
+    response = kept.data.spans[0].outputs
+    assert response["usage"]["completion_tokens"] == raws[0].parse().usage.completion_tokens  # the upstream's own JSON
+    assert whole_length(response["choices"][0]["message"]["content"]) == len(streamed)
+    assert kept.info.request_preview == user_message[:1000] and kept.info.response_preview == streamed[:1000]
 
 
 @pytest.mark.slow
@@ -199,9 +263,10 @@ def test_traces_are_sampled_and_bounded_per_minute(start_proxy: Any, upstream_ur
         client.chat.completions.create(model="translation", messages=[{"role": "user", "content": f"n{i}"}], user=f"u{i}")
     proxy.settle()
     assert flush(proxy)[0] == 200
-    wait_until(lambda: len(traces(uri)) >= 5, timeout=30)
-    assert len(traces(uri)) == 5
-    assert sample(metrics_text(proxy.url), "abproxy_traces_dropped_total", reason="rate_limited") == 7
+    # 5 a minute, paced: a burst of one at once, then one every 15 s (12 requests in a burst: 1)
+    wait_until(lambda: len(traces(uri)) >= 1, timeout=30)
+    assert len(traces(uri)) == 1
+    assert sample(metrics_text(proxy.url), "abproxy_traces_dropped_total", reason="rate_limited") == 11
 
     untraced = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0, "trace_sample_rate": 0}))
     assert untraced.app.traces is None  # 0 turns tracing off: no writer, nothing kept per request

@@ -125,31 +125,39 @@ def steps(client: MlflowClient, run: Run, key: str) -> list[tuple[int, float]]:
 # -- pure --------------------------------------------------------------------------------------------------
 
 
-def test_a_variants_metrics_are_its_raw_numbers_and_only_a_treatment_is_compared(
+def test_a_variants_metrics_are_its_numbers_rounded_to_what_they_tell_and_only_a_treatment_is_compared(
     plan_and_config: tuple[ExperimentPlan, Config],
 ) -> None:
     plan, config = plan_and_config
     made = samples(300)
     result = results(plan, config, made)
-    control, treatment = variant_metrics(result.variant("basic")), variant_metrics(result.variant("professional"))
+    compared = (result.primary_metric, *result.guardrails)
+    control, treatment = variant_metrics(result.variant("basic"), compared), variant_metrics(result.variant("professional"), compared)
+    assert "latency_ms.lift" not in treatment and "latency_ms_mean" in treatment  # compared only where it decides
     for name, logged in (("basic", control), ("professional", treatment)):
         assert logged["requests"] == made[name]["users"].size
-        assert logged["error_rate"] == pytest.approx(made[name]["error_rate"].mean(), rel=1e-12)
+        assert logged["error_rate"] == pytest.approx(made[name]["error_rate"].mean(), rel=5e-4)
         assert logged[f"{SATISFACTION}.n"] == made[name][SATISFACTION].size
-        assert logged[f"{SATISFACTION}.mean"] == pytest.approx(made[name][SATISFACTION].mean(), rel=1e-12)
-        assert logged["latency_ms_mean"] == pytest.approx(made[name]["latency_ms"].mean(), rel=1e-12)
+        assert logged[f"{SATISFACTION}.mean"] == pytest.approx(made[name][SATISFACTION].mean(), rel=5e-4)
+        assert logged["latency_ms_mean"] == pytest.approx(made[name]["latency_ms"].mean(), rel=5e-4)
         assert logged["weight"] == 0.5
         assert "ttft_ms_p50" not in logged, "a metric with no data is left out, not logged as a number"
+        assert "cost_usd_sum" not in logged, "no price, no cost: not a cost of $0"
     assert not any(key.endswith((".lift", ".p_value", ".ci_low")) for key in control), (
         "the control is not compared with itself"
     )
     lift = made["professional"][SATISFACTION].mean() / made["basic"][SATISFACTION].mean() - 1
-    assert treatment[f"{SATISFACTION}.lift"] == pytest.approx(lift, rel=1e-9)
+    assert treatment[f"{SATISFACTION}.lift"] == pytest.approx(lift, rel=5e-4)
     assert treatment[f"{SATISFACTION}.p_value"] < 1e-6
     assert treatment[f"{SATISFACTION}.ci_low"] > 0
     assert treatment[f"{SATISFACTION}.p_value"] >= treatment[f"{SATISFACTION}.p_value_raw"], (
         "Holm never lowers a p-value"
     )
+    # what the run page lists: no 0.999999999999061
+    for logged in (control, treatment):
+        assert logged["prob_best"] == round(logged["prob_best"], 3)
+        assert all(float(f"{v:.4g}") == v for v in logged.values())
+    assert float(f"{treatment[f'{SATISFACTION}.p_value']:.3g}") == treatment[f"{SATISFACTION}.p_value"]
 
 
 # -- the layout ---------------------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def test_a_first_write_lays_out_the_experiment_the_summary_run_and_one_run_per_v
     assert summary.data.tags["abproxy.role"] == "summary"
     assert (summary.data.tags["abproxy.status"], summary.data.tags["abproxy.winner"]) == ("winner", "professional")
     assert summary.data.tags[LAST_STEP_TAG] == "1"
-    assert summary.data.metrics["srm_p_value"] == pytest.approx(result.srm.p_value)
+    assert summary.data.metrics["srm_p_value"] == pytest.approx(result.srm.p_value, rel=5e-3)  # 3 digits
     report = json.loads(Path(client.download_artifacts(summary.info.run_id, "report.json")).read_text())
     assert (report["status"], report["winner"]) == ("winner", "professional")
 
@@ -191,13 +199,13 @@ def test_a_first_write_lays_out_the_experiment_the_summary_run_and_one_run_per_v
         assert tags["abproxy.control"] == ("true" if name == "basic" else "false")
         assert tags["abproxy.arm"] == f"{EXP}/{arm.arm_id}" and tags["abproxy.variant_hash"] == arm.definition_hash
         assert tags["abproxy.current"] == "true"
-        assert tags["mlflow.parentRunId"] == summary.info.run_id
+        assert "mlflow.parentRunId" not in tags  # beside the summary run, as MLflow's table shows it
         assert tags["abproxy.winner"] == ("true" if name == "professional" else "false")
         assert "abproxy.status" not in tags, "no experiment-wide tags on a variant's run"
         assert (params["model"], params["upstream"], params["weight"]) == ("gpt-4o-mini", "fake", "1")
         assert params["user_template"] == arm.definition.user_template
         assert metrics["requests"] == made[name]["users"].size
-        assert metrics[f"{SATISFACTION}.mean"] == pytest.approx(made[name][SATISFACTION].mean(), rel=1e-12)
+        assert metrics[f"{SATISFACTION}.mean"] == pytest.approx(made[name][SATISFACTION].mean(), rel=5e-4)
         prompt = Path(client.download_artifacts(run.info.run_id, "prompt/user_template.txt")).read_text()
         assert prompt == arm.definition.user_template
     assert runs["basic"].data.params["params.temperature"] == "0.7"
@@ -269,7 +277,7 @@ def test_a_later_look_logs_at_a_later_step_on_the_same_runs_and_moves_the_winner
         assert runs[name].info.run_id == first.runs[plan.arms[name].arm_id]
         assert steps(client, runs[name], "requests") == [(1, 20.0), (2, 300.0)]
         assert runs[name].data.metrics[f"{SATISFACTION}.mean"] == pytest.approx(
-            made[name][SATISFACTION].mean(), rel=1e-12
+            made[name][SATISFACTION].mean(), rel=5e-4
         )
     assert (
         runs["professional"].data.tags["abproxy.winner"] == "true"
@@ -323,3 +331,22 @@ def test_an_arm_stopped_for_harm_is_tagged_with_the_guardrail_until_it_is_resume
     resumed = {arm_id: Stop("professional", "error_rate", stopped_at, resumed=stopped_at + 60)}
     writer.write(plan, results(plan, config, made, resumed), first.runs, step=2)
     assert stopped_tags() == {"professional": (None, None), "basic": (None, None)}
+
+
+def test_arm_runs_an_earlier_version_nested_under_the_summary_are_moved_beside_it(
+    plan_and_config: tuple[ExperimentPlan, Config], uri: str
+) -> None:
+    """Earlier versions made each arm's run a child of the summary run, which MLflow's table
+    shows collapsed: one flush of this version lists them at the top level, once."""
+    plan, config = plan_and_config
+    result = results(plan, config, samples(40))
+    writer = MlflowWriter(uri)
+    first = writer.write(plan, result, {}, step=1)
+    client = MlflowClient(uri)
+    for name, run in runs_of(client).items():
+        if name != "summary":  # as an earlier version left them
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", first.runs["summary"])
+    earlier = {key: value for key, value in first.runs.items() if key != "digest:layout"}
+    second = writer.write(plan, results(plan, config, samples(60)), earlier, step=2)
+    assert all("mlflow.parentRunId" not in run.data.tags for run in runs_of(client).values())
+    assert second.runs["digest:layout"] == "top-level"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from flushkit import EXP, drive, flush, live
 from helpers import REPO, http_json, metrics_text, sample, wait_until
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from proxykit import BASE_EXPERIMENTS, make_config
@@ -48,11 +49,12 @@ def test_promote_registers_the_winner_and_every_replica_serves_it_until_undone(
     status, promotion = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
     assert status == 200, promotion
     assert promotion == {
-        "experiment": EXP, "promoted": "professional", "alias": "production",
-        "version": 1, "prompt_uri": f"prompts:/{EXP}@production", "cautions": [],
+        "experiment": EXP, "promoted": "professional", "alias": "production", "version": 1,
+        "prompt_uri": f"prompts:/{EXP}@production", "status": "winner", "cautions": [],
     }  # fmt: skip
 
-    prompt = MlflowClient(tracking_uri=uri, registry_uri=uri).load_prompt(f"prompts:/{EXP}@production")
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    prompt = registry.load_prompt(f"prompts:/{EXP}@production")
     professional = BASE_EXPERIMENTS[EXP]["variants"]["professional"]
     assert prompt.template == [
         {"role": "system", "content": professional["system_prompt"]},
@@ -60,6 +62,12 @@ def test_promote_registers_the_winner_and_every_replica_serves_it_until_undone(
     ]
     assert prompt.tags["abproxy.variant"] == "professional" and prompt.tags["abproxy.status"] == "winner"
     assert prompt.model_config["model_name"] == "gpt-4o-mini"
+    assert flush(proxy)[0] == 200  # the flush finds the promoted arm's version, and registers the other arm
+    experiment = registry.get_experiment_by_name(EXP)
+    assert [p.name for p in registry.search_prompts(f"experiment_id = '{experiment.experiment_id}'")] == [EXP]
+    status, again = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
+    assert status == 200 and again["version"] == 1  # the same version, never a copy
+    assert sorted(v.tags["abproxy.variant"] for v in registry.search_prompt_versions(EXP)) == ["basic", "professional"]
 
     assert new_users_get(proxy, "after") == {"professional"}  # at once on the replica that promoted
     wait_until(lambda: new_users_get(other, "other", 4) == {"professional"}, timeout=10)  # within a second on the other
@@ -76,14 +84,43 @@ def test_promote_registers_the_winner_and_every_replica_serves_it_until_undone(
     assert sample(text, "abproxy_requests_total", experiment=EXP, variant="professional", status="200") >= 12
 
     status, body = http_json("DELETE", f"{proxy.url}/abproxy/experiments/{EXP}/promote")
-    assert status == 200 and body["promoted"] is None
+    assert status == 200, body
+    assert body == {"experiment": EXP, "promoted": None, "aliases": {"production": None}, "aliases_restored": True}
     assert new_users_get(proxy, "undone", 16) == {"basic", "professional"}
     assert live(proxy)["promoted"] is None
+    with pytest.raises(MlflowException):  # the alias pointed nowhere before the promotion: removed
+        registry.get_prompt_version_by_alias(EXP, "production")
 
-    status, again = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {"variant": "basic", "alias": "staging"})
-    assert status == 200 and again["version"] == 2 and again["prompt_uri"] == f"prompts:/{EXP}@staging"
-    staging = MlflowClient(tracking_uri=uri, registry_uri=uri).load_prompt(f"prompts:/{EXP}@staging")
+    status, manual = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {"variant": "basic", "alias": "staging"})
+    assert status == 200, manual
+    assert manual["version"] == 2 and manual["status"] == "manual" and manual["prompt_uri"] == f"prompts:/{EXP}@staging"
+    staging = registry.load_prompt(f"prompts:/{EXP}@staging")
     assert staging.template[-1]["content"] == BASE_EXPERIMENTS[EXP]["variants"]["basic"]["user_template"]
+    assert staging.tags["abproxy.status"] == "manual" and staging.tags["abproxy.winner"] == "professional"
+    assert len(registry.search_prompt_versions(EXP)) == 2
+
+
+@pytest.mark.slow
+def test_undo_puts_an_alias_back_on_the_version_it_had(start_proxy: Any, upstream_url: str, uri: str) -> None:
+    """The alias already named a release (the control, say) before the winner was promoted:
+    undo puts it back there, and a second promote before the undo does not change that."""
+    proxy = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0}))
+    drive(proxy, {"basic": 40, "professional": 40}, "restore")
+    assert flush(proxy)[0] == 200
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {v.tags["abproxy.variant"]: int(v.version) for v in registry.search_prompt_versions(EXP)}
+    registry.set_prompt_alias(EXP, "production", versions["basic"])  # today's release
+
+    for _ in range(2):
+        status, promotion = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
+        assert status == 200 and promotion["version"] == versions["professional"], promotion
+    assert int(registry.get_prompt_version_by_alias(EXP, "production").version) == versions["professional"]
+    status, body = http_json("DELETE", f"{proxy.url}/abproxy/experiments/{EXP}/promote")
+    assert status == 200 and body["aliases"] == {"production": versions["basic"]}, body
+    assert int(registry.get_prompt_version_by_alias(EXP, "production").version) == versions["basic"]
+    status, body = http_json("DELETE", f"{proxy.url}/abproxy/experiments/{EXP}/promote")
+    assert status == 200 and body["aliases"] == {}  # nothing left to undo: the alias stays
+    assert int(registry.get_prompt_version_by_alias(EXP, "production").version) == versions["basic"]
 
 
 @pytest.mark.slow
@@ -111,8 +148,41 @@ def test_the_promote_verb(start_proxy: Any, upstream_url: str, redis_server: Any
     promoted = verb()
     assert promoted.returncode == 0, promoted.stderr
     assert f"prompts:/{EXP}@production" in promoted.stdout and "promoted professional" in promoted.stdout
+    assert "warning" not in promoted.stderr
     wait_until(lambda: new_users_get(proxy, "verb-after", 6) == {"professional"}, timeout=10)
     undone = verb("--undo")
     assert undone.returncode == 0 and "undone" in undone.stdout
+    assert f"Prompt Registry: {EXP} alias production: removed" in undone.stdout
+    by_hand = verb("basic")
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert "warning: basic is not the winner (the declared winner is professional)" in by_hand.stderr
     assert verb("no-such-variant").returncode == 1
     assert flush(proxy)[0] == 200
+
+
+@pytest.mark.slow
+def test_undo_with_mlflow_away_gives_the_traffic_back_and_a_second_undo_restores_the_alias(
+    start_proxy: Any, upstream_url: str, uri: str, tmp_path: Path
+) -> None:
+    proxy = start_proxy(make_config(upstream_url, mlflow={"tracking_uri": uri, "flush_interval_s": 0}))
+    drive(proxy, {"basic": 40, "professional": 40}, "away")
+    assert flush(proxy)[0] == 200
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {v.tags["abproxy.variant"]: int(v.version) for v in registry.search_prompt_versions(EXP)}
+    registry.set_prompt_alias(EXP, "production", versions["basic"])
+    status, _ = http_json("POST", f"{proxy.url}/abproxy/experiments/{EXP}/promote", {})
+    assert status == 200
+
+    database = tmp_path / "mlflow.db"
+    database.rename(tmp_path / "mlflow.db.away")  # the store is gone: the undo meets an empty one
+    status, body = http_json("DELETE", f"{proxy.url}/abproxy/experiments/{EXP}/promote")
+    assert status == 200, body
+    assert body["aliases_restored"] is False and "run the undo again" in body["problem"]
+    assert live(proxy)["promoted"] is None  # the traffic is back on the experiment all the same
+    assert new_users_get(proxy, "away-undone", 16) == {"basic", "professional"}
+
+    database.unlink(missing_ok=True)
+    (tmp_path / "mlflow.db.away").rename(database)  # the store is back
+    status, body = http_json("DELETE", f"{proxy.url}/abproxy/experiments/{EXP}/promote")
+    assert status == 200 and body["aliases"] == {"production": versions["basic"]} and body["aliases_restored"], body
+    assert int(registry.get_prompt_version_by_alias(EXP, "production").version) == versions["basic"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 import urllib.request
@@ -11,7 +12,9 @@ import urllib.request
 import openai
 import pytest
 
+from abproxy.simulation.answers import simulated_answer
 from abproxy.simulation.fake_upstream import FakeUpstream
+from abproxy.simulation.replies import judge_reply
 from abproxy.simulation.server import serve_in_thread
 
 MSGS = [
@@ -235,3 +238,38 @@ def test_introspection_endpoints(client, fake, fake_server):
     with urllib.request.urlopen(urllib.request.Request(url, method="DELETE")) as r:
         assert r.status == 200
     assert fake.received == []
+
+
+def test_the_simulated_judge_scores_an_answer_by_its_sentences_and_fails_on_request(client):
+    """``fake-judge`` answers as a judge: JSON with a score (the quoted answer's sentences, 1 to
+    5) and a rationale; its ``-nonsense``, ``-out-of-range`` and ``-error`` kin fail the ways a
+    real judge does."""
+
+    def ask(model, answer):
+        prompt = f"Rate it.\n<question>Say hi.</question>\n<answer>{answer}</answer>\nReply with JSON."
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+
+    verdict = json.loads(ask("fake-judge", "Hello. How are you? Fine!").choices[0].message.content)
+    assert verdict == {"score": 3, "rationale": "The answer gives 3 sentences of substance."}
+    assert json.loads(ask("fake-judge", "").choices[0].message.content)["score"] == 1
+    assert json.loads(ask("fake-judge", "A. B. C. D. E. F. G.").choices[0].message.content)["score"] == 5
+    assert ask("fake-judge-nonsense", "Hello.").choices[0].message.content == "Looks good to me!"
+    assert json.loads(ask("fake-judge-out-of-range", "Hello.").choices[0].message.content)["score"] == 99
+    with pytest.raises(openai.InternalServerError):
+        ask("fake-judge-error", "Hello.")
+
+
+def test_the_demo_models_answers_follow_the_prompts_instruction():
+    """The demo's simulated model answers what the prompt asks (never the variant's name): three
+    bullet points are two or three sentences, a short paragraph one or two."""
+    text = "The council approved a budget, funds two libraries and delays the stadium."
+    rng = random.Random(3)
+
+    def sentences(instruction):
+        answer = simulated_answer({"messages": [{"role": "user", "content": f"{instruction}\n{text}"}]}, rng)
+        return json.loads(judge_reply("fake-judge", f"<answer>{answer}</answer>"))["score"]
+
+    bullets = [sentences("Summarize as three bullet points:") for _ in range(40)]
+    paragraph = [sentences("Summarize in one short paragraph:") for _ in range(40)]
+    assert set(bullets) == {2, 3} and set(paragraph) == {1, 2}
+    assert simulated_answer({"messages": [{"role": "user", "content": "hello there"}]}, rng) is None, "else it echoes"

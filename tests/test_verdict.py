@@ -114,11 +114,33 @@ def test_the_one_sentence_verdict_names_the_winner_or_what_holds_it_back():
     plan, config = experiment(guardrails=[ERRORS])
     held = analyse(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400))
     sentence = verdict_sentence(summarise(plan, config, _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=400), held))
-    assert sentence.startswith("Collecting: better on feedback.score but held back by a guardrail: b by error_rate")
+    # what holds it back, in the guardrail's units: percentage points of error rate
+    assert sentence.startswith(
+        "Collecting: b is better on feedback.score but held back by guardrail error_rate: harm beyond 1.0 pp not yet "
+        "ruled out (difference +0.0 pp, 95% CI -3.2 to +3.2 pp; about 5,612 more samples per arm) (800 requests so far)."
+    ), sentence
     counters = _counters(plan, {"a": (3.5, 0.02), "b": (3.9, 0.02)}, n=40_000)
     crowned = summarise(plan, config, counters, analyse(plan, config, counters))
     assert crowned.winner == "b"
-    assert verdict_sentence(crowned).startswith("Winner: b: feedback.score 3.900 against 3.500 for the control a (+11.4%")
+    # the gain in the score's points, with its interval, then the lift and p
+    assert verdict_sentence(crowned) == (
+        "Winner: b: feedback.score 3.90 points against 3.50 points for the control a: +0.40 points, 95% CI +0.37 to "
+        "+0.43 points (+11.4%, p<0.001), after 80,000 requests."
+    )
+
+def test_a_relative_margin_on_a_control_mean_of_0_says_it_can_never_be_met():
+    """10% of a control's 0% error rate is a margin of 0: no interval rules out harm of 0, so the
+    arm would wait forever. The verdict says so, and what to set instead."""
+    plan, config = experiment(guardrails={ERRORS: {"relative_margin": 0.1}})
+    counters = _counters(plan, {"a": (3.5, 0.0), "b": (3.9, 0.0)}, n=20_000)
+    result = summarise(plan, config, counters, analyse(plan, config, counters))
+    assert result.winner is None and result.variant("b").held_back_by == (ERRORS,)
+    assert verdict_sentence(result).startswith(
+        "Collecting: b is better on feedback.score but held back by guardrail error_rate: its margin is a share of "
+        "the control's mean, which is 0, so no harm can ever be ruled out; give error_rate an absolute margin "
+        "(guardrails: {error_rate: {margin: …}})"
+    ), verdict_sentence(result)
+
 
 def _counters(plan, arms: dict[str, tuple[float, float]], n: int, sd: float = 1.0) -> dict[str, ArmCounters]:
     """Exact means and spread: score N(mean, sd²), errors at the rate."""
@@ -422,9 +444,9 @@ def test_of_arms_within_the_mde_the_cheaper_wins_and_the_verdict_says_so():
     run = replay(plan, config, streams, keep=True)
     result = summarise(plan, config, counters_at(plan, streams, len(looks) - 1), run.analyses[-1])
     assert (result.status, result.winner, result.cheaper_than) == (WINNER, "b", ("c",))
-    assert "c ($0.01 per request) is within the MDE of it on feedback.score but cost more (b: $0.000998 per request)" in (
-        verdict_sentence(result)
-    )
+    sentence = verdict_sentence(result)
+    assert "Cost: $1.00 per 1,000 requests, against $1.00 for the control, 1.0× as much." in sentence
+    assert "c ($10.00 per 1,000 requests) is within the MDE of it on feedback.score but cost more (b: $1.00 per 1,000 requests)" in sentence
 
 
 def test_while_no_arm_is_yet_shown_the_best_of_several_better_ones_the_verdict_names_them():

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 
-from abproxy.recording import ids
+from abproxy.recording import ids, layout
 from proxykit import BASE_EXPERIMENTS
 from flushkit import history, search
 from helpers import free_port, http_json, sample, wait_until
@@ -168,7 +168,10 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
         arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
         assert sum(int(redis_client.hget(key, "feedback.satisfaction|n") or 0) for key in arms) == 40
 
-        # Wait for a periodic flush that saw everything: MLflow then holds the exact totals.
+        # Wait for a periodic flush that saw everything: MLflow then holds the exact totals. Not
+        # before a replica's first flush has created the store: this test's MLflow client would
+        # run the schema migrations at the same time (sqlite: "duplicate column name").
+        wait_until(lambda: redis_client.hget(layout.runs_key("translation"), "experiment_id"), timeout=20)
         deadline = time.monotonic() + 20
         while True:
             runs = [r for r in search(uri) if r.data.tags.get("abproxy.role") == "variant"]

@@ -59,9 +59,9 @@ def policy_for(plan: ExperimentPlan, config: Config) -> Policy:
 def decision_context(plan: ExperimentPlan, policy: Policy) -> str:
     """A short hash of what a winner is decided on: a declared winner holds only while these stay."""
     described = {
-        "primary": policy.primary,
+        "primary": plan.stored(policy.primary),
         "control": plan.arms[plan.settings.control_name].arm_id,
-        "guardrails": [[g.metric, g.margin, g.relative_margin] for g in policy.guardrail_specs],
+        "guardrails": [[plan.stored(g.metric), g.margin, g.relative_margin] for g in policy.guardrail_specs],
         "alpha": policy.alpha,
         "mde": policy.mde,
         "sequential": policy.sequential,
@@ -90,7 +90,10 @@ def state_keys(plan: ExperimentPlan) -> dict[str, StateKey]:
     treatments = sorted(name for name in plan.arms if name != control)
     keys: list[StateKey] = [(name, control, metric) for name in treatments for metric in settings.metric_names]
     keys += [(later, earlier, settings.primary) for earlier, later in itertools.combinations(treatments, 2)]
-    return {layout.sequential_field(plan.arms[a].arm_id, plan.arms[b].arm_id, metric): (a, b, metric) for a, b, metric in keys}
+    return {
+        layout.sequential_field(plan.arms[a].arm_id, plan.arms[b].arm_id, plan.stored(metric)): (a, b, metric)
+        for a, b, metric in keys
+    }
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from abproxy.analysis.analyse import STATE_NOT_SAVED, Analysis, analyse
 from abproxy.analysis.summarise import summarise
 from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
-from abproxy.recording import connection, eviction, store
+from abproxy.recording import connection, eviction, layout, store
 from abproxy.recording.overrides import Overrides
 from abproxy.recording.counters import ArmCounters
-from abproxy.stats.results import ExperimentResult
+from abproxy.stats.agreement import parse_pairs, rank_agreement
+from abproxy.stats.results import ExperimentResult, JudgeAgreement
 
 log = logging.getLogger("abproxy.analysis.live")
 
@@ -61,8 +62,10 @@ async def _save(redis: Any, plan: ExperimentPlan, update: state.StateUpdate) -> 
 async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Snapshot:
     arm_ids = [arm.arm_id for arm in plan.arms.values()]
     with store.reachable():
-        counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids)
+        counters, raw_states, raw_winner = await store.read_experiment(redis, plan.name, arm_ids, plan.stored_names)
         overrides = (await store.read_overrides(redis, [plan.name])).get(plan.name, Overrides())
+        pairs = agreement_pairs(plan)
+        tables = await store.read_hashes(redis, [layout.agreement_key(plan.name, plan.stored(j), f) for j, f in pairs])
     kept = state.decode(raw_states, raw_winner)
     warnings = await eviction.warnings(redis)  # Redis evicted keys: any counter may be short
     stopped = overrides.stopped
@@ -83,8 +86,17 @@ async def take_snapshot(redis: Any, config: Config, plan: ExperimentPlan) -> Sna
     else:
         analysis = analyse(plan, config, counters, kept, extend=False, stopped=stopped)
     stops = await stop_harmful_arms(redis, plan, analysis, overrides.stops)
-    result = summarise(plan, config, counters, analysis, overrides.promoted, warnings, stops)
+    agreement = tuple(
+        JudgeAgreement(judge.removeprefix("judge."), feedback, *rank_agreement(parse_pairs(table)))
+        for (judge, feedback), table in zip(pairs, tables, strict=True)
+    )
+    result = summarise(plan, config, counters, analysis, overrides.promoted, warnings, stops, agreement)
     return Snapshot(plan, counters, analysis, kept, result)
+
+
+def agreement_pairs(plan: ExperimentPlan) -> list[tuple[str, str]]:
+    """(``judge.<name>``, feedback name) for every judge and feedback metric of the experiment."""
+    return [(f"judge.{judge}", feedback) for judge in plan.settings.judges for feedback in plan.settings.feedback]
 
 
 async def experiment_results(redis: Any, config: Config, plan: ExperimentPlan) -> ExperimentResult:

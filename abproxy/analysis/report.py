@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from abproxy.stats.results import ExperimentResult
+from abproxy.stats.results import ExperimentResult, JudgeAgreement, MetricSummary
 
 
 def _fmt(value: float | None, digits: int = 2, percent: bool = False) -> str:
@@ -24,6 +24,63 @@ def _p(value: float | None) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
+_DURATIONS = ("latency_ms", "ttft_ms")
+_COUNTS = {"total_tokens": "tokens", "prompt_tokens": "tokens", "completion_tokens": "tokens", "response_chars": "characters"}
+
+
+def _in_unit(result: ExperimentResult, metric: str, value: float, *, difference: bool, signed: bool) -> tuple[str, str]:
+    """``value`` rounded to what a reader can use, and its unit: a rate in percent (a difference
+    of rates in percentage points), a duration in whole milliseconds, a cost in dollars, a
+    count in tokens or characters, a score in points of its scale."""
+    sign = "+" if signed else ""
+    if metric in result.rates:
+        return f"{value * 100:{sign}.1f}", "pp" if difference else "%"
+    if metric in _DURATIONS:
+        return f"{value:{sign},.0f}", "ms"
+    if metric == "cost_usd":
+        return ("+" if signed and value >= 0 else "-" if value < 0 else "") + dollars(abs(value)), ""
+    if metric in _COUNTS:
+        return f"{value:{sign},.1f}", _COUNTS[metric]
+    return f"{value:{sign}.2f}", "points"
+
+
+def amount(result: ExperimentResult, metric: str, value: float | None, *, difference: bool = False, signed: bool = False) -> str:
+    """``value`` of ``metric`` in its own unit (``difference``: a difference of two values;
+    ``signed``: a difference with its sign)."""
+    if value is None:
+        return "-"
+    number, unit = _in_unit(result, metric, value, difference=difference or signed, signed=signed)
+    return f"{number}{unit}" if unit in ("", "%") else f"{number} {unit}"
+
+
+def change(result: ExperimentResult, metric: str, difference: float | None, interval: tuple[float, float] | None) -> str:
+    """A difference to the control with its interval, the unit said once: ``+0.40 points, 95%
+    CI +0.37 to +0.43``."""
+    if difference is None:
+        return "-"
+    shown = amount(result, metric, difference, signed=True)
+    if interval is None:
+        return shown
+    low, unit = _in_unit(result, metric, interval[0], difference=True, signed=True)
+    high, _ = _in_unit(result, metric, interval[1], difference=True, signed=True)
+    return f"{shown}, 95% CI {low} to {high}{' ' + unit if unit else ''}"
+
+
+def _cost_against_control(result: ExperimentResult, variant: str) -> str:
+    """``variant``'s cost per request beside the control's, per 1,000 requests (a request costs
+    millionths of a dollar)."""
+    control = next((v for v in result.variants if v.control), None)
+    cost = result.variant(variant).metric("cost_usd").mean
+    if cost is None or control is None:
+        return ""
+    base = control.metric("cost_usd").mean
+    said = f"Cost: {dollars(cost * 1000)} per 1,000 requests"
+    if base is None or control.name == variant:
+        return said + "."
+    ratio = f", {cost / base:.1f}× as much" if base > 0 else ""
+    return said + f", against {dollars(base * 1000)} for the control{ratio}."
+
+
 def table_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     primary = result.primary_metric
     headers = [
@@ -39,7 +96,7 @@ def table_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
         "latency p95 ms",
         "TTFT p50 ms",
         "tokens mean",
-        "cost/req USD",
+        "USD per 1k req",
     ]
     rows = []
     for variant in result.variants:
@@ -63,10 +120,14 @@ def table_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
                 _fmt(latency.p95, 0),
                 _fmt(variant.metric("ttft_ms").p50, 0),
                 _fmt(variant.metric("total_tokens").mean, 1),
-                _fmt(variant.metric("cost_usd").mean, 6),
+                _per_thousand(variant.metric("cost_usd").mean),
             ]
         )
     return headers, rows
+
+
+def _per_thousand(cost: float | None) -> str:
+    return "-" if cost is None else dollars(cost * 1000).lstrip("$")
 
 
 def _p_is(value: float | None) -> str:
@@ -109,17 +170,13 @@ def notes(result: ExperimentResult) -> list[str]:
     ]
     for variant in result.variants:
         for metric in variant.held_back_by:
-            summary = variant.metric(metric)
-            more = f", about {summary.samples_needed:,} more samples per arm" if summary.samples_needed is not None else ""
-            lines.append(
-                f"{variant.name}: better on {result.primary_metric}, held back by guardrail {metric} "
-                f"(harm beyond {_fmt(summary.margin, 4)} not yet ruled out{more})"
-            )
+            lines.append(f"{variant.name}: better on {result.primary_metric}, {held_back(result, variant.name, metric)}")
     if result.unsettled:
         lines.append(
             f"{', '.join(result.unsettled)}: each better than the control on {result.primary_metric}; not yet settled "
             "which is best (better than the others by the MDE, or as good and cheaper)"
         )
+    lines += [agreement_line(agreement) for agreement in result.agreement]
     deff = "-" if result.design_effect is None else f"{result.design_effect:.2f}"
     for warning in result.warnings:
         lines.append(
@@ -129,6 +186,38 @@ def notes(result: ExperimentResult) -> list[str]:
             )
         )
     return lines
+
+
+def held_back(result: ExperimentResult, variant: str, metric: str) -> str:
+    """Why guardrail ``metric`` holds ``variant`` back, in the metric's units."""
+    summary = result.variant(variant).metric(metric)
+    if summary.margin == 0:
+        return (
+            f"held back by guardrail {metric}: its margin is a share of the control's mean, which is 0, so no harm "
+            f"can ever be ruled out; give {metric} an absolute margin (guardrails: {{{metric}: {{margin: …}}}})"
+        )
+    more = f"; about {summary.samples_needed:,} more samples per arm" if summary.samples_needed is not None else ""
+    return (
+        f"held back by guardrail {metric}: harm beyond {amount(result, metric, summary.margin, difference=True)} "
+        f"not yet ruled out (difference {change(result, metric, _difference(summary), summary.difference_ci)}{more})"
+    )
+
+
+def _difference(summary: MetricSummary) -> float | None:
+    if summary.difference_ci is None:
+        return None
+    return (summary.difference_ci[0] + summary.difference_ci[1]) / 2
+
+
+def agreement_line(agreement: JudgeAgreement) -> str:
+    """How far a judge orders answers as the users do, in words a reader can act on."""
+    where = f"judge {agreement.judge} against feedback {agreement.feedback}"
+    if agreement.spearman is None:
+        return f"{where}: {agreement.n} request(s) scored by both, too few (or too uniform) to compare"
+    return (
+        f"{where}: Spearman rank correlation {agreement.spearman:+.2f} (p {_p(agreement.p_value)}) "
+        f"on {agreement.n:,} requests scored by both"
+    )
 
 
 def markdown(result: ExperimentResult) -> str:
@@ -184,7 +273,12 @@ def since_declared(result: ExperimentResult) -> str:
 
 def _cost(result: ExperimentResult, variant: str) -> str:
     cost = result.variant(variant).metric("cost_usd").mean
-    return f" (${cost:.3g} per request)" if cost is not None else ""
+    return f" ({dollars(cost * 1000)} per 1,000 requests)" if cost is not None else ""
+
+
+def dollars(value: float) -> str:
+    """Cents from a dime up ($0.35, $12.50); below, two significant digits ($0.0075)."""
+    return f"${value:,.2f}" if abs(value) >= 0.1 else f"${value:.2g}"
 
 
 def _verdict(result: ExperimentResult) -> str:
@@ -210,10 +304,13 @@ def _verdict(result: ExperimentResult) -> str:
             return f"Winner: {best.name}, the control: every other variant is significantly worse on {primary}."
         main, base = best.metric(primary), control.metric(primary)
         p_value = main.adjusted_p_value if main.adjusted_p_value is not None else main.p_value
+        gain = None if main.mean is None or base.mean is None else main.mean - base.mean
         return (
-            f"Winner: {best.name}: {primary} {_fmt(main.mean, 3)} against {_fmt(base.mean, 3)} for the control "
-            f"{control.name} ({_fmt(main.lift, 1, percent=True)}, {_p_is(p_value)}), after {requests:,} requests."
-        )
+            f"Winner: {best.name}: {primary} {amount(result, primary, main.mean)} against "
+            f"{amount(result, primary, base.mean)} for the control {control.name}: "
+            f"{change(result, primary, gain, main.difference_ci)} ({_fmt(main.lift, 1, percent=True)}, "
+            f"{_p_is(p_value)}), after {requests:,} requests. {_cost_against_control(result, best.name)}"
+        ).rstrip()
     if result.status == "no_difference":
         return f"No difference: every variant is as good as the control {control.name if control else ''} on {primary}."
     if result.unsettled:
@@ -225,9 +322,10 @@ def _verdict(result: ExperimentResult) -> str:
         )
     held = [variant for variant in result.variants if variant.held_back_by]
     if held:
-        names = "; ".join(f"{variant.name} by {', '.join(variant.held_back_by)}" for variant in held)
-        return (
-            f"Collecting: better on {primary} but held back by a guardrail: {names} "
-            f"(harm not yet ruled out; {requests:,} requests so far)."
+        reasons = "; ".join(
+            f"{variant.name} is better on {primary} but {held_back(result, variant.name, metric)}"
+            for variant in held
+            for metric in variant.held_back_by
         )
+        return f"Collecting: {reasons} ({requests:,} requests so far)."
     return f"Collecting: no variant differs significantly from the control on {primary} yet ({requests:,} requests so far)."

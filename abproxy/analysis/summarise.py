@@ -22,6 +22,7 @@ from abproxy.stats.histogram import quantiles
 from abproxy.stats.power import conditional_samples_per_arm, sequential_samples_per_arm
 from abproxy.stats.results import (
     ExperimentResult,
+    JudgeAgreement,
     MetricSummary,
     Revoked,
     SampleRatio,
@@ -153,8 +154,10 @@ def summarise(
     promoted: str | None = None,
     extra_warnings: tuple[str, ...] = (),
     stops: Mapping[str, Stop] | None = None,
+    agreement: tuple[JudgeAgreement, ...] = (),
 ) -> ExperimentResult:
-    """The typed results of one look: every variant's numbers beside the verdict."""
+    """The typed results of one look: every variant's numbers beside the verdict (and how far
+    each judge agrees with the users)."""
     settings, verdict = plan.settings, analysis.verdict
     total_weight = sum(v.weight for v in settings.variants.values())
     needed, guardrail_needed = samples_needed(analysis, settings.control_name)
@@ -209,6 +212,8 @@ def summarise(
         since_declared=_since_declared(analysis),
         cheaper_than=verdict.cheaper_than,
         unsettled=verdict.unsettled,
+        agreement=agreement,
+        rates=tuple(metric for metric in settings.metric_names if settings.is_rate(metric)),
         stopped=tuple(
             StoppedVariant(stop.variant, stop.reason, _utc(stop.at))
             for arm_id, stop in (stops or {}).items()

@@ -5,7 +5,6 @@ statistics; response bodies are interpreted later, off this path."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +14,13 @@ from urllib.parse import quote
 from starlette.types import Scope
 from starlette.routing import get_route_path
 
+from abproxy.assignment import Draw, random_draw
 from abproxy.proxy import variants
 from abproxy.proxy.auth import Authorizer
 from abproxy.proxy.overrides import LiveOverrides
 from abproxy.catalog import Catalog, ExperimentPlan
 from abproxy.config import Config
+from abproxy.judging.sampler import JudgeSampler
 from abproxy.wire import (
     BodyReader,
     ClientGone,
@@ -35,7 +36,7 @@ from abproxy.wire import (
     send_error,
 )
 from abproxy.recording import ids, layout
-from abproxy.recording.outcome import ExperimentRoute, Outcome
+from abproxy.recording.outcome import ExperimentRoute, Judging, Outcome
 from abproxy.recording.recorder import Recorder
 from abproxy.proxy.disconnect import DisconnectWatch
 from abproxy.proxy.sse import StreamObserver
@@ -113,8 +114,11 @@ class Proxy:
         overrides: LiveOverrides | None = None,
         clock: Callable[[], float] = time.perf_counter,
         signers: ids.Signers | None = None,
+        judges: JudgeSampler | None = None,
+        draw: Draw = random_draw,
     ):
-        """``signers`` signs experiment requests' ids once its secret is loaded."""
+        """``signers`` signs experiment requests' ids once its secret is loaded; ``judges``
+        chooses the requests LLM judges score; ``draw`` makes the request's random choices."""
         self._config = config
         self._catalog = catalog
         self._upstreams = upstreams
@@ -126,7 +130,8 @@ class Proxy:
         self._trace_rate = config.mlflow.trace_sample_rate
         self._ids = RequestIds()
         self._signers = signers or ids.Signers()
-        self._random = random.random
+        self._judges = judges
+        self._draw = draw
         self.in_flight = 0
         """Requests forwarded and not yet handed to the recorder (shutdown waits for them)."""
 
@@ -147,7 +152,7 @@ class Proxy:
             return plan
         return self._catalog.by_model(body.get("model"))
 
-    def _route(self, scope: Scope, unit_in_body: str | None, plan: ExperimentPlan) -> ExperimentRoute:
+    def _route(self, scope: Scope, unit_in_body: str | None, plan: ExperimentPlan, received: bytes) -> ExperimentRoute:
         forced = header(scope, b"x-abproxy-variant")
         user = header(scope, b"x-abproxy-user") or unit_in_body or None
         unit = user if plan.settings.unit == "user" else None
@@ -162,7 +167,7 @@ class Proxy:
             variant = plan.allocation.choose(unit)
         else:
             # A unit of one request: its random id's hash would be just another random draw.
-            variant = plan.allocation.choose_at(self._random())
+            variant = plan.allocation.choose_at(self._draw("variant", received))
         arm = plan.arms[variant].arm_id
         if not forced and arm in self._overrides.stopped(plan.name):
             # Stopped for harm: the control serves its units, counted in Prometheus only.
@@ -189,18 +194,23 @@ class Proxy:
         id_header = (b"x-abproxy-request-id", request_id.encode())
         try:
             self._authorize(scope)
-            raw = await read_body(scope, receive, self._max_body)
+            raw = received = await read_body(scope, receive, self._max_body)
             body = parse_json_object(raw)
             unit_in_body = _unit_from_body(body)
             plan = self._plan_for(scope, body)
             route = None
             signed: tuple[str, ids.SignedId] | None = None
             traced = False
+            judging = None
             upstream = self._config.default_upstream
             strip_usage = False
             extra_headers: Headers = [id_header]
             if plan is not None:
-                route = self._route(scope, unit_in_body, plan)
+                route = self._route(scope, unit_in_body, plan, received)
+                if self._judges is not None and plan.settings.judges and not route.forced:
+                    chosen = self._judges.choose(plan, received)
+                    if chosen:  # the judges see the client's input: read before the variant changes it
+                        judging = Judging(chosen, variants.input_text(endpoint, body))
                 arm = plan.arms[route.variant]
                 upstream = arm.upstream
                 try:
@@ -210,7 +220,7 @@ class Proxy:
                 strip_usage = self._ask_for_stream_usage(endpoint, body)
                 raw = dump_json_object(body)
                 # Signed last: an id that carries the request is given only to one that goes upstream.
-                traced = bool(self._trace_rate) and self._random() < self._trace_rate
+                traced = bool(self._trace_rate) and (judging is not None or self._draw("trace", received) < self._trace_rate)
                 signed = self._sign(route, traced)
                 if signed is not None:
                     request_id = signed[0]
@@ -235,6 +245,7 @@ class Proxy:
         )
         if signed is not None:
             outcome.signed = signed[1]
+        outcome.judging = judging
         if traced:
             # chosen now: feedback may name it before it is written
             outcome.trace_id = signed[1].trace_id if signed is not None else f"tr-{self._ids.next()}"

@@ -87,6 +87,23 @@ def _last_user_index(messages: list[Any]) -> int | None:
     return None
 
 
+def input_text(endpoint: str, body: dict[str, Any]) -> str:
+    """The client's last user message as it sent it: what ``{{input}}`` stands for, in a
+    variant's templates and in a judge's prompt (read before the variant is applied)."""
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            prompt = next((item for item in reversed(prompt) if isinstance(item, str)), "")
+        return prompt if isinstance(prompt, str) else ""
+    items = body.get("messages") if endpoint == "chat" else body.get("input")
+    if isinstance(items, str) and endpoint == "responses":
+        return items
+    if not isinstance(items, list):
+        return ""
+    last_user = _last_user_index(items)
+    return text_of(items[last_user].get("content")) if last_user is not None else ""
+
+
 def pop_variables(body: dict[str, Any]) -> Mapping[str, Any]:
     variables = body.pop("abproxy_variables", None)
     if variables is None:

@@ -4,6 +4,7 @@ tests need no Redis client (the layout: keys.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +49,14 @@ def _finite(value: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCounters:
+def parse_arm(
+    arm: str, stats: dict[str, str], hist: dict[str, str], stored_names: Mapping[str, str] | None = None
+) -> ArmCounters:
     """The counters of one arm; a counter that is not a finite number, or a count that is no
     integer (a hand edit, a bug), is listed in ``corrupt`` and counts as 0, and its metric is
-    marked corrupt."""
+    marked corrupt. ``stored_names`` maps a metric to the name Redis counts it under (a judge's
+    carries its version): those are read under the metric's name, other versions' are left out."""
+    renamed = {stored: metric for metric, stored in (stored_names or {}).items()}
     corrupt: list[str] = []
 
     def count(name: str) -> int:
@@ -85,7 +90,10 @@ def parse_arm(arm: str, stats: dict[str, str], hist: dict[str, str]) -> ArmCount
             raw.setdefault(metric, {})["corrupt"] = True
         elif number != 0:
             raw.setdefault(metric, {}).setdefault("hist", {})[bucket] = int(number)
-    for metric, parts in raw.items():
+    for stored, parts in raw.items():
+        metric = renamed.get(stored, stored)
+        if "@" in metric:
+            continue  # a judge's earlier version: not comparable with the current one's scores
         shift = parts.get("k", 0.0)
         total = parts.get("t", 0.0) if shift != 0 else parts.get("s", 0.0)
         counters.metrics[metric] = MetricCounters(

@@ -14,31 +14,32 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import AskError, MovedError
-
 from abproxy.catalog import Catalog
 from abproxy.config import Config
-from abproxy.errors import Conflict, CorruptCounters, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
-from abproxy.logs import ThrottledLog
+from abproxy.errors import Conflict, InvalidRequest, InvalidValue, NotFound, StoreUnavailable
 from abproxy.metrics import ProxyMetrics
 from abproxy.recording import connection, ids, layout, scripts, store
 from abproxy.recording.record import RequestRecord
-from abproxy.stats.histogram import bucket_of
+from abproxy.recording.scores import UPDATED, ScoreWriter
 
 log = logging.getLogger("abproxy.recording.feedback")
-
-WARNING_EVERY_S = 60.0
-"""A score refused for a broken key is logged at most this often per key (every post hits it)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ScoredTrace:
-    """A score posted for a request that was sampled as an MLflow trace."""
+    """A score for a request that was sampled as an MLflow trace: a user's (``HUMAN``, by the
+    trace's user) or a judge's (``LLM_JUDGE``, by the judge model, with its rationale)."""
 
     trace_id: str
     name: str
     score: float
     experiment: str
+    source_type: str = "HUMAN"
+    source_id: str | None = None
+    """The judge model for a judge's score; a user's is the trace's user."""
+    rationale: str | None = None
+    metadata: dict[str, str] | None = None
+    """A judge's version and prompt source, on its assessment."""
 
 
 def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, float]:
@@ -78,8 +79,7 @@ class FeedbackService:
         self._metrics = metrics
         self._on_scored_trace = on_scored_trace
         self._signers = signers or ids.Signers()
-        self._script = scripts.Script(scripts.RECORD_FEEDBACK_LUA)
-        self._warnings = ThrottledLog(log, WARNING_EVERY_S)
+        self._scores = ScoreWriter(redis, config)
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         request_id, name, score = parse_feedback(body)
@@ -118,15 +118,12 @@ class FeedbackService:
                 f"score {shown} is outside [{bounds.min:g}, {bounds.max:g}] for {name!r}", "score_out_of_range"
             )
         with store.reachable():
-            # per-user sums: every metric of a unit: user experiment; the primary metric of a
-            # unit: request one, for its design effect (without counting users as units)
-            per_user = "1" if plan.per_unit else "2" if f"feedback.{name}" in plan.per_user_metrics else "0"
-            result = await self._apply(feedback_id, record, per_user, name, score)
+            result = await self._scores.write(plan, feedback_id, record, name, f"feedback.{name}", score)
         self._metrics.feedback.labels(record.experiment, record.variant, name).inc()
         if record.trace_id and self._on_scored_trace is not None:
             self._on_scored_trace(ScoredTrace(record.trace_id, name, score, record.experiment))
         return {
-            "status": "updated" if result == 2 else "recorded",
+            "status": "updated" if result == UPDATED else "recorded",
             "experiment": record.experiment,
             "variant": record.variant,
             "request_id": canonical_id,
@@ -224,53 +221,3 @@ class FeedbackService:
             )
         replies = await pipe.execute()
         return [(replies[3 * i], replies[3 * i + 1], list(replies[3 * i + 2] or [])) for i in range(len(experiments))]
-
-    async def _apply(self, feedback_id: str, record: RequestRecord, per_user: str, name: str, score: float) -> int:
-        experiment, arm, unit = record.experiment, record.arm, record.unit
-        keys = [
-            layout.feedback_key(experiment, feedback_id),
-            layout.stats_key(experiment, arm),
-            layout.hist_key(experiment, arm),
-            layout.unit_key(experiment, arm, unit) if unit else "",
-            layout.unit_schemas_key(experiment),
-        ]
-        args = [
-            name,
-            repr(score),
-            bucket_of(score),
-            self._config.feedback_ttl_s,
-            "0" if record.forced else "1",
-            per_user,
-            layout.UNIT_TTL_S if per_user == "1" else self._config.feedback_ttl_s,
-        ]
-        if not connection.clustered(self._redis):
-            return self._applied(
-                await self._script.run(self._redis, lambda sha: self._redis.evalsha(sha, len(keys), *keys, *args), keys[0])
-            )
-
-        async def confirmed(sha: str) -> int:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-            node = await connection.confirm_replicated(self._redis, pipe, keys[0], connection.FEEDBACK_WAIT_MS)
-            try:
-                result, acknowledged = await pipe.execute(allow_redirections=False)
-            except (MovedError, AskError):
-                await self._redis.nodes_manager.initialize()  # the slot moved: the next try goes there
-                raise
-            if not await connection.replicated(self._redis, node, int(acknowledged)):
-                raise StoreUnavailable("Redis did not confirm the score in time; post it again")
-            return self._applied(result)
-
-        return await self._script.run(self._redis, confirmed, keys[0])
-
-    def _applied(self, reply: Any) -> int:
-        """1 recorded, 2 updated; a score the script could not write at all (RECORD_FEEDBACK_LUA's
-        {0, why}) is refused, and said where an operator looks."""
-        if isinstance(reply, list):
-            why = reply[1]
-            self._warnings.warning(why, "feedback not recorded: %s; mend or delete that key in Redis", why)
-            raise CorruptCounters(
-                f"the score was not recorded: {why}; the proxy's operator must mend or delete that key in Redis"
-            )
-        return int(reply)
-

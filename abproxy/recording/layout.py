@@ -63,6 +63,18 @@ def feedback_key(experiment: str, request_id: str) -> str:
     return f"{experiment_tag(experiment)}:fb:{request_id}"
 
 
+def agreement_prefix(experiment: str) -> str:
+    """Hashes ``<prefix><judge>@<version>|<feedback name>``: field ``<judge's score>|<user's
+    score>`` → how many requests got that pair (scripts: record_feedback.lua), for the rank
+    correlation between a judge and the users."""
+    return f"{experiment_tag(experiment)}:ag:"
+
+
+def agreement_key(experiment: str, judge_metric: str, feedback: str) -> str:
+    """``judge_metric`` as stored: ``judge.<name>@<version>``."""
+    return f"{agreement_prefix(experiment)}{judge_metric}|{feedback}"
+
+
 def sequential_key(experiment: str) -> str:
     """Running always-valid p-values, kept between looks so they never go back up."""
     return f"{experiment_tag(experiment)}:seq"
@@ -71,6 +83,12 @@ def sequential_key(experiment: str) -> str:
 def promoted_key(experiment: str) -> str:
     """The variant ``abproxy promote`` made every replica serve to all new traffic."""
     return f"{experiment_tag(experiment)}:promoted"
+
+
+def aliases_before_key(experiment: str) -> str:
+    """Prompt Registry alias → the version it pointed at before the promotion moved it ('' for
+    none): where ``promote --undo`` puts it back."""
+    return f"{experiment_tag(experiment)}:aliases_before"
 
 
 def stopped_key(experiment: str) -> str:

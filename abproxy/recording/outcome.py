@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from abproxy.recording.ids import SignedId
+from abproxy.recording.record import RequestRecord
+
+MAX_JUDGED_CHARS = 32_000
+"""What a judge sees of the input and of the answer, each: a judge call's cost stays bounded
+whatever the client sent, and so does what a queued judge job holds."""
 
 CANCELLED_STATUS = 499
 """The status counted in Prometheus when the client went away first, or the request was cut
@@ -25,6 +30,27 @@ class ExperimentRoute:
     user: str | None = None
     """The request's user whatever the unit: per-user sums of a ``unit: request`` experiment's
     primary metric measure how correlated a user's requests are (its design effect)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Judging:
+    """The judges a request was sampled for, and what they will see of the client's request."""
+
+    judges: tuple[str, ...]
+    input: str
+    """The client's last user message, before the variant applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeJob:
+    """A successful answer to be judged, as the recorder hands it to the judges."""
+
+    feedback_id: str
+    """The request's feedback hash in Redis: a judge's score is kept there like a user's."""
+    record: RequestRecord
+    judges: tuple[str, ...]
+    input: str
+    output: str
 
 
 @dataclass(slots=True)
@@ -51,6 +77,8 @@ class Outcome:
     """The body as sent upstream, kept only for a traced request."""
     signed: SignedId | None = None
     """What ``request_id`` carries when it is a signed id: the request then needs no record."""
+    judging: Judging | None = None
+    """Set when LLM judges are to score this request's answer."""
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -80,11 +108,20 @@ class TracedExchange:
     failed: bool
     error_reason: str | None
     sent_body: bytes
-    """The request as sent upstream, the variant applied."""
+    """The request as sent upstream, the variant applied (past ``trim.TRACED_BYTES``, cut)."""
     answer: str | None
-    """The generated text (a stream's, assembled)."""
+    """The generated text (a stream's, assembled; cut the same way)."""
     response_body: bytes | None
-    """A JSON response as the upstream sent it; None for a stream."""
+    """A JSON response as the upstream sent it (cut the same way); None for a stream."""
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+    judged: bool = False
+    """Traced because a judge scores it: written whatever the trace cap (the judges' caps bound it)."""
+    cut: tuple[str, ...] = ()
+    """Which of ``inputs`` and ``outputs`` were cut to ``trim.TRACED_BYTES``."""
+
+    @property
+    def size(self) -> int:
+        """Roughly the memory it holds while queued."""
+        return len(self.sent_body) + len(self.answer or "") + len(self.response_body or b"")

@@ -39,11 +39,18 @@ from abproxy.catalog import Catalog
 from abproxy.config import BUILTIN_METRICS, Config
 from abproxy.logs import ThrottledLog
 from abproxy.metrics import DROP_REASONS, ProxyMetrics
-from abproxy.recording import connection, ids, layout, scripts
+from abproxy.recording import connection, ids, layout, scripts, trim
 from abproxy.recording.record import RequestRecord
 from abproxy.recording.aggregate import ArmBatch, metric_row
 from abproxy.recording.interpret import ResponseFacts, response_facts
-from abproxy.recording.outcome import ExperimentRoute, Outcome, TracedExchange
+from abproxy.recording.outcome import (
+    MAX_JUDGED_CHARS,
+    ExperimentRoute,
+    JudgeJob,
+    Judging,
+    Outcome,
+    TracedExchange,
+)
 from abproxy.recording.tally import PrometheusTally
 
 log = logging.getLogger("abproxy.recording.recorder")
@@ -97,6 +104,10 @@ class _Part:
 
 def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | None) -> TracedExchange:
     assert outcome.trace_id is not None and outcome.sent_body is not None
+    sent_body, inputs_cut = trim.trimmed_json(outcome.sent_body)
+    response_body, body_cut = (None, False) if outcome.streamed or outcome.body is None else trim.trimmed_json(outcome.body)
+    answer, answer_cut = trim.trimmed_text(facts.text) if facts and facts.text is not None else (None, False)
+    outputs_cut = body_cut if response_body is not None else answer_cut
     return TracedExchange(
         trace_id=outcome.trace_id,
         request_id=outcome.request_id,
@@ -111,13 +122,24 @@ def _traced(outcome: Outcome, route: ExperimentRoute, facts: ResponseFacts | Non
         status=outcome.status,
         failed=outcome.failed or outcome.cancelled,
         error_reason=outcome.error_reason,
-        sent_body=outcome.sent_body,
-        answer=facts.text if facts else None,
-        response_body=None if outcome.streamed else outcome.body,
+        sent_body=sent_body,
+        answer=answer,
+        response_body=response_body,
         prompt_tokens=facts.prompt_tokens if facts else None,
         completion_tokens=facts.completion_tokens if facts else None,
         total_tokens=facts.total_tokens if facts else None,
+        judged=outcome.judging is not None,
+        cut=tuple(side for side, cut in (("inputs", inputs_cut), ("outputs", outputs_cut)) if cut),
     )
+
+
+def _judge_job(outcome: Outcome, judging: Judging, answer: str, record: RequestRecord | None) -> JudgeJob:
+    if outcome.signed is not None:
+        feedback_id, record = outcome.signed.feedback_id, RequestRecord.of_signed(outcome.signed)
+    else:
+        assert record is not None
+        feedback_id = outcome.request_id
+    return JudgeJob(feedback_id, record, judging.judges, judging.input[:MAX_JUDGED_CHARS], answer[:MAX_JUDGED_CHARS])
 
 
 class Recorder:
@@ -132,8 +154,10 @@ class Recorder:
         max_batch: int = 1000,
         max_buffered: int = 100_000,
         trace_sink: Callable[[TracedExchange], None] | None = None,
+        judge_sink: Callable[[JudgeJob], None] | None = None,
     ):
-        """``trace_sink`` takes the requests sampled to become MLflow traces (it must not block)."""
+        """``trace_sink`` takes the requests sampled to become MLflow traces, ``judge_sink`` the
+        answers sampled for LLM judges (neither may block)."""
         # A batch is one Lua script, and Redis runs nothing else while it does: 1,000 outcomes
         # of a `unit: user` experiment hold it about 20-30 ms, 5,000 about 65-125 ms. Replaying
         # a backlog after an outage goes through the same cap.
@@ -145,6 +169,7 @@ class Recorder:
         self._max_batch = max_batch
         self._max_buffered = max_buffered
         self._trace_sink = trace_sink
+        self._judge_sink = judge_sink
         self._queue: collections.deque[Outcome] = collections.deque()
         self._pending: dict[str, collections.deque[_Part]] = {}
         """Per experiment, its batches not yet confirmed written, oldest first."""
@@ -275,6 +300,7 @@ class Recorder:
             events[route.experiment] += 1
             user = route.unit if route.unit is not None else route.user
             unit = layout.hash_unit(user) if user is not None else None
+            record = None
             if outcome.signed is not None:
                 # the id carries what feedback needs: only the response id's alias is kept
                 kept = records.setdefault(route.experiment, ([], []))
@@ -295,6 +321,8 @@ class Recorder:
                         outcome.request_id,
                     ]
                 )
+            if outcome.judging is not None and self._judge_sink is not None and facts is not None and facts.text is not None:
+                self._judge_sink(_judge_job(outcome, outcome.judging, facts.text, record))
             if route.forced:
                 continue
             arm_batch = arms.get((route.experiment, route.arm))

@@ -4,7 +4,7 @@ experiment's counters and kept state in one round trip, the overrides every repl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,16 +39,19 @@ def reachable() -> Iterator[None]:
         raise StoreUnavailable("Redis is unavailable; retry later") from None
 
 
-async def read_arms(redis: Any, experiment: str, arms: list[str]) -> dict[str, ArmCounters]:
+async def read_arms(
+    redis: Any, experiment: str, arms: list[str], stored_names: Mapping[str, str] | None = None
+) -> dict[str, ArmCounters]:
     """The counters of the given arms, in one round trip."""
-    counters, _, _ = await read_experiment(redis, experiment, arms)
+    counters, _, _ = await read_experiment(redis, experiment, arms, stored_names)
     return counters
 
 
 async def read_experiment(
-    redis: Any, experiment: str, arms: list[str]
+    redis: Any, experiment: str, arms: list[str], stored_names: Mapping[str, str] | None = None
 ) -> tuple[dict[str, ArmCounters], dict[str, str], dict[str, str]]:
-    """The counters of the given arms, the running states and the declared winner, in one round trip."""
+    """The counters of the given arms, the running states and the declared winner, in one round
+    trip (``stored_names``: see :func:`parse_arm`)."""
     keys = [key for arm in arms for key in (stats_key(experiment, arm), hist_key(experiment, arm))]
     # the unit schemas only to learn that they are a hash: the recorder cannot write per-user sums otherwise
     shared = [unit_schemas_key(experiment), sequential_key(experiment), verdict_key(experiment)]
@@ -64,11 +67,21 @@ async def read_experiment(
         replies, unreadable = await _read_hashes_one_by_one(redis, keys + shared)
     counters = {}
     for i, arm in enumerate(arms):
-        counters[arm] = parse_arm(arm, replies[2 * i], replies[2 * i + 1])
+        counters[arm] = parse_arm(arm, replies[2 * i], replies[2 * i + 1], stored_names)
         counters[arm].unreadable = [
             f"{key} is not a hash" for key in (*keys[2 * i : 2 * i + 2], shared[0]) if key in unreadable
         ]
     return counters, replies[-2], replies[-1]
+
+
+async def read_hashes(redis: Any, keys: list[str]) -> list[dict[str, str]]:
+    """Hashes of one experiment (one slot), in one round trip."""
+    if not keys:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return list(await pipe.execute())
 
 
 def _wrong_type(error: ResponseError) -> bool:

@@ -5,7 +5,8 @@ without the ``x-fake-`` prefix; ``None`` when the request had none) and returns 
 body (``bytes``) or, for ``"stream": true``, the SSE events to send (:class:`Events`). A request
 the real API would refuse raises :class:`ReplyError`; :func:`error_body` is OpenAI's error shape.
 
-Replies echo the last user text (``"Echo: " + text``) unless ``x-fake-reply`` says otherwise;
+Replies echo the last user text (``"Echo: " + text``) unless ``x-fake-reply`` says otherwise, or
+the model is the simulated LLM judge (``fake-judge``: :func:`judge_reply`);
 usage counts whitespace-separated words and is left out when ``x-fake-usage`` is ``0``. Ids are
 random and ``created`` is the current time; everything else depends on the input alone.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import struct
 import time
 from typing import Any, NamedTuple, TypeAlias
@@ -144,6 +146,38 @@ def _usage_on(fake: Fake | None) -> bool:
     return v is None or v not in (b"0", b"false", b"no")
 
 
+JUDGE_MODEL = "fake-judge"
+"""The simulated LLM judge: a chat model whose name starts with this answers as a judge
+(:func:`judge_reply`)."""
+
+_SENTENCE = re.compile(r"[^.!?]*[A-Za-z0-9][^.!?]*[.!?]")
+
+
+def judged_answer(prompt: str) -> str:
+    """The answer a judge's prompt quotes: between ``<answer>`` and ``</answer>``, else after the
+    last ``Answer:``, else the whole prompt."""
+    start = prompt.rfind("<answer>")
+    if start >= 0:
+        end = prompt.find("</answer>", start)
+        return prompt[start + len("<answer>") : end if end >= 0 else None]
+    marker = prompt.rfind("Answer:")
+    return prompt[marker + len("Answer:") :] if marker >= 0 else prompt
+
+
+def judge_reply(model: str, prompt: str) -> str:
+    """The simulated judge's answer: ``{"score": <its answer's sentences, 1 to 5>, "rationale":
+    ...}``. ``fake-judge-nonsense`` answers prose, ``fake-judge-out-of-range`` a score of 99,
+    ``fake-judge-error`` fails with 503."""
+    if model.endswith("-error"):
+        raise ReplyError(503, "The judge model is overloaded.")
+    if model.endswith("-nonsense"):
+        return "Looks good to me!"
+    sentences = len(_SENTENCE.findall(judged_answer(prompt)))
+    score = 99 if model.endswith("-out-of-range") else max(1, min(5, sentences))
+    rationale = f"The answer gives {sentences} sentence{'s' if sentences != 1 else ''} of substance."
+    return _dumps({"score": score, "rationale": rationale}).decode()
+
+
 def _reply_text(fake: Fake | None, default_text: str) -> str:
     if fake is not None:
         r = fake.get(b"reply")
@@ -188,7 +222,7 @@ def chat(req: dict[str, Any], fake: Fake | None) -> Reply:
         prompt_tokens += _words(t)
         if m.get("role") == "user":
             last_user = t
-    reply = _reply_text(fake, last_user)
+    reply = judge_reply(model, last_user) if model.startswith(JUDGE_MODEL) else _reply_text(fake, last_user)
     completion_tokens = _words(reply)
     usage_on = _usage_on(fake)
     usage = {

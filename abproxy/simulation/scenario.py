@@ -49,6 +49,8 @@ class Scenario:
     experiments: dict[str, Any]
     """In the config's shape (``experiments:`` of abproxy.yaml)."""
     prices: dict[str, Any]
+    judges: dict[str, Any]
+    """In the config's shape (``judges:``): the simulated judge model scores the answers."""
     tasks: tuple[Task, ...]
     ratings: dict[str, Rating]
     rated_share: float
@@ -76,6 +78,7 @@ def seed_scenario() -> Scenario:
     return Scenario(
         experiments=raw["experiments"],
         prices=raw["prices"],
+        judges=raw.get("judges", {}),
         tasks=tasks,
         ratings=ratings,
         rated_share=float(simulation["rated_share"]),

@@ -114,6 +114,19 @@ class SinceDeclared:
 
 
 @dataclass(frozen=True, slots=True)
+class JudgeAgreement:
+    """A judge against the users' feedback on the requests both scored."""
+
+    judge: str
+    feedback: str
+    n: int
+    """Requests scored by both (the judge's current version)."""
+    spearman: float | None
+    """Rank correlation: 1, they order answers alike; 0, the judge's order says nothing of the users'."""
+    p_value: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentResult:
     experiment: str
     status: str
@@ -149,6 +162,11 @@ class ExperimentResult:
     unsettled: tuple[str, ...] = ()
     """While collecting: variants each significantly better than the control (and held back by
     no guardrail), of which none is yet shown the best."""
+    agreement: tuple[JudgeAgreement, ...] = ()
+    """Each judge against each feedback metric of the experiment (docs/reference.md, "LLM judges")."""
+    rates: tuple[str, ...] = ()
+    """The metrics that are shares of 0/1 outcomes (``error_rate``, a 0/1 score): their
+    differences are read in percentage points."""
 
     def variant(self, name: str) -> VariantResult:
         return next(variant for variant in self.variants if variant.name == name)

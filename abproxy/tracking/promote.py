@@ -1,11 +1,14 @@
-"""``abproxy promote``: close an experiment on its winner (SPEC §4b).
+"""``abproxy promote``: close an experiment on one of its arms (docs/mlflow.md, "Promote").
 
-The variant is registered in MLflow's Prompt Registry as a new version of the prompt named after
-the experiment (its prompt as the template, its model and params as the model config, the
-verdict's numbers as tags), with ``alias`` pointing at it, so an app that loads
-``prompts:/<experiment>@<alias>`` gets it. Then a key in Redis makes every replica serve it to
-all of the experiment's new traffic (see :mod:`abproxy.proxy.overrides`); those requests are
-counted in Prometheus but kept out of the statistics. ``undo`` removes the key.
+Every arm's prompt is a version of the registry prompt named after the experiment (registered by
+the flusher, :mod:`abproxy.tracking.registry`); promote points ``alias`` at the chosen arm's
+version — the same version each time, never a copy — and tags it with the verdict, so an app that
+loads ``prompts:/<experiment>@<alias>`` gets it. Then a key in Redis makes every replica serve it
+to all of the experiment's new traffic (see :mod:`abproxy.proxy.overrides`); those requests are
+counted in Prometheus but kept out of the statistics.
+
+``undo`` removes the key, and puts each alias the promotion moved back on the version it had
+before (or removes it): where that was is kept in Redis before the alias first moves.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from typing import Any
 
 from abproxy.analysis.live import experiment_results
 from abproxy.analysis.report import notes
-from abproxy.catalog import Arm, ExperimentPlan
+from abproxy.catalog import ExperimentPlan
 from abproxy.config import Config
-from abproxy.errors import Conflict, MlflowUnavailable, NotFound
+from abproxy.errors import Conflict, DomainError, MlflowUnavailable, NotFound
 from abproxy.recording import layout, store
 from abproxy.stats.results import ExperimentResult
+from abproxy.tracking import registry
 
 DEFAULT_ALIAS = "production"
 CAUTIONS = ("effect_faded",)
 """Warnings promote repeats when it ships the winner they are about."""
-_MODEL_CONFIG_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "frequency_penalty", "presence_penalty")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Promotion:
     """``prompts:/<experiment>@<alias>``: what an app loads to get the promoted prompt."""
     cautions: tuple[str, ...] = ()
     """What the verdict warns of that a user should read before shipping (``effect_faded``)."""
+    manual: bool = False
+    """Promoted by hand: not the declared winner (tagged ``abproxy.status: manual``)."""
+    winner: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -46,45 +52,25 @@ class Promotion:
             "alias": self.alias,
             "version": self.version,
             "prompt_uri": self.prompt_uri,
+            "status": "manual" if self.manual else "winner",
             "cautions": list(self.cautions),
         }
 
-
-def prompt_template(arm: Arm) -> str | list[dict[str, str]]:
-    """The variant's prompt as a registry template: its chat template, else its system prompt and
-    user template as messages (``{{input}}`` and variables keep their ``{{name}}`` form)."""
-    definition = arm.definition
-    if definition.chat_template is not None:
-        return [{"role": m.role, "content": m.content} for m in definition.chat_template]
-    messages = []
-    if definition.system_prompt is not None:
-        messages.append({"role": "system", "content": definition.system_prompt})
-    messages.append({"role": "user", "content": definition.user_template or "{{input}}"})
-    return messages
+    @property
+    def warning(self) -> str | None:
+        if not self.manual:
+            return None
+        why = f"the declared winner is {self.winner}" if self.winner else "the experiment has declared no winner"
+        return f"{self.variant} is not the winner ({why}): promoted by hand, tagged abproxy.status=manual"
 
 
-def model_config(arm: Arm) -> dict[str, Any]:
-    params = dict(arm.definition.params)
-    config: dict[str, Any] = {"model_name": arm.definition.model} if arm.definition.model else {}
-    for name in _MODEL_CONFIG_FIELDS:
-        if name in params:
-            config[name] = params.pop(name)
-    if "stop" in params:
-        stop = params.pop("stop")
-        config["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-    if params:
-        config["extra_params"] = params
-    return config
-
-
-def verdict_tags(result: ExperimentResult, variant: str) -> dict[str, str]:
+def verdict_tags(result: ExperimentResult, variant: str, manual: bool) -> dict[str, str]:
+    """What the verdict said of ``variant`` when it was promoted, as its version's tags."""
     chosen = result.variant(variant)
     main = chosen.metric(result.primary_metric)
     tags = {
-        "abproxy.experiment": result.experiment,
-        "abproxy.variant": variant,
-        "abproxy.arm": chosen.arm,
-        "abproxy.status": result.status,
+        "abproxy.status": "manual" if manual else "winner",
+        "abproxy.experiment_status": result.status,
         "abproxy.winner": result.winner or "none",
         "abproxy.primary_metric": result.primary_metric,
         "abproxy.requests": str(chosen.requests),
@@ -96,27 +82,70 @@ def verdict_tags(result: ExperimentResult, variant: str) -> dict[str, str]:
     return tags
 
 
-def _register(config: Config, plan: ExperimentPlan, variant: str, alias: str, tags: dict[str, str]) -> int:
+@dataclass(frozen=True)
+class Undone:
+    experiment: str
+    aliases: dict[str, int | None]
+    """Each alias the promotion had moved, and the version it is back on (None: removed)."""
+    problem: str | None = None
+    """Why the aliases could not be put back (MLflow away): a later undo tries again."""
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "experiment": self.experiment,
+            "promoted": None,
+            "aliases": self.aliases,
+            "aliases_restored": self.problem is None,
+        }
+        if self.problem is not None:
+            body["problem"] = self.problem
+        return body
+
+    def lines(self) -> list[str]:
+        said = []
+        for alias, version in self.aliases.items():
+            where = f"back on version {version}" if version is not None else "removed (it pointed at no version before)"
+            said.append(f"alias {alias}: {where}")
+        return said
+
+
+def _client(config: Config) -> Any:
     from mlflow.tracking import MlflowClient
 
     uri = config.mlflow.tracking_uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    arm = plan.arms[variant]
-    version = client.register_prompt(
-        name=plan.name,
-        template=prompt_template(arm),
-        commit_message=f"abproxy promote: {variant} ({arm.arm_id})",
-        tags=tags,
-        model_config=model_config(arm),
-    )
-    client.set_prompt_alias(plan.name, alias, version.version)
-    return int(version.version)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _alias_before(config: Config, plan: ExperimentPlan, alias: str) -> int | None:
+    return registry.alias_version(_client(config), plan.name, alias)
+
+
+def _point_alias(config: Config, plan: ExperimentPlan, variant: str, alias: str, tags: dict[str, str]) -> int:
+    """The alias onto the arm's version (registered now if no flush has yet), its verdict tagged."""
+    client = _client(config)
+    experiment = client.get_experiment_by_name(plan.settings.mlflow_experiment or plan.name)
+    prompt = registry.arm_version(client, plan, plan.arms[variant], experiment.experiment_id if experiment else None)
+    for key, value in tags.items():
+        client.set_prompt_version_tag(plan.name, str(prompt.version), key, value)
+    client.set_prompt_alias(plan.name, alias, prompt.version)
+    return prompt.version
+
+
+def _restore_aliases(config: Config, plan: ExperimentPlan, before: dict[str, int | None]) -> None:
+    client = _client(config)
+    for alias, version in before.items():
+        if version is not None:
+            client.set_prompt_alias(plan.name, alias, version)
+        elif registry.alias_version(client, plan.name, alias) is not None:
+            client.delete_prompt_alias(plan.name, alias)
 
 
 async def promote(
     redis: Any, config: Config, plan: ExperimentPlan, variant: str | None = None, alias: str = DEFAULT_ALIAS
 ) -> Promotion:
-    """Register ``variant`` (default: the declared winner) and serve it to all new traffic."""
+    """Point ``alias`` at ``variant``'s registry version (default: the declared winner's) and
+    serve it to all new traffic. A variant that is not the winner is promoted by hand: tagged
+    ``abproxy.status: manual``, and said so."""
     result = await experiment_results(redis, config, plan)
     chosen = variant or (result.winner if result.status == "winner" else None)
     if chosen is None and result.revoked is not None:
@@ -132,17 +161,40 @@ async def promote(
         )
     if chosen not in plan.arms:
         raise NotFound(f"experiment {plan.name!r} has no variant {chosen!r}", "variant_not_found")
+    manual = not (result.status == "winner" and chosen == result.winner)
     try:
-        version = await asyncio.to_thread(_register, config, plan, chosen, alias, verdict_tags(result, chosen))
+        before = await asyncio.to_thread(_alias_before, config, plan, alias)
+        with store.reachable():
+            # Before the alias moves: where it was, the first time this promotion moved it.
+            await redis.hsetnx(layout.aliases_before_key(plan.name), alias, "" if before is None else str(before))
+        version = await asyncio.to_thread(_point_alias, config, plan, chosen, alias, verdict_tags(result, chosen, manual))
+    except DomainError:
+        raise
     except Exception as error:
-        raise MlflowUnavailable(f"registering the prompt in MLflow failed: {type(error).__name__}: {error}") from error
+        raise MlflowUnavailable(f"pointing the alias in MLflow's Prompt Registry failed: {type(error).__name__}: {error}") from error
     with store.reachable():
         await redis.set(layout.promoted_key(plan.name), chosen)
-    cautions = tuple(line for line in notes(result) if line.startswith(CAUTIONS)) if chosen == result.winner else ()
-    return Promotion(plan.name, chosen, alias, version, f"prompts:/{plan.name}@{alias}", cautions)
+    cautions = tuple(line for line in notes(result) if line.startswith(CAUTIONS)) if not manual else ()
+    return Promotion(plan.name, chosen, alias, version, f"prompts:/{plan.name}@{alias}", cautions, manual, result.winner)
 
 
-async def undo(redis: Any, plan: ExperimentPlan) -> None:
-    """Back to the experiment: new traffic is assigned over the weights again."""
+async def undo(redis: Any, config: Config, plan: ExperimentPlan) -> Undone:
+    """Back to the experiment: new traffic is assigned over the weights again, at once; then each
+    alias the promotion moved goes back where it was (or is removed if it pointed nowhere)."""
     with store.reachable():
         await redis.delete(layout.promoted_key(plan.name))
+        saved = await redis.hgetall(layout.aliases_before_key(plan.name))
+    before = {_text(alias): (int(_text(v)) if _text(v) else None) for alias, v in saved.items()}
+    if not before:
+        return Undone(plan.name, {})
+    try:
+        await asyncio.to_thread(_restore_aliases, config, plan, before)
+    except Exception as error:  # the traffic is back on the experiment; the aliases wait for a retry
+        return Undone(plan.name, before, f"the aliases could not be put back ({type(error).__name__}: {error}); run the undo again")
+    with store.reachable():
+        await redis.delete(layout.aliases_before_key(plan.name))
+    return Undone(plan.name, before)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -3,8 +3,10 @@
 The recorder hands each sampled request over (:meth:`TraceWriter.offer`, O(1), never blocks);
 every ``interval_s`` the writer writes what is queued, in a worker thread, in one batch per
 experiment: one trace record each, then the spans in one call. Nothing here touches a request:
-when MLflow is away or slow, or more is sampled than ``mlflow.max_traces_per_minute`` allows, or
-the queue is full, traces are dropped and counted (``abproxy_traces_dropped_total{reason}``).
+when MLflow is away or slow, or more is sampled than ``mlflow.max_traces_per_minute`` allows (paced
+evenly over the minute, :class:`abproxy.pacing.Pace`), or the queue is full, traces are dropped and
+counted (``abproxy_traces_dropped_total{reason}``). A request an LLM judge scores is traced
+whatever the sample and the cap (the judges' own caps bound those), so its score has a trace.
 
 A trace waits until its experiment's MLflow layout exists (the flusher creates it at its first
 flush), so that it can be linked to its arm's LoggedModel. Trace ids are chosen when the request
@@ -39,6 +41,8 @@ import orjson
 from abproxy.catalog import Catalog
 from abproxy.config import Config, redact_credentials
 from abproxy.metrics import ProxyMetrics
+from abproxy.pacing import Pace
+from abproxy.tracking.registry import LINKED_PROMPTS_TAG, PromptRef
 from abproxy.tracking.writer import check_store
 from abproxy.recording import layout, store
 from abproxy.recording.feedback import ScoredTrace
@@ -48,32 +52,17 @@ log = logging.getLogger("abproxy.tracking.traces")
 
 MAX_QUEUED = 2000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
-"""Prompts can be long: the queue is bounded by bytes too."""
+"""Prompts and answers can be long: the queue is bounded by bytes too (a trace keeps about
+``trim.TRACED_BYTES`` of each)."""
 MAX_ATTEMPTS = 5
 """Writes an assessment is tried for (its trace may not be written yet)."""
 PREVIEW_CHARS = 1000
+CHILD_EXIT_S = 5.0
+"""At shutdown, how long the writer process may take to finish the write it is in (a write
+given up on still runs there: a slow store would otherwise hold the proxy's exit)."""
 
 _SPAN_TYPES = {"chat": "CHAT_MODEL", "responses": "CHAT_MODEL", "completions": "LLM"}
 _SPAN_NAMES = {"chat": "chat.completions", "responses": "responses", "completions": "completions"}
-
-
-class TraceBudget:
-    """At most ``per_minute`` traces in any 60 seconds: the times of the last ``per_minute``
-    taken, the oldest dropped once a minute old."""
-
-    def __init__(self, per_minute: int, clock: Any = time.monotonic):
-        self._per_minute = per_minute
-        self._taken: collections.deque[float] = collections.deque()
-        self._clock = clock
-
-    def take(self) -> bool:
-        now = self._clock()
-        while self._taken and now - self._taken[0] >= 60.0:
-            self._taken.popleft()
-        if len(self._taken) >= self._per_minute:
-            return False
-        self._taken.append(now)
-        return True
 
 
 @dataclass
@@ -93,8 +82,10 @@ class TraceWriter:
         interval_s: float = 2.0,
         max_queued: int = MAX_QUEUED,
         mlflow_lock: asyncio.Lock | None = None,
+        processes: int = 1,
     ):
-        """``mlflow_lock`` is held while writing (shared with the flusher)."""
+        """``mlflow_lock`` is held while writing (shared with the flusher); ``processes`` share
+        ``max_traces_per_minute`` (the replica's workers)."""
         self._redis = redis
         self._config = config
         self._catalog = catalog
@@ -102,12 +93,13 @@ class TraceWriter:
         self._interval_s = interval_s
         self._max_queued = max_queued
         self._mlflow_lock = mlflow_lock or asyncio.Lock()
-        self._budget = TraceBudget(config.mlflow.max_traces_per_minute)
+        self._budget = Pace(config.mlflow.max_traces_per_minute, processes)
         self._traces: collections.deque[TracedExchange] = collections.deque()
         self._queued_bytes = 0
         self._scores: collections.deque[_PendingScore] = collections.deque()
         self._child: ProcessPoolExecutor | None = None
         """The process MLflow's writes run in, for a local store."""
+        self._writing = 0
         self._shown_uri = redact_credentials(config.mlflow.tracking_uri)
         self.written = 0
         """Traces written so far (for tests and logs)."""
@@ -116,13 +108,18 @@ class TraceWriter:
 
     def offer(self, exchange: TracedExchange) -> None:
         """Take a sampled request; never blocks, never raises."""
-        if not self._budget.take():
+        if not exchange.judged and not self._budget.take():
             self._drop("rate_limited")
-        elif len(self._traces) >= self._max_queued or self._queued_bytes + len(exchange.sent_body) > MAX_QUEUED_BYTES:
+        elif len(self._traces) >= self._max_queued or self._queued_bytes + exchange.size > MAX_QUEUED_BYTES:
             self._drop("queue_full")
         else:
             self._traces.append(exchange)
-            self._queued_bytes += len(exchange.sent_body)
+            self._queued_bytes += exchange.size
+
+    @property
+    def queued(self) -> int:
+        """Traces and scores waiting to be written, or being written."""
+        return len(self._traces) + len(self._scores) + self._writing
 
     def offer_score(self, score: ScoredTrace) -> None:
         if len(self._scores) >= self._max_queued:
@@ -144,14 +141,15 @@ class TraceWriter:
                 log.warning("writing traces to MLflow failed (%s: %s)", type(error).__name__, error)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued and ready, once, within ``timeout_s``."""
+        """Write what is queued and ready, once, within ``timeout_s``; the writer process then
+        gets ``CHILD_EXIT_S`` to finish a write still running before it is ended."""
         try:
             async with asyncio.timeout(timeout_s):
                 await self.write_pending()
         except Exception as error:
             log.warning("traces left unwritten at shutdown (%s: %s)", type(error).__name__, error)
         if self._child is not None:
-            await asyncio.to_thread(self._child.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(_end_child, self._child, CHILD_EXIT_S)
             self._child = None
 
     async def write_pending(self) -> int:
@@ -166,7 +164,7 @@ class TraceWriter:
             layout = layouts.get(exchange.experiment)
             (ready if layout is not None and f"model:{exchange.arm}" in layout else waiting).append(exchange)
         self._traces = waiting
-        self._queued_bytes = sum(len(t.sent_body) for t in waiting)
+        self._queued_bytes = sum(t.size for t in waiting)
         # A score waits, like its trace, for its experiment's layout: nothing here touches MLflow
         # before the flusher has (a store both would create at once races its schema migration).
         pending = [p for p in self._scores if p.score.experiment in layouts]
@@ -174,8 +172,12 @@ class TraceWriter:
         if not ready and not pending:
             return 0  # every trace waits for its experiment's layout: nothing for MLflow yet
         batch = Batch(self._config.mlflow.tracking_uri, ready, layouts, [p.score for p in pending])
-        async with self._mlflow_lock:
-            done = await self._run(batch)
+        self._writing = len(ready) + len(pending)
+        try:
+            async with self._mlflow_lock:
+                done = await self._run(batch)
+        finally:
+            self._writing = 0
         for experiment, count, problem in done.failed_experiments:
             self._drop("mlflow_unavailable", count)
             log.warning("could not write %d trace(s) of %s to MLflow (%s)", count, experiment, problem)
@@ -279,32 +281,38 @@ def write_batch(batch: Batch) -> Written:
 
 
 def _write_traces(client: Any, experiment_id: str, exchanges: list[TracedExchange], layout: dict[str, str]) -> int:
-    spans, infos = [], []
+    spans, infos, prompts = [], [], []
     for exchange in exchanges:
-        span, info = trace_of(exchange, experiment_id, layout.get(f"model:{exchange.arm}"))
+        version = layout.get(f"prompt:{exchange.arm}")
+        prompt = PromptRef(exchange.experiment, int(version)) if version else None
+        span, info = trace_of(exchange, experiment_id, layout.get(f"model:{exchange.arm}"), prompt)
         spans.append(span)
         infos.append(info)
+        prompts.append(prompt)
     # The records first: a span logged for a trace with no record makes the store create a
     # bare one, which start_trace then has to merge into (4x the CPU on sqlite).
-    for info in infos:
+    for info, prompt in zip(infos, prompts):
         client.start_trace(info)
+        if prompt is not None:  # what the prompt version's page lists as its traces
+            client.store.link_prompts_to_trace(info.trace_id, [prompt])
     client.log_spans(experiment_id, spans)
     return len(infos)
 
 
 def _write_score(client: Any, score: ScoredTrace) -> None:
-    """The score as the trace's human feedback; a second score of the same name replaces it."""
+    """The score as the trace's feedback, from a human or an LLM judge; a second score of the
+    same name from the same kind of source replaces it."""
     from mlflow.entities import AssessmentSource
     from mlflow.entities.assessment import Feedback
 
     info = client.get_trace_info(score.trace_id)
-    user = info.trace_metadata.get("mlflow.trace.user") or "anonymous"
-    source = AssessmentSource(source_type="HUMAN", source_id=user)
-    feedback = Feedback(name=score.name, value=score.score, source=source)
+    source_id = score.source_id or info.trace_metadata.get("mlflow.trace.user") or "anonymous"
+    source = AssessmentSource(source_type=score.source_type, source_id=source_id)
+    feedback = Feedback(name=score.name, value=score.score, source=source, rationale=score.rationale, metadata=score.metadata)
     earlier = [
         assessment
         for assessment in info.assessments
-        if assessment.name == score.name and assessment.source.source_type == "HUMAN"
+        if assessment.name == score.name and assessment.source.source_type == score.source_type
     ]
     if earlier:
         client.update_assessment(score.trace_id, earlier[-1].assessment_id, feedback)
@@ -337,8 +345,11 @@ def _outputs(exchange: TracedExchange) -> Any:
     return exchange.answer
 
 
-def trace_of(exchange: TracedExchange, experiment_id: str, model_id: str | None) -> tuple[Any, Any]:
-    """One span and its trace record, in MLflow's V3 trace schema."""
+def trace_of(
+    exchange: TracedExchange, experiment_id: str, model_id: str | None, prompt: PromptRef | None = None
+) -> tuple[Any, Any]:
+    """One span and its trace record, in MLflow's V3 trace schema, linked to the arm's
+    LoggedModel and Prompt Registry version when the flusher has made them."""
     from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
 
     inputs = _loads(exchange.sent_body)
@@ -405,12 +416,15 @@ def trace_of(exchange: TracedExchange, experiment_id: str, model_id: str | None)
         response_preview=(exchange.answer or "")[:PREVIEW_CHARS] or None,
         trace_metadata=metadata,
         tags={
-            "mlflow.traceName": name,
+            # what MLflow's trace list shows as the trace's name: which arm answered
+            "mlflow.traceName": f"{exchange.experiment}/{exchange.variant}",
             "abproxy.experiment": exchange.experiment,
             "abproxy.variant": exchange.variant,
             "abproxy.arm": exchange.arm,
             "abproxy.request_id": exchange.request_id,
             **({"abproxy.forced": "true"} if exchange.forced else {}),
+            **({"abproxy.cut": ",".join(exchange.cut)} if exchange.cut else {}),
+            **({LINKED_PROMPTS_TAG: json.dumps([prompt.linked])} if prompt is not None else {}),
         },
     )
     return span, info
@@ -429,3 +443,19 @@ def _preview(inputs: Any) -> str | None:
             if isinstance(inputs.get(key), str):
                 return str(inputs[key])[:PREVIEW_CHARS]
     return None
+
+
+def _end_child(child: ProcessPoolExecutor, timeout_s: float) -> None:
+    """Shut the writer process down: it finishes its write within ``timeout_s`` or is ended
+    (an SQL store rolls the unfinished transaction back; the traces in it are lost, as any
+    trace is when MLflow is away)."""
+    # Python 3.11 has no public way to end an executor's workers (3.14's terminate_workers).
+    processes = list((getattr(child, "_processes", None) or {}).values())
+    child.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.warning("the MLflow trace writer did not finish within %gs of shutdown: ended", timeout_s)
+            process.terminate()
+            process.join(2.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,11 +23,14 @@ from urllib.parse import quote
 from abproxy.analysis.report import markdown, verdict_sentence
 from abproxy.catalog import Arm, ExperimentPlan
 from abproxy.config import redact_credentials
+from abproxy.tracking import registry
 from abproxy.tracking_uri import tracking_uri_problem
 from abproxy.stats.results import ExperimentResult, VariantResult, as_json
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
+
+log = logging.getLogger("abproxy.tracking")
 
 MAX_PARAM_LENGTH = 6000
 DESCRIPTION = "mlflow.note.content"
@@ -46,6 +50,9 @@ _LOGGED = (
 )
 _IDS = ("tracking_uri", "experiment_id", "summary")
 """Keys of the runs hash that are not an arm's run id."""
+PARENT_TAG = "mlflow.parentRunId"
+LAYOUT_DIGEST, TOP_LEVEL = "digest:layout", "top-level"
+"""Kept with the ids once the arm runs sit at the top level (earlier versions nested them)."""
 STOPPED_TAG = "abproxy.stopped"
 """On an arm's run and LoggedModel while it is stopped for harm: the guardrail it harmed."""
 LAST_STEP_TAG = "abproxy.last_step"
@@ -65,33 +72,49 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def variant_metrics(variant: VariantResult) -> dict[str, float]:
-    """The numbers of one variant as MLflow metric name → value: the numbers the verdict used.
-    ``<metric>.p_value`` is the p-value that decided (Holm-adjusted on the primary metric,
-    always-valid when sequential), ``<metric>.p_value_raw`` the same before adjustment, and
-    ``ci_low``/``ci_high`` the interval of the difference to the control."""
+def variant_metrics(variant: VariantResult, compared: tuple[str, ...] = ()) -> dict[str, float]:
+    """The numbers of one variant as MLflow metric name → value: its distribution, and for the
+    ``compared`` metrics (the primary metric and the guardrails: what the verdict used) its
+    comparison with the control — ``<metric>.p_value`` the p-value that decided (Holm-adjusted
+    on the primary metric, always-valid when sequential), ``<metric>.p_value_raw`` the same
+    before adjustment, ``ci_low``/``ci_high`` the interval of the difference. Comparisons
+    nothing decides on would only bury these among some seventy charts."""
+    cost = variant.metric("cost_usd")
     values: dict[str, Any] = {
         "requests": variant.requests,
         "errors": variant.errors,
         "units": variant.units,
         "weight": variant.weight,
         "prob_best": variant.prob_best,
-        "cost_usd_sum": variant.metric("cost_usd").sum,
+        "cost_usd_sum": cost.sum if cost.n else None,  # no price known: no cost, rather than a free arm
     }
     for name, metric, statistic in _LOGGED:
         values[name] = getattr(variant.metric(metric), statistic)
     for metric, summary in variant.metrics.items():
-        if metric.startswith("feedback."):
+        if metric.startswith(("feedback.", "judge.")):
             values[f"{metric}.n"] = summary.n
             values[f"{metric}.mean"] = summary.mean
-        if not variant.control:
+        if not variant.control and metric in compared:
             decided = summary.adjusted_p_value if summary.adjusted_p_value is not None else summary.p_value
             values[f"{metric}.lift"] = summary.lift
             values[f"{metric}.p_value"] = decided
             values[f"{metric}.p_value_raw"] = summary.p_value
             if summary.difference_ci is not None:
                 values[f"{metric}.ci_low"], values[f"{metric}.ci_high"] = summary.difference_ci
-    return {name: float(value) for name, value in values.items() if _finite(value)}
+    return {name: rounded(name, value) for name, value in values.items() if _finite(value)}
+
+
+def rounded(name: str, value: float) -> float:
+    """A number as MLflow shows it, rounded to what it can tell: a p-value to 3 significant
+    digits, a probability to 3 decimals, a count as it is, the rest to 4 significant digits
+    (the live results keep 7)."""
+    if name == "prob_best":
+        return round(float(value), 3)
+    if name.endswith(("p_value", "p_value_raw", ".spearman")):
+        return float(f"{value:.3g}")
+    if float(value).is_integer():
+        return float(value)
+    return float(f"{value:.4g}")
 
 
 def arm_params(arm: Arm, *, weight: float | None = None) -> dict[str, str]:
@@ -113,6 +136,27 @@ def arm_params(arm: Arm, *, weight: float | None = None) -> dict[str, str]:
     return {name: value[:MAX_PARAM_LENGTH] for name, value in params.items()}
 
 
+def agreement_metrics(result: ExperimentResult) -> dict[str, float]:
+    """``agreement.<judge>.<feedback>.spearman`` and ``.n`` for the summary run."""
+    metrics: dict[str, float] = {}
+    for agreement in result.agreement:
+        name = f"agreement.{agreement.judge}.{agreement.feedback}"
+        metrics[f"{name}.n"] = float(agreement.n)
+        if agreement.spearman is not None and _finite(agreement.spearman):
+            metrics[f"{name}.spearman"] = rounded(f"{name}.spearman", agreement.spearman)
+    return metrics
+
+
+def judge_tags(plan: ExperimentPlan) -> dict[str, str]:
+    """Which judge scored each ``judge.<name>`` metric: its model and version (a new version's
+    scores are counted afresh), and the Prompt Registry entry of its prompt."""
+    tags = {}
+    for name, judge in plan.settings.judges.items():
+        source = f", prompt {judge.prompt_source}" if judge.prompt_source else ""
+        tags[f"abproxy.judge.{name}"] = f"{judge.model}, version {plan.judge_version(name)}{source}"
+    return tags
+
+
 def _prompt_artifacts(arm: Arm) -> dict[str, str]:
     definition = arm.definition
     artifacts = {}
@@ -132,8 +176,15 @@ def _digest(*parts: Any) -> str:
 
 
 def description(result: ExperimentResult) -> str:
-    """The experiment's description in MLflow: the verdict in one sentence, then the table."""
-    return f"**{verdict_sentence(result)}**\n\n{markdown(result)}"
+    """The experiment's description in MLflow: the verdict in one sentence, where to read the
+    winner's sampled answers (MLflow's URLs carry no trace filter to link to), then the table."""
+    where = ""
+    if result.winner is not None:
+        where = (
+            f"The winner's sampled answers: **Traces**, **Filters**, Field *Trace name* = "
+            f"`{result.experiment}/{result.winner}`.\n\n"
+        )
+    return f"**{verdict_sentence(result)}**\n\n{where}{markdown(result)}"
 
 
 def artifact_root(tracking_uri: str) -> Path | None:
@@ -169,6 +220,7 @@ class MlflowWriter:
         self.shown_uri = redact_credentials(tracking_uri)  # kept in Redis: never a password
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._artifacts = artifact_root(tracking_uri)
+        self._registry_refusals: set[tuple[str, str]] = set()
 
     # -- finding what exists ------------------------------------------------------------------
 
@@ -255,6 +307,10 @@ class MlflowWriter:
         if step > last_step and _anything_new(runs, arms, summary_digest):
             self.client.set_tag(summary_id, LAST_STEP_TAG, str(step))  # before the steps it covers
 
+        if runs.get(LAYOUT_DIGEST) != TOP_LEVEL:
+            self._unnest(runs)
+            runs[LAYOUT_DIGEST] = TOP_LEVEL
+
         current = set()
         for arm, metrics, is_winner, stopped, digest in arms:
             current.add(arm.arm_id)
@@ -262,11 +318,11 @@ class MlflowWriter:
             if run_id is not None and runs.get(f"digest:{arm.arm_id}") == digest:
                 self._arm_model(experiment_id, plan, arm, run_id, runs, is_winner, stopped)
                 continue  # nothing new to show: no new step
-            run_id = run_id or self._variant_run(experiment_id, summary_id, plan, arm)
+            run_id = run_id or self._variant_run(experiment_id, plan, arm)
             logged = [Metric(name, value, now, step) for name, value in metrics.items()]
             tags = [RunTag("abproxy.winner", is_winner)] + ([RunTag(STOPPED_TAG, stopped)] if stopped else [])
             if not self._log_batch(run_id, experiment_id, metrics=logged, tags=tags):
-                run_id = self._variant_run(experiment_id, summary_id, plan, arm)
+                run_id = self._variant_run(experiment_id, plan, arm)
                 self.client.log_batch(run_id, metrics=logged, tags=tags)
             if not stopped and runs.get(f"stopped:{arm.arm_id}"):
                 self.client.delete_tag(run_id, STOPPED_TAG)  # resumed
@@ -288,20 +344,34 @@ class MlflowWriter:
 
         if runs.get("digest:summary") != summary_digest:
             srm = result.srm.p_value
-            srm_metric = [Metric("srm_p_value", srm, now, step)] if srm is not None and _finite(srm) else []
+            summary_metrics = [Metric("srm_p_value", rounded("srm_p_value", srm), now, step)] if srm is not None and _finite(srm) else []
+            summary_metrics += [Metric(name, value, now, step) for name, value in agreement_metrics(result).items()]
             verdict_tags = {
                 "abproxy.status": result.status,
                 "abproxy.winner": winner or "none",
                 "abproxy.warnings": ",".join(result.warnings) or "none",
                 DESCRIPTION: description(result),
+                **judge_tags(plan),
             }
-            self.client.log_batch(summary_id, metrics=srm_metric, tags=[RunTag(k, v) for k, v in verdict_tags.items()])
+            self.client.log_batch(summary_id, metrics=summary_metrics, tags=[RunTag(k, v) for k, v in verdict_tags.items()])
             self.client.log_text(summary_id, json.dumps(shown, indent=2, ensure_ascii=False), "report.json")
             self.client.log_text(summary_id, markdown(result), "report.md")
             for key, value in verdict_tags.items():
                 self.client.set_experiment_tag(experiment_id, key, value)
             runs["digest:summary"] = summary_digest
         return Written(runs, step)
+
+    def _unnest(self, runs: dict[str, str]) -> None:
+        """Arm runs an earlier version created under the summary run, moved beside it."""
+        from mlflow.exceptions import MlflowException
+
+        for key, run_id in runs.items():
+            if key in _IDS or ":" in key:
+                continue
+            try:
+                self.client.delete_tag(run_id, PARENT_TAG)
+            except MlflowException:
+                pass  # not nested (a run of this version), or gone: nothing to move
 
     def _summary_run(self, experiment_id: str, plan: ExperimentPlan, runs: dict[str, str]) -> tuple[str, int]:
         """The summary run's id (found, or created) and the last step logged under it."""
@@ -321,7 +391,7 @@ class MlflowWriter:
         runs["summary"] = summary_id
         return summary_id, _last_step(run)
 
-    def _variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+    def _variant_run(self, experiment_id: str, plan: ExperimentPlan, arm: Arm) -> str:
         """The arm's run when Redis holds no id for it: the one an earlier flush created, else a
         new one. An earlier flush may have died between creating the run and logging its params
         and prompts, so whatever of those is missing is logged now."""
@@ -331,7 +401,7 @@ class MlflowWriter:
         if found is not None:
             run_id, logged = found.info.run_id, found.data.params
         else:
-            run_id, logged = self._create_variant_run(experiment_id, summary_id, plan, arm), {}
+            run_id, logged = self._create_variant_run(experiment_id, plan, arm), {}
         # Only the missing ones: MLflow refuses to change a param, and the weight may have changed.
         wanted = arm_params(arm, weight=arm.definition.weight)
         params = [Param(name, value) for name, value in wanted.items() if name not in logged]
@@ -341,7 +411,7 @@ class MlflowWriter:
             self.client.log_text(run_id, text, path)
         return run_id
 
-    def _create_variant_run(self, experiment_id: str, summary_id: str, plan: ExperimentPlan, arm: Arm) -> str:
+    def _create_variant_run(self, experiment_id: str, plan: ExperimentPlan, arm: Arm) -> str:
         tags = {
             "abproxy.experiment": plan.name,
             "abproxy.variant": arm.variant,
@@ -350,8 +420,9 @@ class MlflowWriter:
             "abproxy.variant_hash": arm.definition_hash,
             "abproxy.arm": f"{plan.name}/{arm.arm_id}",
             "abproxy.current": "true",
-            "mlflow.parentRunId": summary_id,
         }
+        # Beside the summary run, not under it: MLflow's runs table shows a parent's children
+        # collapsed, and a newcomer would see one "summary" row and none of the arms.
         return str(self.client.create_run(experiment_id, run_name=arm.variant, tags=tags).info.run_id)
 
     # -- LoggedModels ---------------------------------------------------------------------------
@@ -366,6 +437,8 @@ class MlflowWriter:
         if model_id is None:
             model_id = self._find_model(experiment_id, plan, arm) or self._create_model(experiment_id, plan, arm, run_id)
             runs[key] = model_id
+        if f"prompt:{arm.arm_id}" not in runs:
+            self._arm_prompt(experiment_id, plan, arm, run_id, model_id, runs)
         shown = f"{is_winner}|{stopped}"
         before = runs.get(f"digest:{key}", "")
         if before != shown:
@@ -373,6 +446,23 @@ class MlflowWriter:
             if not stopped and before.partition("|")[2]:
                 self.client.delete_logged_model_tag(model_id, STOPPED_TAG)  # resumed
             runs[f"digest:{key}"] = shown
+
+    def _arm_prompt(
+        self, experiment_id: str, plan: ExperimentPlan, arm: Arm, run_id: str, model_id: str, runs: dict[str, str]
+    ) -> None:
+        """The arm's prompt as a Prompt Registry version, linked to the experiment, the run and
+        the LoggedModel. The registry is a side of MLflow a store may refuse (a registered model
+        of the experiment's name, a registry not configured): the flush goes on without it, and
+        tries again next time."""
+        try:
+            prompt = registry.arm_version(self.client, plan, arm, experiment_id)
+            registry.link_to_run_and_model(self.client, prompt, run_id, model_id)
+        except Exception as error:
+            if (plan.name, str(error)) not in self._registry_refusals:  # once, not every flush
+                self._registry_refusals.add((plan.name, str(error)))
+                log.warning("%s: variant %s not registered in the Prompt Registry (%s)", plan.name, arm.variant, error)
+            return
+        runs[f"prompt:{arm.arm_id}"] = str(prompt.version)
 
     def _find_model(self, experiment_id: str, plan: ExperimentPlan, arm: Arm) -> str | None:
         found = self.client.search_logged_models(
@@ -421,7 +511,7 @@ def _arm_rows(plan: ExperimentPlan, result: ExperimentResult) -> list[_ArmRow]:
     stopped = {stop.variant: stop.reason for stop in result.stopped}
     rows = []
     for variant in result.variants:
-        metrics = variant_metrics(variant)
+        metrics = variant_metrics(variant, (result.primary_metric, *result.guardrails))
         is_winner = "true" if result.winner == variant.name else "false"
         reason = stopped.get(variant.name, "")
         digest = _digest(metrics, is_winner, reason) if reason else _digest(metrics, is_winner)

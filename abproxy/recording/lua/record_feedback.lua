@@ -1,12 +1,14 @@
 -- KEYS: feedback hash of the request, arm stats hash, arm histogram hash, unit hash or '', the
 -- experiment's unit schemas.
--- ARGV: name, score, bucket, ttl, counted ('1' or '0'), per-unit ('0': no; '1': sums and units,
--- for unit: user; '2': sums only, the design effect of a unit: request experiment), unit ttl.
+-- ARGV: name (the field of the feedback hash), score, bucket, ttl, counted ('1' or '0'), per-unit
+-- ('0': no; '1': sums and units, for unit: user; '2': sums only, the design effect of a unit:
+-- request experiment), unit ttl, the metric counted ('feedback.<name>', 'judge.<name>@<version>'),
+-- the prefix of the experiment's agreement tables (layout.agreement_prefix).
 -- Returns 1 when recorded, 2 when it replaced an earlier score for the same name, or {0, what
 -- cannot be written} when nothing was written (a key of another type, a counter that is no
 -- number: see common.lua).
 local name, score, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local metric = 'feedback.' .. name
+local metric = ARGV[8]
 local stats, hist = KEYS[2], KEYS[3]
 local why = wrong_type(KEYS[1], 'hash')
 local old, old_score, old_bucket
@@ -34,6 +36,35 @@ if not why and ARGV[5] == '1' then
   if not why and ARGV[6] ~= '0' and KEYS[4] ~= '' then why = wrong_type(KEYS[5], 'hash') end
 end
 if why then return {0, why} end
+
+-- Agreement between judges and users: per (judge, feedback name), how many requests got each
+-- pair of scores. A judge's field carries its version ('@'); a user's feedback name cannot.
+if ARGV[5] == '1' then
+  local is_judge = string.find(name, '@', 1, true) ~= nil
+  local fields = redis.call('HGETALL', KEYS[1])
+  local new_value = ARGV[2]
+  local old_value = old and string.match(old, '^([^|]+)|') or nil
+  for i = 1, #fields, 2 do
+    local other = fields[i]
+    if other ~= name and (string.find(other, '@', 1, true) ~= nil) ~= is_judge then
+      local other_value = string.match(fields[i + 1], '^([^|]+)|')
+      if other_value then
+        local table_key, before, after
+        if is_judge then
+          table_key = ARGV[9] .. name .. '|' .. other
+          before, after = old_value and (old_value .. '|' .. other_value), new_value .. '|' .. other_value
+        else
+          table_key = ARGV[9] .. other .. '|' .. name
+          before, after = old_value and (other_value .. '|' .. old_value), other_value .. '|' .. new_value
+        end
+        if before ~= after then
+          if before and redis.call('HINCRBY', table_key, before, -1) <= 0 then redis.call('HDEL', table_key, before) end
+          redis.call('HINCRBY', table_key, after, 1)
+        end
+      end
+    end
+  end
+end
 
 redis.call('HSET', KEYS[1], name, ARGV[2] .. '|' .. bucket)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
