@@ -18,9 +18,12 @@ import redis
 from abproxy.recording.embedded_redis import find_redis_server
 
 SLOTS = 16384
-NODE_TIMEOUT_MS = 1000
-"""How long a master may be silent before its replica takes over: short, so a failover test
-waits seconds, not the default 15."""
+NODE_TIMEOUT_MS = 5000
+"""How long a master may be silent before its replica takes over: long enough that a busy
+machine (a node not scheduled for a second) does not fail a master over in the middle of a test
+that only reads and writes, yet a third of Redis's default 15 s."""
+FAILOVER_NODE_TIMEOUT_MS = 1000
+"""For a test's own cluster whose masters it kills: a failover in seconds."""
 
 
 def server_binaries() -> dict[str, str]:
@@ -68,8 +71,11 @@ def _free_cluster_port() -> int:
 
 
 class ClusterNode:
-    def __init__(self, data_dir: Path, require_full_coverage: bool = True, binary: str | None = None):
+    def __init__(
+        self, data_dir: Path, require_full_coverage: bool = True, binary: str | None = None, node_timeout_ms: int = NODE_TIMEOUT_MS
+    ):
         self.data_dir = data_dir
+        self.node_timeout_ms = node_timeout_ms
         self.binary = binary or find_redis_server()
         self.require_full_coverage = require_full_coverage
         self.port = _free_cluster_port()
@@ -89,7 +95,7 @@ class ClusterNode:
                 "--dir", str(self.data_dir.resolve()),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-require-full-coverage", "yes" if self.require_full_coverage else "no",
                 "--appendonly", "yes",
                 "--save", "",
@@ -138,13 +144,23 @@ class RedisCluster:
     """Masters ``nodes[0:3]`` own a third of the slots each; ``nodes[3 + i]`` replicates ``nodes[i]``."""
 
     def __init__(
-        self, data_dir: Path, masters: int = 3, replicas: int = 1, *, require_full_coverage: bool = True, binary: str | None = None
+        self,
+        data_dir: Path,
+        masters: int = 3,
+        replicas: int = 1,
+        *,
+        require_full_coverage: bool = True,
+        binary: str | None = None,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
     ):
         """``require_full_coverage=False``: the other slots go on serving while some slot has no
         master at all (Redis's default refuses every query then). ``binary``: the redis-server to
-        run, by default the suite's."""
+        run, by default the suite's. ``node_timeout_ms``: :data:`FAILOVER_NODE_TIMEOUT_MS` for a
+        test that kills masters."""
         self.masters = masters
-        self.nodes = [ClusterNode(data_dir / f"node{i}", require_full_coverage, binary) for i in range(masters * (1 + replicas))]
+        self.nodes = [
+            ClusterNode(data_dir / f"node{i}", require_full_coverage, binary, node_timeout_ms) for i in range(masters * (1 + replicas))
+        ]
 
     @property
     def url(self) -> str:

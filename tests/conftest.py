@@ -10,12 +10,17 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from abproxy.app import ABProxyApp
 from abproxy.config import Config
 from abproxy.simulation.fake_upstream import FakeUpstream
 from abproxy.simulation.server import RunningServer, serve_in_thread
 from proxykit import Proxy, RedisServer, make_config, serve, serve_in_process
+
+# Property tests judge the code, not the machine: a busy one must not fail them for slowness.
+settings.register_profile("abproxy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("abproxy")
 
 
 @pytest.fixture(scope="session")

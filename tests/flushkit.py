@@ -106,7 +106,7 @@ class MlflowServer:
         path = self.root / "server.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
-    def start(self, timeout_s: float = 30) -> float:
+    def start(self, timeout_s: float = 120) -> float:
         """Start it and wait until ``/health`` answers; returns the seconds that took."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers

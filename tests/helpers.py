@@ -107,7 +107,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy, which is returned; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -37,7 +37,7 @@ _NUMBERS = itertools.count(1)
 class InProcessServer:
     """``app`` on its own event loop in a daemon thread, lifespan entered; :meth:`stop` exits it."""
 
-    def __init__(self, app: Any, timeout_s: float = 30.0):
+    def __init__(self, app: Any, timeout_s: float = 300.0):
         self.app = app
         self.timeout_s = timeout_s
         self.url = f"http://in-process-{next(_NUMBERS)}"
@@ -123,7 +123,10 @@ class InProcessTransport(httpx2.BaseTransport):
         self._server = server
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        return _answer(request, self._server.run(self._server.call(_copy(request, request.read()))))
+        # The client's own read timeout bounds the wait (a first flush into a new MLflow store
+        # can take a while on a busy machine); the server's bound only when it gave none.
+        timeout_s = (request.extensions.get("timeout") or {}).get("read")
+        return _answer(request, self._server.run(self._server.call(_copy(request, request.read())), timeout_s))
 
 
 class AsyncInProcessTransport(httpx2.AsyncBaseTransport):

@@ -79,15 +79,16 @@ class RedisServer:
 
 def make_config(upstream_url: str, **overrides: Any) -> Config:
     data: dict[str, Any] = {
-        "upstreams": {"fake": {"base_url": upstream_url, "timeout_s": 5}},
+        "upstreams": {"fake": {"base_url": upstream_url, "timeout_s": 60}},  # a hang bound, not a test
         "default_upstream": "fake",
         "prices": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o": {"input": 2.5, "output": 10.0}},
         "experiments": copy.deepcopy(BASE_EXPERIMENTS),
     }
     for key, value in overrides.items():
         data[key] = value
-    # No traces unless a test asks for them: writing them runs beside the flush it checks.
-    data["mlflow"] = {"trace_sample_rate": 0, **data.get("mlflow", {})}
+    # No traces unless a test asks for them: writing them runs beside the flush it checks. No
+    # periodic flush either (a test that runs long would meet one holding the flush lock).
+    data["mlflow"] = {"trace_sample_rate": 0, "flush_interval_s": 0, **data.get("mlflow", {})}
     return parse_config(data, environ={})
 
 
@@ -119,16 +120,21 @@ class Proxy:
             return httpx2.AsyncClient(transport=AsyncInProcessTransport(self.running), timeout=timeout)
         return httpx2.AsyncClient(timeout=timeout)
 
-    def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until the recorder has written everything it holds to Redis."""
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait until every request answered so far is recorded and written to Redis. (Over a
+        socket the client may have its last byte before the handler hands its outcome over.)"""
         deadline = time.monotonic() + timeout_s
+
+        def settled() -> bool:
+            return self.app.proxy.in_flight == 0 and self.app.recorder.buffered == 0
+
         while time.monotonic() < deadline:
-            if self.app.recorder.buffered == 0:
+            if settled():
                 time.sleep(0.06)  # one more recorder interval: the last batch may be mid-write
-                if self.app.recorder.buffered == 0:
+                if settled():
                     return
             time.sleep(0.02)
-        raise AssertionError(f"recorder still holds {self.app.recorder.buffered} measurements")
+        raise AssertionError(f"{self.app.proxy.in_flight} request(s) in flight, {self.app.recorder.buffered} measurement(s) unwritten")
 
     def stop(self) -> None:
         self.running.stop(timeout=15)

@@ -262,7 +262,7 @@ def test_proxy_keys_from_secret_files_are_stripped_too():
 
 
 def _cli(
-    *args: str, cwd: Path, environ: dict[str, str] | None = None, timeout: float = 30
+    *args: str, cwd: Path, environ: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ABPROXY_", "MLFLOW_"))}
     return subprocess.run(

@@ -122,6 +122,9 @@ class RunningDemo:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "abproxy", "demo", "--keep", "--requests", "120", "--dir", str(folder)],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            # Ctrl-C stops it, as at a terminal: a test run started in the background (nohup, a CI
+            # job) has SIGINT ignored, which a child inherits and Python then keeps ignoring.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -141,9 +144,15 @@ class RunningDemo:
                 assert self.process.poll() is None, f"the demo exited:\n{''.join(seen)}"
         return "".join(seen)
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
+        """Ctrl-C: its exit status, or None (and it is killed) when it did not stop within 60 s."""
         self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=60)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return None
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def judge_metric(results: dict[str, Any], variant: str, metric: str = "judge.hel
 
 
 def scored(proxy: Any, count: int) -> None:
-    wait_until(lambda: proxy.app.judges.scored >= count, timeout=20)
+    wait_until(lambda: proxy.app.judges.scored >= count, timeout=60)
 
 
 def test_a_judge_alone_decides_the_experiment(start_proxy: Any, upstream_url: str, upstream: FakeUpstream) -> None:
@@ -148,11 +148,17 @@ def test_the_per_minute_cap_thins_the_sample(start_proxy: Any, upstream_url: str
     ask(proxy, users_for(plan, "basic", 12, "jc"))
     proxy.settle()
     # 120 a minute paced: two at once, then one every half second; 12 requests in much less
-    # than that get their two, and the rest are counted as over the cap
-    text = metrics_text(proxy.url)
-    taken = sample(text, "abproxy_judge_requests_total", judge="helpfulness", status="scored")
-    over = sample(text, "abproxy_judge_failures_total", judge="helpfulness", reason="over_cap")
-    assert taken + over == 12 and 2 <= taken < 12
+    # than that get their two (a slow machine a few more), and the rest are counted as over the
+    # cap. A request's judge is counted when its call returns: wait for the last one.
+
+    def taken_and_over() -> tuple[float, float] | None:
+        text = metrics_text(proxy.url)
+        taken = sample(text, "abproxy_judge_requests_total", judge="helpfulness", status="scored")
+        over = sample(text, "abproxy_judge_failures_total", judge="helpfulness", reason="over_cap")
+        return (taken, over) if taken + over == 12 and not proxy.app.judges.busy else None
+
+    taken, over = wait_until(taken_and_over, timeout=60)
+    assert 2 <= taken < 12 and over == 12 - taken
 
 
 def test_a_sample_rate_judges_a_share_of_the_requests(start_proxy: Any, upstream_url: str) -> None:
@@ -160,7 +166,7 @@ def test_a_sample_rate_judges_a_share_of_the_requests(start_proxy: Any, upstream
     plan = proxy.app.catalog.plans["translation"]
     ask(proxy, users_for(plan, "basic", 200, "jr"))
     proxy.settle()
-    wait_until(lambda: proxy.app.judges.scored and not proxy.app.judges.busy, timeout=10)
+    wait_until(lambda: proxy.app.judges.scored and not proxy.app.judges.busy, timeout=60)
     n = judge_metric(live(proxy), "basic")
     assert n is not None and 25 <= n["n"] <= 80  # binomial(200, 0.25): 50 ± 6σ
 
@@ -195,7 +201,7 @@ def test_failing_judges_are_counted_never_recorded_and_never_felt(start_proxy: A
         text = metrics_text(proxy.url)
         return {name: sample(text, "abproxy_judge_failures_total", judge=name, reason=reason) for name, reason in expected.items()}
 
-    wait_until(lambda: all(count == 4 for count in failures().values()), timeout=20)
+    wait_until(lambda: all(count == 4 for count in failures().values()), timeout=60)
     results = live(proxy)
     for name in expected:
         metric = judge_metric(results, "basic", f"judge.{name}")
@@ -302,7 +308,7 @@ def test_judged_requests_are_traced_with_the_judges_assessment_beside_the_users(
         )
         request_ids[raw.headers["x-abproxy-request-id"]] = raw.headers["x-abproxy-variant"]
     proxy.settle()
-    wait_until(lambda: proxy.app.judges.scored >= 5 and not proxy.app.judges.busy, timeout=20)
+    wait_until(lambda: proxy.app.judges.scored >= 5 and not proxy.app.judges.busy, timeout=60)
     judged = proxy.app.judges.scored
     for request_id in request_ids:
         status, body = http_json("POST", f"{proxy.url}/v1/feedback", {"request_id": request_id, "name": "satisfaction", "score": 4})
@@ -348,7 +354,7 @@ def test_scores_given_while_redis_is_away_are_written_once_it_is_back(
     try:
         answers = ask(proxy, users_for(plan, "basic", 6, "jo"))
         assert len(answers) == 6, "clients are served while Redis is away"
-        wait_until(lambda: proxy.app.judges.unwritten == 6, timeout=20)  # judged, waiting for Redis
+        wait_until(lambda: proxy.app.judges.unwritten == 6, timeout=60)  # judged, waiting for Redis
         assert proxy.app.judges.scored == 2
     finally:
         redis_server.start()

@@ -143,10 +143,10 @@ def test_mlflow_server_killed_mid_flush_then_the_next_flush_is_complete(
     flushing.start()
     # SIGKILL as soon as the first variant run is committed: the summary run and one variant
     # run exist, the rest of the layout (its params and artifacts, the other runs) does not yet.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while variant_runs_in(mlflow_server.db) == 0:
         assert flushing.is_alive(), f"the flush ended before it created a run: {answer}"
-        assert time.monotonic() < deadline, "no variant run within 30 s"
+        assert time.monotonic() < deadline, "no variant run within 120 s"
         time.sleep(0.001)
     mlflow_server.kill()
     flushing.join(60)
@@ -240,6 +240,7 @@ def test_a_trace_writer_stuck_at_shutdown_is_ended_not_waited_for(caplog: pytest
     stop it there: the proxy's exit would wait for however long the store takes. The child is
     given a moment, then ended, and the log says so."""
     import multiprocessing
+    import multiprocessing.connection
     from concurrent.futures import ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -252,7 +253,8 @@ def test_a_trace_writer_stuck_at_shutdown_is_ended_not_waited_for(caplog: pytest
         time.sleep(0.05)
     (process,) = child._processes.values()
     _end_child(child, 0.2)
-    assert not process.is_alive()
+    # gone (its sentinel says so: is_alive() can say "alive" of a process the executor reaped)
+    assert multiprocessing.connection.wait([process.sentinel], 0)
     wait([queued], timeout=30)  # the executor settles its futures in a thread of its own
-    assert queued.cancelled() or isinstance(queued.exception(), BrokenProcessPool)  # never run
+    assert queued.cancelled() or isinstance(queued.exception(timeout=30), BrokenProcessPool)  # never run
     assert "did not finish within 0.2s of shutdown: ended" in caplog.text

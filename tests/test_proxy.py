@@ -881,7 +881,7 @@ def test_cli_serve_refuses_open_relay_with_exit_code_2(tmp_path: Path):
     path.write_text(yaml.safe_dump(config))
     done = subprocess.run(
         [sys.executable, "-m", "abproxy", "serve", "--config", str(path), "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "allow_open_relay" in done.stderr

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from abproxy.app import ABProxyApp, open_redis
 from abproxy.recording import layout
-from clusterkit import RedisCluster, server_binaries
+from clusterkit import FAILOVER_NODE_TIMEOUT_MS, RedisCluster, server_binaries
 from proxykit import BASE_EXPERIMENTS, Proxy, make_config, serve
 from flushkit import flush, users_for
 from helpers import http_json, wait_until
@@ -103,7 +103,8 @@ def traffic(proxies: list[Proxy], prefix: str, per_variant: int = 6) -> dict[str
                 named = raw.headers["x-abproxy-request-id"] if i % 2 == 0 else raw.parse().id
                 feedback = {"request_id": named, "name": name, "score": score}
                 status, body = http_json("POST", f"{feedback_to.url}/v1/feedback", feedback)
-                for _ in range(5):
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
                     if not (status == 503 and "post it again" in body["error"]["message"]):
                         break
                     # No replica confirmed the score within 200 ms (a loaded machine: it happened
@@ -209,7 +210,7 @@ def test_a_master_killed_under_traffic_loses_nothing_and_doubles_nothing(
     """The recorder drops a batch from memory only once a replica has it: the replica that takes
     over has every batch abproxy let go of, and the ones it had not are written again (their
     dedupe keys make a second write of one it had change nothing)."""
-    cluster = RedisCluster(tmp_path / "cluster", binary=redis_binary)
+    cluster = RedisCluster(tmp_path / "cluster", binary=redis_binary, node_timeout_ms=FAILOVER_NODE_TIMEOUT_MS)
     cluster.start()
     try:
         proxy = start_on(cluster.url)
@@ -245,7 +246,7 @@ def test_a_master_killed_under_traffic_loses_nothing_and_doubles_nothing(
         stop.set()
         for sender in senders:
             sender.join()
-        proxy.settle(timeout_s=30)
+        proxy.settle(timeout_s=60)
         assert totals(proxy, "translation", "satisfaction") == (answered["translation"], scored["translation"])
         assert totals(proxy, "sentiment", "accuracy") == (answered["sentiment"], scored["sentiment"])
     finally:
@@ -257,7 +258,9 @@ def test_the_client_finds_the_cluster_again_while_the_first_master_is_down(tmp_p
     """redis-py re-learns the whole layout after a CLUSTERDOWN or a closed client, and asks the
     first master listed (slot 0's) for the command table: with that master and its replica
     down, a plain client reached no node at all. abproxy's asks the next master."""
-    cluster = RedisCluster(tmp_path / "cluster", require_full_coverage=False, binary=redis_binary)
+    cluster = RedisCluster(
+        tmp_path / "cluster", require_full_coverage=False, binary=redis_binary, node_timeout_ms=FAILOVER_NODE_TIMEOUT_MS
+    )
     cluster.start()
     try:
         first = cluster.master_of("{06S}")  # a key in slot 0
@@ -289,7 +292,9 @@ def test_a_slot_without_any_master_holds_up_no_other_experiment_and_catches_up_w
 ) -> None:
     """Translation's master and its replica both down: its batches wait in memory while
     sentiment's keep being written; once the two are back, translation's totals are exact."""
-    cluster = RedisCluster(tmp_path / "cluster", require_full_coverage=False, binary=redis_binary)
+    cluster = RedisCluster(
+        tmp_path / "cluster", require_full_coverage=False, binary=redis_binary, node_timeout_ms=FAILOVER_NODE_TIMEOUT_MS
+    )
     cluster.start()
     try:
         proxy = start_on(cluster.url)
@@ -309,7 +314,7 @@ def test_a_slot_without_any_master_holds_up_no_other_experiment_and_catches_up_w
         assert proxy.app.recorder.buffered == 30
         master.start()
         replica.start()
-        proxy.settle(timeout_s=30)
+        proxy.settle(timeout_s=60)
         assert totals(proxy, "translation", "satisfaction")[0] == 40
         assert totals(proxy, "sentiment", "accuracy")[0] == 40
     finally:

@@ -293,7 +293,7 @@ def test_keys_evicted_while_serving_warn_on_every_experiment_for_every_process_u
         overflow_with_traffic(serve, evicting.url)
 
         for experiment in ("translation", "sentiment"):
-            assert wait_until(lambda name=experiment: "redis_evicted_keys" in warnings_of(serve, name), timeout=10)
+            assert wait_until(lambda name=experiment: "redis_evicted_keys" in warnings_of(serve, name), timeout=60)
         assert "Redis evicted" in serve.log(), serve.log()[-3000:]
 
         # `abproxy report`, another process, reads the warning from Redis

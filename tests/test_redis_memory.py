@@ -198,6 +198,9 @@ def test_response_ids_of_thousands_of_requests_in_one_hour_all_find_their_reques
 
         return await asyncio.gather(*(one(i) for i in range(1200)))
 
+    to_next_hour = 3600 - time.time() % 3600
+    if to_next_hour < 90:  # all 1200 in one hour (the buckets are per hour): wait for the next
+        time.sleep(to_next_hour + 1)
     pairs = asyncio.run(many())
     proxy.settle()
     levels = {key.split(":")[-2] for key in redis_client.scan_iter(match=f"{layout.alias_prefix('translation')}*")}

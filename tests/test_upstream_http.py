@@ -88,6 +88,14 @@ def post_to(client: UpstreamClient, timeout_s: float, streaming: bool) -> Any:
     return client.request("up", "POST", "/chat/completions", b"", [(b"content-type", b"application/json")], BODY, timeout_s, streaming)
 
 
+async def until(condition: Any, timeout_s: float = 30.0) -> None:
+    """Let the loop run until ``condition()`` holds (the server sees a close on its next read)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not true in time"
+        await asyncio.sleep(0.01)
+
+
 async def post(client: UpstreamClient, *, timeout_s: float = 2.0, streaming: bool = False) -> tuple[int, bytes]:
     async with post_to(client, timeout_s, streaming) as response:
         return response.status, await response.read()
@@ -180,17 +188,17 @@ def test_connections_of_a_burst_are_closed_once_idle_too_long() -> None:
     async def main():
         server = ScriptedServer(answer)
         async with server as url:
-            client = client_for(url, idle_keepalive_s=0.3)
+            client = client_for(url, idle_keepalive_s=1.0)
             await asyncio.gather(*(post(client) for _ in range(5)))
             assert (server.connections, server.closed) == (5, 0)
-            deadline = time.monotonic() + 0.6
+            deadline = time.monotonic() + 1.6
             while time.monotonic() < deadline:  # traffic goes on, one request at a time
                 assert await post(client) == (200, b"{}")
-            await asyncio.sleep(0.05)
+            await until(lambda: server.closed >= 4)
             assert (server.connections, server.closed) == (5, 4)  # one kept busy, four let go
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(1.2)
             assert await post(client) == (200, b"{}")  # after a lull, on a fresh connection
-            await asyncio.sleep(0.05)
+            await until(lambda: server.closed >= 5)
             assert (server.connections, server.closed) == (6, 5)
             client.close()
 
@@ -203,11 +211,14 @@ def test_at_most_max_connections_are_open_to_an_upstream_and_the_others_wait_for
     upstream closes makes room for a waiting request on a new one; a request that gets none
     within its timeout fails naming ``max_connections``, and the upstream never sees it."""
     peak = 0
+    timed_out = asyncio.Event()  # the last two answers wait for it: no connection frees up early
 
     async def answer(reader, writer, n):
         nonlocal peak
         peak = max(peak, server.connections - server.closed)
         await asyncio.sleep(0.05)
+        if n >= 8:
+            await timed_out.wait()
         if n == 1:  # the upstream closes this one after answering
             writer.write(json_response(b'{"n":%d}' % n, b"connection: close"))
             writer.close()
@@ -224,6 +235,7 @@ def test_at_most_max_connections_are_open_to_an_upstream_and_the_others_wait_for
             await asyncio.sleep(0.01)
             with pytest.raises(TimeoutError, match="max_connections"):
                 await post(client, timeout_s=0.02)
+            timed_out.set()
             assert [await task for task in busy] == [(200, b'{"n":8}'), (200, b'{"n":9}')]
             assert len(server.requests) == 10, "the request that got no connection never reached the upstream"
             client.close()
@@ -300,9 +312,9 @@ def test_timeouts_a_whole_response_and_a_silent_stream() -> None:
     async def answer(reader, writer, n):
         if n == 0:
             await asyncio.sleep(5)  # never answers in time
-        else:  # a stream that trickles for 0.6 s, each gap shorter than the 0.3 s limit, then stops
+        else:  # a stream that trickles for 1.2 s, each gap well within the 1 s limit, then stops
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            for _ in range(6):
+            for _ in range(12):
                 writer.write(b"6\r\ndata: \r\n")
                 await writer.drain()
                 await asyncio.sleep(0.1)
@@ -319,11 +331,11 @@ def test_timeouts_a_whole_response_and_a_silent_stream() -> None:
             received = b""
             started = time.monotonic()
             with pytest.raises(TimeoutError):
-                async with post_to(client, 0.3, True) as response:
+                async with post_to(client, 1.0, True) as response:
                     async for chunk in response:
                         received += chunk
-            assert received == b"data: " * 6  # the slow stream was not cut while it kept talking
-            assert time.monotonic() - started > 0.75  # it ran longer than the limit: only silence counts
+            assert received == b"data: " * 12  # the slow stream was not cut while it kept talking
+            assert time.monotonic() - started > 2.0  # it ran longer than the limit: only silence counts
             client.close()
 
     run(main())
@@ -369,11 +381,11 @@ def test_a_client_that_stops_reading_a_stream_leaves_the_rest_on_the_upstream() 
             # A silence limit of 0.3 s: a client that stalls longer is not the upstream's silence.
             async with post_to(client, 0.3, True) as response:
                 first = await response.__anext__()
-                await asyncio.sleep(0.5)  # the consumer is busy elsewhere
-                stalled_at = written
-                await asyncio.sleep(0.3)
-                assert written == stalled_at  # the upstream is held back...
-                assert written < 200 * len(chunk)  # ...before it wrote everything
+                stalled_at = -1
+                while written != stalled_at:  # the consumer is busy elsewhere, until the upstream stops
+                    stalled_at = written
+                    await asyncio.sleep(0.5)
+                assert written < 200 * len(chunk)  # the upstream is held back before it wrote everything
                 rest = [chunk async for chunk in response]  # reading again lets it finish
             client.close()
         assert len(first) + sum(map(len, rest)) == 200 * len(chunk)

@@ -31,11 +31,13 @@ def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> su
     """`abproxy serve` as its own process group; returns once it answers /healthz."""
     config_path = tmp_path / f"abproxy-{port}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "abproxy", "serve", "--config", str(config_path), "--port", str(port), *extra_args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
+    log_path = tmp_path / f"serve-{port}.log"  # a file: a pipe nobody reads would block a chatty server
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "abproxy", "serve", "--config", str(config_path), "--port", str(port), *extra_args],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
@@ -43,7 +45,7 @@ def start_serve(tmp_path: Path, config: dict, port: int, *extra_args: str) -> su
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 os.killpg(server.pid, signal.SIGKILL)
-                raise AssertionError(server.stdout.read().decode()[-2000:]) from None
+                raise AssertionError(log_path.read_text(errors="replace")[-2000:]) from None
             time.sleep(0.2)
 
 
@@ -58,9 +60,16 @@ def serve_config(redis_url: str, upstream_url: str, tracking_uri: str, flush_int
     }
 
 
-def stop_serve(server: subprocess.Popen) -> int:
+def stop_serve(server: subprocess.Popen) -> int | None:
+    """SIGTERM, as an operator stops a replica: its exit status, or None when it did not end
+    within 60 s (it is then killed, with its process group, so it flushes nothing later)."""
     os.killpg(server.pid, signal.SIGTERM)
-    return server.wait(30)
+    try:
+        return server.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        return None
 
 
 def raw_get_many(port: int, path: str, connections: int) -> list[str]:
@@ -118,7 +127,7 @@ def test_two_workers_count_every_request_in_redis_and_in_metrics(tmp_path: Path,
                 for text in raw_get_many(port, "/metrics", 16)
             ]
 
-        wait_until(lambda: totals() == [40] * 16, timeout=10)
+        wait_until(lambda: totals() == [40] * 16, timeout=60)
         requests = sum(
             int(redis_client.hget(key, "requests") or 0) for key in redis_client.scan_iter("abproxy:{translation}:a:*")
         )
@@ -164,15 +173,15 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
             arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
             return sum(int(redis_client.hget(key, "requests") or 0) for key in arms)
 
-        wait_until(lambda: recorded() == 40, timeout=10)
+        wait_until(lambda: recorded() == 40, timeout=60)
         arms = list(redis_client.scan_iter("abproxy:{translation}:a:*"))
         assert sum(int(redis_client.hget(key, "feedback.satisfaction|n") or 0) for key in arms) == 40
 
         # Wait for a periodic flush that saw everything: MLflow then holds the exact totals. Not
         # before a replica's first flush has created the store: this test's MLflow client would
         # run the schema migrations at the same time (sqlite: "duplicate column name").
-        wait_until(lambda: redis_client.hget(layout.runs_key("translation"), "experiment_id"), timeout=20)
-        deadline = time.monotonic() + 20
+        wait_until(lambda: redis_client.hget(layout.runs_key("translation"), "experiment_id"), timeout=120)
+        deadline = time.monotonic() + 120
         while True:
             runs = [r for r in search(uri) if r.data.tags.get("abproxy.role") == "variant"]
             if (
@@ -183,16 +192,17 @@ def test_two_replicas_count_exactly_join_feedback_across_and_flush_once_per_inte
                 break  # a flush that began after the last feedback
             assert time.monotonic() < deadline, [(r.info.run_name, r.data.metrics.get("requests")) for r in runs]
             time.sleep(0.3)
-        elapsed = time.monotonic() - started
     finally:
         codes = [stop_serve(replica) for replica in replicas]
+    elapsed = time.monotonic() - started
     assert codes == [0, 0]
 
     # Each flush is one step (the fencing token): two replicas flushing on their own would make
-    # about twice as many steps as intervals went by.
+    # about twice as many steps as intervals went by. (An interval is claimed for 0.9 of its
+    # length, so one replica may flush a little more often than once an interval.)
     steps = [step for step, _ in history(uri, runs[0].info.run_id, "requests")]
     assert steps == sorted(set(steps)), steps
-    assert 1 <= len(steps) <= elapsed / interval_s + 2, (steps, elapsed)
+    assert 1 <= len(steps) <= elapsed / (0.9 * interval_s) + 2, (steps, elapsed)
     experiment = MlflowClient(uri).get_experiment_by_name("translation")
     assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3  # two variants and the summary
 

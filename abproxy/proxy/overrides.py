@@ -24,6 +24,7 @@ class LiveOverrides:
         self._experiments = list(experiments)
         self._refresh_s = refresh_s
         self.current: dict[str, Overrides] = {}
+        self._local_changes = 0
 
     def promoted(self, experiment: str) -> str | None:
         found = self.current.get(experiment)
@@ -38,6 +39,7 @@ class LiveOverrides:
         """This replica's own promote, undo or resume takes effect at once (the others at their
         refresh)."""
         self.current[experiment] = overrides
+        self._local_changes += 1
 
     def set_promoted(self, experiment: str, variant: str | None) -> None:
         found = self.current.get(experiment, Overrides())
@@ -48,8 +50,14 @@ class LiveOverrides:
         self.set(experiment, Overrides(found.promoted, {**found.stops, arm: stop}))
 
     async def refresh(self, redis: Any) -> None:
-        if self._experiments:
-            self.current = await store.read_overrides(redis, self._experiments)
+        if not self._experiments:
+            return
+        changes = self._local_changes
+        read = await store.read_overrides(redis, self._experiments)
+        # A promote or resume of this replica's while the read was on its way is newer than what
+        # was read: keep it (the next refresh reads it back from Redis).
+        if changes == self._local_changes:
+            self.current = read
 
     async def watch(self, redis: Any) -> None:
         while True:

@@ -74,7 +74,7 @@ class EmbeddedRedis:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> str:
+    def start(self, timeout_s: float = 60.0) -> str:  # a big append-only file is replayed first
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,

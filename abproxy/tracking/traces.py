@@ -29,6 +29,7 @@ import collections
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -454,8 +455,14 @@ def _end_child(child: ProcessPoolExecutor, timeout_s: float) -> None:
     child.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + timeout_s
     for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
+        if not _exited(process, max(0.0, deadline - time.monotonic())):
             log.warning("the MLflow trace writer did not finish within %gs of shutdown: ended", timeout_s)
             process.terminate()
-            process.join(2.0)
+            _exited(process, 2.0)
+
+
+def _exited(process: Any, timeout_s: float) -> bool:
+    """Whether ``process`` ends within ``timeout_s``. Told by its sentinel, not ``is_alive()``:
+    the executor's own thread joins its workers too, and a process it reaped first reads as
+    alive to everyone else (``waitpid`` fails, so ``poll`` answers "not yet")."""
+    return bool(multiprocessing.connection.wait([process.sentinel], timeout_s))
