@@ -254,7 +254,11 @@ class ABProxyApp:
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """Start-up and shutdown, as Starlette's ``lifespan``: a host app that mounts abproxy
         passes ``router.lifespan_context`` of :func:`create_app`'s app as its own."""
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:  # what did start (tasks, connections) is stopped, not left behind
+            await self.shutdown()
+            raise
         try:
             yield
         finally:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,34 @@ def test_a_local_store_is_written_by_a_process_of_its_own_that_may_die(start_pro
     assert {"a0", "a1", "a2", "c0", "c1", "c2"} <= users
     assert len(users - {"a0", "a1", "a2", "c0", "c1", "c2"}) == 3 - dropped()
     assert set(_writer_processes()) - others - {writer}, "a new writer process"
+
+
+@pytest.mark.slow
+def test_traces_waiting_behind_a_flush_at_shutdown_are_written_not_lost(start_proxy: Any, upstream_url: str, uri: str) -> None:
+    """Shutdown stops the trace writer while it waits for MLflow (a flush holds it): the traces
+    it had taken go back to the queue, and the last write at shutdown has them."""
+    proxy = traced_proxy(start_proxy, upstream_url, uri)
+    client = proxy.client()
+    client.chat.completions.create(model="translation", messages=[{"role": "user", "content": "first"}], user="w0")
+    proxy.settle()
+    assert flush(proxy)[0] == 200
+    wait_until(lambda: len(traces(uri)) == 1, timeout=120)
+
+    mlflow_busy = proxy.app.flusher._mlflow_lock  # as a flush holds it while it writes
+    proxy.running.run(mlflow_busy.acquire())
+    for i in range(1, 4):
+        client.chat.completions.create(model="translation", messages=[{"role": "user", "content": f"m{i}"}], user=f"w{i}")
+    proxy.settle()
+    wait_until(lambda: proxy.app.traces._writing == 3)  # taken from the queue, waiting for MLflow
+    writer_task = next(task for task in proxy.app._background if task.get_name() == "abproxy-traces")
+    stopping = threading.Thread(target=proxy.stop)
+    stopping.start()
+    wait_until(writer_task.done)  # shutdown stopped it as it waited
+    assert proxy.app.traces.queued == 3
+    proxy.running.loop.call_soon_threadsafe(mlflow_busy.release)  # the flush is done
+    stopping.join(120)
+    assert not stopping.is_alive()
+    assert sorted(t.info.trace_metadata["mlflow.trace.user"] for t in traces(uri)) == ["w0", "w1", "w2", "w3"]
 
 
 @pytest.mark.slow

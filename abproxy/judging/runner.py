@@ -84,6 +84,7 @@ class JudgeRunner:
         self._queue: asyncio.Queue[JudgeJob] = asyncio.Queue(max_queued)
         self._unwritten: collections.deque[_Score] = collections.deque()
         self._written = asyncio.Event()
+        self._writing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._judging = 0
         self._warnings = ThrottledLog(log, WARNING_EVERY_S)
@@ -118,9 +119,12 @@ class JudgeRunner:
         self._tasks.append(loop.create_task(self._write_loop(), name="abproxy-judge-scores"))
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop judging; write the scores already given, within ``timeout_s``."""
-        for task in self._tasks[:-1]:
+        """Stop judging and the periodic writes; write the scores already given, within
+        ``timeout_s``. (A write cut short is written again: the score replaces itself.)"""
+        for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         try:
             async with asyncio.timeout(timeout_s):
                 while self._unwritten and await self.write_pending():
@@ -132,10 +136,6 @@ class JudgeRunner:
                 "at shutdown, %d judges' scores were not written to Redis and %d answers not judged",
                 len(self._unwritten), self._queue.qsize(),
             )  # fmt: skip
-        for task in self._tasks[-1:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
 
     # -- judging -------------------------------------------------------------------------------
 
@@ -219,7 +219,11 @@ class JudgeRunner:
 
     async def write_pending(self) -> bool:
         """Write the scores waiting, oldest first; True when none is left (False: Redis is away,
-        they wait for the next try)."""
+        they wait for the next try). One writer at a time: each pops the head it wrote."""
+        async with self._writing:
+            return await self._write_pending()
+
+    async def _write_pending(self) -> bool:
         if not self._unwritten:
             return True
         if not await self._flush_pending():

@@ -228,6 +228,11 @@ class Recorder:
     async def flush(self) -> bool:
         """Interpret what is queued now and write every pending batch; True when all of it
         reached Redis (outcomes queued meanwhile wait for the next call)."""
+        # Shielded: a caller cancelled halfway (a feedback request whose client left, a judge
+        # writer stopped at shutdown) must not take outcomes off the queue and never write them.
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> bool:
         async with self._write_lock:
             # Only what is queued now: outcomes arriving while a batch is prepared (it yields to
             # the loop) wait for the next interval instead of becoming many tiny batches.

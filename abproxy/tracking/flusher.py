@@ -13,9 +13,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from abproxy.errors import Conflict, DomainError, MlflowUnavailable, StoreUnavailable
 from abproxy.recording import connection, layout, store
@@ -26,10 +26,15 @@ from abproxy.analysis.live import Snapshot, experiment_results, take_snapshot
 from abproxy.tracking.writer import MlflowWriter
 
 log = logging.getLogger("abproxy.tracking.flusher")
+T = TypeVar("T")
 
 LOCK_TTL_MS = 5 * 60 * 1000
 LOOK_EVERY_S = 60.0
 """The longest a replica goes without looking at its experiments (the contract: once a minute)."""
+WRITE_GRACE_S = 4.0
+"""A flush stopped (at shutdown) while MLflow is being written: how long the write, which runs
+on in its thread whatever happens, keeps MLflow to itself before the trace writer's last write
+may start. Within the app's bound on background tasks (5 s)."""
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RAISE_LUA = (
@@ -191,7 +196,7 @@ class Flusher:
         result = snapshot.result
         runs = await self._redis.hgetall(layout.runs_key(plan.name))
         async with self._mlflow_lock:
-            updated, used = await asyncio.to_thread(writer.write, plan, result, runs, step)
+            updated, used = await _held_while_it_runs(asyncio.to_thread(writer.write, plan, result, runs, step))
         if await self._redis.get(layout.FLUSH_LOCK_KEY) != token:
             log.warning("flush %d lost its lock mid-way; its run ids are not kept", step)
             return {"status": result.status, "winner": result.winner, "kept": False}, used
@@ -236,3 +241,15 @@ class Flusher:
                 await self.publish_gauges()
             except Exception as error:
                 log.warning("could not refresh the statistics gauges (%s)", reason(error))
+
+
+async def _held_while_it_runs(write: Awaitable[T]) -> T:
+    """``write`` (a thread's work); cancelled, the caller waits up to :data:`WRITE_GRACE_S` for
+    the thread to finish before it lets go of what it holds (MLflow's lock: a sqlite store written
+    twice at once refuses one), then is cancelled."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task}, timeout=WRITE_GRACE_S)
+        raise

@@ -174,9 +174,17 @@ class TraceWriter:
             return 0  # every trace waits for its experiment's layout: nothing for MLflow yet
         batch = Batch(self._config.mlflow.tracking_uri, ready, layouts, [p.score for p in pending])
         self._writing = len(ready) + len(pending)
+        writing = False
         try:
             async with self._mlflow_lock:
+                writing = True
                 done = await self._run(batch)
+        except asyncio.CancelledError:
+            if not writing:  # stopped while a flush held MLflow: nothing was written, so keep them
+                self._traces.extendleft(reversed(ready))
+                self._queued_bytes += sum(t.size for t in ready)
+                self._scores.extendleft(reversed(pending))
+            raise
         finally:
             self._writing = 0
         for experiment, count, problem in done.failed_experiments:

@@ -251,18 +251,20 @@ class UpstreamClient:
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     handed = await waiter
-            except TimeoutError:
-                raise TimeoutError(
-                    f"no connection to the upstream within {timeout_s:g} s: all {origin.max_connections} "
-                    "(max_connections) were busy"
-                ) from None
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():  # handed one, or woken, as it was cancelled
+            except BaseException as error:
+                # Handed one, or woken, in the same turn as the deadline or a cancel: pass it on
+                # to the next waiter, or it would stay counted open and idle nowhere.
+                if waiter.done() and not waiter.cancelled():
                     handed = waiter.result()
                     if handed is not None:
                         origin.put_idle(handed, time.monotonic())
                     else:
                         origin.wake_one()
+                if isinstance(error, TimeoutError):
+                    raise TimeoutError(
+                        f"no connection to the upstream within {timeout_s:g} s: all {origin.max_connections} "
+                        "(max_connections) were busy"
+                    ) from None
                 raise
             if handed is not None:
                 return handed
