@@ -17,7 +17,7 @@ import pytest
 import redis
 from flushkit import EXP, MlflowServer, artifact_text, drive, flush, history, runs_by_name, search
 from mlflow.tracking import MlflowClient
-from helpers import assert_error_shape
+from helpers import assert_error_shape, wait_until
 
 from abproxy.recording import layout
 
@@ -209,7 +209,7 @@ def test_the_periodic_flush_logs_one_line_per_failure_with_the_reason(
     tmp_path: Path, redis_server: Any, redis_client: Any, upstream_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from proxykit import BASE_EXPERIMENTS
-    from helpers import ServeProcess, free_port, wait_until
+    from helpers import ServeProcess, free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead = f"http://127.0.0.1:{free_port()}"
@@ -241,7 +241,7 @@ def test_a_trace_writer_stuck_at_shutdown_is_ended_not_waited_for(caplog: pytest
     given a moment, then ended, and the log says so."""
     import multiprocessing
     import multiprocessing.connection
-    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     from abproxy.tracking.traces import _end_child
@@ -255,6 +255,8 @@ def test_a_trace_writer_stuck_at_shutdown_is_ended_not_waited_for(caplog: pytest
     _end_child(child, 0.2)
     # gone (its sentinel says so: is_alive() can say "alive" of a process the executor reaped)
     assert multiprocessing.connection.wait([process.sentinel], 0)
-    wait([queued], timeout=30)  # the executor settles its futures in a thread of its own
-    assert queued.cancelled() or isinstance(queued.exception(timeout=30), BrokenProcessPool)  # never run
+    # The executor settles its futures in a thread of its own. (Not concurrent.futures.wait: a
+    # future cancelled by the shutdown is never "notified", and wait() would sit out its timeout.)
+    wait_until(queued.done)
+    assert queued.cancelled() or isinstance(queued.exception(), BrokenProcessPool)  # never run
     assert "did not finish within 0.2s of shutdown: ended" in caplog.text
