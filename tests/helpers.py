@@ -119,6 +119,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
+def comes_true(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """:func:`wait_until` for a test that goes on either way: whether ``predicate`` held in time."""
+    try:
+        wait_until(predicate, timeout, interval)
+    except AssertionError:
+        return False
+    return True
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -32,7 +32,7 @@ from abproxy.stats.results import ExperimentResult
 from abproxy.upstream.client import OriginSettings, UpstreamClient
 from abproxy.upstream.errors import UpstreamResponseTooLarge
 from proxykit import BASE_EXPERIMENTS, Proxy, make_config, run
-from helpers import ServeProcess, assert_error_shape, assert_openai_error, http, wait_until
+from helpers import ServeProcess, assert_error_shape, assert_openai_error, comes_true, http, wait_until
 from misbehaving_upstream import REDIRECT_TARGET, MisbehavingUpstream
 from helpers import sample
 
@@ -325,11 +325,7 @@ def _big_bodies_round(folder, redis_server, upstream_url, misbehaving) -> bool:
         def back() -> bool:
             return serve.rss_bytes() - rss_before < 50 << 20
 
-        came_back = True
-        try:
-            wait_until(back, timeout=10, interval=0.2)  # the recorder still holds the last answers briefly
-        except AssertionError:
-            came_back = False
+        came_back = comes_true(back, timeout=10, interval=0.2)  # the recorder still holds the last answers briefly
         print(f"\nbig bodies: RSS {rss_before >> 20} -> peak {rss_peak >> 20} -> {serve.rss_bytes() >> 20} MiB")
     finally:
         serve.terminate()

@@ -32,7 +32,7 @@ from abproxy.metrics import DROP_REASONS
 from abproxy.recording.embedded_redis import EmbeddedRedis, free_port
 
 from proxykit import BASE_EXPERIMENTS, make_config
-from helpers import about_zero, http, http_json, metrics_text, sample, wait_until
+from helpers import about_zero, comes_true, http, http_json, metrics_text, sample, wait_until
 
 EXP = "translation"
 PRICE_IN, PRICE_OUT = 0.15, 0.60
@@ -578,14 +578,6 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _ends_within(pid: int, timeout_s: float) -> bool:
-    try:
-        wait_until(lambda: not _alive(pid), timeout=timeout_s)
-    except AssertionError:
-        return False
-    return True
-
-
 def _serve(tmp_path: Path, upstream_url: str, redis_url: str | None) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     data_dir = tmp_path / "data"
@@ -724,7 +716,7 @@ def test_sigterm_with_embedded_redis_drains_and_stops_it(tmp_path: Path, upstrea
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        orphans = {pid for pid in embedded if not _ends_within(pid, 10)}
+        orphans = {pid for pid in embedded if not comes_true(lambda pid=pid: not _alive(pid), timeout=10)}
         for pid in orphans:  # clean up after a serve that left its redis-server behind (SIGTERM: it saves the AOF)
             os.kill(pid, signal.SIGTERM)
         assert wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=60)
